@@ -1,0 +1,167 @@
+r"""The contract every layer follows, and the small helpers they share.
+
+A layer maps a batch of inputs to a batch of outputs. Arrays are batch first:
+row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
+
+* ``forward(inputs, feedbacks=None)`` computes the output and keeps what
+  ``backward`` will need. Loss layers take their targets as ``feedbacks``.
+* ``backward(gradients)`` receives :math:`G = \partial \ell / \partial Y`, the
+  gradient of the (scalar) loss with respect to the layer's output, *adds*
+  :math:`\partial \ell / \partial \theta` into ``self.grads[k]`` for every
+  parameter :math:`\theta` = ``self.params[k]``, and returns
+  :math:`\partial \ell / \partial X`. Loss layers take no argument: their
+  output *is* :math:`\ell`, so :math:`G = 1`.
+* ``step(lr)`` is plain gradient descent on the layer's own parameters.
+* ``zero_grads()`` clears the accumulated gradients.
+
+Gradients are written into the arrays of ``self.grads`` in place and never
+rebound, so code outside the layer (the data-parallel wrapper) may hand the
+layer gradient arrays that live inside one large buffer.
+
+The seed library worked on column vectors of shape ``(B, n, 1)``. Layers accept
+that shape too and answer in the same shape; internally everything is rows.
+"""
+
+import numpy as np
+
+__all__ = ["Layer", "LossLayer", "as_generator"]
+
+
+def as_generator(rng):
+    """A ``numpy.random.Generator`` from a Generator, an int seed or ``None``."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def check_float_dtype(dtype):
+    """The numpy dtype for ``dtype``, which must be float32 or float64."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+    return dtype
+
+
+class Layer:
+    """Base class: parameter and gradient dicts, SGD step, shape helpers."""
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = check_float_dtype(dtype)
+        self.params = {}
+        self.grads = {}
+        # Keys whose gradient array holds only zeros (just created or cleared):
+        # backward may write into those directly instead of adding a temporary.
+        self._zero_grad_keys = set()
+
+    @property
+    def name(self):
+        return type(self).__name__
+
+    def __call__(self, inputs, feedbacks=None):
+        return self.forward(inputs, feedbacks)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}={v.shape}" for k, v in self.params.items())
+        return f"{self.name}({shapes})"
+
+    def forward(self, inputs, feedbacks=None):
+        raise NotImplementedError
+
+    def backward(self, gradients, input_grad=True):
+        raise NotImplementedError
+
+    def step(self, lr=0.01):
+        r"""Gradient descent: :math:`\theta \leftarrow \theta - \eta\, \nabla_\theta \ell`."""
+        for key, param in self.params.items():
+            param -= lr * self.grads[key]
+
+    def zero_grads(self):
+        for grad in self.grads.values():
+            grad.fill(0)
+        self._zero_grad_keys = set(self.grads)
+
+    def astype(self, dtype):
+        """Cast parameters and gradients to ``dtype`` (float32 or float64)."""
+        self.dtype = check_float_dtype(dtype)
+        for key in self.params:
+            self.params[key] = self.params[key].astype(self.dtype)
+            self.grads[key] = self.grads[key].astype(self.dtype)
+        return self
+
+    # -- helpers for subclasses -------------------------------------------
+
+    def _add_product_to_grad(self, key, left, right):
+        """``grads[key] += left @ right``, without a temporary when grads are zero."""
+        grad = self.grads[key]
+        if key in self._zero_grad_keys:
+            np.matmul(left, right, out=grad)
+            self._zero_grad_keys.discard(key)
+        else:
+            grad += left @ right
+
+    def _add_to_grad(self, key, value):
+        grad = self.grads[key]
+        if key in self._zero_grad_keys:
+            grad[...] = value
+            self._zero_grad_keys.discard(key)
+        else:
+            grad += value
+
+    def _add_param(self, key, value):
+        """Register a parameter and its zero gradient of the same shape and dtype."""
+        self.params[key] = np.ascontiguousarray(value, dtype=self.dtype)
+        self.grads[key] = np.zeros_like(self.params[key])
+        self._zero_grad_keys.add(key)
+
+    def _rows(self, inputs, n_features=None):
+        """View ``inputs`` as rows ``(B, n)`` in the layer's dtype.
+
+        Returns the rows and whether the input came as seed-style columns
+        ``(B, n, 1)``, so the output can be given back in the same shape.
+        """
+        inputs = np.asarray(inputs)
+        if inputs.dtype != self.dtype:
+            if not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
+                raise TypeError(f"{self.name}: expected numeric inputs, got dtype {inputs.dtype}")
+            inputs = inputs.astype(self.dtype)
+        columns = inputs.ndim == 3 and inputs.shape[2] == 1
+        rows = inputs[:, :, 0] if columns else inputs
+        if rows.ndim != 2:
+            raise ValueError(
+                f"{self.name}: expected inputs of shape (batch, features) or (batch, features, 1), "
+                f"got shape {inputs.shape}")
+        if n_features is not None and rows.shape[1] != n_features:
+            raise ValueError(
+                f"{self.name}: expected {n_features} features per sample, got {rows.shape[1]} "
+                f"(input shape {inputs.shape})")
+        return rows, columns
+
+    @staticmethod
+    def _as_shape(rows, columns):
+        return rows[:, :, None] if columns else rows
+
+    def _saved(self, value, what="forward"):
+        if value is None:
+            raise ValueError(f"{self.name}: backward called before {what}")
+        return value
+
+    def _check_gradients(self, gradients, expected_shape):
+        gradients = np.asarray(gradients)
+        if gradients.ndim == 3 and gradients.shape[2] == 1:
+            gradients = gradients[:, :, 0]
+        if gradients.shape != expected_shape:
+            raise ValueError(
+                f"{self.name}: expected gradients of shape {expected_shape} (the output's), "
+                f"got {gradients.shape}")
+        if gradients.dtype != self.dtype:
+            gradients = gradients.astype(self.dtype)
+        return gradients
+
+
+class LossLayer(Layer):
+    """A layer whose output is the scalar loss: ``backward()`` takes no gradient."""
+
+    def backward(self, gradients=None, input_grad=True):
+        raise NotImplementedError

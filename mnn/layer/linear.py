@@ -1,0 +1,76 @@
+r"""The affine layer :math:`y = W x + b`."""
+
+import numpy as np
+
+from mnn.layer._base import Layer, as_generator
+
+__all__ = ["LinearLayer"]
+
+
+class LinearLayer(Layer):
+    r"""Fully connected layer :math:`y = W x + b` with :math:`W \in \mathbb{R}^{m \times n}`.
+
+    ``LinearLayer(n_in, n_out)``: the weight ``w`` has shape ``(n_out, n_in)``
+    (the seed's and PyTorch's orientation) and the bias ``b`` shape ``(n_out,)``.
+
+    Initialisation (He et al., 2015, for ReLU networks):
+    :math:`W_{jk} \sim \mathcal{N}(0, 2 / n)` and :math:`b = 0`, drawn from
+    ``rng`` (a ``numpy.random.Generator`` or an int seed), never from global state.
+    """
+
+    def __init__(self, *shape, bias=True, dtype=np.float32, rng=None):
+        super().__init__(dtype)
+        if len(shape) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+            raise ValueError(f"LinearLayer: expected shape (n_in, n_out) of two positive ints, got {shape}")
+        self.n_in, self.n_out = int(shape[0]), int(shape[1])
+        rng = as_generator(rng)
+        std = np.sqrt(2.0 / self.n_in)
+        self._add_param("w", rng.standard_normal((self.n_out, self.n_in)) * std)
+        if bias:
+            self._add_param("b", np.zeros(self.n_out))
+        self._inputs = None
+
+    def forward(self, inputs, feedbacks=None):
+        r"""Rows :math:`x_i^\top` of :math:`X \in \mathbb{R}^{B \times n}` map to rows
+        :math:`y_i^\top = (W x_i + b)^\top = x_i^\top W^\top + b^\top`, so for the batch
+
+        .. math::
+            Y = X W^\top + \mathbf{1} b^\top. \tag{1}
+        """
+        rows, columns = self._rows(inputs, self.n_in)
+        self._inputs, self._columns = rows, columns
+        outputs = rows @ self.params["w"].T  # Eq. (1)
+        if "b" in self.params:
+            outputs += self.params["b"]  # Eq. (1)
+        return self._as_shape(outputs, columns)
+
+    def backward(self, gradients, input_grad=True):
+        r"""Given :math:`G = \partial \ell / \partial Y \in \mathbb{R}^{B \times m}`.
+
+        For one sample, :math:`y_j = \sum_k W_{jk} x_k + b_j`, so the Jacobians are
+        :math:`\partial y_j / \partial W_{jk} = x_k`, :math:`\partial y_j / \partial b_j = 1`
+        and :math:`\partial y / \partial x = W`. The chain rule, summed over the
+        samples of the batch (each contributes to the same :math:`W`), gives
+
+        .. math::
+            \frac{\partial \ell}{\partial W_{jk}} = \sum_i G_{ij} X_{ik}
+            \quad\Longrightarrow\quad \nabla_W \ell = G^\top X, \tag{2}
+
+        .. math::
+            \nabla_b \ell = \sum_i G_{i,:} = G^\top \mathbf{1}, \tag{3}
+
+        .. math::
+            \frac{\partial \ell}{\partial x_i} = W^\top g_i
+            \quad\Longrightarrow\quad \nabla_X \ell = G W. \tag{4}
+
+        The batch mean is already inside :math:`G` (taken once, at the loss).
+        With ``input_grad=False`` (the first layer of a net) Eq. (4) is skipped.
+        """
+        inputs = self._saved(self._inputs)
+        gradients = self._check_gradients(gradients, (inputs.shape[0], self.n_out))
+        self._add_product_to_grad("w", gradients.T, inputs)  # Eq. (2)
+        if "b" in self.params:
+            self._add_to_grad("b", gradients.sum(axis=0))  # Eq. (3)
+        if not input_grad:
+            return None
+        return self._as_shape(gradients @ self.params["w"], self._columns)  # Eq. (4)

@@ -1,0 +1,98 @@
+r"""Loss layers: each returns the mean over the batch of a per-sample loss.
+
+The batch mean is taken here, once: every gradient further down the net
+already carries the factor :math:`1/B`.
+"""
+
+import numpy as np
+
+from mnn.layer._base import LossLayer
+
+__all__ = ["CrossEntropyLossLayer", "check_labels"]
+
+
+def check_labels(layer_name, labels, batch_size, n_classes):
+    """Integer class indices of shape ``(B,)`` from ``(B,)`` or ``(B, 1)`` labels.
+
+    Raises ``ValueError`` naming the layer when the labels are not whole
+    numbers, have the wrong shape, or lie outside ``[0, n_classes)``.
+    """
+    if labels is None:
+        raise ValueError(f"{layer_name}: expected integer class labels as feedbacks, got None")
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != (batch_size,):
+        raise ValueError(
+            f"{layer_name}: expected labels of shape ({batch_size},) or ({batch_size}, 1), "
+            f"got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.mod(labels, 1) == 0):
+            raise ValueError(
+                f"{layer_name}: expected integer class indices, got non-integer labels of dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if batch_size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = labels[(labels < 0) | (labels >= n_classes)][0]
+        raise ValueError(
+            f"{layer_name}: expected class indices in [0, {n_classes}), got label {bad}")
+    return labels
+
+
+class CrossEntropyLossLayer(LossLayer):
+    r"""Softmax followed by the negative log-likelihood of the true class.
+
+    ``forward(logits, labels)`` with ``logits`` of shape ``(B, C)`` (or
+    ``(B, C, 1)``) and ``labels`` integer class indices of shape ``(B,)`` or
+    ``(B, 1)``. ``shape`` is accepted for the seed's signature
+    ``CrossEntropyLossLayer(B, C)`` and not otherwise needed.
+    """
+
+    def __init__(self, *shape, axis=1, dtype=np.float32):
+        super().__init__(dtype)
+        if axis not in (1, -1):
+            raise ValueError(f"CrossEntropyLossLayer: only the class axis 1 of (batch, classes) is supported, got axis={axis}")
+        self._probabilities = None
+
+    def forward(self, inputs, feedbacks=None):
+        r"""With :math:`z_i` the logits of sample :math:`i` and :math:`t_i` its class,
+        subtracting :math:`m_i = \max_c z_{ic}` leaves softmax unchanged and keeps
+        :math:`e^{z - m} \le 1` finite:
+
+        .. math::
+            p_{ic} = \frac{e^{z_{ic} - m_i}}{s_i}, \qquad s_i = \sum_c e^{z_{ic} - m_i}, \tag{1}
+
+        .. math::
+            \ell = \frac{1}{B} \sum_i -\log p_{i t_i}
+                 = \frac{1}{B} \sum_i \left(\log s_i - (z_{i t_i} - m_i)\right). \tag{2}
+        """
+        logits, self._columns = self._rows(inputs)
+        batch_size, n_classes = logits.shape
+        labels = check_labels(self.name, feedbacks, batch_size, n_classes)
+        rows = np.arange(batch_size)
+        shifted = logits - logits.max(axis=1, keepdims=True)  # Eq. (1)
+        true_class = shifted[rows, labels]
+        probabilities = np.exp(shifted, out=shifted)
+        sums = probabilities.sum(axis=1, keepdims=True)  # Eq. (1)
+        probabilities /= sums  # Eq. (1)
+        self._probabilities, self._labels = probabilities, labels
+        return self.dtype.type(np.mean(np.log(sums[:, 0]) - true_class))  # Eq. (2)
+
+    def backward(self, gradients=None, input_grad=True):
+        r"""Per sample, :math:`\ell_i = \log s_i - z_{it_i} + m_i`, and
+        :math:`\partial \log s_i / \partial z_{ic} = p_{ic}` (the shift :math:`m_i`
+        cancels), so
+
+        .. math::
+            \frac{\partial \ell}{\partial z_{ic}} = \frac{1}{B}\left(p_{ic} - \mathbb{1}[c = t_i]\right),
+            \qquad \nabla_Z \ell = \frac{1}{B}(P - T), \tag{3}
+
+        with :math:`T` the one-hot rows of the labels. No :math:`C \times C`
+        softmax Jacobian is ever formed: it cancels against the log.
+        """
+        probabilities = self._saved(self._probabilities)
+        if not input_grad:
+            return None
+        batch_size = probabilities.shape[0]
+        gradients = probabilities * self.dtype.type(1.0 / batch_size)  # Eq. (3)
+        gradients[np.arange(batch_size), self._labels] -= self.dtype.type(1.0 / batch_size)  # Eq. (3)
+        return self._as_shape(gradients, self._columns)
