@@ -1,0 +1,340 @@
+"""Training job configuration: one dataclass, a TOML job file, command-line overrides.
+
+A job is described by :class:`TrainConfig`. It can come from three places, each
+overriding the one before: the dataclass defaults, a TOML job file, and options
+on the command line::
+
+    mnn-train --config examples/digits.toml --epochs 3 --lr 0.05
+
+All checking happens in :meth:`TrainConfig.validate`, which ``__post_init__``
+calls, so a ``TrainConfig`` that exists is a valid one. A key in the job file
+that is not a field is an error that names the key and lists the valid ones.
+:meth:`TrainConfig.to_toml` writes the resolved job back out, so a run's output
+directory says exactly what was run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "LR_SCALINGS",
+    "DTYPES",
+    "TrainConfig",
+    "load_toml",
+    "resolve_config",
+    "add_config_arguments",
+    "config_overrides",
+]
+
+LOSSES = ("cross_entropy", "nll", "mse")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+LR_SCALINGS = ("none", "linear")
+DTYPES = ("float32", "float64")
+
+
+def _help(text: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata carries its command-line help."""
+    return dict(metadata={"help": text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Defaults train an MLP on digits."""
+
+    layers: list[int] = field(
+        default_factory=lambda: [64, 128, 10],
+        **_help("layer widths of the MLP, input first and classes last; "
+                "Linear layers with ReLU between them", metavar="N,N,...,N"),
+    )
+    loss: str = field(
+        default="cross_entropy",
+        **_help("cross_entropy (softmax + cross entropy), nll (log-softmax + "
+                "negative log likelihood) or mse (squared error on one-hot targets)"),
+    )
+    dataset: str = field(
+        default="digits",
+        **_help("dataset spec passed to mnn.datasets.load_dataset", metavar="SPEC"),
+    )
+    epochs: int = field(default=10, **_help("passes over the training split"))
+    batch_size: int = field(
+        default=64,
+        **_help("GLOBAL batch size, split across ranks; the sequence of global "
+                "batches does not depend on the number of ranks"),
+    )
+    lr: float = field(default=0.1, **_help("learning rate (before lr scaling)"))
+    lr_scaling: str = field(
+        default="none",
+        **_help("none, or linear: multiply lr by the world size "
+                "(Goyal et al. 2017); pair it with --warmup-epochs"),
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        **_help("ramp lr up linearly, step by step, over this many epochs"),
+    )
+    optimizer: str = field(
+        default="sgd",
+        **_help("sgd (plain), momentum (SGD with --momentum) or adam"),
+    )
+    momentum: float = field(default=0.9, **_help("momentum of the momentum optimizer"))
+    weight_decay: float = field(default=0.0, **_help("L2 weight decay"))
+    seed: int = field(
+        default=0,
+        **_help("seed of the parameter init and of the batch order"),
+    )
+    dtype: str = field(default="float32", **_help("float32 or float64 for parameters and data"))
+    eval_every: int = field(
+        default=1,
+        **_help("evaluate on the test split every N epochs (0: only after the last)"),
+    )
+    output: str | None = field(
+        default=None,
+        **_help("directory for model.npz, metrics.jsonl, config.toml, "
+                "summary.json and checkpoints", metavar="DIR"),
+    )
+    resume: bool | str = field(
+        default=False,
+        **_help("true: continue from OUTPUT/checkpoint.npz when it exists; "
+                "a path: continue from that checkpoint (it must exist)"),
+    )
+    checkpoint_every: int = field(
+        default=1,
+        **_help("write OUTPUT/checkpoint.npz every N epochs (0: never)"),
+    )
+    max_steps: int | None = field(
+        default=None,
+        **_help("stop after this many optimizer steps in total, mid-epoch if need "
+                "be, writing a checkpoint there (for time-limited jobs)"),
+    )
+    log_every: int = field(default=10, **_help("log the training loss every N steps"))
+    bucket_bytes: int = field(
+        default=1 << 20,
+        **_help("size of the gradient buckets all-reduced during backward"),
+    )
+    drop_last: bool = field(
+        default=False,
+        **_help("drop the last, short global batch of each epoch"),
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Check every field; raise ValueError/TypeError naming it, expected vs got.
+
+        Ints given where floats are expected (``lr = 1`` in TOML) are converted,
+        so that the resolved config always has one type per field.
+        """
+        if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
+            raise ValueError(
+                f"layers: expected a list of at least 2 widths (input, ..., classes), "
+                f"got {self.layers!r}")
+        for width in self.layers:
+            if not _is_int(width) or width < 1:
+                raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
+        self.layers = [int(width) for width in self.layers]
+
+        _check_choice("loss", self.loss, LOSSES)
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset: expected a non-empty spec string, got {self.dataset!r}")
+        _check_int("epochs", self.epochs, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        self.lr = _check_float("lr", self.lr)
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        self.warmup_epochs = _check_float("warmup_epochs", self.warmup_epochs)
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"warmup_epochs: expected a number between 0 and epochs={self.epochs}, "
+                f"got {self.warmup_epochs}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.momentum = _check_float("momentum", self.momentum)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
+        self.weight_decay = _check_float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        _check_int("seed", self.seed, minimum=0)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_int("eval_every", self.eval_every, minimum=0)
+        if self.output is not None and (not isinstance(self.output, str) or not self.output):
+            raise ValueError(f"output: expected a directory path or None, got {self.output!r}")
+        if not isinstance(self.resume, (bool, str)) or self.resume == "":
+            raise ValueError(
+                f"resume: expected true/false or a checkpoint path, got {self.resume!r}")
+        if self.resume is True and self.output is None:
+            raise ValueError(
+                "resume: true means 'continue from OUTPUT/checkpoint.npz', but output is "
+                "not set; give --output DIR or a checkpoint path")
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, minimum=1)
+        _check_int("log_every", self.log_every, minimum=1)
+        _check_int("bucket_bytes", self.bucket_bytes, minimum=1)
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
+
+    # --------------------------------------------------------------- from/to
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys are an error naming them and the valid ones."""
+        _check_keys(values, source)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text), source="checkpoint config")
+
+    def to_toml(self) -> str:
+        """The resolved job as TOML; unset optional fields (None) are left out,
+        which reads back as their default, None."""
+        values = {key: value for key, value in self.to_dict().items() if value is not None}
+        return tomli_w.dumps(values)
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    valid = TrainConfig.field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"valid keys are: {', '.join(valid)}")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but `epochs = true` is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- job files
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML job file into a dict; a missing or malformed file is a ValueError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def resolve_config(config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < job file < overrides (e.g. command-line options), then validate."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values = load_toml(config_file)
+        _check_keys(values, f"config file {str(config_file)!r}")
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values)
+
+
+# ------------------------------------------------------------ command line
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 64,128,10, got {text!r}") from None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_resume(text: str) -> bool | str:
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        return text  # a checkpoint path
+
+
+_CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES}
+_PARSERS = {"layers": _parse_layers, "drop_last": _parse_bool, "output": str,
+            "dataset": str, "max_steps": int}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--option`` per TrainConfig field (``batch_size`` -> ``--batch-size``).
+
+    Options default to "not given" (argparse.SUPPRESS), so that only what the user
+    typed overrides the job file; see :func:`config_overrides`.
+    """
+    defaults = TrainConfig()
+    for spec in dataclasses.fields(TrainConfig):
+        name = spec.name
+        option = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if name == "layers" else default
+        help_text = f"{spec.metadata['help']} (default: {shown})"
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if "metavar" in spec.metadata:
+            kwargs["metavar"] = spec.metadata["metavar"]
+        elif name not in _CHOICES:
+            kwargs["metavar"] = {int: "N", float: "X", bool: "BOOL"}.get(type(default), "N")
+        if name in _CHOICES:
+            kwargs["choices"] = _CHOICES[name]
+        if name == "resume":
+            # `--resume` alone means true; `--resume PATH` names a checkpoint.
+            kwargs.update(nargs="?", const=True, type=_parse_resume, metavar="PATH")
+        elif name in _PARSERS:
+            kwargs["type"] = _PARSERS[name]
+        else:
+            kwargs["type"] = type(default)
+        parser.add_argument(option, **kwargs)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the user gave on the command line."""
+    given = vars(args)
+    return {name: given[name] for name in TrainConfig.field_names() if name in given}

@@ -1,0 +1,120 @@
+"""Checkpoint files: exact round trip, no pickle, atomic replacement."""
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+from mnn.distributed.checkpoint import (
+    Checkpoint,
+    atomic_write,
+    load_arrays,
+    load_checkpoint,
+    save_arrays,
+    save_checkpoint,
+)
+
+
+def make_checkpoint(step=3):
+    rng = np.random.default_rng(step)
+    return Checkpoint(
+        model_state={"0.LinearLayer.w": rng.standard_normal((4, 3)).astype(np.float32),
+                     "0.LinearLayer.b": np.zeros(4, np.float32)},
+        optimizer_state={"velocity.0.LinearLayer.w": rng.standard_normal((4, 3)),
+                         "step": np.array(step, np.int64)},
+        epoch=1, step_in_epoch=step, global_step=10 + step, samples_seen=640 + step,
+        world_size=2, config={"layers": [3, 4], "lr": 0.1, "output": None},
+    )
+
+
+def assert_same(loaded, expected):
+    for field in ("epoch", "step_in_epoch", "global_step", "samples_seen", "world_size", "config"):
+        assert getattr(loaded, field) == getattr(expected, field), field
+    for state in ("model_state", "optimizer_state"):
+        got, want = getattr(loaded, state), getattr(expected, state)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_round_trip_is_exact(tmp_path):
+    checkpoint = make_checkpoint()
+    save_checkpoint(tmp_path / "checkpoint.npz", checkpoint)
+    assert_same(load_checkpoint(tmp_path / "checkpoint.npz"), checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+
+
+def test_file_is_a_plain_npz_without_pickled_objects(tmp_path):
+    save_checkpoint(tmp_path / "c.npz", make_checkpoint())
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as archive:
+        assert archive["config_json"].dtype == np.uint8
+        assert "model/0.LinearLayer.w" in archive.files
+
+
+def test_keys_that_clash_with_savez_arguments_are_kept(tmp_path):
+    arrays = {"file": np.arange(3), "allow_pickle": np.ones(2)}
+    save_arrays(tmp_path / "a.npz", arrays)
+    loaded = load_arrays(tmp_path / "a.npz")
+    assert loaded.keys() == arrays.keys()
+
+
+def test_object_arrays_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        save_arrays(tmp_path / "a.npz", {"x": np.array([{"a": 1}], dtype=object)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_checkpoint(tmp_path / "junk.npz")
+    save_arrays(tmp_path / "model.npz", {"w": np.ones(2)})
+    with pytest.raises(ValueError, match="not an mnn checkpoint: missing"):
+        load_checkpoint(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.npz")
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    old = make_checkpoint(step=1)
+    save_checkpoint(path, old)
+
+    def write_half_then_fail(handle):
+        handle.write(b"PK partial bytes")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, write_half_then_fail)
+    assert_same(load_checkpoint(path), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+
+
+def test_process_killed_mid_write_keeps_old_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    old = make_checkpoint(step=1)
+    save_checkpoint(path, old)
+    # A child process starts writing a new checkpoint and dies abruptly (no cleanup,
+    # no exception handlers) right after the data reached its temporary file.
+    child = textwrap.dedent(f"""
+        import os
+        import numpy as np
+        from mnn.distributed import checkpoint
+        os.fsync = lambda fd: os._exit(9)
+        state = {{"0.LinearLayer.w": np.full((4, 3), 7.0, np.float32)}}
+        checkpoint.save_checkpoint({str(path)!r}, checkpoint.Checkpoint(
+            state, {{}}, 5, 0, 99, 999, 1, {{}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert result.returncode == 9, result.stderr.decode()
+    assert_same(load_checkpoint(path), old)
+
+    # The next save (same fixed temp name) replaces the leftover and cleans up.
+    new = make_checkpoint(step=2)
+    save_checkpoint(path, new)
+    assert_same(load_checkpoint(path), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+    assert zipfile.is_zipfile(path)

@@ -1,0 +1,108 @@
+"""TrainConfig: validation, TOML job files, command-line precedence."""
+import argparse
+
+import pytest
+
+from mnn.distributed.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+    load_toml,
+    resolve_config,
+)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_overrides(parser.parse_args(argv))
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
+    config = TrainConfig()
+    path = write(tmp_path / "job.toml", config.to_toml())
+    assert resolve_config(path) == config
+
+
+def test_resolved_job_with_output_and_resume_round_trips(tmp_path):
+    config = TrainConfig(layers=[4, 3], output="runs/x", resume=True, max_steps=7, lr=1)
+    assert isinstance(config.lr, float)  # ints given for floats are converted once
+    path = write(tmp_path / "job.toml", config.to_toml())
+    assert resolve_config(path) == config
+
+
+def test_command_line_overrides_file_which_overrides_defaults(tmp_path):
+    path = write(tmp_path / "job.toml", 'epochs = 3\nlr = 0.5\noptimizer = "adam"\n')
+    config = resolve_config(path, parse(["--lr", "0.01", "--layers", "64,32,10"]))
+    assert config.lr == 0.01                 # command line wins
+    assert config.epochs == 3                # file wins over the default
+    assert config.optimizer == "adam"
+    assert config.layers == [64, 32, 10]
+    assert config.batch_size == TrainConfig().batch_size   # default
+
+
+def test_options_not_given_do_not_override_the_file(tmp_path):
+    path = write(tmp_path / "job.toml", "seed = 5\nresume = false\n")
+    assert parse([]) == {}
+    assert resolve_config(path, parse([])).seed == 5
+
+
+def test_resume_option_takes_a_flag_or_a_path():
+    assert parse(["--resume"])["resume"] is True
+    assert parse(["--resume", "false"])["resume"] is False
+    assert parse(["--resume", "runs/a/checkpoint.npz"])["resume"] == "runs/a/checkpoint.npz"
+
+
+def test_unknown_key_in_file_names_it_and_lists_valid_keys(tmp_path):
+    path = write(tmp_path / "job.toml", "epochs = 2\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError) as error:
+        resolve_config(path)
+    message = str(error.value)
+    assert "'learning_rate'" in message and "job.toml" in message
+    assert "valid keys are:" in message and "lr" in message
+
+
+def test_missing_and_malformed_files_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_toml(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_toml(write(tmp_path / "bad.toml", "epochs = = 3"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"layers": [10]}, "layers: expected a list of at least 2"),
+    ({"layers": [10, 0]}, "layers: expected positive integers"),
+    ({"loss": "hinge"}, "loss: expected one of cross_entropy, nll, mse, got 'hinge'"),
+    ({"epochs": 0}, "epochs: expected an integer >= 1, got 0"),
+    ({"batch_size": 2.5}, "batch_size: expected an integer"),
+    ({"epochs": True}, "epochs: expected an integer"),
+    ({"lr": -1.0}, "lr: expected a positive number"),
+    ({"lr": "0.1"}, "lr: expected a number"),
+    ({"optimizer": "rmsprop"}, "optimizer: expected one of sgd, momentum, adam"),
+    ({"momentum": 1.0}, "momentum: expected 0 <= momentum < 1"),
+    ({"warmup_epochs": 20.0}, "warmup_epochs: expected a number between 0 and epochs"),
+    ({"dtype": "float16"}, "dtype: expected one of float32, float64"),
+    ({"resume": True}, "resume: true means"),
+    ({"log_every": 0}, "log_every: expected an integer >= 1"),
+    ({"drop_last": 1}, "drop_last: expected true or false"),
+])
+def test_invalid_values_say_expected_and_got(changes, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")):
+        TrainConfig(**changes)
+
+
+def test_bad_layers_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--layers", "64,x,10"])
+    assert exit_info.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_json_round_trip_for_checkpoints():
+    config = TrainConfig(layers=[3, 5, 2], dataset="digits", output="o", resume="c.npz")
+    assert TrainConfig.from_json(config.to_json()) == config
