@@ -1,0 +1,357 @@
+"""Communicators: the one interface through which mnn talks to other ranks.
+
+Two implementations share it:
+
+* ``MPICommunicator`` wraps an mpi4py communicator. Array collectives use the
+  buffer-based uppercase calls on contiguous NumPy arrays, in place
+  (``MPI.IN_PLACE``), so nothing is pickled on the hot path.
+* ``SingleProcessCommunicator`` is the world of one: every collective is a
+  no-op. mnn runs with it when mpi4py is missing or ``MNN_NO_MPI=1``.
+
+``get_communicator()`` is the one place that chooses between them.
+
+Bad input on one rank must stop every rank without a hang. ``check_all`` and
+``run_all`` turn a local verdict into a collective one (every rank raises
+``RankFailure`` naming the ranks that failed), and ``stop_all_on_error`` is the
+guard an entry point puts around its body: rank 0 prints a ``RankFailure`` and
+all ranks exit; any other exception aborts the whole job.
+
+Usage::
+
+    comm = get_communicator()
+    grads = np.ones(10)
+    comm.allreduce(grads, op="mean")           # in place
+    request = comm.iallreduce(grads)           # start, compute, then
+    request.wait()
+    data = run_all(comm, load_dataset, path)   # raises on every rank if any failed
+
+Run on two ranks with ``mpiexec -n 2 python your_script.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "Communicator",
+    "MPICommunicator",
+    "SingleProcessCommunicator",
+    "Request",
+    "RankFailure",
+    "get_communicator",
+    "check_all",
+    "run_all",
+    "stop_all_on_error",
+    "NO_MPI_ENV",
+]
+
+NO_MPI_ENV = "MNN_NO_MPI"
+_REDUCE_OPS = ("sum", "mean")
+# Variables that MPI launchers set in every process they start; used to notice
+# a job started on several ranks that would fall back to one process each.
+_LAUNCHER_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+Result = TypeVar("Result")
+
+
+class RankFailure(RuntimeError):
+    """Raised on every rank when at least one rank reported a failure.
+
+    ``failures`` maps each failing rank to its message, in rank order.
+    """
+
+    def __init__(self, failures: dict[int, str]):
+        self.failures = dict(sorted(failures.items()))
+        lines = [f"rank {rank}: {message}" for rank, message in self.failures.items()]
+        super().__init__("; ".join(lines) if len(lines) == 1 else "\n" + "\n".join(lines))
+
+
+class Request:
+    """Handle of a non-blocking collective; ``wait()`` completes it.
+
+    ``finish`` runs once after completion (e.g. dividing a sum into a mean).
+    """
+
+    def __init__(self, mpi_request: Any = None, finish: Callable[[], None] | None = None):
+        self._mpi_request = mpi_request
+        self._finish = finish
+        self._done = mpi_request is None
+        if self._done:
+            self._run_finish()
+
+    def _run_finish(self) -> None:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+
+    def test(self) -> bool:
+        """Return whether the collective completed; lets MPI make progress."""
+        if not self._done and self._mpi_request.Test():
+            self._done = True
+            self._run_finish()
+        return self._done
+
+    def wait(self) -> None:
+        """Block until the collective completed."""
+        if not self._done:
+            self._mpi_request.Wait()
+            self._done = True
+            self._run_finish()
+
+    @staticmethod
+    def wait_all(requests: Sequence["Request"]) -> None:
+        """Complete every request, with one MPI call for the pending ones."""
+        pending = [request for request in requests if not request._done]
+        if pending:
+            from mpi4py import MPI  # only MPI requests can be pending
+
+            MPI.Request.Waitall([request._mpi_request for request in pending])
+            for request in pending:
+                request._done = True
+                request._run_finish()
+
+    @staticmethod
+    def test_all(requests: Sequence["Request"]) -> bool:
+        """Return whether all requests completed; lets MPI make progress."""
+        return all([request.test() for request in requests])
+
+
+def _check_reduce_op(op: str, array: np.ndarray) -> None:
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {_REDUCE_OPS}, got {op!r}")
+    if op == "mean" and not np.issubdtype(array.dtype, np.inexact):
+        raise TypeError(f"op='mean' works in place, so it needs a floating array; got dtype {array.dtype}")
+
+
+def _check_buffer(array: Any, what: str) -> None:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what} needs a numpy.ndarray, got {type(array).__name__}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what} works in place on C-contiguous arrays; got a non-contiguous array "
+                         f"of shape {array.shape} (pass np.ascontiguousarray(a) and copy back)")
+    if not array.flags.writeable:
+        raise ValueError(f"{what} works in place; got a read-only array of shape {array.shape}")
+
+
+class Communicator:
+    """The interface: ``rank``, ``size`` and the collectives mnn uses.
+
+    Every method is collective: all ranks call it, in the same order.
+    """
+
+    rank: int
+    size: int
+
+    def allreduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Reduce ``array`` over all ranks in place ("sum" or "mean"); return it."""
+        raise NotImplementedError
+
+    def iallreduce(self, array: np.ndarray, op: str = "sum") -> Request:
+        """Start an in-place reduction of ``array``; it is valid after ``wait()``."""
+        raise NotImplementedError
+
+    def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        """Overwrite ``array`` on every rank with root's values, in place; return it."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+        raise NotImplementedError
+
+    def allgather(self, value: Any) -> list[Any]:
+        """Return every rank's ``value`` in rank order (pickled: small values only)."""
+        raise NotImplementedError
+
+    def abort(self, code: int = 1) -> None:
+        """Terminate every rank of the job at once with exit status ``code``."""
+        raise NotImplementedError
+
+    def _check_root(self, root: int) -> None:
+        if not 0 <= root < self.size:
+            raise ValueError(f"root must be a rank in [0, {self.size}), got {root}")
+
+
+class SingleProcessCommunicator(Communicator):
+    """A world of one rank: collectives leave their arguments unchanged."""
+
+    rank = 0
+    size = 1
+
+    def allreduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        _check_buffer(array, "allreduce")
+        _check_reduce_op(op, array)
+        return array
+
+    def iallreduce(self, array: np.ndarray, op: str = "sum") -> Request:
+        self.allreduce(array, op)
+        return Request()
+
+    def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        self._check_root(root)
+        _check_buffer(array, "broadcast")
+        return array
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather(self, value: Any) -> list[Any]:
+        return [value]
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # like MPI_Abort: no cleanup handlers, no return
+
+
+class MPICommunicator(Communicator):
+    """Collectives through mpi4py on ``comm`` (default ``MPI.COMM_WORLD``)."""
+
+    def __init__(self, comm: Any = None):
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    def allreduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        _check_buffer(array, "allreduce")
+        _check_reduce_op(op, array)
+        self.comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+        if op == "mean":
+            np.divide(array, self.size, out=array)
+        return array
+
+    def iallreduce(self, array: np.ndarray, op: str = "sum") -> Request:
+        _check_buffer(array, "iallreduce")
+        _check_reduce_op(op, array)
+        mpi_request = self.comm.Iallreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+        finish = None
+        if op == "mean":
+            def finish() -> None:
+                np.divide(array, self.size, out=array)
+        return Request(mpi_request, finish)
+
+    def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        self._check_root(root)
+        _check_buffer(array, "broadcast")
+        self.comm.Bcast(array, root=root)
+        return array
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def allgather(self, value: Any) -> list[Any]:
+        return self.comm.allgather(value)
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def _launcher_world_size() -> int:
+    """World size announced by an MPI launcher's environment, 1 if none."""
+    for name in _LAUNCHER_SIZE_ENV:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def get_communicator(comm: Any = None) -> Communicator:
+    """Return the communicator mnn should use; the only place that decides.
+
+    * a ``Communicator`` is returned as is; an mpi4py communicator is wrapped
+      in ``MPICommunicator`` (the way tests pass ``MPI.COMM_SELF``);
+    * ``MNN_NO_MPI=1`` in the environment, or mpi4py failing to import, gives
+      ``SingleProcessCommunicator``;
+    * otherwise ``MPICommunicator(MPI.COMM_WORLD)`` when the world has more
+      than one rank, else ``SingleProcessCommunicator``.
+
+    Falling back to one process while a launcher started several would train
+    independent copies, so that case raises ``RuntimeError`` instead.
+    """
+    if isinstance(comm, Communicator):
+        return comm
+    if comm is not None:
+        return MPICommunicator(comm)
+    launched_ranks = _launcher_world_size()
+    if os.environ.get(NO_MPI_ENV, "") not in ("", "0"):
+        reason = f"{NO_MPI_ENV}={os.environ[NO_MPI_ENV]}"
+    else:
+        try:
+            from mpi4py import MPI
+        except ImportError as error:
+            reason = f"mpi4py cannot be imported ({error})"
+        else:
+            if MPI.COMM_WORLD.Get_size() > 1:
+                return MPICommunicator(MPI.COMM_WORLD)
+            return SingleProcessCommunicator()
+    if launched_ranks > 1:
+        raise RuntimeError(f"the launcher started {launched_ranks} ranks but {reason}: each rank "
+                           "would train alone; unset it or install mpi4py, or run one process")
+    return SingleProcessCommunicator()
+
+
+def check_all(comm: Communicator, ok: bool, message: str = "") -> None:
+    """Collective verdict: raise ``RankFailure`` on every rank if any rank is not ``ok``.
+
+    Every rank calls it with its own ``ok`` and, when not ok, a message saying
+    what went wrong; every rank learns every failing rank's message.
+    """
+    verdicts = comm.allgather((bool(ok), "" if ok else str(message)))
+    failures = {rank: message for rank, (rank_ok, message) in enumerate(verdicts) if not rank_ok}
+    if failures:
+        raise RankFailure(failures)
+
+
+def run_all(comm: Communicator, fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+    """Call ``fn(*args, **kwargs)`` on every rank; if it raised anywhere, raise everywhere.
+
+    Returns ``fn``'s result. If ``fn`` raised on any rank, every rank raises
+    ``RankFailure`` (chained to the local exception where there is one).
+    ``fn`` must be local work only (reading files, validating a config): a
+    collective inside it would wait forever for a rank that already failed.
+    """
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as error:
+        try:
+            check_all(comm, False, f"{type(error).__name__}: {error}")
+        except RankFailure as failure:
+            raise failure from error
+        raise AssertionError("check_all returned although this rank failed")  # pragma: no cover
+    check_all(comm, True)
+    return result
+
+
+@contextlib.contextmanager
+def stop_all_on_error(comm: Communicator, exit_code: int = 1) -> Iterator[None]:
+    """Guard for an entry point's body: any failure stops every rank, never a hang.
+
+    * ``RankFailure`` (raised on every rank alike): rank 0 prints it to stderr
+      and every rank exits with ``exit_code``.
+    * Any other exception (raised on some ranks only, others may be blocked in
+      a collective): the traceback is printed and, on several ranks, the job is
+      aborted; on one rank the exception propagates as usual.
+    """
+    try:
+        yield
+    except RankFailure as failure:
+        if comm.rank == 0:
+            print(f"error: {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(exit_code) from None
+    except Exception:
+        if comm.size == 1:
+            raise
+        print(f"rank {comm.rank} failed; aborting all {comm.size} ranks", file=sys.stderr)
+        traceback.print_exc()
+        comm.abort(exit_code)
+        raise  # pragma: no cover (abort does not return)
