@@ -1,0 +1,274 @@
+"""mnn-bench: time one training step of the MLP 784-256-10, mnn beside PyTorch.
+
+A step is forward + backward + SGD update with ``CrossEntropyLossLayer``, in
+float32, on random data, with one BLAS thread per process. One JSON line is
+printed per measurement (keys ``impl``, ``ranks``, ``batch_per_rank``,
+``ms_per_step``, ``samples_per_s``, ...), and one ``compare`` line per batch
+size with the throughput ratio when PyTorch is importable. The two
+implementations are timed in alternating rounds within one run, so a noisy
+machine slows both alike; each figure is the median over rounds.
+
+Usage::
+
+    mnn-bench                                   # one process: batch 64, 256, 1024
+    mnn-bench --batch 256 --rounds 9
+    mpiexec -n 2 mnn-bench --batch 256,1024     # data parallel; batch is per rank
+    mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1 then 2 ranks
+
+Under mpiexec each step is split into compute, communication and waiting
+(``compute_ms``, ``comm_ms``, ``wait_ms``), ``allreduce_ms`` is one plain MPI
+Allreduce of the same number of gradient bytes for reference, ``peak_rss_mb``
+is the largest peak resident memory over the ranks, and PyTorch runs as
+DistributedDataParallel over gloo (``impl`` "torch-ddp").
+"""
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from mnn import CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
+from mnn.distributed.comm import get_communicator
+
+__all__ = ["main", "build_mnn_step", "build_torch_step", "measure"]
+
+LAYERS = (784, 256, 10)
+
+
+def _random_batch(batch_size, rank):
+    rng = np.random.default_rng(1000 + rank)
+    inputs = rng.standard_normal((batch_size, LAYERS[0])).astype(np.float32)
+    labels = rng.integers(0, LAYERS[-1], batch_size)
+    return inputs, labels
+
+
+def build_mnn_step(batch_size, comm, bucket_bytes=None):
+    """A function running one mnn training step, and the DataParallel (or None)."""
+    rng = np.random.default_rng(0)
+    net = SequentialLayers([LinearLayer(LAYERS[0], LAYERS[1], rng=rng), ReluLayer(),
+                            LinearLayer(LAYERS[1], LAYERS[2], rng=rng), CrossEntropyLossLayer()])
+    inputs, labels = _random_batch(batch_size, comm.rank)
+    if comm.size == 1:
+        def step():
+            net.zero_grads()
+            net(inputs, labels)
+            net.backward()
+            net.step(0.01)
+        return step, None
+
+    from mnn.distributed.data_parallel import DataParallel
+
+    options = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    parallel = DataParallel(net, comm=comm, **options)
+
+    def step():
+        parallel.zero_grads()
+        parallel(inputs, labels)
+        parallel.backward()
+        parallel.step(0.01)
+    return step, parallel
+
+
+def build_torch_step(batch_size, comm):
+    """A function running one PyTorch step (DDP over gloo on several ranks), or None."""
+    try:
+        import torch
+        import torch.distributed as torch_dist
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(LAYERS[0], LAYERS[1]), torch.nn.ReLU(),
+                                torch.nn.Linear(LAYERS[1], LAYERS[2]))
+    if comm.size > 1:
+        if not torch_dist.is_initialized():
+            address = None
+            if comm.rank == 0:
+                with socket.socket() as probe:
+                    probe.bind(("", 0))
+                    address = (socket.gethostname(), probe.getsockname()[1])
+            host, port = comm.allgather(address)[0]
+            same_host = len(set(comm.allgather(socket.gethostname()))) == 1
+            host = "127.0.0.1" if same_host else host
+            torch_dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
+                                          rank=comm.rank, world_size=comm.size)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    inputs, labels = (torch.from_numpy(array) for array in _random_batch(batch_size, comm.rank))
+
+    def step():
+        optimizer.zero_grad()
+        loss_fn(model(inputs), labels).backward()
+        optimizer.step()
+    return step
+
+
+def _time_steps(step, n_steps, comm):
+    comm.barrier()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    comm.barrier()
+    return (time.perf_counter() - start) * 1e3 / n_steps
+
+
+def _allreduce_ms(n_floats, comm, repeats=50):
+    """Time of one in-place Allreduce of ``n_floats`` float32s: the floor for gradient sync."""
+    buffer = np.ones(n_floats, dtype=np.float32)
+    for _ in range(5):
+        comm.allreduce(buffer)
+    comm.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        comm.allreduce(buffer)
+    return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def _peak_rss_mb(comm):
+    # ru_maxrss is in KiB on Linux.
+    return max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
+    """Alternate mnn and PyTorch steps; return one result dict per implementation."""
+    steps = {"mnn": build_mnn_step(batch_size, comm)}
+    torch_step = build_torch_step(batch_size, comm) if with_torch else None
+    if torch_step is not None:
+        steps["torch" if comm.size == 1 else "torch-ddp"] = (torch_step, None)
+
+    # Enough steps per round for about target_ms of work, the same on all ranks.
+    mnn_step, parallel = steps["mnn"]
+    for _ in range(3):
+        mnn_step()
+    probe_ms = _time_steps(mnn_step, 3, comm)
+    n_steps = max(5, int(target_ms / max(probe_ms, 1e-3)))
+    n_steps = comm.allgather(n_steps)[0]
+
+    times = {impl: [] for impl in steps}
+    breakdown = {"compute_ms": [], "comm_ms": [], "wait_ms": []}
+    for impl, (step, _) in steps.items():
+        step()
+    for _ in range(rounds):
+        for impl, (step, _) in steps.items():
+            if impl == "mnn" and parallel is not None:
+                parallel.reset_timings()
+            times[impl].append(_time_steps(step, n_steps, comm))
+            if impl == "mnn" and parallel is not None:
+                for key, total in parallel.timings.items():
+                    if key in breakdown:
+                        breakdown[key].append(total * 1e3 / n_steps)
+
+    results = []
+    for impl, samples in times.items():
+        ms = statistics.median(samples)
+        result = {"impl": impl, "ranks": comm.size, "batch_per_rank": batch_size,
+                  "ms_per_step": round(ms, 4),
+                  "samples_per_s": round(comm.size * batch_size / ms * 1e3, 1),
+                  "steps_per_round": n_steps, "rounds": rounds}
+        if comm.size > 1 and impl == "mnn":
+            result.update({key: round(statistics.median(values), 4)
+                           for key, values in breakdown.items() if values})
+            n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
+            result["grad_mb"] = round(n_floats * 4 / 2**20, 3)
+            result["allreduce_ms"] = round(_allreduce_ms(n_floats, comm), 4)
+        results.append(result)
+    peak = _peak_rss_mb(comm)
+    for result in results:
+        result["peak_rss_mb"] = round(peak, 1)
+    return results
+
+
+def _parse_ints(text):
+    try:
+        values = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="mnn-bench", description=__doc__.split("\n\n")[0],
+        epilog="Run under 'mpiexec -n N' for the data-parallel figures; see the README for the tables.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=_parse_ints, default=[64, 256, 1024],
+                        help="per-rank batch sizes, comma-separated (default 64,256,1024)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size (default 5)")
+    parser.add_argument("--target-ms", type=float, default=300.0,
+                        help="approximate length of one timed round in ms (default 300)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--scaling", type=_parse_ints, metavar="N,N,...",
+                        help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
+    return parser
+
+
+def _run_scaling(args):
+    """Launch the benchmark on each rank count; summarise weak scaling against the first."""
+    from mnn.distributed.launch import find_mpiexec
+
+    mpiexec = find_mpiexec()
+    base = [sys.executable, "-m", "mnn.scripts.bench", "--batch", ",".join(map(str, args.batch)),
+            "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
+    if args.no_torch:
+        base.append("--no-torch")
+    by_ranks = {}
+    for ranks in args.scaling:
+        command = base if ranks == 1 else [mpiexec, "-n", str(ranks), *base]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        for line in output.splitlines():
+            print(line, flush=True)
+            record = json.loads(line)
+            if record.get("impl") == "mnn":
+                by_ranks[(ranks, record["batch_per_rank"])] = record["samples_per_s"]
+    first = args.scaling[0]
+    for (ranks, batch), throughput in sorted(by_ranks.items()):
+        reference = by_ranks.get((first, batch))
+        if ranks != first and reference:
+            speedup = throughput / reference
+            print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "batch_per_rank": batch,
+                              "speedup": round(speedup, 3),
+                              "weak_scaling_efficiency": round(speedup * first / ranks, 3)}), flush=True)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.scaling:
+        _run_scaling(args)
+        return 0
+    comm = get_communicator()
+    with threadpool_limits(limits=1):
+        if comm.rank == 0:
+            blas = [(info["internal_api"], info.get("architecture"), info["num_threads"])
+                    for info in threadpool_info()]
+            print(json.dumps({"machine": socket.gethostname(), "cores": os.cpu_count(), "blas": blas,
+                              "numpy": np.__version__}), flush=True)
+        for batch_size in args.batch:
+            results = measure(batch_size, comm, rounds=args.rounds, target_ms=args.target_ms,
+                              with_torch=not args.no_torch)
+            if comm.rank != 0:
+                continue
+            for result in results:
+                print(json.dumps(result), flush=True)
+            if len(results) == 2:
+                mnn_result, torch_result = results
+                print(json.dumps({"compare": f"mnn / {torch_result['impl']}", "ranks": comm.size,
+                                  "batch_per_rank": batch_size,
+                                  "throughput_ratio": round(mnn_result["samples_per_s"]
+                                                            / torch_result["samples_per_s"], 3)}),
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
