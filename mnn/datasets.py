@@ -1,0 +1,443 @@
+r"""Datasets for mnn: scikit-learn's digits, MNIST-format IDX files and .npz files.
+
+Pure NumPy; nothing here knows about ranks. Usage::
+
+    from mnn.datasets import load_dataset
+    data = load_dataset("digits")            # or "path/to/mnist_dir", or "path/to/data.npz"
+    data.check_classes(10)                   # ValueError if a label is outside [0, 10)
+    x, y = data.train.batch(np.arange(64))   # standardised float32 (64, n_features), int64 (64,)
+
+Three kinds of spec are understood by :func:`load_dataset`:
+
+``"digits"``
+    scikit-learn's 8x8 handwritten digits (1797 samples, 64 features, 10 classes),
+    shipped inside scikit-learn, so no network is needed. The split is fixed and
+    needs no random numbers: every fifth sample (index 4, 9, 14, ...) is a test
+    sample, which gives 1438 training and 359 test samples with the classes
+    spread evenly over both.
+
+a directory of IDX files
+    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
+    gzipped (``.gz``), as MNIST and Fashion-MNIST are distributed.
+
+a ``.npz`` file
+    holding ``x_train, y_train, x_test, y_test``; read with ``allow_pickle=False``.
+    ``x`` is 2-D ``(N, features)`` or 3-D ``(N, height, width)``; ``y`` holds
+    non-negative integer labels (floats are accepted only when every value is whole).
+
+IDX and .npz data are converted once into plain ``.npy`` files in a cache folder
+(by default ``.cache`` beside the data; ``cache_dir`` chooses another) and then
+opened with ``np.load(..., mmap_mode="r")``: every rank on a host maps the same
+pages instead of holding its own copy. Each cache file is written to a unique
+temporary file in the cache folder, fsynced and renamed into place, so ranks that
+build the cache at the same moment never see a half-written file (they write
+identical bytes, and the last rename wins). A small JSON file beside the arrays
+records each source file's size and modification time; when either changes the
+cache is rebuilt. When the cache folder cannot be written the data is parsed into
+memory instead, with a warning.
+
+Scaling. Each feature is standardised, :math:`\hat x_j = (x_j - \mu_j) / \sigma_j`,
+with the mean and standard deviation of the *training* split only, so nothing
+about the test set leaks into training. A feature that is (nearly) constant in
+the training data would divide by (nearly) zero, so :math:`\sigma_j` is floored at
+``STD_FLOOR_FRACTION`` (1 %) of the largest feature standard deviation (at 1.0
+when every feature is constant): such a feature is centred but never amplified
+by more than 100 times what the most varied feature is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "Dataset",
+    "Split",
+    "load_dataset",
+    "read_idx",
+    "IDX_FILES",
+    "STD_FLOOR_FRACTION",
+    "DIGITS_TEST_EVERY",
+]
+
+#: IDX file names in an MNIST-format directory, by role; each may end in ``.gz``.
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+#: A feature's standard deviation is floored at this fraction of the largest one.
+STD_FLOOR_FRACTION = 1e-2
+
+#: In "digits", sample i is a test sample when i % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1.
+DIGITS_TEST_EVERY = 5
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# Magic numbers of the two IDX kinds we read: unsigned bytes, 1-D labels and 3-D images.
+_IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
+_IDX_UBYTE = 0x08
+# Bump when the layout of the cached arrays changes, so old caches are rebuilt.
+_CACHE_FORMAT = 1
+# Rows per chunk when computing statistics over a memory-mapped training split.
+_STATS_CHUNK_ROWS = 4096
+
+
+class Split:
+    """One part of a dataset (train or test): raw features, labels and the scaling.
+
+    ``x`` is ``(N, n_features)`` as stored (a read-only memmap for cached data),
+    ``y`` is ``(N,)`` int64, ``mean`` and ``std`` are ``(n_features,)`` float64 from
+    the training split. ``source`` names where the data came from, for messages.
+    """
+
+    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                 source: str):
+        assert x.ndim == 2 and y.ndim == 1 and len(x) == len(y), (x.shape, y.shape)
+        assert mean.shape == std.shape == (x.shape[1],), (mean.shape, std.shape, x.shape)
+        self.name = name
+        self.x = x
+        self.y = y
+        self.mean = mean
+        self.std = std
+        self.source = source
+        self._scaling_by_dtype: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __repr__(self) -> str:
+        return f"Split({self.name!r}, samples={len(self)}, features={self.x.shape[1]}, source={self.source!r})"
+
+    def batch(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``indices`` (1-D integers, any order) standardised, as ``(x (len, features), y int64)``.
+
+        Only the requested rows are read, so a memory-mapped split stays cheap.
+        """
+        indices = np.asarray(indices)
+        if indices.size == 0:
+            indices = indices.astype(np.int64)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise TypeError(f"{self.name} split: batch indices must be a 1-D integer array, "
+                            f"got shape {indices.shape} of dtype {indices.dtype}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"{self.name} split: batch dtype must be a floating type, got {dtype}")
+        if dtype not in self._scaling_by_dtype:
+            self._scaling_by_dtype[dtype] = (self.mean.astype(dtype), self.std.astype(dtype))
+        mean, std = self._scaling_by_dtype[dtype]
+        rows = np.asarray(self.x[indices], dtype=dtype)
+        rows -= mean
+        rows /= std
+        return rows, np.asarray(self.y[indices], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train and a test :class:`Split` sharing the training split's scaling."""
+
+    name: str
+    train: Split
+    test: Split
+    n_features: int
+    n_classes: int
+
+    def check_classes(self, n_classes: int) -> None:
+        """Raise ValueError unless every label of both splits lies in ``[0, n_classes)``."""
+        if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+            raise ValueError(f"check_classes: n_classes must be a positive integer, got {n_classes!r}")
+        for split in (self.train, self.test):
+            if len(split) == 0:
+                continue
+            lowest, highest = int(split.y.min()), int(split.y.max())
+            if lowest < 0 or highest >= n_classes:
+                offending = lowest if lowest < 0 else highest
+                raise ValueError(
+                    f"{self.name}: the {split.name} labels in {split.source} include {offending}, "
+                    f"but the model has {n_classes} classes (expected labels in [0, {n_classes}))")
+
+
+def load_dataset(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load ``"digits"``, a directory of MNIST-format IDX files, or a ``.npz`` file.
+
+    ``cache_dir`` is where IDX and .npz data are cached as ``.npy`` files; by default
+    a ``.cache`` folder in the dataset's directory. See the module docstring.
+    """
+    if isinstance(spec, str) and spec == "digits":
+        return _load_digits()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"dataset spec must be a string or path, got {type(spec).__name__}")
+    path = Path(spec)
+    if path.is_dir():
+        return _load_idx_directory(path, cache_dir)
+    if path.is_file() and path.suffix == ".npz":
+        return _load_npz(path, cache_dir)
+    problem = "is not a .npz file" if path.is_file() else "does not exist"
+    raise ValueError(f"dataset {str(spec)!r} {problem}: expected 'digits', a directory of MNIST-format "
+                     f"IDX files, or a .npz file with x_train, y_train, x_test, y_test")
+
+
+# ------------------------------------------------------------------ digits
+def _load_digits() -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            "the 'digits' dataset comes with scikit-learn, which is not installed: "
+            "pip install 'mnn[data]' (or scikit-learn)") from error
+    bunch = load_digits()
+    x = np.asarray(bunch.data, dtype=np.float64)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    is_test = np.arange(len(y)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
+    arrays = {"x_train": x[~is_test], "y_train": y[~is_test], "x_test": x[is_test], "y_test": y[is_test]}
+    arrays.update(_standardisation(arrays["x_train"]))
+    return _assemble("digits", arrays, {"train": "scikit-learn digits", "test": "scikit-learn digits"})
+
+
+# ------------------------------------------------------------------ IDX
+def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
+    """Read one unsigned-byte IDX file (raw or ``.gz``) with ``ndim`` dimensions (1 or 3).
+
+    The header is 4 magic bytes (``0x00000801`` labels, ``0x00000803`` images)
+    followed by ``ndim`` big-endian uint32 sizes; the data must fill exactly the
+    product of the sizes. Raises ValueError naming the file otherwise.
+    """
+    if ndim not in _IDX_MAGIC:
+        raise ValueError(f"read_idx: ndim must be 1 (labels) or 3 (images), got {ndim}")
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+    except FileNotFoundError:
+        raise ValueError(f"IDX file {path} does not exist") from None
+    except (OSError, EOFError) as error:  # gzip's errors for a corrupt or cut-off stream
+        raise ValueError(f"IDX file {path} could not be read: {error}") from error
+    header_size = 4 + 4 * ndim
+    if len(content) < 4:
+        raise ValueError(f"IDX file {path} is truncated: {len(content)} bytes, too short for a magic number")
+    magic = int.from_bytes(content[:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        kind = "labels" if ndim == 1 else "images"
+        raise ValueError(f"IDX file {path} has bad magic number 0x{magic:08x}: expected "
+                         f"0x{_IDX_MAGIC[ndim]:08x} (unsigned-byte {kind}, {ndim}-D)")
+    if len(content) < header_size:
+        raise ValueError(f"IDX file {path} is truncated: {len(content)} bytes, "
+                         f"shorter than its {header_size}-byte header")
+    shape = tuple(int(size) for size in np.frombuffer(content, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape, dtype=np.int64))
+    found = len(content) - header_size
+    if found != expected:
+        problem = "is truncated" if found < expected else "has trailing bytes"
+        raise ValueError(f"IDX file {path} {problem}: header says shape {shape} = {expected} bytes "
+                         f"of data, found {found}")
+    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def _find_idx_files(directory: Path) -> dict[str, Path]:
+    found = {}
+    for key, name in IDX_FILES.items():
+        # The uncompressed file wins when both are present: it is the one read faster.
+        candidates = [directory / name, directory / f"{name}.gz"]
+        existing = [candidate for candidate in candidates if candidate.is_file()]
+        if not existing:
+            raise ValueError(f"IDX directory {directory} has no {name} (or {name}.gz); it needs "
+                             f"{', '.join(IDX_FILES.values())}")
+        found[key] = existing[0]
+    return found
+
+
+def _load_idx_directory(directory: Path, cache_dir) -> Dataset:
+    files = _find_idx_files(directory)
+
+    def build() -> dict[str, np.ndarray]:
+        arrays = {}
+        for part in ("train", "test"):
+            images = read_idx(files[f"x_{part}"], ndim=3)
+            labels = read_idx(files[f"y_{part}"], ndim=1)
+            if len(images) != len(labels):
+                raise ValueError(f"IDX {part} count mismatch: {files[f'x_{part}']} holds {len(images)} images "
+                                 f"but {files[f'y_{part}']} holds {len(labels)} labels")
+            arrays[f"x_{part}"] = images.reshape(len(images), -1)
+            arrays[f"y_{part}"] = labels.astype(np.int64)
+        _check_same_features(arrays, files["x_train"], files["x_test"])
+        return arrays
+
+    arrays = _cached(build, list(files.values()), directory, cache_dir)
+    sources = {"train": f"{files['y_train']}", "test": f"{files['y_test']}"}
+    return _assemble(directory.resolve().name, arrays, sources)
+
+
+# ------------------------------------------------------------------ npz
+def _load_npz(path: Path, cache_dir) -> Dataset:
+    def build() -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                missing = [key for key in _NPZ_KEYS if key not in archive.files]
+                if missing:
+                    raise ValueError(f"npz file {path} lacks {', '.join(missing)}: expected keys "
+                                     f"{', '.join(_NPZ_KEYS)}, found {', '.join(archive.files) or 'none'}")
+                raw = {key: archive[key] for key in _NPZ_KEYS}
+        except ValueError as error:
+            if str(path) in str(error):
+                raise
+            # numpy refuses object arrays without pickle, and says so without a file name.
+            raise ValueError(f"npz file {path} could not be read without pickle: {error}") from error
+        except (OSError, EOFError) as error:
+            raise ValueError(f"npz file {path} could not be read: {error}") from error
+        arrays = {}
+        for part in ("train", "test"):
+            x = _npz_features(path, f"x_{part}", raw[f"x_{part}"])
+            y = _npz_labels(path, f"y_{part}", raw[f"y_{part}"])
+            if len(x) != len(y):
+                raise ValueError(f"npz file {path}: x_{part} has {len(x)} samples but y_{part} has {len(y)} labels")
+            arrays[f"x_{part}"], arrays[f"y_{part}"] = x, y
+        _check_same_features(arrays, f"{path} (x_train)", f"{path} (x_test)")
+        return arrays
+
+    arrays = _cached(build, [path], path.parent, cache_dir)
+    return _assemble(path.stem, arrays, {"train": f"{path} (y_train)", "test": f"{path} (y_test)"})
+
+
+def _npz_features(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    if x.ndim not in (2, 3):
+        raise ValueError(f"npz file {path}: {key} must be 2-D (samples, features) or 3-D "
+                         f"(samples, height, width), got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"npz file {path}: {key} must hold numbers, got dtype {x.dtype}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"npz file {path}: {key} holds NaN or infinite values")
+    return x.reshape(len(x), -1)
+
+
+def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
+    if y.ndim != 1:
+        raise ValueError(f"npz file {path}: {key} must be 1-D (samples,), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            raise ValueError(f"npz file {path}: {key} must hold integer labels, found {y[~whole][0].item()!r}")
+    elif y.dtype.kind not in "iu":
+        raise ValueError(f"npz file {path}: {key} must hold integer labels, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"npz file {path}: {key} must hold non-negative labels, found {y.min().item()!r}")
+    return y.astype(np.int64)
+
+
+# ------------------------------------------------------------------ shared
+def _check_same_features(arrays: dict[str, np.ndarray], train_source, test_source) -> None:
+    train_features, test_features = arrays["x_train"].shape[1], arrays["x_test"].shape[1]
+    if train_features != test_features:
+        raise ValueError(f"train data {train_source} has {train_features} features per sample "
+                         f"but test data {test_source} has {test_features}")
+
+
+def _standardisation(x_train: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-feature mean and floored std of the training features, in float64.
+
+    Chunks are merged with Chan et al.'s pairwise update, so a memory-mapped
+    split is never converted to float64 whole and large values lose no precision
+    to a sum of squares.
+    """
+    n_features = x_train.shape[1]
+    count, mean, squares = 0, np.zeros(n_features), np.zeros(n_features)
+    for start in range(0, len(x_train), _STATS_CHUNK_ROWS):
+        chunk = np.asarray(x_train[start:start + _STATS_CHUNK_ROWS], dtype=np.float64)
+        chunk_mean = chunk.mean(axis=0)
+        chunk_squares = ((chunk - chunk_mean) ** 2).sum(axis=0)
+        delta = chunk_mean - mean
+        total = count + len(chunk)
+        mean = mean + delta * (len(chunk) / total)
+        squares = squares + chunk_squares + delta ** 2 * (count * len(chunk) / total)
+        count = total
+    std = np.sqrt(squares / max(count, 1))
+    largest = std.max(initial=0.0)
+    floor = STD_FLOOR_FRACTION * largest if largest > 0 else 1.0
+    return {"mean": mean, "std": np.maximum(std, floor)}
+
+
+def _assemble(name: str, arrays: dict[str, np.ndarray], sources: dict[str, str]) -> Dataset:
+    if len(arrays["y_train"]) == 0:
+        raise ValueError(f"dataset {name}: the training split in {sources['train']} has no samples")
+    splits = {part: Split(part, arrays[f"x_{part}"], arrays[f"y_{part}"], arrays["mean"], arrays["std"],
+                          sources[part])
+              for part in ("train", "test")}
+    labels_max = max((int(split.y.max()) for split in splits.values() if len(split)), default=-1)
+    return Dataset(name=name, train=splits["train"], test=splits["test"],
+                   n_features=int(arrays["x_train"].shape[1]), n_classes=labels_max + 1)
+
+
+# ------------------------------------------------------------------ cache
+def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], data_dir: Path,
+            cache_dir) -> dict[str, np.ndarray]:
+    """The arrays of ``build()`` plus scaling, from the .npy cache when it is current.
+
+    Cache files are named after the resolved source paths, so one ``cache_dir``
+    can serve several datasets.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / ".cache"
+    resolved = [source.resolve() for source in sources]
+    key = hashlib.sha1("\n".join(map(str, resolved)).encode()).hexdigest()[:10]
+    prefix = f"{data_dir.resolve().name or 'data'}-{key}"
+    meta_path = cache_dir / f"{prefix}.json"
+    stats = [source.stat() for source in resolved]
+    meta = {"format": _CACHE_FORMAT,
+            "sources": [{"path": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                        for source, stat in zip(resolved, stats)]}
+    names = ["x_train", "y_train", "x_test", "y_test", "mean", "std"]
+
+    cached = _read_cache(meta_path, meta, {name: cache_dir / f"{prefix}.{name}.npy" for name in names})
+    if cached is not None:
+        return cached
+    arrays = build()
+    arrays.update(_standardisation(arrays["x_train"]))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            _write_atomically(cache_dir / f"{prefix}.{name}.npy",
+                              lambda handle, array=arrays[name]: np.save(handle, array, allow_pickle=False))
+        # The metadata goes last: while it is missing or stale, readers rebuild.
+        _write_atomically(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+    except OSError as error:
+        warnings.warn(f"could not write the dataset cache in {cache_dir} ({error}); using the data in memory. "
+                      f"Pass a writable cache_dir to share one mapped copy between processes.",
+                      RuntimeWarning, stacklevel=3)
+        return arrays
+    reread = _read_cache(meta_path, meta, {name: cache_dir / f"{prefix}.{name}.npy" for name in names})
+    # Another process may have replaced the files meanwhile; its bytes are the same.
+    return reread if reread is not None else arrays
+
+
+def _read_cache(meta_path: Path, meta: dict, array_paths: dict[str, Path]) -> dict[str, np.ndarray] | None:
+    try:
+        if json.loads(meta_path.read_text()) != meta:
+            return None
+        return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in array_paths.items()}
+    except (OSError, ValueError):
+        return None  # missing, stale or unreadable: rebuild
+
+
+def _write_atomically(path: Path, write: Callable) -> None:
+    # A unique temporary name (not a fixed one) because several ranks may write
+    # the same cache file at once; each renames its own complete file into place.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
