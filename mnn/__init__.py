@@ -5,11 +5,25 @@ docstring), a ``SequentialLayers`` container and optimizers. The data-parallel
 trainer lives in ``mnn.distributed``; this package never imports MPI.
 """
 
-from mnn.layer import CrossEntropyLossLayer, Layer, LinearLayer, LossLayer, ReluLayer
+from mnn.layer import (
+    CrossEntropyLossLayer,
+    Layer,
+    LinearLayer,
+    LogLayer,
+    LogSoftmaxLayer,
+    LossLayer,
+    MatrixProduct,
+    MSELossLayer,
+    MultiHeadAttention,
+    NllLossLayer,
+    ReluLayer,
+    SoftmaxLayer,
+)
 from mnn.optim import SGD, Adam, Optimizer
 from mnn.seq_layers import SequentialLayers
 
 __all__ = [
-    "Layer", "LossLayer", "LinearLayer", "ReluLayer", "CrossEntropyLossLayer",
+    "Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer", "LogSoftmaxLayer",
+    "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention",
     "SequentialLayers", "Optimizer", "SGD", "Adam",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 
 from mnn.layer._base import LossLayer
 
-__all__ = ["CrossEntropyLossLayer", "check_labels"]
+__all__ = ["CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "check_labels"]
 
 
 def check_labels(layer_name, labels, batch_size, n_classes):
@@ -95,4 +95,91 @@ class CrossEntropyLossLayer(LossLayer):
         batch_size = probabilities.shape[0]
         gradients = probabilities * self.dtype.type(1.0 / batch_size)  # Eq. (3)
         gradients[np.arange(batch_size), self._labels] -= self.dtype.type(1.0 / batch_size)  # Eq. (3)
+        return self._as_shape(gradients, self._columns)
+
+
+class MSELossLayer(LossLayer):
+    r"""Mean squared error, averaged over every element of the batch.
+
+    ``forward(inputs, targets)`` with ``inputs`` of shape ``(B, n)`` (or
+    ``(B, n, 1)``) and ``targets`` of the same shape (either form). As in
+    PyTorch's ``MSELoss`` default (``reduction='mean'``) the mean is over all
+    :math:`Bn` elements, not a sum over features averaged over the batch: the
+    loss and its gradient then do not grow with the number of outputs. Targets
+    of another shape raise ``ValueError`` instead of broadcasting.
+    """
+
+    def __init__(self, dtype=np.float32):
+        super().__init__(dtype)
+        self._errors = None
+
+    def forward(self, inputs, feedbacks=None):
+        r"""With :math:`E = X - T`,
+
+        .. math::
+            \ell = \frac{1}{Bn} \sum_{i,j} E_{ij}^2. \tag{1}
+        """
+        rows, self._columns = self._rows(inputs)
+        if feedbacks is None:
+            raise ValueError(f"{self.name}: expected targets of shape {rows.shape} as feedbacks, got None")
+        targets = np.asarray(feedbacks)
+        if targets.shape not in (rows.shape, rows.shape + (1,)):
+            raise ValueError(
+                f"{self.name}: expected targets of shape {rows.shape} or {rows.shape + (1,)} "
+                f"(the inputs'), got {targets.shape}")
+        self._errors = rows - targets.reshape(rows.shape).astype(self.dtype, copy=False)
+        return self.dtype.type(np.mean(np.square(self._errors)))  # Eq. (1)
+
+    def backward(self, gradients=None, input_grad=True):
+        r"""Each :math:`E_{ij}` appears in one term of Eq. (1), and
+        :math:`\partial E_{ij} / \partial X_{ij} = 1`, so
+
+        .. math::
+            \nabla_X \ell = \frac{2}{Bn} (X - T). \tag{2}
+        """
+        errors = self._saved(self._errors)
+        if not input_grad:
+            return None
+        return self._as_shape(errors * self.dtype.type(2.0 / errors.size), self._columns)  # Eq. (2)
+
+
+class NllLossLayer(LossLayer):
+    r"""Negative log-likelihood of the true class, given log-probabilities.
+
+    ``forward(log_probabilities, labels)`` with ``log_probabilities`` of shape
+    ``(B, C)`` (or ``(B, C, 1)``), e.g. the output of ``LogSoftmaxLayer``, and
+    ``labels`` integer class indices of shape ``(B,)`` or ``(B, 1)``.
+    """
+
+    def __init__(self, dtype=np.float32):
+        super().__init__(dtype)
+        self._labels = None
+
+    def forward(self, inputs, feedbacks=None):
+        r"""With :math:`t_i` the class of sample :math:`i`,
+
+        .. math::
+            \ell = -\frac{1}{B} \sum_i X_{i t_i}. \tag{1}
+        """
+        log_probabilities, self._columns = self._rows(inputs)
+        batch_size, n_classes = log_probabilities.shape
+        labels = check_labels(self.name, feedbacks, batch_size, n_classes)
+        self._labels, self._shape = labels, log_probabilities.shape
+        return self.dtype.type(-np.mean(log_probabilities[np.arange(batch_size), labels]))  # Eq. (1)
+
+    def backward(self, gradients=None, input_grad=True):
+        r"""Only the entries :math:`X_{i t_i}` appear in Eq. (1), each once, so
+
+        .. math::
+            \frac{\partial \ell}{\partial X_{ic}} = -\frac{1}{B} \mathbb{1}[c = t_i],
+            \qquad \nabla_X \ell = -\frac{1}{B} T, \tag{2}
+
+        with :math:`T` the one-hot rows of the labels.
+        """
+        labels = self._saved(self._labels)
+        if not input_grad:
+            return None
+        batch_size = self._shape[0]
+        gradients = np.zeros(self._shape, dtype=self.dtype)
+        gradients[np.arange(batch_size), labels] = self.dtype.type(-1.0 / batch_size)  # Eq. (2)
         return self._as_shape(gradients, self._columns)

@@ -1,0 +1,182 @@
+"""Every layer's backward against float64 central finite differences, and gradient semantics.
+
+Non-loss layers are differentiated through a random projection of their output
+(see ``assert_layer_gradients`` in conftest.py); loss layers as they are.
+"""
+
+import numpy as np
+import pytest
+
+from mnn import (
+    CrossEntropyLossLayer,
+    LinearLayer,
+    LogLayer,
+    LogSoftmaxLayer,
+    MatrixProduct,
+    MSELossLayer,
+    MultiHeadAttention,
+    NllLossLayer,
+    ReluLayer,
+    SequentialLayers,
+    SoftmaxLayer,
+)
+
+F64 = np.float64
+
+
+def away_from_zero(rng, shape):
+    """Normal samples pushed at least 0.1 away from ReLU's kink at 0."""
+    values = rng.standard_normal(shape)
+    return np.sign(values) * (0.1 + np.abs(values))
+
+
+def labels_for(rng, batch_size, n_classes):
+    return rng.integers(0, n_classes, size=batch_size)
+
+
+# Each case: rng, batch size -> (layer, inputs, targets), with (B, n) inputs.
+ROW_CASES = {
+    "linear": lambda rng, b: (LinearLayer(5, 3, dtype=F64, rng=rng), rng.standard_normal((b, 5)), None),
+    "linear_no_bias": lambda rng, b: (LinearLayer(5, 3, bias=False, dtype=F64, rng=rng),
+                                      rng.standard_normal((b, 5)), None),
+    "relu": lambda rng, b: (ReluLayer(dtype=F64), away_from_zero(rng, (b, 6)), None),
+    "log": lambda rng, b: (LogLayer(dtype=F64), rng.uniform(0.5, 2.0, (b, 6)), None),
+    "softmax": lambda rng, b: (SoftmaxLayer(dtype=F64), 2 * rng.standard_normal((b, 5)), None),
+    "log_softmax": lambda rng, b: (LogSoftmaxLayer(dtype=F64), 2 * rng.standard_normal((b, 5)), None),
+    "mse": lambda rng, b: (MSELossLayer(dtype=F64), rng.standard_normal((b, 4)), rng.standard_normal((b, 4))),
+    "nll": lambda rng, b: (NllLossLayer(dtype=F64), rng.standard_normal((b, 5)), labels_for(rng, b, 5)),
+    "cross_entropy": lambda rng, b: (CrossEntropyLossLayer(dtype=F64), 2 * rng.standard_normal((b, 5)),
+                                     labels_for(rng, b, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+@pytest.mark.parametrize("batch_size", [1, 7])
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+def test_row_layer_gradients(case, batch_size, columns, assert_layer_gradients):
+    rng = np.random.default_rng(batch_size)
+    layer, inputs, targets = ROW_CASES[case](rng, batch_size)
+    if columns:
+        # The seed's per-sample column vectors (B, n, 1); MSE targets come the same way.
+        inputs = inputs[:, :, None]
+        if case == "mse":
+            targets = targets[:, :, None]
+    assert_layer_gradients(layer, inputs, targets)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_matrix_product_gradients(batch_size, assert_layer_gradients):
+    rng = np.random.default_rng(batch_size)
+    pair = (rng.standard_normal((batch_size, 3, 4)), rng.standard_normal((batch_size, 4, 2)))
+    assert_layer_gradients(MatrixProduct(dtype=F64), pair)
+
+
+def test_matrix_product_gradients_with_head_axis(assert_layer_gradients):
+    rng = np.random.default_rng(3)
+    pair = (rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 5, 2)))
+    assert_layer_gradients(MatrixProduct(dtype=F64), pair)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_multi_head_attention_gradients(batch_size, causal, assert_layer_gradients):
+    rng = np.random.default_rng(batch_size)
+    layer = MultiHeadAttention(6, 2, causal=causal, dtype=F64, rng=rng)
+    # Non-zero biases, so that their gradients flow through every path.
+    for key in ("b_q", "b_k", "b_v", "b_o"):
+        layer.params[key][...] = 0.3 * rng.standard_normal(6)
+    assert_layer_gradients(layer, rng.standard_normal((batch_size, 4, 6)))
+
+
+def test_multi_head_attention_gradients_with_padding_mask(numerical_gradient):
+    rng = np.random.default_rng(5)
+    layer = MultiHeadAttention(4, 2, dtype=F64, rng=rng)
+    inputs = rng.standard_normal((2, 3, 4))
+    mask = np.ones((2, 3, 3), dtype=bool)
+    mask[1, :, 2] = False  # the second sample's last position is padding
+    projection = rng.standard_normal((2, 3, 4))
+
+    def loss():
+        return np.sum(projection * layer.forward(inputs, mask=mask))
+
+    loss()
+    input_gradients = layer.backward(projection)
+    np.testing.assert_allclose(input_gradients, numerical_gradient(loss, inputs), rtol=1e-6, atol=1e-8)
+    for key, param in layer.params.items():
+        np.testing.assert_allclose(layer.grads[key], numerical_gradient(loss, param), rtol=1e-6, atol=1e-8)
+
+
+def make_net(dtype=F64, input_grad=False):
+    rng = np.random.default_rng(0)
+    return SequentialLayers([LinearLayer(4, 6, dtype=dtype, rng=rng), ReluLayer(dtype=dtype),
+                             LinearLayer(6, 3, dtype=dtype, rng=rng), CrossEntropyLossLayer(dtype=dtype)],
+                            input_grad=input_grad)
+
+
+def net_data(batch_size=5, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch_size, 4)), rng.integers(0, 3, size=batch_size)
+
+
+def test_sequential_gradients_match_finite_differences_of_the_net(numerical_gradient):
+    net = make_net(input_grad=True)
+    inputs, labels = net_data()
+    net(inputs, labels)
+    input_gradients = net.backward()
+    np.testing.assert_allclose(input_gradients, numerical_gradient(lambda: net(inputs, labels), inputs),
+                               rtol=1e-6, atol=1e-8)
+    for name, param, grad in net.named_params():
+        np.testing.assert_allclose(grad, numerical_gradient(lambda: net(inputs, labels), param),
+                                   rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_net_grads_are_the_mean_of_per_sample_grads():
+    net = make_net()
+    inputs, labels = net_data(batch_size=4)
+    per_sample = []
+    for index in range(4):
+        net.zero_grads()
+        net(inputs[index:index + 1], labels[index:index + 1])
+        net.backward()
+        per_sample.append({name: grad.copy() for name, _, grad in net.named_params()})
+    net.zero_grads()
+    net(inputs, labels)
+    net.backward()
+    for name, _, grad in net.named_params():
+        np.testing.assert_allclose(grad, np.mean([sample[name] for sample in per_sample], axis=0), rtol=1e-12)
+
+
+def test_grads_accumulate_until_zero_grads():
+    net = make_net()
+    inputs, labels = net_data()
+    net(inputs, labels)
+    net.backward()
+    once = {name: grad.copy() for name, _, grad in net.named_params()}
+    live = {name: grad for name, _, grad in net.named_params()}
+    net(inputs, labels)
+    net.backward()
+    for name, _, grad in net.named_params():
+        np.testing.assert_allclose(grad, 2 * once[name], rtol=1e-12)
+        assert grad is live[name], f"{name}: the grads array was rebound instead of written in place"
+    net.zero_grads()
+    for name, _, grad in net.named_params():
+        assert not grad.any(), name
+    net(inputs, labels)
+    net.backward()
+    for name, _, grad in net.named_params():
+        np.testing.assert_allclose(grad, once[name], rtol=1e-12)
+
+
+def test_attention_grads_accumulate_until_zero_grads():
+    rng = np.random.default_rng(0)
+    layer = MultiHeadAttention(4, 2, dtype=F64, rng=rng)
+    inputs, projection = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 5, 4))
+    layer.forward(inputs)
+    layer.backward(projection)
+    once = {key: grad.copy() for key, grad in layer.grads.items()}
+    layer.forward(inputs)
+    layer.backward(projection)
+    for key, grad in layer.grads.items():
+        np.testing.assert_allclose(grad, 2 * once[key], rtol=1e-12, err_msg=key)
+    layer.zero_grads()
+    assert not any(grad.any() for grad in layer.grads.values())
