@@ -1,0 +1,212 @@
+"""SequentialLayers: state dicts, dtype casts, hooks, and nets that learn."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from mnn import (
+    SGD,
+    Adam,
+    CrossEntropyLossLayer,
+    LinearLayer,
+    LogSoftmaxLayer,
+    MSELossLayer,
+    NllLossLayer,
+    ReluLayer,
+    SequentialLayers,
+)
+
+
+def classifier(seed=0, dtype=np.float32, sizes=(4, 8, 3)):
+    rng = np.random.default_rng(seed)
+    return SequentialLayers([LinearLayer(sizes[0], sizes[1], dtype=dtype, rng=rng), ReluLayer(dtype=dtype),
+                             LinearLayer(sizes[1], sizes[2], dtype=dtype, rng=rng),
+                             CrossEntropyLossLayer(dtype=dtype)])
+
+
+# --- state dicts ------------------------------------------------------------
+
+def test_state_dict_names_and_order_are_deterministic():
+    names = [name for name, _, _ in classifier(seed=0).named_params()]
+    assert names == ["0.LinearLayer.w", "0.LinearLayer.b", "2.LinearLayer.w", "2.LinearLayer.b"]
+    assert list(classifier(seed=1).state_dict()) == names
+
+
+def test_state_dict_round_trip_through_a_file(tmp_path):
+    source, target = classifier(seed=0), classifier(seed=1)
+    inputs = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    assert not np.allclose(source(inputs), target(inputs))
+    np.savez(tmp_path / "weights.npz", **source.state_dict())
+    with np.load(tmp_path / "weights.npz") as saved:
+        target.load_state_dict(dict(saved))
+    np.testing.assert_array_equal(source(inputs), target(inputs))
+
+
+def test_state_dict_holds_copies_and_load_weights_is_an_alias():
+    net = classifier()
+    state = net.state_dict()
+    state["0.LinearLayer.w"] += 1
+    assert not np.array_equal(state["0.LinearLayer.w"], net.layers[0].params["w"])
+    live = net.layers[0].params["w"]
+    net.load_weights(state)
+    np.testing.assert_array_equal(net.layers[0].params["w"], state["0.LinearLayer.w"])
+    assert net.layers[0].params["w"] is live, "loading must copy into the parameters, not rebind them"
+
+
+def test_load_state_dict_rejects_missing_and_extra_keys():
+    net = classifier()
+    state = net.state_dict()
+    del state["2.LinearLayer.b"]
+    with pytest.raises(ValueError, match=r"missing keys \['2.LinearLayer.b'\], unexpected keys \[\]"):
+        net.load_state_dict(state)
+    state = net.state_dict()
+    state["4.LinearLayer.w"] = np.zeros((1, 1))
+    with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['4.LinearLayer.w'\]"):
+        net.load_state_dict(state)
+
+
+def test_load_state_dict_rejects_wrong_shapes_and_loads_nothing():
+    net = classifier()
+    before = net.state_dict()
+    wrong = classifier(seed=1).state_dict()
+    wrong["2.LinearLayer.w"] = np.zeros((3, 9))
+    with pytest.raises(ValueError, match=r"2.LinearLayer.w expected shape \(3, 8\), got \(3, 9\)"):
+        net.load_state_dict(wrong)
+    for name, value in net.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=f"{name} changed by a failed load")
+
+
+# --- container behaviour ----------------------------------------------------
+
+def test_forward_without_targets_returns_the_prediction():
+    net = classifier()
+    outputs = net(np.zeros((2, 4), dtype=np.float32))
+    assert outputs.shape == (2, 3)
+    with pytest.raises(ValueError, match="before a forward with targets"):
+        net.backward()
+
+
+def test_backward_hook_runs_from_the_last_layer_to_the_first():
+    net = classifier()
+    net(np.ones((2, 4), dtype=np.float32), np.array([0, 2]))
+    calls = []
+    net.backward(hook=lambda index, layer: calls.append((index, layer.name)))
+    assert calls == [(3, "CrossEntropyLossLayer"), (2, "LinearLayer"), (1, "ReluLayer"), (0, "LinearLayer")]
+
+
+def test_rebound_grads_are_written_in_place():
+    net = classifier(dtype=np.float64)
+    inputs, labels = np.random.default_rng(0).standard_normal((3, 4)), np.array([0, 1, 2])
+    net(inputs, labels)
+    net.backward()
+    expected = {name: grad.copy() for name, _, grad in net.named_params()}
+    buffer = np.zeros(sum(grad.size for grad in expected.values()))
+    views, offset = {}, 0
+    for name, grad in expected.items():
+        views[name] = buffer[offset:offset + grad.size].reshape(grad.shape)
+        offset += grad.size
+    net.rebind_grads(views)
+    net.zero_grads()
+    net(inputs, labels)
+    net.backward()
+    for name, view in views.items():
+        np.testing.assert_allclose(view, expected[name], rtol=1e-14, err_msg=name)
+
+
+def test_layers_must_be_layers_and_the_loss_must_come_last():
+    with pytest.raises(TypeError, match="layer 1 is a str"):
+        SequentialLayers([LinearLayer(2, 2, rng=0), "relu"])
+    with pytest.raises(ValueError, match="the loss layer CrossEntropyLossLayer must come last, found at 0"):
+        SequentialLayers([CrossEntropyLossLayer(), LinearLayer(2, 2, rng=0)])
+
+
+def test_astype_float64_casts_every_parameter_grad_and_output():
+    net = classifier().astype(np.float64)
+    for name, param, grad in net.named_params():
+        assert param.dtype == np.float64 and grad.dtype == np.float64, name
+    loss = net(np.ones((2, 4), dtype=np.float32), np.array([0, 1]))
+    assert np.asarray(loss).dtype == np.float64
+    net.backward()
+    assert all(grad.dtype == np.float64 for _, _, grad in net.named_params())
+
+
+def test_float32_net_stays_float32():
+    net = classifier()
+    loss = net(np.ones((2, 4), dtype=np.float64), np.array([0, 1]))
+    assert np.asarray(loss).dtype == np.float32
+    net.backward()
+    assert all(param.dtype == np.float32 and grad.dtype == np.float32 for _, param, grad in net.named_params())
+
+
+# --- nets that learn ----------------------------------------------------------
+
+def toy_regression(rng):
+    inputs = rng.standard_normal((64, 3)).astype(np.float32)
+    targets = np.stack([np.sin(inputs[:, 0]) + inputs[:, 1] ** 2, np.abs(inputs[:, 2])], axis=1)
+    layers = [LinearLayer(3, 16, rng=rng), ReluLayer(), LinearLayer(16, 2, rng=rng), ReluLayer(), MSELossLayer()]
+    return layers, inputs, targets
+
+
+def toy_classification(rng, head):
+    inputs = rng.standard_normal((64, 3)).astype(np.float32)
+    labels = (inputs[:, 0] > 0).astype(int) + (inputs[:, 1] > 0).astype(int)
+    return [LinearLayer(3, 16, rng=rng), ReluLayer(), LinearLayer(16, 3, rng=rng)] + head, inputs, labels
+
+
+# The seed's three toy pipelines.
+PIPELINES = {
+    "linear_relu_linear_relu_mse": toy_regression,
+    "linear_relu_linear_cross_entropy": lambda rng: toy_classification(rng, [CrossEntropyLossLayer()]),
+    "linear_relu_linear_log_softmax_nll": lambda rng: toy_classification(rng, [LogSoftmaxLayer(), NllLossLayer()]),
+}
+
+
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_toy_pipelines_learn(pipeline):
+    layers, inputs, targets = PIPELINES[pipeline](np.random.default_rng(0))
+    net = SequentialLayers(layers)
+    first = net(inputs, targets)
+    for _ in range(200):
+        net.zero_grads()
+        net(inputs, targets)
+        net.backward()
+        net.step(lr=0.05)
+    assert net(inputs, targets) < 0.5 * first
+
+
+def digits_split():
+    """scikit-learn's 8x8 digits scaled to [0, 1], split 1400 train / 397 test."""
+    digits = load_digits()
+    inputs, labels = (digits.data / 16).astype(np.float32), digits.target
+    order = np.random.default_rng(0).permutation(len(labels))
+    return inputs, labels, order[:1400], order[1400:]
+
+
+def digits_mlp(rng):
+    return SequentialLayers([LinearLayer(64, 64, rng=rng), ReluLayer(), LinearLayer(64, 10, rng=rng),
+                             CrossEntropyLossLayer()])
+
+
+def train_epochs(net, optimizer, inputs, labels, indices, epochs, rng, batch_size=32):
+    for _ in range(epochs):
+        shuffled = rng.permutation(indices)
+        for start in range(0, len(shuffled), batch_size):
+            batch = shuffled[start:start + batch_size]
+            optimizer.zero_grads()
+            net(inputs[batch], labels[batch])
+            net.backward()
+            optimizer.step()
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda net: Adam(net, lr=3e-3),
+    lambda net: SGD(net, lr=0.05, momentum=0.9, nesterov=True),
+], ids=["adam", "sgd_nesterov"])
+def test_digits_mlp_reaches_high_test_accuracy(make_optimizer):
+    inputs, labels, train, test = digits_split()
+    rng = np.random.default_rng(1)
+    net = digits_mlp(rng)
+    train_epochs(net, make_optimizer(net), inputs, labels, train, epochs=10, rng=rng)
+    assert net(inputs[train], labels[train]) < 0.2
+    accuracy = np.mean(net(inputs[test]).argmax(axis=1) == labels[test])
+    assert accuracy > 0.9, f"test accuracy {accuracy:.3f}"
