@@ -18,6 +18,10 @@ __all__ = ["Optimizer", "SGD", "Adam"]
 class Optimizer:
     """Common parts: the net, the learning rate ``lr`` and the state arrays."""
 
+    # The kinds of state a subclass keeps: the part of a state key before the
+    # first dot ("momentum.0.LinearLayer.w"), or the whole key for scalars ("step").
+    _state_kinds = ()
+
     def __init__(self, net, lr):
         if not hasattr(net, "named_params"):
             raise TypeError(f"{type(self).__name__}: expected a net with named_params(), got {type(net).__name__}")
@@ -46,10 +50,19 @@ class Optimizer:
     def load_state_dict(self, state):
         """Replace the state by copies of ``state``, checking names and shapes."""
         params = {name: param for name, param, _ in self.net.named_params()}
+        # Scalars such as Adam's step count exist from the start; without them
+        # the state came from another optimizer or was cut short.
+        for key in self.state:
+            if "." not in key and key not in state:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: missing key {key!r}")
         loaded = {}
         for key, value in state.items():
             value = np.asarray(value)
             kind, _, name = key.partition(".")
+            if kind not in self._state_kinds:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: unexpected key {key!r}, expected keys "
+                    f"starting with one of {list(self._state_kinds)} (state of another optimizer?)")
             if name:
                 if name not in params:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {key} names no parameter of the net")
@@ -75,6 +88,8 @@ class SGD(Optimizer):
 
     With :math:`\mu = 0` this is :math:`\theta_t = \theta_{t-1} - \eta g_t`.
     """
+
+    _state_kinds = ("momentum",)
 
     def __init__(self, net, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(net, lr)
@@ -107,6 +122,8 @@ class Adam(Optimizer):
     .. math::
         \theta_t = \theta_{t-1} - \eta\, \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}. \tag{2}
     """
+
+    _state_kinds = ("m", "v", "step")
 
     def __init__(self, net, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(net, lr)
