@@ -113,6 +113,16 @@ def test_rebound_grads_are_written_in_place():
         np.testing.assert_allclose(view, expected[name], rtol=1e-14, err_msg=name)
 
 
+def test_astype_to_the_same_dtype_keeps_params_and_rebound_grads():
+    net = classifier()
+    buffers = {name: np.zeros_like(grad) for name, _, grad in net.named_params()}
+    net.rebind_grads(buffers)
+    params = {name: param for name, param, _ in net.named_params()}
+    net.astype(np.float32)
+    for name, param, grad in net.named_params():
+        assert param is params[name] and grad is buffers[name], name
+
+
 def test_layers_must_be_layers_and_the_loss_must_come_last():
     with pytest.raises(TypeError, match="layer 1 is a str"):
         SequentialLayers([LinearLayer(2, 2, rng=0), "relu"])

@@ -85,9 +85,11 @@ class Layer:
     def astype(self, dtype):
         """Cast parameters and gradients to ``dtype`` (float32 or float64)."""
         self.dtype = check_float_dtype(dtype)
+        # copy=False: a cast to the dtype already held keeps the arrays, so
+        # gradients rebound into a data-parallel bucket stay there.
         for key in self.params:
-            self.params[key] = self.params[key].astype(self.dtype)
-            self.grads[key] = self.grads[key].astype(self.dtype)
+            self.params[key] = self.params[key].astype(self.dtype, copy=False)
+            self.grads[key] = self.grads[key].astype(self.dtype, copy=False)
         return self
 
     # -- helpers for subclasses -------------------------------------------
