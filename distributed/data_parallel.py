@@ -1,0 +1,441 @@
+r"""DataParallel: train one ``SequentialLayers`` replica per rank as if on one process.
+
+Every rank holds the whole net and runs it on its shard of each global batch.
+With shard sizes :math:`b_r` summing to :math:`B`, each rank's local gradient
+:math:`g_r` is the mean over its :math:`b_r` samples, so the gradient of the
+global batch mean is
+
+.. math::
+    g = \frac{1}{B} \sum_i \nabla \ell_i = \sum_r \frac{b_r}{B}\, g_r. \tag{1}
+
+Each rank scales its gradients by :math:`b_r / B` and the ranks sum them with
+one all-reduce: exact for uneven shards, and a rank with an empty shard adds
+zeros.
+
+Gradients live in a few large contiguous *buckets* (one series per dtype):
+each layer's ``grads`` arrays are views into a bucket, so a bucket is reduced
+without packing copies. Buckets are filled in reverse layer order, the order
+in which backward finishes them, and a bucket's non-blocking all-reduce starts
+as soon as its last layer's backward is done, while earlier layers still
+compute. ``step()`` waits for the reductions and runs the optimizer.
+
+Gradient accumulation over micro-batches (``no_sync``) stays exact: with
+micro-batches :math:`j` of global sizes :math:`B_j` and local sizes
+:math:`b_{rj}`, the target is :math:`\frac{1}{\sum_j B_j} \sum_{r,j} b_{rj}
+g_{rj}`. Layers *add* each micro-batch's mean gradient into the buckets, so the
+buckets hold the local sum :math:`S_r = \sum_j b_{rj} g_{rj}` divided by the
+size of the latest non-empty micro-batch :math:`b_{r,\text{last}}`:
+
+.. math::
+    R \leftarrow R\, \frac{b_{r,\text{prev}}}{b_{rj}} \text{ (before adding } g_{rj}),
+    \qquad \text{reduced: } \sum_r R_r \frac{b_{r,\text{last}}}{\sum_j B_j}. \tag{2}
+
+When all micro-batches have the same size the rescaling factor is 1 and is skipped.
+
+Usage (on every rank)::
+
+    dp = DataParallel(net, SGD(net, lr=0.1), comm=get_communicator())
+    for batch in sampler.batches(epoch):
+        loss = dp(x[batch.indices], y[batch.indices])
+        dp.backward(global_batch_size=batch.global_batch_size)
+        dp.step()
+
+Accumulating ``k`` micro-batches, communicating once::
+
+    for micro in micro_batches[:-1]:
+        with dp.no_sync():
+            dp(x[micro.indices], y[micro.indices]); dp.backward(micro.global_batch_size)
+    dp(x[last.indices], y[last.indices]); dp.backward(last.global_batch_size)
+    dp.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from mnn.distributed.comm import Communicator, Request, get_communicator
+
+__all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES"]
+
+# Large enough that per-message latency does not dominate, small enough that a
+# net of several such layers gets several buckets to overlap with backward.
+# (The digits/MNIST MLPs have under 1 MB of gradients: one bucket by default.)
+DEFAULT_BUCKET_BYTES = 2 * 2**20
+
+_TIMING_KEYS = ("compute_s", "comm_s", "wait_s", "optimizer_s", "steps", "reduced_bytes")
+
+
+class GradientBucket:
+    """One contiguous gradient buffer and the parameters whose gradients are views into it.
+
+    ``names`` are in the order of the buffer; ``ready_after`` is the index of
+    the layer whose backward completes the bucket (its lowest layer index).
+    """
+
+    def __init__(self, dtype: np.dtype, names: list[str], shapes: list[tuple[int, ...]],
+                 ready_after: int):
+        self.dtype = np.dtype(dtype)
+        self.names = list(names)
+        self.ready_after = ready_after
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        self.buffer = np.zeros(sum(sizes), dtype=self.dtype)
+        offsets = np.cumsum([0] + sizes)
+        self.views = {name: self.buffer[start:end].reshape(shape)
+                      for name, shape, start, end in zip(names, shapes, offsets[:-1], offsets[1:])}
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def __repr__(self) -> str:
+        return (f"GradientBucket({self.dtype}, {self.nbytes} bytes, ready after layer "
+                f"{self.ready_after}, {self.names})")
+
+
+def _plan_buckets(net: Any, bucket_bytes: int) -> list[GradientBucket]:
+    """Group gradients into buckets per dtype, walking layers from last to first.
+
+    A layer's gradients of one dtype never straddle two buckets (the bucket can
+    only start after the whole layer is done anyway); a layer larger than
+    ``bucket_bytes`` gets a bucket of its own.
+    """
+    layer_of_grad = {id(grad): index for index, layer in enumerate(net.layers)
+                     for grad in layer.grads.values()}
+    per_layer: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for name, _, grad in net.named_params():
+        per_layer.setdefault(layer_of_grad[id(grad)], []).append((name, grad))
+
+    buckets: list[GradientBucket] = []
+    open_buckets: dict[np.dtype, dict[str, Any]] = {}
+
+    def close(dtype: np.dtype) -> None:
+        plan = open_buckets.pop(dtype)
+        buckets.append(GradientBucket(dtype, plan["names"], plan["shapes"], plan["ready_after"]))
+
+    for index in sorted(per_layer, reverse=True):
+        by_dtype: dict[np.dtype, list[tuple[str, np.ndarray]]] = {}
+        for name, grad in per_layer[index]:
+            by_dtype.setdefault(grad.dtype, []).append((name, grad))
+        for dtype, entries in by_dtype.items():
+            layer_bytes = sum(grad.nbytes for _, grad in entries)
+            plan = open_buckets.get(dtype)
+            if plan is not None and plan["nbytes"] + layer_bytes > bucket_bytes:
+                close(dtype)
+                plan = None
+            if plan is None:
+                plan = open_buckets[dtype] = {"names": [], "shapes": [], "nbytes": 0}
+            plan["names"] += [name for name, _ in entries]
+            plan["shapes"] += [grad.shape for _, grad in entries]
+            plan["nbytes"] += layer_bytes
+            plan["ready_after"] = index
+    for dtype in list(open_buckets):
+        close(dtype)
+    # Start order must be the same on every rank: by readiness, then dtype name.
+    buckets.sort(key=lambda bucket: (-bucket.ready_after, bucket.dtype.str))
+    return buckets
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when C-contiguous, else a copy; keeps 0-d arrays 0-d
+    (``np.ascontiguousarray`` would make them 1-d)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _describe_params(net: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(name, tuple(param.shape), param.dtype.name) for name, param, _ in net.named_params()]
+
+
+def _first_difference(reference: list, other: list) -> str:
+    """Say how ``other``'s parameter list differs from ``reference``'s (rank 0's)."""
+    reference_by_name = {name: (shape, dtype) for name, shape, dtype in reference}
+    other_by_name = {name: (shape, dtype) for name, shape, dtype in other}
+    for name, shape, dtype in reference:
+        if name not in other_by_name:
+            return f"parameter {name!r} is missing (rank 0 has it with shape {shape}, dtype {dtype})"
+        if other_by_name[name] != (shape, dtype):
+            got_shape, got_dtype = other_by_name[name]
+            return (f"parameter {name!r} has shape {got_shape}, dtype {got_dtype}; "
+                    f"rank 0 has shape {shape}, dtype {dtype}")
+    extra = sorted(set(other_by_name) - set(reference_by_name))
+    if extra:
+        return f"parameter {extra[0]!r} exists only there, not on rank 0"
+    return "parameters are listed in a different order than on rank 0"
+
+
+class DataParallel:
+    """Data-parallel training of ``net`` over the ranks of ``comm``.
+
+    ``net``: a ``SequentialLayers`` whose last layer is a loss; cast it
+    (``net.astype``) before wrapping, since the wrapper moves its gradients into
+    buckets. ``optimizer``: an mnn optimizer over ``net``, or ``None`` for
+    ``net.step(lr)``. ``comm``: anything ``get_communicator`` accepts.
+    ``bucket_bytes``: the largest bucket, unless one layer alone is larger.
+    ``overlap=False`` starts every reduction only after backward (for comparison).
+
+    Construction is collective. It checks that every rank has the same parameter
+    names, shapes and dtypes (``ValueError`` on every rank otherwise), broadcasts
+    rank 0's parameters and optimizer state, and clears the gradients.
+    """
+
+    def __init__(self, net: Any, optimizer: Any = None, comm: Any = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
+        if not hasattr(net, "named_params") or not hasattr(net, "rebind_grads"):
+            raise TypeError(f"DataParallel: expected a SequentialLayers, got {type(net).__name__}")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) \
+                or bucket_bytes < 1:
+            raise ValueError(f"DataParallel: bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        if optimizer is not None and getattr(optimizer, "net", net) is not net:
+            raise ValueError("DataParallel: the optimizer was built for another net")
+        self.net = net
+        self.optimizer = optimizer
+        self.comm: Communicator = get_communicator(comm)
+        self.bucket_bytes = int(bucket_bytes)
+        self.overlap = bool(overlap)
+
+        self._check_same_params_everywhere()
+        self.broadcast_state()
+        net.zero_grads()
+        self.buckets = _plan_buckets(net, self.bucket_bytes)
+        net.rebind_grads({name: view for bucket in self.buckets for name, view in bucket.views.items()})
+        self._bound_grads = {name: grad for name, _, grad in net.named_params()}
+        assert all(self._bound_grads[name] is view for bucket in self.buckets
+                   for name, view in bucket.views.items()), "rebind_grads did not bind the bucket views"
+        self._buckets_ready_after: dict[int, list[GradientBucket]] = {}
+        for bucket in self.buckets:
+            self._buckets_ready_after.setdefault(bucket.ready_after, []).append(bucket)
+
+        self._sync = True
+        self._forward_count: int | None = None
+        self._reset_window()
+        self.timings: dict[str, float] = {}
+        self.reset_timings()
+
+    # -- construction helpers -----------------------------------------------------
+
+    def _check_same_params_everywhere(self) -> None:
+        """Raise the same ValueError on every rank unless all ranks hold the same parameters."""
+        mine = {"params": _describe_params(self.net),
+                "optimizer": None if self.optimizer is None else type(self.optimizer).__name__}
+        everyone = self.comm.allgather(mine)
+        reference = everyone[0]
+        problems = []
+        for rank, theirs in enumerate(everyone[1:], start=1):
+            if theirs["params"] != reference["params"]:
+                problems.append(f"rank {rank}: {_first_difference(reference['params'], theirs['params'])}")
+            if theirs["optimizer"] != reference["optimizer"]:
+                problems.append(f"rank {rank}: optimizer {theirs['optimizer']}, "
+                                f"rank 0 has {reference['optimizer']}")
+        if problems:
+            raise ValueError("DataParallel: the ranks do not hold the same model:\n  "
+                             + "\n  ".join(problems))
+
+    def broadcast_state(self) -> None:
+        """Copy rank 0's parameters and optimizer state to every rank (collective).
+
+        Parameters go in sorted-name order. The optimizer state takes rank 0's
+        keys too, so a state that rank 0 alone loaded from a checkpoint is adopted.
+        """
+        params = {name: param for name, param, _ in self.net.named_params()}
+        for name in sorted(params):
+            self._broadcast_in_place(params[name])
+        if self.optimizer is None:
+            return
+        state = self.optimizer.state_dict()
+        layout = self.comm.allgather(
+            {key: (value.shape, value.dtype.str) for key, value in state.items()}
+            if self.comm.rank == 0 else None)[0]
+        received = {}
+        for key in sorted(layout):
+            shape, dtype = layout[key]
+            value = state[key] if self.comm.rank == 0 else np.empty(shape, dtype=dtype)
+            received[key] = self.comm.broadcast(_contiguous(value), root=0)
+        if self.comm.rank != 0:
+            self.optimizer.load_state_dict(received)
+
+    def _broadcast_in_place(self, array: np.ndarray) -> None:
+        contiguous = _contiguous(array)
+        self.comm.broadcast(contiguous, root=0)
+        if contiguous is not array:
+            array[...] = contiguous
+
+    # -- training --------------------------------------------------------------------
+
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> Any:
+        return self.forward(inputs, targets)
+
+    def forward(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> Any:
+        """Run the local net on this rank's shard; return its (local mean) loss.
+
+        An empty shard returns a loss of 0.0 without running the net (a mean over
+        no samples is undefined; its weight ``b_r / B`` in the global loss is 0).
+        """
+        start = time.perf_counter()
+        count = len(inputs)
+        if targets is not None:
+            self._forward_count = count
+            if count == 0:
+                return 0.0
+        result = self.net(inputs, targets)
+        self.timings["compute_s"] += time.perf_counter() - start
+        return result
+
+    def backward(self, global_batch_size: int | None = None,
+                 local_batch_size: int | None = None) -> None:
+        """Backpropagate this rank's shard; weight and (unless in ``no_sync``) reduce.
+
+        ``global_batch_size``: samples of this (micro-)batch over all ranks; when
+        omitted it is summed over the ranks with an extra small collective.
+        ``local_batch_size``: this rank's samples, by default those of the last
+        ``forward``. Collective: every rank calls it, also with an empty shard.
+        """
+        if self._reduced or self._started:
+            raise RuntimeError("DataParallel.backward: this step's gradients are already being "
+                               "reduced; call step() before the next backward")
+        if local_batch_size is None:
+            if self._forward_count is None:
+                raise RuntimeError("DataParallel.backward: called before a forward with targets")
+            local_batch_size = self._forward_count
+        local_batch_size = int(local_batch_size)
+        if global_batch_size is None:
+            counts = np.array([local_batch_size], dtype=np.int64)
+            global_batch_size = int(self.comm.allreduce(counts)[0])
+        global_batch_size = int(global_batch_size)
+        if not 0 <= local_batch_size <= global_batch_size or global_batch_size == 0:
+            raise ValueError(f"DataParallel.backward: expected 0 <= local_batch_size <= "
+                             f"global_batch_size and global_batch_size > 0, got local "
+                             f"{local_batch_size}, global {global_batch_size}")
+        self._check_bindings()
+        self._forward_count = None
+        self._window_global += global_batch_size
+        if local_batch_size > 0:
+            if self._window_local and self._window_local != local_batch_size:
+                self._rescale(self._window_local / local_batch_size)  # Eq. (2)
+            self._window_local = local_batch_size
+
+        start = time.perf_counter()
+        comm_before = self.timings["comm_s"]
+        if local_batch_size > 0:
+            hook = self._on_layer_done if self._sync and self.overlap else None
+            self.net.backward(hook=hook)
+        self.timings["compute_s"] += (time.perf_counter() - start) - (self.timings["comm_s"] - comm_before)
+        if self._sync and self.overlap:
+            # Buckets whose layers never ran backward (an empty shard) start now.
+            self._start_remaining()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally; the next backward outside it reduces them all.
+
+        Exactness (Eq. 2) holds for any micro-batch sizes, as long as each
+        backward is given its micro-batch's global size.
+        """
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def synchronize(self) -> None:
+        """Finish the reduction: afterwards every rank's grads hold the global gradient.
+
+        Starts the reductions not yet started (after backward calls inside
+        ``no_sync`` only, or with ``overlap=False``), then waits for all.
+        """
+        if self._reduced:
+            return
+        if self._window_global == 0:
+            raise RuntimeError("DataParallel.synchronize: no backward since the last step")
+        self._start_remaining()
+        start = time.perf_counter()
+        Request.wait_all(self._requests)
+        waited = time.perf_counter() - start
+        self.timings["wait_s"] += waited
+        self.timings["comm_s"] += waited
+        self._requests = []
+        self._reduced = True
+
+    def step(self, lr: float | None = None) -> None:
+        """Synchronize, update the parameters, clear the gradients (collective).
+
+        With an optimizer ``lr`` must be omitted (set ``optimizer.lr``);
+        without one, ``net.step(lr)`` is used and ``lr`` is required.
+        """
+        if self.optimizer is not None and lr is not None:
+            raise ValueError("DataParallel.step: lr is the optimizer's; set optimizer.lr instead")
+        if self.optimizer is None and lr is None:
+            raise ValueError("DataParallel.step: without an optimizer, pass lr")
+        self.synchronize()
+        start = time.perf_counter()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        else:
+            self.net.step(lr)
+        self.zero_grads()
+        self.timings["optimizer_s"] += time.perf_counter() - start
+        self.timings["steps"] += 1
+
+    def zero_grads(self) -> None:
+        """Clear the gradients and forget the accumulated (unreduced) micro-batches."""
+        if self._requests:
+            # An in-flight reduction still writes into the buckets.
+            Request.wait_all(self._requests)
+        self.net.zero_grads()
+        self._reset_window()
+
+    def reset_timings(self) -> None:
+        """Zero the counters in ``timings``.
+
+        ``compute_s``: forward and backward, without the communication calls
+        made from inside backward; ``comm_s``: time in communication calls
+        (starting reductions, and waiting); ``wait_s``: the part of ``comm_s``
+        spent blocked in ``synchronize``, i.e. communication that backward did
+        not hide; ``optimizer_s``: update and clearing; ``steps``; ``reduced_bytes``.
+        """
+        self.timings = {key: 0 if key in ("steps", "reduced_bytes") else 0.0 for key in _TIMING_KEYS}
+
+    # -- internals -----------------------------------------------------------------
+
+    def _reset_window(self) -> None:
+        self._window_global = 0   # sum of global (micro-)batch sizes since the last step
+        self._window_local = 0    # this rank's size of the latest non-empty micro-batch
+        self._requests: list[Request] = []
+        self._started: set[int] = set()
+        self._reduced = False
+
+    def _check_bindings(self) -> None:
+        for name, _, grad in self.net.named_params():
+            if self._bound_grads.get(name) is not grad:
+                raise RuntimeError(f"DataParallel: the gradient of {name!r} was replaced after wrapping "
+                                   "(e.g. by net.astype); cast the net before building DataParallel")
+
+    def _rescale(self, factor: float) -> None:
+        for bucket in self.buckets:
+            bucket.buffer *= factor
+
+    def _on_layer_done(self, index: int, layer: Any) -> None:
+        start = time.perf_counter()
+        for bucket in self._buckets_ready_after.get(index, ()):
+            self._start(bucket)
+        # MPI progresses non-blocking collectives only inside MPI calls; poll so the
+        # reductions already started advance while the next layers compute.
+        Request.test_all(self._requests)
+        self.timings["comm_s"] += time.perf_counter() - start
+
+    def _start_remaining(self) -> None:
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            if id(bucket) not in self._started:
+                self._start(bucket)
+        self.timings["comm_s"] += time.perf_counter() - start
+
+    def _start(self, bucket: GradientBucket) -> None:
+        factor = self._window_local / self._window_global  # Eqs. (1), (2)
+        if factor != 1.0:
+            bucket.buffer *= factor
+        self._requests.append(self.comm.iallreduce(bucket.buffer))
+        self._started.add(id(bucket))
+        self.timings["reduced_bytes"] += bucket.nbytes

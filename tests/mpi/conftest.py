@@ -1,0 +1,22 @@
+"""MPI suite guard: a test that fails on some ranks must not leave the others hanging.
+
+When a test fails on one rank, the other ranks may be blocked in a collective
+that the failing rank will never reach (and then every following test
+mismatches its collectives). On more than one rank, a failure is therefore
+printed at once, with its rank, and the whole job is aborted: the run stops
+with a non-zero status instead of hanging.
+"""
+
+import sys
+
+from mpi4py import MPI
+
+
+def pytest_runtest_logreport(report):
+    world = MPI.COMM_WORLD
+    if not report.failed or world.Get_size() == 1:
+        return
+    print(f"\n[rank {world.Get_rank()}] {report.nodeid} failed ({report.when}); aborting all "
+          f"{world.Get_size()} ranks so none waits forever:\n{report.longreprtext}",
+          file=sys.stderr, flush=True)
+    world.Abort(1)
