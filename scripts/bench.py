@@ -69,10 +69,9 @@ def build_mnn_step(batch_size, comm, bucket_bytes=None):
     options = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
     parallel = DataParallel(net, comm=comm, **options)
 
-    def step():
-        parallel.zero_grads()
+    def step():  # DataParallel.step clears the gradients itself
         parallel(inputs, labels)
-        parallel.backward()
+        parallel.backward(global_batch_size=comm.size * batch_size)
         parallel.step(0.01)
     return step, parallel
 
@@ -154,7 +153,8 @@ def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
     n_steps = comm.allgather(n_steps)[0]
 
     times = {impl: [] for impl in steps}
-    breakdown = {"compute_ms": [], "comm_ms": [], "wait_ms": []}
+    # DataParallel.timings accumulates seconds under compute_s, comm_s, wait_s.
+    breakdown = {"compute": [], "comm": [], "wait": []}
     for impl, (step, _) in steps.items():
         step()
     for _ in range(rounds):
@@ -163,9 +163,8 @@ def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
                 parallel.reset_timings()
             times[impl].append(_time_steps(step, n_steps, comm))
             if impl == "mnn" and parallel is not None:
-                for key, total in parallel.timings.items():
-                    if key in breakdown:
-                        breakdown[key].append(total * 1e3 / n_steps)
+                for key, values in breakdown.items():
+                    values.append(parallel.timings[f"{key}_s"] * 1e3 / n_steps)
 
     results = []
     for impl, samples in times.items():
@@ -175,8 +174,8 @@ def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
                   "samples_per_s": round(comm.size * batch_size / ms * 1e3, 1),
                   "steps_per_round": n_steps, "rounds": rounds}
         if comm.size > 1 and impl == "mnn":
-            result.update({key: round(statistics.median(values), 4)
-                           for key, values in breakdown.items() if values})
+            result.update({f"{key}_ms": round(statistics.median(values), 4)
+                           for key, values in breakdown.items()})
             n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
             result["grad_mb"] = round(n_floats * 4 / 2**20, 3)
             result["allreduce_ms"] = round(_allreduce_ms(n_floats, comm), 4)
