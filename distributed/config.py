@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,7 +125,7 @@ class TrainConfig:
     )
     log_every: int = field(default=10, **_help("log the training loss every N steps"))
     bucket_bytes: int = field(
-        default=1 << 20,
+        default=DEFAULT_BUCKET_BYTES,
         **_help("size of the gradient buckets all-reduced during backward"),
     )
     drop_last: bool = field(
@@ -173,6 +176,11 @@ class TrainConfig:
         _check_int("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_int("eval_every", self.eval_every, minimum=0)
+        # Paths given as pathlib.Path (Python API) are stored as text, as TOML has them.
+        if isinstance(self.output, os.PathLike):
+            self.output = os.fspath(self.output)
+        if isinstance(self.resume, os.PathLike):
+            self.resume = os.fspath(self.resume)
         if self.output is not None and (not isinstance(self.output, str) or not self.output):
             raise ValueError(f"output: expected a directory path or None, got {self.output!r}")
         if not isinstance(self.resume, (bool, str)) or self.resume == "":

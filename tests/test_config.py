@@ -106,3 +106,8 @@ def test_bad_layers_option_is_a_usage_error(capsys):
 def test_json_round_trip_for_checkpoints():
     config = TrainConfig(layers=[3, 5, 2], dataset="digits", output="o", resume="c.npz")
     assert TrainConfig.from_json(config.to_json()) == config
+
+
+def test_paths_are_stored_as_text(tmp_path):
+    config = TrainConfig(output=tmp_path / "run", resume=tmp_path / "c.npz")
+    assert config.output == str(tmp_path / "run") and config.resume == str(tmp_path / "c.npz")

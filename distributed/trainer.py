@@ -1,0 +1,443 @@
+"""Data-parallel training of an MLP, as one readable loop: ``train(config, comm)``.
+
+The Python API mirrors the ``mnn-train`` command line::
+
+    from mnn.distributed.trainer import TrainConfig, train
+    summary = train(TrainConfig(layers=[64, 128, 10], optimizer="momentum", epochs=5))
+
+Run it on several ranks with ``mpiexec -n 2 mnn-train --layers 64,128,10``. Every
+rank builds the same net from the seed, DataParallel broadcasts rank 0's
+parameters, and each step every rank trains on its shard of a global batch that
+depends only on (seed, epoch, batch size): the run computes the same updates on
+any number of ranks, up to the order of floating-point sums.
+
+Before the first step the job is checked on rank 0 (output directory writable,
+checkpoint present and compatible, dataset readable and matching ``layers``);
+a problem raises :class:`JobConfigError` on every rank, so all ranks stop
+together. Only rank 0 prints and writes files.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from mnn import (
+    SGD,
+    Adam,
+    CrossEntropyLossLayer,
+    LinearLayer,
+    LogSoftmaxLayer,
+    MSELossLayer,
+    NllLossLayer,
+    ReluLayer,
+    SequentialLayers,
+)
+from mnn.datasets import Dataset, Split, load_dataset
+from mnn.distributed.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    atomic_write_text,
+    load_checkpoint,
+    save_arrays,
+    save_checkpoint,
+)
+from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
+from mnn.distributed.config import TrainConfig
+from mnn.distributed.data_parallel import DataParallel
+from mnn.distributed.sampler import GlobalBatchSampler, shard_sizes
+
+__all__ = [
+    "train",
+    "TrainConfig",
+    "build_net",
+    "build_optimizer",
+    "learning_rate",
+    "evaluate",
+    "JobConfigError",
+    "RESUME_MUST_MATCH",
+    "EVAL_BATCH_SIZE",
+]
+
+# A checkpoint resumes exactly only if these fields are unchanged: they define the
+# parameters' shapes, the optimizer state and the sequence of global batches.
+RESUME_MUST_MATCH = ("layers", "loss", "dataset", "batch_size", "seed", "dtype", "optimizer",
+                     "drop_last")
+# Rows per forward pass during evaluation; any size gives the same metrics.
+EVAL_BATCH_SIZE = 1024
+
+
+class JobConfigError(RankFailure):
+    """The job cannot start as configured; raised on every rank before training."""
+
+
+# ------------------------------------------------------------------ building
+def build_net(config: TrainConfig) -> SequentialLayers:
+    """Linear layers of ``config.layers`` with ReLU between them, then the loss.
+
+    Weights get He initialisation from one Generator seeded with ``config.seed``,
+    drawn layer by layer, so every rank builds the same net; biases start at zero.
+    """
+    dtype = np.dtype(config.dtype)
+    rng = np.random.default_rng(config.seed)
+    layers: list[Any] = []
+    widths = config.layers
+    for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        if index > 0:
+            layers.append(ReluLayer(dtype=dtype))
+        layers.append(LinearLayer(n_in, n_out, dtype=dtype, rng=rng))
+    if config.loss == "cross_entropy":
+        layers.append(CrossEntropyLossLayer(dtype=dtype))
+    elif config.loss == "nll":
+        layers += [LogSoftmaxLayer(dtype=dtype), NllLossLayer(dtype=dtype)]
+    else:
+        assert config.loss == "mse", config.loss
+        layers.append(MSELossLayer(dtype=dtype))
+    return SequentialLayers(layers)
+
+
+def build_optimizer(config: TrainConfig, net: SequentialLayers) -> SGD | Adam:
+    """The optimizer of ``config``; its lr is set every step by :func:`learning_rate`."""
+    if config.optimizer == "adam":
+        return Adam(net, lr=config.lr, weight_decay=config.weight_decay)
+    momentum = config.momentum if config.optimizer == "momentum" else 0.0
+    return SGD(net, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
+
+
+def learning_rate(config: TrainConfig, world_size: int, step: int, steps_per_epoch: int) -> float:
+    r"""The lr of optimizer step ``step`` (0-based, counted over the whole run).
+
+    With linear scaling the target is :math:`\eta N` for :math:`N` ranks (Goyal
+    et al. 2017), since the global batch then grows with N in their setting;
+    here the global batch is fixed, so scaling is opt-in. During warm-up
+    (:math:`W` = warmup_epochs x steps_per_epoch steps) the lr ramps linearly,
+    :math:`\eta_t = \eta \min(1, (t + 1) / W)`.
+    """
+    target = config.lr * (world_size if config.lr_scaling == "linear" else 1)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return target * (step + 1) / warmup_steps
+    return target
+
+
+def _targets(config: TrainConfig, labels: np.ndarray) -> np.ndarray:
+    """What the loss layer takes: class indices, or one-hot rows for mse."""
+    if config.loss != "mse":
+        return labels
+    return np.eye(config.layers[-1], dtype=config.dtype)[labels]
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate(net: SequentialLayers, split: Split, config: TrainConfig,
+             comm: Communicator) -> dict[str, float]:
+    """Loss and accuracy over the whole ``split``, sharded over the ranks (collective).
+
+    Each rank evaluates a contiguous part of the split; the ranks then sum the
+    loss sums, correct counts and sample counts, so the metrics are those of the
+    whole split, exactly, whatever the shard sizes (never a mean of means).
+    """
+    sizes = shard_sizes(len(split), comm.size)
+    start = sum(sizes[:comm.rank])
+    indices = np.arange(start, start + sizes[comm.rank])
+    totals = np.zeros(3)  # loss sum, correct predictions, samples
+    for offset in range(0, len(indices), EVAL_BATCH_SIZE):
+        x, labels = split.batch(indices[offset:offset + EVAL_BATCH_SIZE], config.dtype)
+        outputs = net(x)  # without targets: the prediction, before the loss layer
+        mean_loss = net.loss_layer.forward(outputs, _targets(config, labels))
+        totals += (float(mean_loss) * len(labels), np.count_nonzero(outputs.argmax(axis=1) == labels),
+                   len(labels))
+    comm.allreduce(totals)
+    loss_sum, correct, count = totals
+    return {"loss": loss_sum / count, "accuracy": correct / count, "samples": int(count)}
+
+
+# ---------------------------------------------------------------- preflight
+def _collectively(comm: Communicator, fn: Callable[[], Any], on_rank0_only: bool = True) -> Any:
+    """Run ``fn`` (on rank 0 only, or everywhere); a failure anywhere stops all ranks."""
+    return run_all(comm, lambda: fn() if comm.rank == 0 or not on_rank0_only else None)
+
+
+def _check_output_dir(output: str) -> None:
+    path = Path(output)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"output directory {output!r} is not writable: {error}") from None
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> Path | None:
+    if config.resume is False:
+        return None
+    if config.resume is True:
+        path = Path(config.output) / CHECKPOINT_NAME
+        return path if path.exists() else None  # nothing saved yet: start from scratch
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ValueError(f"resume: checkpoint {config.resume!r} does not exist")
+    return path
+
+
+def _restore(path: Path, config: TrainConfig, net: SequentialLayers, optimizer: Any) -> dict[str, int]:
+    """Load a checkpoint into ``net`` and ``optimizer``; return its position."""
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.config
+    changed = [f"{key}: checkpoint has {saved.get(key)!r}, this job {getattr(config, key)!r}"
+               for key in RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
+    if changed:
+        raise ValueError(f"cannot resume from {str(path)!r}: these settings must match the "
+                         f"checkpoint's: " + "; ".join(changed))
+    net.load_state_dict(checkpoint.model_state)
+    optimizer.load_state_dict(checkpoint.optimizer_state)
+    return {"epoch": checkpoint.epoch, "step_in_epoch": checkpoint.step_in_epoch,
+            "global_step": checkpoint.global_step, "samples_seen": checkpoint.samples_seen,
+            "resumed_from": str(path)}
+
+
+def _load_data(config: TrainConfig, comm: Communicator) -> Dataset:
+    # Rank 0 first, so that it alone builds the dataset cache; the others then
+    # map the finished files (run_all ends with a collective, i.e. a barrier).
+    # "digits" comes from scikit-learn with no cache to build: all load at once.
+    loaded_by_root = None
+    if config.dataset != "digits":
+        loaded_by_root = _collectively(comm, lambda: load_dataset(config.dataset))
+    dataset = _collectively(
+        comm, lambda: loaded_by_root or load_dataset(config.dataset), on_rank0_only=False)
+
+    def check() -> None:
+        if dataset.n_features != config.layers[0]:
+            raise ValueError(
+                f"layers: the first width must equal the dataset's {dataset.n_features} features "
+                f"per sample ({dataset.name}), got layers[0] = {config.layers[0]}")
+        dataset.check_classes(config.layers[-1])
+        if len(dataset.train) == 0 or len(dataset.test) == 0:
+            raise ValueError(f"dataset {dataset.name}: expected non-empty train and test splits, "
+                             f"got {len(dataset.train)} and {len(dataset.test)} samples")
+
+    _collectively(comm, check)
+    return dataset
+
+
+# ---------------------------------------------------------------- reporting
+class _Reporter:
+    """Rank 0's side effects: progress bar or plain lines, and metrics.jsonl.
+
+    On other ranks every method does nothing. The bar is used when stderr is a
+    terminal; under a launcher or in a log file, plain lines are easier to read.
+    """
+
+    def __init__(self, active: bool, output: Path | None, total_steps: int, done_steps: int,
+                 resumed: bool):
+        self.active = active
+        self.metrics_path = output / "metrics.jsonl" if output is not None and active else None
+        if self.metrics_path is not None and not resumed:
+            self.metrics_path.write_text("")  # a new run: do not append to an old run's metrics
+        self.bar = None
+        if active and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def record(self, event: dict[str, Any], line: str) -> None:
+        if not self.active:
+            return
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(event) + "\n")
+        if self.bar is not None:
+            if event["event"] == "train":
+                self.bar.set_postfix(loss=f"{event['loss']:.4f}",
+                                     samples_per_s=f"{event['samples_per_s']:.0f}")
+            else:
+                self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -------------------------------------------------------------------- train
+def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
+    """Train ``config`` on the ranks of ``comm`` (default: ``get_communicator()``).
+
+    Collective: every rank calls it with the same config. Returns the summary
+    (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
+    Raises :class:`JobConfigError` on every rank if the job cannot start.
+    """
+    started = time.perf_counter()
+    comm = get_communicator(comm)
+    is_root = comm.rank == 0
+    output = Path(config.output) if config.output is not None else None
+    net = build_net(config)
+    optimizer = build_optimizer(config, net)
+
+    def check_output_and_restore() -> dict[str, Any] | None:
+        # Rank 0 alone: the output directory is its own (other hosts may not see
+        # it); DataParallel broadcasts the restored parameters and optimizer state.
+        if output is not None:
+            _check_output_dir(config.output)
+        checkpoint_path = _checkpoint_to_resume(config)
+        if checkpoint_path is None:
+            return None
+        return _restore(checkpoint_path, config, net, optimizer)
+
+    try:
+        position = comm.allgather(_collectively(comm, check_output_and_restore))[0]
+        dataset = _load_data(config, comm)
+        sampler = run_all(comm, GlobalBatchSampler, len(dataset.train), config.batch_size,
+                          rank=comm.rank, world_size=comm.size, seed=config.seed,
+                          drop_last=config.drop_last)
+    except RankFailure as failure:
+        raise JobConfigError(failure.failures) from failure
+    if position is None:
+        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "samples_seen": 0,
+                    "resumed_from": None}
+
+    dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    global_step, samples_seen = position["global_step"], position["samples_seen"]
+    epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
+
+    if is_root and output is not None:
+        atomic_write_text(output / "config.toml", config.to_toml())
+    reporter = _Reporter(is_root, output, total_steps, min(global_step, total_steps),
+                         resumed=position["resumed_from"] is not None)
+    if position["resumed_from"]:
+        reporter.record({"event": "resume", "checkpoint": position["resumed_from"],
+                         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+                        f"resumed from {position['resumed_from']} at epoch {epoch + 1}, "
+                        f"step {step_in_epoch}")
+    elif config.resume is True and is_root:
+        print(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch", flush=True)
+
+    checkpointed_at = -1
+
+    def save_position() -> None:
+        nonlocal checkpointed_at
+        checkpointed_at = global_step
+        checkpoint = Checkpoint(net.state_dict(), optimizer.state_dict(), epoch, step_in_epoch,
+                                global_step, samples_seen, comm.size, config.to_dict())
+        _collectively(comm, lambda: save_checkpoint(output / CHECKPOINT_NAME, checkpoint))
+
+    def run_evaluation() -> dict[str, float]:
+        metrics = evaluate(net, dataset.test, config, comm)
+        reporter.record({"event": "eval", "epoch": epoch, "global_step": global_step,
+                         "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]},
+                        f"epoch {epoch}/{config.epochs} | test loss {metrics['loss']:.4f} | "
+                        f"test accuracy {metrics['accuracy']:.4f}")
+        return metrics
+
+    # Training-loss sums since the last log line, and over the current epoch:
+    # [sum over samples of the loss, samples], summed over ranks at log points.
+    window, epoch_totals = np.zeros(2), np.zeros(2)
+    window_started, train_seconds, samples_this_run = time.perf_counter(), 0.0, 0
+    train_loss: float | None = None  # mean over the last epoch (or part of one) trained
+    last_eval: dict[str, float] | None = None
+    evaluated_at = -1
+
+    def log_window() -> None:
+        nonlocal window_started
+        comm.allreduce(window)
+        epoch_totals[:] += window
+        now = time.perf_counter()
+        if window[1] > 0:
+            loss, samples_per_s = window[0] / window[1], window[1] / (now - window_started)
+            reporter.record(
+                {"event": "train", "epoch": epoch, "step_in_epoch": step_in_epoch,
+                 "global_step": global_step, "loss": loss, "lr": optimizer.lr,
+                 "samples_per_s": samples_per_s},
+                f"epoch {epoch + 1}/{config.epochs} step {step_in_epoch}/{steps_per_epoch} | "
+                f"loss {loss:.4f} | lr {optimizer.lr:.4g} | {samples_per_s:.0f} samples/s")
+        window[:] = 0
+        window_started = now
+
+    while epoch < config.epochs and global_step < total_steps:
+        for batch in sampler.batches(epoch, start_step=step_in_epoch):
+            step_started = time.perf_counter()
+            optimizer.lr = learning_rate(config, comm.size, global_step, steps_per_epoch)
+            x, labels = dataset.train.batch(batch.indices, config.dtype)
+            loss = dp(x, _targets(config, labels))
+            dp.backward(global_batch_size=batch.global_batch_size)
+            dp.step()
+            train_seconds += time.perf_counter() - step_started
+            window += (float(loss) * len(labels), len(labels))
+            global_step += 1
+            step_in_epoch += 1
+            samples_seen += batch.global_batch_size
+            samples_this_run += batch.global_batch_size
+            reporter.step()
+            if global_step % config.log_every == 0:
+                log_window()
+            if global_step >= total_steps:
+                break
+        if step_in_epoch < steps_per_epoch:
+            break  # stopped by max_steps, mid-epoch
+        log_window()
+        epoch, step_in_epoch = epoch + 1, 0
+        train_loss = float(epoch_totals[0] / epoch_totals[1])
+        epoch_totals[:] = 0
+        if config.eval_every and epoch % config.eval_every == 0:
+            last_eval, evaluated_at = run_evaluation(), global_step
+        if output is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
+            save_position()
+    log_window()
+    reporter.close()
+    if epoch_totals[1]:
+        train_loss = float(epoch_totals[0] / epoch_totals[1])
+
+    stopped_early = epoch < config.epochs
+    if output is not None and (config.checkpoint_every or stopped_early) \
+            and checkpointed_at != global_step:
+        save_position()
+    if evaluated_at != global_step or last_eval is None:
+        last_eval = run_evaluation()
+
+    # Times and rates as rank 0 measured them, so every rank returns the same summary.
+    rates = comm.allgather({
+        "samples_per_s": samples_this_run / train_seconds if train_seconds else 0.0,
+        "train_s": train_seconds,
+        "wall_s": time.perf_counter() - started,
+        "timings": dict(dp.timings),
+    })[0]
+    summary = {
+        "world_size": comm.size,
+        "epochs": epoch,
+        "steps": global_step,
+        "samples_seen": samples_seen,
+        "stopped_early": stopped_early,
+        "resumed_from": position["resumed_from"],
+        "train_loss": train_loss,
+        "test_loss": float(last_eval["loss"]),
+        "test_accuracy": float(last_eval["accuracy"]),
+        **rates,
+    }
+    if output is not None:
+        _collectively(comm, lambda: _write_results(output, net.state_dict(), summary))
+    reporter.record({"event": "summary", **summary}, _summary_line(summary))
+    return summary
+
+
+def _write_results(output: Path, model_state: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+    save_arrays(output / "model.npz", model_state)
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    return (f"done: test accuracy {summary['test_accuracy']:.4f} | "
+            f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
+            f"{summary['world_size']} rank{'s' if summary['world_size'] > 1 else ''} | "
+            f"{summary['steps']} steps, {summary['epochs']} epochs")
