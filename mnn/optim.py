@@ -38,10 +38,13 @@ class Optimizer:
         self.net.zero_grads()
 
     def _buffer(self, kind, name, like):
-        """The state array ``kind.name`` (zeros like ``like`` on first use)."""
+        """The state array ``kind.name``: zeros like ``like`` on first use, and
+        cast to ``like``'s dtype if the net was cast since (``net.astype``)."""
         key = f"{kind}.{name}"
         if key not in self.state:
             self.state[key] = np.zeros_like(like)
+        elif self.state[key].dtype != like.dtype:
+            self.state[key] = self.state[key].astype(like.dtype)
         return self.state[key]
 
     def state_dict(self):
