@@ -136,7 +136,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise ValueError(f"{str(path)!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         # np.load raises these for truncated/non-npz files and for object arrays.
         raise ValueError(f"{str(path)!r} is not a readable .npz file: {error}") from None
 

@@ -68,9 +68,10 @@ def test_object_arrays_are_refused(tmp_path):
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a readable .npz"):
-        load_checkpoint(tmp_path / "junk.npz")
+    for junk in (b"not a zip file", b"PK\x03\x04 cut short"):
+        (tmp_path / "junk.npz").write_bytes(junk)
+        with pytest.raises(ValueError, match="not a readable .npz"):
+            load_checkpoint(tmp_path / "junk.npz")
     save_arrays(tmp_path / "model.npz", {"w": np.ones(2)})
     with pytest.raises(ValueError, match="not an mnn checkpoint: missing"):
         load_checkpoint(tmp_path / "model.npz")

@@ -148,3 +148,26 @@ def test_help_lists_options_and_examples():
         assert option in result.stdout
     assert set(TrainConfig.field_names()) <= {
         word.lstrip("-").replace("-", "_") for word in result.stdout.split() if word.startswith("--")}
+
+
+def write_npz(path, labels_max):
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((40, 6)), y_train=np.arange(40) % (labels_max + 1),
+             x_test=rng.random((10, 6)), y_test=np.arange(10) % (labels_max + 1))
+    return path
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("make_file, message", [
+    (lambda path: path.write_bytes(b"PK\x03\x04 cut short"), "zip file"),
+    (lambda path: write_npz(path, labels_max=12), "include 12, but the model has 10 classes"),
+])
+def test_bad_dataset_files_fail_cleanly_on_two_ranks(tmp_path, make_file, message):
+    data = tmp_path / "data.npz"
+    make_file(data)
+    result = run(["--dataset", str(data), "--layers", "6,10", "--output", str(tmp_path / "run")],
+                 ranks=2)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("mnn-train: error") == 1
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
