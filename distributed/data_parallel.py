@@ -8,9 +8,10 @@ global batch mean is
 .. math::
     g = \frac{1}{B} \sum_i \nabla \ell_i = \sum_r \frac{b_r}{B}\, g_r. \tag{1}
 
-Each rank scales its gradients by :math:`b_r / B` and the ranks sum them with
-one all-reduce: exact for uneven shards, and a rank with an empty shard adds
-zeros.
+Each rank weights its loss by :math:`b_r / B` before backward (the loss layer
+multiplies its gradient by that number, ``net.backward(scale=...)``, so no
+pass over the gradients is needed) and the ranks sum the gradients with one
+all-reduce: exact for uneven shards, and a rank with an empty shard adds zeros.
 
 Gradients live in a few large contiguous *buckets* (one series per dtype):
 each layer's ``grads`` arrays are views into a bucket, so a bucket is reduced
@@ -19,18 +20,18 @@ in which backward finishes them, and a bucket's non-blocking all-reduce starts
 as soon as its last layer's backward is done, while earlier layers still
 compute. ``step()`` waits for the reductions and runs the optimizer.
 
-Gradient accumulation over micro-batches (``no_sync``) stays exact: with
-micro-batches :math:`j` of global sizes :math:`B_j` and local sizes
-:math:`b_{rj}`, the target is :math:`\frac{1}{\sum_j B_j} \sum_{r,j} b_{rj}
-g_{rj}`. Layers *add* each micro-batch's mean gradient into the buckets, so the
-buckets hold the local sum :math:`S_r = \sum_j b_{rj} g_{rj}` divided by the
-size of the latest non-empty micro-batch :math:`b_{r,\text{last}}`:
+Gradient accumulation over micro-batches (``no_sync``) stays exact. With
+micro-batches :math:`j = 1, 2, \dots` of global sizes :math:`B_j` and local
+sizes :math:`b_{rj}`, and :math:`W_j = B_1 + \dots + B_j`, each rank keeps
+:math:`R_r^{(j)} = \frac{1}{W_j} \sum_{i \le j} b_{ri}\, g_{ri}` in its buckets:
 
 .. math::
-    R \leftarrow R\, \frac{b_{r,\text{prev}}}{b_{rj}} \text{ (before adding } g_{rj}),
-    \qquad \text{reduced: } \sum_r R_r \frac{b_{r,\text{last}}}{\sum_j B_j}. \tag{2}
+    R_r^{(j)} = \frac{W_{j-1}}{W_j} R_r^{(j-1)} + \frac{b_{rj}}{W_j}\, g_{rj}. \tag{2}
 
-When all micro-batches have the same size the rescaling factor is 1 and is skipped.
+The second term is backward with the loss weighted by :math:`b_{rj} / W_j`;
+the first is one pass over the buckets, needed only from the second
+micro-batch on. After the last one, :math:`\sum_r R_r` is the gradient of the
+mean loss over all :math:`W` samples, as Eq. (1) with :math:`B = W`.
 
 Usage (on every rank)::
 
@@ -310,17 +311,16 @@ class DataParallel:
                              f"{local_batch_size}, global {global_batch_size}")
         self._check_bindings()
         self._forward_count = None
-        self._window_global += global_batch_size
-        if local_batch_size > 0:
-            if self._window_local and self._window_local != local_batch_size:
-                self._rescale(self._window_local / local_batch_size)  # Eq. (2)
-            self._window_local = local_batch_size
+        window = self._window_global + global_batch_size
+        if self._window_global:
+            self._rescale(self._window_global / window)  # Eq. (2), first term
+        self._window_global = window
 
         start = time.perf_counter()
         comm_before = self.timings["comm_s"]
         if local_batch_size > 0:
             hook = self._on_layer_done if self._sync and self.overlap else None
-            self.net.backward(hook=hook)
+            self.net.backward(hook=hook, scale=local_batch_size / window)  # Eq. (1), (2)
         self.timings["compute_s"] += (time.perf_counter() - start) - (self.timings["comm_s"] - comm_before)
         if self._sync and self.overlap:
             # Buckets whose layers never ran backward (an empty shard) start now.
@@ -400,8 +400,7 @@ class DataParallel:
     # -- internals -----------------------------------------------------------------
 
     def _reset_window(self) -> None:
-        self._window_global = 0   # sum of global (micro-)batch sizes since the last step
-        self._window_local = 0    # this rank's size of the latest non-empty micro-batch
+        self._window_global = 0   # W: sum of global (micro-)batch sizes since the last step
         self._requests: list[Request] = []
         self._started: set[int] = set()
         self._reduced = False
@@ -433,9 +432,6 @@ class DataParallel:
         self.timings["comm_s"] += time.perf_counter() - start
 
     def _start(self, bucket: GradientBucket) -> None:
-        factor = self._window_local / self._window_global  # Eqs. (1), (2)
-        if factor != 1.0:
-            bucket.buffer *= factor
         self._requests.append(self.comm.iallreduce(bucket.buffer))
         self._started.add(id(bucket))
         self.timings["reduced_bytes"] += bucket.nbytes

@@ -60,18 +60,21 @@ class SequentialLayers:
             return outputs
         return self.loss_layer.forward(outputs, targets)
 
-    def backward(self, hook=None):
+    def backward(self, hook=None, scale=1.0):
         """Backpropagate from the loss; ``hook(index, layer)`` runs after each layer.
 
-        Returns the gradient with respect to the net's input when the net was
-        built with ``input_grad=True``, else ``None``.
+        ``scale`` differentiates ``scale * loss`` instead of the loss: every
+        gradient comes out multiplied by it, at no extra cost (the data-parallel
+        wrapper weights each rank's shard this way). Returns the gradient with
+        respect to the net's input when the net was built with
+        ``input_grad=True``, else ``None``.
         """
         if self.loss_layer is None:
             raise ValueError("SequentialLayers.backward: the last layer is not a loss layer, nothing to differentiate")
         if not self._has_targets:
             raise ValueError("SequentialLayers.backward: called before a forward with targets")
         last = len(self.layers) - 1
-        gradients = self.loss_layer.backward()
+        gradients = self.loss_layer.backward(scale)
         if hook is not None:
             hook(last, self.loss_layer)
         for index in range(last - 1, -1, -1):

@@ -16,10 +16,12 @@ Usage::
     mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1 then 2 ranks
 
 Under mpiexec each step is split into compute, communication and waiting
-(``compute_ms``, ``comm_ms``, ``wait_ms``), ``allreduce_ms`` is one plain MPI
-Allreduce of the same number of gradient bytes for reference, ``peak_rss_mb``
-is the largest peak resident memory over the ranks, and PyTorch runs as
-DistributedDataParallel over gloo (``impl`` "torch-ddp").
+(``compute_ms``, ``comm_ms``, ``wait_ms``; waiting includes the time a rank
+waits for a slower one). ``sync_ms`` is the gradient synchronisation alone and
+``allreduce_ms`` one plain MPI Allreduce of the same number of bytes, timed
+alike (see ``_sync_and_allreduce_ms``). ``peak_rss_mb`` is the largest peak
+resident memory over the ranks, and PyTorch runs as DistributedDataParallel
+over gloo (``impl`` "torch-ddp").
 """
 
 import argparse
@@ -50,7 +52,7 @@ def _random_batch(batch_size, rank):
     return inputs, labels
 
 
-def build_mnn_step(batch_size, comm, bucket_bytes=None):
+def build_mnn_step(batch_size, comm, overlap=True):
     """A function running one mnn training step, and the DataParallel (or None)."""
     rng = np.random.default_rng(0)
     net = SequentialLayers([LinearLayer(LAYERS[0], LAYERS[1], rng=rng), ReluLayer(),
@@ -66,8 +68,7 @@ def build_mnn_step(batch_size, comm, bucket_bytes=None):
 
     from mnn.distributed.data_parallel import DataParallel
 
-    options = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
-    parallel = DataParallel(net, comm=comm, **options)
+    parallel = DataParallel(net, comm=comm, overlap=overlap)
 
     def step():  # DataParallel.step clears the gradients itself
         parallel(inputs, labels)
@@ -120,16 +121,32 @@ def _time_steps(step, n_steps, comm):
     return (time.perf_counter() - start) * 1e3 / n_steps
 
 
-def _allreduce_ms(n_floats, comm, repeats=50):
-    """Time of one in-place Allreduce of ``n_floats`` float32s: the floor for gradient sync."""
+def _sync_and_allreduce_ms(batch_size, comm, repeats=500):
+    """Gradient synchronisation beside one plain Allreduce of the same bytes.
+
+    Both are timed the same way, interleaved: all ranks leave a barrier, then
+    ``DataParallel.synchronize()`` (built with ``overlap=False``, so it starts
+    and completes every bucket's reduction) or one in-place ``Allreduce`` of a
+    float32 buffer as large as all the gradients. Returns medians in ms.
+    """
+    step, parallel = build_mnn_step(batch_size, comm, overlap=False)
+    inputs, labels = _random_batch(batch_size, comm.rank)
+    n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
     buffer = np.ones(n_floats, dtype=np.float32)
-    for _ in range(5):
-        comm.allreduce(buffer)
-    comm.barrier()
-    start = time.perf_counter()
+    sync, allreduce = [], []
     for _ in range(repeats):
+        parallel(inputs, labels)
+        parallel.backward(global_batch_size=comm.size * batch_size)
+        comm.barrier()
+        start = time.perf_counter()
+        parallel.synchronize()
+        sync.append(time.perf_counter() - start)
+        parallel.step(0.01)
+        comm.barrier()
+        start = time.perf_counter()
         comm.allreduce(buffer)
-    return (time.perf_counter() - start) * 1e3 / repeats
+        allreduce.append(time.perf_counter() - start)
+    return statistics.median(sync) * 1e3, statistics.median(allreduce) * 1e3, n_floats
 
 
 def _peak_rss_mb(comm):
@@ -176,9 +193,10 @@ def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
         if comm.size > 1 and impl == "mnn":
             result.update({f"{key}_ms": round(statistics.median(values), 4)
                            for key, values in breakdown.items()})
-            n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
-            result["grad_mb"] = round(n_floats * 4 / 2**20, 3)
-            result["allreduce_ms"] = round(_allreduce_ms(n_floats, comm), 4)
+            sync_ms, allreduce_ms, n_floats = _sync_and_allreduce_ms(batch_size, comm)
+            result.update({"grad_mb": round(n_floats * 4 / 2**20, 3), "sync_ms": round(sync_ms, 4),
+                           "allreduce_ms": round(allreduce_ms, 4),
+                           "sync_vs_allreduce": round(sync_ms / allreduce_ms, 3)})
         results.append(result)
     peak = _peak_rss_mb(comm)
     for result in results:

@@ -163,7 +163,22 @@ class Layer:
 
 
 class LossLayer(Layer):
-    """A layer whose output is the scalar loss: ``backward()`` takes no gradient."""
+    r"""A layer whose output is the scalar loss :math:`\ell`.
+
+    ``backward()`` needs no incoming gradient: :math:`\partial \ell / \partial \ell = 1`.
+    ``backward(s)`` with a number :math:`s` differentiates :math:`s\,\ell`
+    instead, so every gradient of the net is scaled by :math:`s` for the cost
+    of one multiplication here (the data-parallel wrapper weights each rank's
+    loss this way, instead of scaling the gradient buffers afterwards).
+    """
 
     def backward(self, gradients=None, input_grad=True):
         raise NotImplementedError
+
+    def _scale(self, gradients, batch_size):
+        """:math:`s / B` in this layer's dtype: the loss weight over the batch size."""
+        scale = 1.0 if gradients is None else gradients
+        if np.ndim(scale) != 0:
+            raise ValueError(f"{self.name}: backward takes no gradient or a scalar loss weight, "
+                             f"got an array of shape {np.shape(scale)}")
+        return self.dtype.type(float(scale) / batch_size)

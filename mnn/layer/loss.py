@@ -93,8 +93,9 @@ class CrossEntropyLossLayer(LossLayer):
         if not input_grad:
             return None
         batch_size = probabilities.shape[0]
-        gradients = probabilities * self.dtype.type(1.0 / batch_size)  # Eq. (3)
-        gradients[np.arange(batch_size), self._labels] -= self.dtype.type(1.0 / batch_size)  # Eq. (3)
+        scale = self._scale(gradients, batch_size)  # 1/B, or s/B for a weighted loss
+        gradients = probabilities * scale  # Eq. (3)
+        gradients[np.arange(batch_size), self._labels] -= scale  # Eq. (3)
         return self._as_shape(gradients, self._columns)
 
 
@@ -140,7 +141,8 @@ class MSELossLayer(LossLayer):
         errors = self._saved(self._errors)
         if not input_grad:
             return None
-        return self._as_shape(errors * self.dtype.type(2.0 / errors.size), self._columns)  # Eq. (2)
+        scale = self._scale(gradients, errors.size)  # 1/(Bn), or s/(Bn) for a weighted loss
+        return self._as_shape(errors * (2 * scale), self._columns)  # Eq. (2)
 
 
 class NllLossLayer(LossLayer):
@@ -180,6 +182,7 @@ class NllLossLayer(LossLayer):
         if not input_grad:
             return None
         batch_size = self._shape[0]
+        scale = self._scale(gradients, batch_size)  # 1/B, or s/B for a weighted loss
         gradients = np.zeros(self._shape, dtype=self.dtype)
-        gradients[np.arange(batch_size), labels] = self.dtype.type(-1.0 / batch_size)  # Eq. (2)
+        gradients[np.arange(batch_size), labels] = -scale  # Eq. (2)
         return self._as_shape(gradients, self._columns)
