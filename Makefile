@@ -10,6 +10,11 @@ TRAIN_ARGS ?= --dataset digits --layers 64,128,10 --epochs 10 --batch-size 64 --
 
 .PHONY: setup train test test-serial test-mpi bench clean
 
+# One BLAS thread per process in the tests: several ranks share the cores, and
+# BLAS threads on top of them only make every rank slower.
+test-serial test-mpi: export OMP_NUM_THREADS = 1
+test-serial test-mpi: export OPENBLAS_NUM_THREADS = 1
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
