@@ -8,34 +8,28 @@ array. There is no RNG state to save: the order of global batches is a function
 of (seed, epoch, batch size) alone, so the position is enough, whatever the
 number of ranks that resumes.
 
-Files are written by one process (rank 0) through :func:`atomic_write`: the bytes
-go to a temporary file in the same directory, are flushed and fsynced, the temp
-file is renamed over the target with ``os.replace`` and the directory is fsynced.
-A crash at any point leaves either the old file or the new one, never a torn one.
+Checkpoints are written by rank 0 with :func:`mnn.io.save_arrays`, which
+replaces the file atomically: a crash at any point leaves either the old
+checkpoint or the new one, never a torn one.
 
     save_checkpoint("runs/a/checkpoint.npz", Checkpoint(...))
     checkpoint = load_checkpoint("runs/a/checkpoint.npz")
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from mnn.io import load_arrays, save_arrays
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "Checkpoint",
-    "atomic_write",
-    "atomic_write_text",
-    "save_arrays",
-    "load_arrays",
     "save_checkpoint",
     "load_checkpoint",
 ]
@@ -69,79 +63,6 @@ class Checkpoint:
     config: dict[str, Any]
 
 
-# -------------------------------------------------------------- atomic files
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file so that readers (and crashes) see the old or the new file, whole.
-
-    ``write(handle)`` fills a temporary file next to ``path``; it is then flushed,
-    fsynced and renamed over ``path``, and the directory entry is fsynced. If
-    ``write`` raises, the temporary file is removed and ``path`` is untouched.
-    The temporary name is fixed, so one left behind by a killed process is simply
-    overwritten by the next write; only one process may write a given path.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (Windows).
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically write UTF-8 text (config.toml, summary.json)."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write a dict of arrays as an uncompressed .npz (model.npz).
-
-    Written member by member rather than through ``np.savez(file, **arrays)``, whose
-    keyword arguments would swallow keys named ``file`` or ``allow_pickle``, and
-    with pickling refused, so every file we write loads with allow_pickle=False.
-    """
-    def write(handle: io.BufferedWriter) -> None:
-        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, array in arrays.items():
-                with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-
-    atomic_write(path, write)
-
-
-def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an .npz written by :func:`save_arrays`, refusing pickled objects."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        # np.load raises these for truncated/non-npz files and for object arrays.
-        raise ValueError(f"{str(path)!r} is not a readable .npz file: {error}") from None
-
-
-# ----------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Atomically write ``checkpoint`` to ``path`` (call on rank 0 only)."""
     arrays: dict[str, np.ndarray] = {_VERSION_KEY: np.array(FORMAT_VERSION, dtype=np.int64)}

@@ -40,18 +40,12 @@ from mnn import (
     SequentialLayers,
 )
 from mnn.datasets import Dataset, Split, load_dataset
-from mnn.distributed.checkpoint import (
-    CHECKPOINT_NAME,
-    Checkpoint,
-    atomic_write_text,
-    load_checkpoint,
-    save_arrays,
-    save_checkpoint,
-)
+from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.sampler import GlobalBatchSampler, shard_sizes
+from mnn.io import atomic_write_text, save_arrays
 
 __all__ = [
     "train",

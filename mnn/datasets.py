@@ -22,20 +22,22 @@ a directory of IDX files
     gzipped (``.gz``), as MNIST and Fashion-MNIST are distributed.
 
 a ``.npz`` file
-    holding ``x_train, y_train, x_test, y_test``; read with ``allow_pickle=False``.
+    holding ``x_train, y_train, x_test, y_test``; read without pickle by
+    :func:`mnn.io.load_arrays`, so a cut-short, corrupt or non-zip file is a
+    ValueError naming it.
     ``x`` is 2-D ``(N, features)`` or 3-D ``(N, height, width)``; ``y`` holds
     non-negative integer labels (floats are accepted only when every value is whole).
 
 IDX and .npz data are converted once into plain ``.npy`` files in a cache folder
 (by default ``.cache`` beside the data; ``cache_dir`` chooses another) and then
 opened with ``np.load(..., mmap_mode="r")``: every rank on a host maps the same
-pages instead of holding its own copy. Each cache file is written to a unique
-temporary file in the cache folder, fsynced and renamed into place, so ranks that
-build the cache at the same moment never see a half-written file (they write
-identical bytes, and the last rename wins). A small JSON file beside the arrays
-records each source file's size and modification time; when either changes the
-cache is rebuilt. When the cache folder cannot be written the data is parsed into
-memory instead, with a warning.
+pages instead of holding its own copy. Each cache file is written with
+:func:`mnn.io.atomic_write` (a temporary file of its own, fsynced and renamed
+into place), so ranks that build the cache at the same moment never see a
+half-written file (they write identical bytes, and the last rename wins). A
+small JSON file beside the arrays records each source file's size and
+modification time; when either changes the cache is rebuilt. When the cache
+folder cannot be written the data is parsed into memory instead, with a warning.
 
 Scaling. Each feature is standardised, :math:`\hat x_j = (x_j - \mu_j) / \sigma_j`,
 with the mean and standard deviation of the *training* split only, so nothing
@@ -52,13 +54,14 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from mnn.io import atomic_write, atomic_write_text, load_arrays
 
 __all__ = [
     "Dataset",
@@ -282,20 +285,11 @@ def _load_idx_directory(directory: Path, cache_dir) -> Dataset:
 # ------------------------------------------------------------------ npz
 def _load_npz(path: Path, cache_dir) -> Dataset:
     def build() -> dict[str, np.ndarray]:
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                missing = [key for key in _NPZ_KEYS if key not in archive.files]
-                if missing:
-                    raise ValueError(f"npz file {path} lacks {', '.join(missing)}: expected keys "
-                                     f"{', '.join(_NPZ_KEYS)}, found {', '.join(archive.files) or 'none'}")
-                raw = {key: archive[key] for key in _NPZ_KEYS}
-        except ValueError as error:
-            if str(path) in str(error):
-                raise
-            # numpy refuses object arrays without pickle, and says so without a file name.
-            raise ValueError(f"npz file {path} could not be read without pickle: {error}") from error
-        except (OSError, EOFError) as error:
-            raise ValueError(f"npz file {path} could not be read: {error}") from error
+        raw = load_arrays(path)
+        missing = [key for key in _NPZ_KEYS if key not in raw]
+        if missing:
+            raise ValueError(f"npz file {path} lacks {', '.join(missing)}: expected keys "
+                             f"{', '.join(_NPZ_KEYS)}, found {', '.join(raw) or 'none'}")
         arrays = {}
         for part in ("train", "test"):
             x = _npz_features(path, f"x_{part}", raw[f"x_{part}"])
@@ -405,10 +399,10 @@ def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], dat
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
-            _write_atomically(cache_dir / f"{prefix}.{name}.npy",
-                              lambda handle, array=arrays[name]: np.save(handle, array, allow_pickle=False))
+            atomic_write(cache_dir / f"{prefix}.{name}.npy",
+                         lambda handle, array=arrays[name]: np.save(handle, array, allow_pickle=False))
         # The metadata goes last: while it is missing or stale, readers rebuild.
-        _write_atomically(meta_path, lambda handle: handle.write(json.dumps(meta, indent=1).encode()))
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
     except OSError as error:
         warnings.warn(f"could not write the dataset cache in {cache_dir} ({error}); using the data in memory. "
                       f"Pass a writable cache_dir to share one mapped copy between processes.",
@@ -427,17 +421,3 @@ def _read_cache(meta_path: Path, meta: dict, array_paths: dict[str, Path]) -> di
     except (OSError, ValueError):
         return None  # missing, stale or unreadable: rebuild
 
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    # A unique temporary name (not a fixed one) because several ranks may write
-    # the same cache file at once; each renames its own complete file into place.
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -252,7 +252,7 @@ def test_npz_whole_float_labels_are_accepted(tmp_path):
     (lambda a: a.update(x_test=np.zeros((6, 1, 2, 3))), r"x_test must be 2-D .* got shape \(6, 1, 2, 3\)"),
     (lambda a: a.update(x_test=np.full((6, 6), np.nan)), "x_test holds NaN or infinite values"),
     (lambda a: a.update(y_test=np.zeros(5, int)), "x_test has 6 samples but y_test has 5 labels"),
-    (lambda a: a.update(x_train=np.array([None] * 20)), "could not be read without pickle"),
+    (lambda a: a.update(x_train=np.array([None] * 20)), "member 'x_train.npy': .* allow_pickle=False"),
 ], ids=["missing-key", "fractional-label", "string-label", "negative-label", "2d-labels", "1d-x", "4d-x",
         "nan-x", "count-mismatch", "object-array"])
 def test_bad_npz_is_a_clear_error(tmp_path, change, message):
@@ -260,6 +260,23 @@ def test_bad_npz_is_a_clear_error(tmp_path, change, message):
     change(arrays)
     path = write_npz(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError, match=message) as caught:
+        load_dataset(path)
+    assert str(path) in str(caught.value)
+    assert not (tmp_path / ".cache").exists() or not list((tmp_path / ".cache").glob("*.json"))
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "not-zip", "bare-npy"])
+def test_unreadable_npz_is_a_clear_error(tmp_path, damage):
+    path = write_npz(tmp_path / "broken.npz", **valid_npz_arrays())
+    content = path.read_bytes()
+    if damage == "cut-short":
+        path.write_bytes(content[:len(content) // 2])
+    elif damage == "not-zip":
+        path.write_bytes(b"x_train,y_train\n1,2\n")
+    else:
+        np.save(tmp_path / "broken.npy", np.zeros((3, 2)))
+        (tmp_path / "broken.npy").replace(path)
+    with pytest.raises(ValueError, match="is not a readable .npz file") as caught:
         load_dataset(path)
     assert str(path) in str(caught.value)
     assert not (tmp_path / ".cache").exists() or not list((tmp_path / ".cache").glob("*.json"))

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnn.distributed.checkpoint import load_arrays, load_checkpoint
+from mnn.distributed.checkpoint import load_checkpoint
 from mnn.distributed.config import TrainConfig, resolve_config
+from mnn.io import load_arrays
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TRAIN = [sys.executable, "-m", "mnn.scripts.train"]

@@ -12,10 +12,11 @@ import pytest
 from mpi4py import MPI
 
 from mnn.datasets import load_dataset
-from mnn.distributed.checkpoint import load_arrays, load_checkpoint
+from mnn.distributed.checkpoint import load_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.trainer import JobConfigError, build_net, evaluate, train
+from mnn.io import load_arrays
 
 # 1438 training samples in batches of 100: 15 steps per epoch, the last one of 38
 # samples, so uneven and partial shards are part of every run.
