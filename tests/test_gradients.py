@@ -180,3 +180,70 @@ def test_attention_grads_accumulate_until_zero_grads():
         np.testing.assert_allclose(grad, 2 * once[key], rtol=1e-12, err_msg=key)
     layer.zero_grads()
     assert not any(grad.any() for grad in layer.grads.values())
+
+
+# ------------------------------------------------------------------ loss weight
+LOSS_CASES = ["cross_entropy", "mse", "nll"]
+# Powers of two scale every rounding step exactly, so the weighted gradient is
+# bitwise w times the unweighted one; other weights agree up to rounding.
+EXACT_WEIGHTS = [2.0, 0.25, -8.0]
+ROUNDED_WEIGHTS = [0.3, -1.7, np.float64(1e-3), np.array(7.5)]
+
+
+def weighted_allclose(actual, weight, unweighted):
+    """``actual == weight * unweighted`` up to a few roundings of the terms involved."""
+    tolerance = 8 * np.finfo(F64).eps * abs(float(weight)) * np.abs(unweighted).max()
+    np.testing.assert_allclose(actual, float(weight) * unweighted, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_loss_backward_with_a_weight_is_the_weight_times_backward(case):
+    rng = np.random.default_rng(11)
+    layer, inputs, targets = ROW_CASES[case](rng, 7)
+    layer.forward(inputs, targets)
+    unweighted = layer.backward()
+    assert unweighted.dtype == F64
+    np.testing.assert_array_equal(layer.backward(None), unweighted)
+    np.testing.assert_array_equal(layer.backward(1.0), unweighted)
+    for weight in EXACT_WEIGHTS:
+        np.testing.assert_array_equal(layer.backward(weight), weight * unweighted, err_msg=f"weight {weight}")
+    for weight in ROUNDED_WEIGHTS:
+        weighted_allclose(layer.backward(weight), weight, unweighted)
+    assert not layer.backward(0.0).any()
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+@pytest.mark.parametrize("weight", [0.3, -2.0])
+def test_weighted_loss_gradient_matches_finite_differences(case, weight, numerical_gradient):
+    rng = np.random.default_rng(12)
+    layer, inputs, targets = ROW_CASES[case](rng, 5)
+    layer.forward(inputs, targets)
+    analytic = layer.backward(weight)
+    expected = numerical_gradient(lambda: weight * layer.forward(inputs, targets), inputs)
+    np.testing.assert_allclose(analytic, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_net_backward_with_scale_gives_scale_times_the_grads(numerical_gradient):
+    net = make_net(input_grad=True)
+    inputs, labels = net_data()
+
+    def gradients(**scale):
+        net.zero_grads()
+        net(inputs, labels)
+        input_gradient = net.backward(**scale)
+        return {"input": input_gradient, **{name: grad.copy() for name, _, grad in net.named_params()}}
+
+    unweighted = gradients()
+    for scale in EXACT_WEIGHTS:
+        for name, gradient in gradients(scale=scale).items():
+            np.testing.assert_array_equal(gradient, scale * unweighted[name], err_msg=f"{name}, scale {scale}")
+    for scale in ROUNDED_WEIGHTS:
+        for name, gradient in gradients(scale=scale).items():
+            weighted_allclose(gradient, scale, unweighted[name])
+
+    # And against finite differences of the weighted loss itself.
+    scale = -0.7
+    weighted = gradients(scale=scale)
+    for name, param, _ in net.named_params():
+        np.testing.assert_allclose(weighted[name], numerical_gradient(lambda: scale * net(inputs, labels), param),
+                                   rtol=1e-6, atol=1e-8, err_msg=name)

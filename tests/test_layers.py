@@ -273,6 +273,23 @@ def test_loss_backward_before_forward_raises(layer):
         layer.backward()
 
 
+@pytest.mark.parametrize("layer, inputs, targets", [
+    (MSELossLayer(), np.zeros((3, 2)), np.ones((3, 2))),
+    (NllLossLayer(), np.zeros((3, 2)), np.array([0, 1, 1])),
+    (CrossEntropyLossLayer(), np.zeros((3, 2)), np.array([0, 1, 1])),
+], ids=["mse", "nll", "cross_entropy"])
+def test_loss_weight_must_be_a_scalar(layer, inputs, targets):
+    layer.forward(inputs, targets)
+    for weight in (np.ones(3), np.ones((3, 1)), [0.5]):
+        with pytest.raises(ValueError, match=f"{layer.name}: backward takes no gradient or a scalar loss "
+                                             f"weight, got an array of shape"):
+            layer.backward(weight)
+    with pytest.raises(TypeError, match=f"{layer.name}: the loss weight passed to backward must be a real "
+                                        f"number, got str 'half'"):
+        layer.backward("half")
+    layer.backward(np.array(0.5))  # a 0-d array is a scalar
+
+
 def test_gradients_of_the_wrong_shape_raise():
     layer = SoftmaxLayer()
     layer.forward(np.zeros((3, 4)))

@@ -9,8 +9,9 @@ row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
   gradient of the (scalar) loss with respect to the layer's output, *adds*
   :math:`\partial \ell / \partial \theta` into ``self.grads[k]`` for every
   parameter :math:`\theta` = ``self.params[k]``, and returns
-  :math:`\partial \ell / \partial X`. Loss layers take no argument: their
-  output *is* :math:`\ell`, so :math:`G = 1`.
+  :math:`\partial \ell / \partial X`. A loss layer's output *is* :math:`\ell`,
+  so it takes no gradient (:math:`G = 1`) or a scalar loss weight :math:`w`,
+  which makes it differentiate :math:`w\,\ell` (:math:`G = w`).
 * ``step(lr)`` is plain gradient descent on the layer's own parameters.
 * ``zero_grads()`` clears the accumulated gradients.
 
@@ -166,19 +167,27 @@ class LossLayer(Layer):
     r"""A layer whose output is the scalar loss :math:`\ell`.
 
     ``backward()`` needs no incoming gradient: :math:`\partial \ell / \partial \ell = 1`.
-    ``backward(s)`` with a number :math:`s` differentiates :math:`s\,\ell`
-    instead, so every gradient of the net is scaled by :math:`s` for the cost
-    of one multiplication here (the data-parallel wrapper weights each rank's
-    loss this way, instead of scaling the gradient buffers afterwards).
+    ``backward(w)`` with a number :math:`w` (the loss weight) differentiates
+    :math:`w\,\ell` instead, so every gradient of the net is scaled by
+    :math:`w` for the cost of one multiplication here (the data-parallel
+    wrapper weights each rank's loss this way, instead of scaling the gradient
+    buffers afterwards). Each loss layer's ``backward`` docstring gives
+    :math:`\nabla (w\,\ell)`; ``backward()`` is :math:`w = 1`.
     """
 
     def backward(self, gradients=None, input_grad=True):
         raise NotImplementedError
 
-    def _scale(self, gradients, batch_size):
-        """:math:`s / B` in this layer's dtype: the loss weight over the batch size."""
-        scale = 1.0 if gradients is None else gradients
-        if np.ndim(scale) != 0:
+    def _scale(self, gradients, count):
+        r""":math:`w / \text{count}` in this layer's dtype: the loss weight :math:`w`
+        (1 when ``gradients`` is None) over the number of terms the loss averages."""
+        weight = 1.0 if gradients is None else gradients
+        if np.ndim(weight) != 0:
             raise ValueError(f"{self.name}: backward takes no gradient or a scalar loss weight, "
-                             f"got an array of shape {np.shape(scale)}")
-        return self.dtype.type(float(scale) / batch_size)
+                             f"got an array of shape {np.shape(weight)}")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise TypeError(f"{self.name}: the loss weight passed to backward must be a real number, "
+                            f"got {type(gradients).__name__} {gradients!r}") from None
+        return self.dtype.type(weight / count)

@@ -1,7 +1,8 @@
 r"""Loss layers: each returns the mean over the batch of a per-sample loss.
 
 The batch mean is taken here, once: every gradient further down the net
-already carries the factor :math:`1/B`.
+already carries the factor :math:`1/B`. ``backward(w)`` differentiates the
+weighted loss :math:`w\,\ell` (see ``LossLayer``); ``backward()`` is :math:`w = 1`.
 """
 
 import numpy as np
@@ -80,11 +81,11 @@ class CrossEntropyLossLayer(LossLayer):
     def backward(self, gradients=None, input_grad=True):
         r"""Per sample, :math:`\ell_i = \log s_i - z_{it_i} + m_i`, and
         :math:`\partial \log s_i / \partial z_{ic} = p_{ic}` (the shift :math:`m_i`
-        cancels), so
+        cancels), so for the loss weighted by :math:`w` (``gradients``, 1 if omitted)
 
         .. math::
-            \frac{\partial \ell}{\partial z_{ic}} = \frac{1}{B}\left(p_{ic} - \mathbb{1}[c = t_i]\right),
-            \qquad \nabla_Z \ell = \frac{1}{B}(P - T), \tag{3}
+            \frac{\partial (w\ell)}{\partial z_{ic}} = \frac{w}{B}\left(p_{ic} - \mathbb{1}[c = t_i]\right),
+            \qquad \nabla_Z (w\ell) = \frac{w}{B}(P - T), \tag{3}
 
         with :math:`T` the one-hot rows of the labels. No :math:`C \times C`
         softmax Jacobian is ever formed: it cancels against the log.
@@ -93,7 +94,7 @@ class CrossEntropyLossLayer(LossLayer):
         if not input_grad:
             return None
         batch_size = probabilities.shape[0]
-        scale = self._scale(gradients, batch_size)  # 1/B, or s/B for a weighted loss
+        scale = self._scale(gradients, batch_size)  # w/B
         gradients = probabilities * scale  # Eq. (3)
         gradients[np.arange(batch_size), self._labels] -= scale  # Eq. (3)
         return self._as_shape(gradients, self._columns)
@@ -133,15 +134,16 @@ class MSELossLayer(LossLayer):
 
     def backward(self, gradients=None, input_grad=True):
         r"""Each :math:`E_{ij}` appears in one term of Eq. (1), and
-        :math:`\partial E_{ij} / \partial X_{ij} = 1`, so
+        :math:`\partial E_{ij} / \partial X_{ij} = 1`, so for the loss weighted
+        by :math:`w` (``gradients``, 1 if omitted)
 
         .. math::
-            \nabla_X \ell = \frac{2}{Bn} (X - T). \tag{2}
+            \nabla_X (w\ell) = \frac{2w}{Bn} (X - T). \tag{2}
         """
         errors = self._saved(self._errors)
         if not input_grad:
             return None
-        scale = self._scale(gradients, errors.size)  # 1/(Bn), or s/(Bn) for a weighted loss
+        scale = self._scale(gradients, errors.size)  # w/(Bn)
         return self._as_shape(errors * (2 * scale), self._columns)  # Eq. (2)
 
 
@@ -170,11 +172,12 @@ class NllLossLayer(LossLayer):
         return self.dtype.type(-np.mean(log_probabilities[np.arange(batch_size), labels]))  # Eq. (1)
 
     def backward(self, gradients=None, input_grad=True):
-        r"""Only the entries :math:`X_{i t_i}` appear in Eq. (1), each once, so
+        r"""Only the entries :math:`X_{i t_i}` appear in Eq. (1), each once, so for
+        the loss weighted by :math:`w` (``gradients``, 1 if omitted)
 
         .. math::
-            \frac{\partial \ell}{\partial X_{ic}} = -\frac{1}{B} \mathbb{1}[c = t_i],
-            \qquad \nabla_X \ell = -\frac{1}{B} T, \tag{2}
+            \frac{\partial (w\ell)}{\partial X_{ic}} = -\frac{w}{B} \mathbb{1}[c = t_i],
+            \qquad \nabla_X (w\ell) = -\frac{w}{B} T, \tag{2}
 
         with :math:`T` the one-hot rows of the labels.
         """
@@ -182,7 +185,7 @@ class NllLossLayer(LossLayer):
         if not input_grad:
             return None
         batch_size = self._shape[0]
-        scale = self._scale(gradients, batch_size)  # 1/B, or s/B for a weighted loss
+        scale = self._scale(gradients, batch_size)  # w/B
         gradients = np.zeros(self._shape, dtype=self.dtype)
         gradients[np.arange(batch_size), labels] = -scale  # Eq. (2)
         return self._as_shape(gradients, self._columns)
