@@ -121,31 +121,35 @@ def _time_steps(step, n_steps, comm):
     return (time.perf_counter() - start) * 1e3 / n_steps
 
 
-def _sync_and_allreduce_ms(batch_size, comm, repeats=500):
+def _sync_and_allreduce_ms(batch_size, comm, repeats=300):
     """Gradient synchronisation beside one plain Allreduce of the same bytes.
 
-    Both are timed the same way, interleaved: all ranks leave a barrier, then
-    ``DataParallel.synchronize()`` (built with ``overlap=False``, so it starts
-    and completes every bucket's reduction) or one in-place ``Allreduce`` of a
-    float32 buffer as large as all the gradients. Returns medians in ms.
+    Both are timed in the same state, interleaved: right after a forward and
+    backward (so caches hold what training leaves there) and after a barrier,
+    either ``DataParallel.synchronize()`` (built with ``overlap=False``, so it
+    starts and completes every bucket's reduction) or one in-place
+    ``comm.allreduce`` of a float32 buffer as large as all the gradients, just
+    written like the gradients were. Returns the medians in ms.
     """
     step, parallel = build_mnn_step(batch_size, comm, overlap=False)
     inputs, labels = _random_batch(batch_size, comm.rank)
     n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
-    buffer = np.ones(n_floats, dtype=np.float32)
+    buffer = np.empty(n_floats, dtype=np.float32)
     sync, allreduce = [], []
     for _ in range(repeats):
-        parallel(inputs, labels)
-        parallel.backward(global_batch_size=comm.size * batch_size)
-        comm.barrier()
-        start = time.perf_counter()
-        parallel.synchronize()
-        sync.append(time.perf_counter() - start)
-        parallel.step(0.01)
-        comm.barrier()
-        start = time.perf_counter()
-        comm.allreduce(buffer)
-        allreduce.append(time.perf_counter() - start)
+        for times in (sync, allreduce):
+            parallel(inputs, labels)
+            parallel.backward(global_batch_size=comm.size * batch_size)
+            if times is allreduce:
+                buffer.fill(1.0)
+            comm.barrier()
+            start = time.perf_counter()
+            if times is sync:
+                parallel.synchronize()
+            else:
+                comm.allreduce(buffer)
+            times.append(time.perf_counter() - start)
+            parallel.step(0.01)
     return statistics.median(sync) * 1e3, statistics.median(allreduce) * 1e3, n_floats
 
 
