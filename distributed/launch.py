@@ -63,6 +63,7 @@ from typing import Mapping
 
 __all__ = [
     "THREAD_VARIABLES",
+    "PROGRESS_ENV",
     "MpiSetup",
     "LaunchPlan",
     "build_parser",
@@ -83,7 +84,11 @@ __all__ = [
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
-_OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+# Ranks' output reaches the terminal through the launcher's pipes, so a rank
+# cannot tell that a person is watching: mnn-launch says so in this variable
+# ("bar" or "lines"), which the trainer reads to choose a progress bar.
+PROGRESS_ENV = "MNN_PROGRESS"
+_OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
 _FAMILY_NAMES = {"mpich": "MPICH", "openmpi": "Open MPI"}
 _HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HOSTFILE_FORMATS = "expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI)"
@@ -664,6 +669,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             lines, ok = run_check(args, env, mpi)
             print("\n".join(lines), flush=True)
             return 0 if ok else 1
+        if PROGRESS_ENV not in env and sys.stderr.isatty():
+            env[PROGRESS_ENV] = "bar"
         plan = build_command(args, env, mpi)
         for warning in plan.warnings:
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)

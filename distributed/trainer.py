@@ -19,6 +19,7 @@ together. Only rank 0 prints and writes files.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
+from mnn.distributed.launch import PROGRESS_ENV
 from mnn.distributed.sampler import GlobalBatchSampler, shard_sizes
 from mnn.io import atomic_write_text, save_arrays
 
@@ -220,11 +222,22 @@ def _load_data(config: TrainConfig, comm: Communicator) -> Dataset:
 
 
 # ---------------------------------------------------------------- reporting
+def _progress_bar_wanted() -> bool:
+    """A bar when ``MNN_PROGRESS=bar`` (mnn-launch sets it when it runs on a
+    terminal: the ranks' own stderr is a pipe then), plain lines when
+    ``MNN_PROGRESS=lines``, else a bar exactly when stderr is a terminal."""
+    choice = os.environ.get(PROGRESS_ENV, "")
+    if choice in ("bar", "lines"):
+        return choice == "bar"
+    return sys.stderr.isatty()
+
+
 class _Reporter:
     """Rank 0's side effects: progress bar or plain lines, and metrics.jsonl.
 
-    On other ranks every method does nothing. The bar is used when stderr is a
-    terminal; under a launcher or in a log file, plain lines are easier to read.
+    On other ranks every method does nothing. The bar is for a person watching
+    a terminal (see :func:`_progress_bar_wanted`); in a log file plain lines
+    are easier to read.
     """
 
     def __init__(self, active: bool, output: Path | None, total_steps: int, done_steps: int,
@@ -234,7 +247,7 @@ class _Reporter:
         if self.metrics_path is not None and not resumed:
             self.metrics_path.write_text("")  # a new run: do not append to an old run's metrics
         self.bar = None
-        if active and sys.stderr.isatty():
+        if active and _progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True)
 
     def step(self) -> None:
@@ -252,7 +265,7 @@ class _Reporter:
                 self.bar.set_postfix(loss=f"{event['loss']:.4f}",
                                      samples_per_s=f"{event['samples_per_s']:.0f}")
             else:
-                self.bar.write(line)
+                self.bar.write(line, file=sys.stderr)  # the stream the bar redraws on
         else:
             print(line, flush=True)
 

@@ -172,3 +172,18 @@ def test_bad_dataset_files_fail_cleanly_on_two_ranks(tmp_path, make_file, messag
     assert message in result.stderr
     assert result.stderr.count("mnn-train: error") == 1
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("progress, bar_expected", [("bar", True), ("lines", False), (None, False)])
+def test_progress_bar_follows_mnn_progress_under_mpiexec(progress, bar_expected):
+    """Under mpiexec a rank's stderr is a pipe: mnn-launch's MNN_PROGRESS=bar asks for the bar."""
+    env = {} if progress is None else {"MNN_PROGRESS": progress}
+    base = {name: value for name, value in ENV.items() if name != "MNN_PROGRESS"}
+    result = subprocess.run([str(MPIEXEC), "-n", "2", *TRAIN, "--epochs", "2", "--log-every", "5"],
+                            capture_output=True, text=True, timeout=120, env={**base, **env})
+    assert result.returncode == 0, result.stderr
+    has_bar = "step/s" in result.stderr or "s/step" in result.stderr
+    assert has_bar == bar_expected, result.stderr
+    # Evaluation and the summary are there either way, once (rank 0 only).
+    assert (result.stdout + result.stderr).count("test accuracy") == 3
