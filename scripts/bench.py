@@ -220,6 +220,19 @@ def _parse_ints(text):
     return values
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` greater than zero."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="mnn-bench", description=__doc__.split("\n\n")[0],
@@ -227,8 +240,8 @@ def _parser():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=_parse_ints, default=[64, 256, 1024],
                         help="per-rank batch sizes, comma-separated (default 64,256,1024)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size (default 5)")
-    parser.add_argument("--target-ms", type=float, default=300.0,
+    parser.add_argument("--rounds", type=_positive(int), default=5, help="alternating rounds per batch size (default 5)")
+    parser.add_argument("--target-ms", type=_positive(float), default=300.0,
                         help="approximate length of one timed round in ms (default 300)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--scaling", type=_parse_ints, metavar="N,N,...",
@@ -237,21 +250,27 @@ def _parser():
 
 
 def _run_scaling(args):
-    """Launch the benchmark on each rank count; summarise weak scaling against the first."""
+    """Launch the benchmark on each rank count; summarise weak scaling against the first.
+
+    Returns the exit status: that of the first run that failed, else 0.
+    """
     from mnn.distributed.launch import find_mpiexec
 
-    mpiexec = find_mpiexec()
     base = [sys.executable, "-m", "mnn.scripts.bench", "--batch", ",".join(map(str, args.batch)),
             "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
     if args.no_torch:
         base.append("--no-torch")
     by_ranks = {}
     for ranks in args.scaling:
-        command = base if ranks == 1 else [mpiexec, "-n", str(ranks), *base]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        for line in output.splitlines():
+        command = base if ranks == 1 else [find_mpiexec(), "-n", str(ranks), *base]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",
+                  file=sys.stderr, flush=True)
+            return run.returncode
+        for line in run.stdout.splitlines():
             print(line, flush=True)
-            record = json.loads(line)
+            record = json.loads(line) if line.startswith("{") else {}
             if record.get("impl") == "mnn":
                 by_ranks[(ranks, record["batch_per_rank"])] = record["samples_per_s"]
     first = args.scaling[0]
@@ -262,13 +281,17 @@ def _run_scaling(args):
             print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "batch_per_rank": batch,
                               "speedup": round(speedup, 3),
                               "weak_scaling_efficiency": round(speedup * first / ranks, 3)}), flush=True)
+    return 0
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.scaling:
-        _run_scaling(args)
-        return 0
+        try:
+            return _run_scaling(args)
+        except RuntimeError as error:  # no mpiexec to launch the runs with
+            print(f"mnn-bench: --scaling needs MPI: {error}", file=sys.stderr, flush=True)
+            return 2
     comm = get_communicator()
     with threadpool_limits(limits=1):
         if comm.rank == 0:

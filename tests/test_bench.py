@@ -72,3 +72,20 @@ def test_bad_batch_list_is_a_usage_error():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "expected" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--target-ms", "-5"], ["--target-ms", "nan"]])
+def test_nonpositive_settings_are_usage_errors(args):
+    result = subprocess.run([sys.executable, "-m", "mnn.scripts.bench", *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "expected a positive" in result.stderr
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+def test_scaling_reports_weak_scaling_efficiency():
+    records = run_bench(["--scaling", "1,2", *QUICK, "--no-torch"])
+    compare = [record for record in records if "weak_scaling_efficiency" in record]
+    assert [record["batch_per_rank"] for record in compare] == [8, 32]
+    for record in compare:
+        assert record["weak_scaling_efficiency"] == pytest.approx(record["speedup"] / 2, abs=1e-3)

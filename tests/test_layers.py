@@ -338,3 +338,12 @@ def test_multi_head_attention_bad_configuration_and_inputs_raise():
     no_keys[1] = False
     with pytest.raises(ValueError, match="leaves a query position with no key"):
         layer.forward(np.zeros((2, 3, 4)), mask=no_keys)
+
+
+def test_an_empty_batch_raises_instead_of_a_nan_loss():
+    rng = np.random.default_rng(0)
+    net = SequentialLayers([LinearLayer(5, 3, rng=rng), CrossEntropyLossLayer()])
+    with pytest.raises(ValueError, match=r"LinearLayer: expected at least one sample.*\(0, 5\)"):
+        net(np.zeros((0, 5)), np.zeros(0, dtype=int))
+    with pytest.raises(ValueError, match="CrossEntropyLossLayer: expected at least one sample"):
+        CrossEntropyLossLayer().forward(np.zeros((0, 3)), np.zeros(0, dtype=int))

@@ -135,6 +135,9 @@ class Layer:
             raise ValueError(
                 f"{self.name}: expected inputs of shape (batch, features) or (batch, features, 1), "
                 f"got shape {inputs.shape}")
+        if rows.shape[0] == 0:
+            # A mean over no samples is undefined: fail here, not with a NaN loss.
+            raise ValueError(f"{self.name}: expected at least one sample, got an empty batch of shape {inputs.shape}")
         if n_features is not None and rows.shape[1] != n_features:
             raise ValueError(
                 f"{self.name}: expected {n_features} features per sample, got {rows.shape[1]} "

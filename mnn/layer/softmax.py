@@ -63,8 +63,8 @@ class SoftmaxLayer(Layer):
         The derivation is in :meth:`backward`, Eq. (2) to (4); attention uses the
         same closed form on its scores.
         """
-        inner = np.sum(gradients * outputs, axis=axis, keepdims=True)  # Eq. (4)
-        return outputs * (gradients - inner)  # Eq. (4)
+        inner = np.sum(gradients * outputs, axis=axis, keepdims=True)  # Eq. (3): the sum over c
+        return outputs * (gradients - inner)  # Eq. (3), (4)
 
     def forward(self, inputs, feedbacks=None):
         r"""Row :math:`i` of the output is the softmax of row :math:`i` of the input, Eq. (1)."""
@@ -98,7 +98,7 @@ class SoftmaxLayer(Layer):
         gradients = self._check_gradients(gradients, outputs.shape)
         if not input_grad:
             return None
-        return self._as_shape(self.softmax_gradient(outputs, gradients, axis=1), self._columns)  # Eq. (4)
+        return self._as_shape(self.softmax_gradient(outputs, gradients, axis=1), self._columns)  # Eq. (2)-(4)
 
 
 class LogSoftmaxLayer(Layer):
@@ -164,4 +164,4 @@ class LogSoftmaxLayer(Layer):
         gradients = self._check_gradients(gradients, softmax.shape)
         if not input_grad:
             return None
-        return self._as_shape(gradients - softmax * gradients.sum(axis=1, keepdims=True), self._columns)  # Eq. (4)
+        return self._as_shape(gradients - softmax * gradients.sum(axis=1, keepdims=True), self._columns)  # Eq. (3), (4)
