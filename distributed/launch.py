@@ -6,7 +6,8 @@ Usage::
     mnn-launch --hosts node1:2,node2:2 -- mnn-train ...     # 2 ranks on each of two hosts
     mnn-launch -n 8 --hostfile hosts.txt -- mnn-train ...
     mnn-launch -n 2 --dry-run -- mnn-train ...              # print the command, run nothing
-    mnn-launch --check                                      # preflight: versions, 2-rank hello, hosts, threads
+    mnn-launch --check                                      # preflight: versions, hosts, hello, threads
+    mnn-launch --check --hostfile hosts.txt                 # ... with one hello rank on each host
 
 Which launcher. Inside a SLURM allocation (``SLURM_JOB_ID`` set) ranks are started
 with ``srun -n N``, N defaulting to ``SLURM_NTASKS``. Elsewhere the ``mpiexec`` of
@@ -36,8 +37,16 @@ or ``SLURM_CPUS_ON_NODE`` decide), so that ranks do not fight over cores with
 BLAS threads. The whole environment reaches the ranks: hydra and srun pass it on
 by themselves, and mnn-launch adds ``-genv`` for the variables it sets; Open MPI
 is given ``-x NAME`` for those and for PATH, LD_LIBRARY_PATH, PYTHONPATH and
-VIRTUAL_ENV. SIGINT and SIGTERM are forwarded to the launcher, so all ranks stop,
-and mnn-launch exits with the job's exit status (128 + N after signal N).
+VIRTUAL_ENV. When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=bar
+(unless set), so that rank 0 draws a progress bar although its own stderr is the
+launcher's pipe. SIGINT and SIGTERM are forwarded to the launcher, so all ranks
+stop, and mnn-launch exits with the job's exit status (128 + N after signal N).
+
+Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
+the threads per rank, and starts a hello job: two ranks on this machine, or with
+``--hosts``/``--hostfile`` one rank on each host (two on a lone host), saying per
+host whether its rank answered, only started (MPI could not connect it), or
+never started (ssh, the host name, or Python missing there at the same path).
 
 Tests build commands with :func:`build_command`, a pure function of the parsed
 arguments, the environment and the detected :class:`MpiSetup`.
@@ -74,6 +83,7 @@ __all__ = [
     "detect_mpi",
     "find_mpiexec",
     "build_command",
+    "build_hello_command",
     "format_plan",
     "run_plan",
     "run_check",
@@ -82,22 +92,30 @@ __all__ = [
 
 #: Thread-count variables of OpenMP, OpenBLAS and MKL, set per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# Open MPI hands remote ranks only the variables named with -x; these make a
-# virtual environment and its libraries visible there.
 # Ranks' output reaches the terminal through the launcher's pipes, so a rank
 # cannot tell that a person is watching: mnn-launch says so in this variable
 # ("bar" or "lines"), which the trainer reads to choose a progress bar.
 PROGRESS_ENV = "MNN_PROGRESS"
+# Open MPI hands remote ranks only the variables named with -x; these make a
+# virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
 _FAMILY_NAMES = {"mpich": "MPICH", "openmpi": "Open MPI"}
 _HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HOSTFILE_FORMATS = "expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI)"
 _HELLO_TIMEOUT_S = 60.0
 _VERSION_TIMEOUT_S = 10.0
-_HELLO_CODE = ("import socket\nfrom mpi4py import MPI\nworld = MPI.COMM_WORLD\n"
+# A hello rank says "started" before MPI is initialised, with the rank the launcher
+# gave it, so that a host whose rank ran but never joined the job (blocked ports)
+# is told apart from a host where nothing ran (ssh, name); initialisation waits
+# for every rank. Output of the ranks may reach us interleaved within a line,
+# hence the ';' after each line.
+_HELLO_CODE = ("import os, socket\n"
+               "launcher_rank = next((os.environ[name] for name in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK', 'PMIX_RANK', "
+               "'SLURM_PROCID') if name in os.environ), '?')\n"
+               "print(f'started rank={launcher_rank} host={socket.gethostname()};', flush=True)\n"
+               "from mpi4py import MPI\nworld = MPI.COMM_WORLD\n"
                "print(f'hello rank={world.Get_rank()} size={world.Get_size()} host={socket.gethostname()};', "
                "flush=True)\n")
-# Output of the ranks may reach us interleaved within a line, hence the ';' after each hello.
 # Run in a separate interpreter so that loading libmpi here never initialises MPI
 # in the calling process (mnn-bench and the tests import this module).
 _LIBRARY_QUERY = ("import json, mpi4py\nmpi4py.rc.initialize = False\nmpi4py.rc.finalize = False\n"
@@ -112,7 +130,7 @@ class MpiSetup:
 
     ``family`` is ``"mpich"`` (MPICH, Intel MPI, MVAPICH: hydra-style mpiexec),
     ``"openmpi"`` or None (mpi4py missing, or an MPI we do not recognise), and
-``mpiexec_family`` that of ``mpiexec`` when it was forced with ``--mpiexec``;
+    ``mpiexec_family`` that of ``mpiexec`` when it was forced with ``--mpiexec``;
     ``library`` the first line of ``MPI.Get_library_version()`` or why there is
     none; ``mpiexec`` the launcher to use, or None. ``error`` is set when an
     ``mpiexec`` exists but belongs to another MPI than mpi4py: running with it
@@ -168,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and the environment variables it sets, run nothing")
     parser.add_argument("--check", action="store_true",
-                        help="preflight: versions, a 2-rank hello, hosts, threads; 'OK ...' or 'FIX: ...' "
-                             "per line, exit status 1 if anything needs fixing")
+                        help="preflight: versions, hosts, a hello (one rank per host of --hosts/--hostfile, "
+                             "else 2 ranks here), threads; 'OK ...' or 'FIX: ...' per line, exit status 1 if "
+                             "anything needs fixing")
     parser.add_argument("command", nargs="*", help="the program to run on every rank and its arguments")
     return parser
 
@@ -411,11 +430,13 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
 
 
 def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
-                  cores: int | None = None) -> LaunchPlan:
+                  cores: int | None = None, terminal: bool = False) -> LaunchPlan:
     """The command line and environment additions for ``args`` (from :func:`parse_args`).
 
-    Pure apart from ``cores`` (default: the cores this process may use). Raises
-    ValueError when the arguments do not make a job.
+    ``terminal`` says that mnn-launch's stderr is a terminal: the plan then sets
+    ``MNN_PROGRESS=bar`` unless ``env`` has it. Pure apart from ``cores``
+    (default: the cores this process may use). Raises ValueError when the
+    arguments do not make a job.
     """
     cores = _usable_cores() if cores is None else cores
     command = list(args.command)
@@ -437,7 +458,7 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
             nodes = _env_int(env, "SLURM_JOB_NUM_NODES") or _env_int(env, "SLURM_NNODES") or 1
             per_node = -(-ranks // nodes)
             threads = max(1, (_env_int(env, "SLURM_CPUS_ON_NODE") or cores) // per_node)
-        env_updates = _thread_updates(env, threads)
+        env_updates = _env_updates(env, threads, terminal)
         return LaunchPlan(["srun", "-n", str(ranks), *command], env_updates, "srun", ranks, threads, warnings)
 
     if mpi.mpiexec is None:
@@ -445,7 +466,7 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
             raise ValueError(mpi.error)
         ignored = f"; -n {args.ranks} is ignored" if args.ranks and args.ranks > 1 else ""
         warnings.append(f"no MPI ({mpi.library or 'no mpiexec found'}): running one process without MPI{ignored}")
-        return LaunchPlan(command, _thread_updates(env, cores), "none", 1, cores, warnings)
+        return LaunchPlan(command, _env_updates(env, cores, terminal), "none", 1, cores, warnings)
     if hosts is not None:
         ranks = args.ranks or sum(slots for _, slots in hosts)
         placement = _place_ranks(hosts, ranks)
@@ -456,8 +477,7 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
             raise ValueError("how many ranks? pass -n N (or --hosts/--hostfile, whose slots give the count)")
         ranks = local_ranks = busiest = args.ranks
     threads = max(1, cores // busiest)
-    env_updates = _thread_updates(env, threads)
-
+    env_updates = _env_updates(env, threads, terminal)
 
     if local_ranks > cores:
         warnings.append(f"{local_ranks} ranks on the {cores} cores of this host: ranks will share cores "
@@ -486,8 +506,12 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
     return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings)
 
 
-def _thread_updates(env: Mapping[str, str], threads: int) -> dict[str, str]:
-    return {name: str(threads) for name in THREAD_VARIABLES if name not in env}
+def _env_updates(env: Mapping[str, str], threads: int, terminal: bool) -> dict[str, str]:
+    """The thread counts, and the progress bar on a terminal, wherever the user has not chosen."""
+    updates = {name: str(threads) for name in THREAD_VARIABLES if name not in env}
+    if terminal and PROGRESS_ENV not in env:
+        updates[PROGRESS_ENV] = "bar"
+    return updates
 
 
 def format_plan(plan: LaunchPlan) -> str:
@@ -583,40 +607,106 @@ def run_check(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
         lines.append(f"FIX: {mpi.error or 'no mpiexec beside ' + sys.executable + ' or on PATH'}")
     lines += [f"FIX: {warning}" for warning in mpi.warnings]
 
-    hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None)
-    if hello_ready:
-        lines.append(_check_hello(args, env, mpi, cores))
     if args.hosts:
         lines += _check_hosts(args.hosts)
+    hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None)
+    if hello_ready:
+        lines += _check_hello(args, env, mpi, cores)
     lines.append(_check_threads(args, env, mpi, cores))
     return lines, all(line.startswith("OK") for line in lines)
 
 
-def _check_hello(args, env, mpi, cores) -> str:
-    hello_args = argparse.Namespace(**{**vars(args), "ranks": 2, "command": [sys.executable, "-c", _HELLO_CODE]})
+def _hello_hosts(hosts: list[tuple[str, int]] | None) -> list[tuple[str, int]] | None:
+    """One slot on each host, so that every host must start a rank; two on a lone host, so that ranks talk."""
+    if not hosts:
+        return None
+    return [(host, 1) for host, _ in hosts] if len(hosts) > 1 else [(hosts[0][0], 2)]
+
+
+def build_hello_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+                        cores: int | None = None) -> LaunchPlan:
+    """The plan of ``--check``'s hello job: :func:`build_command` for a short Python program.
+
+    With hosts in ``args`` it runs one rank on each of them (two on a single
+    host), so that ``-n`` is the number of hosts whatever their slots; without
+    hosts, two ranks here. Rank ``i`` lands on the ``i``-th host: MPICH and
+    Open MPI fill hosts in the order given.
+    """
+    hosts = _hello_hosts(args.hosts)
+    ranks = 2 if hosts is None else sum(slots for _, slots in hosts)
+    hello_args = argparse.Namespace(**{**vars(args), "hosts": hosts, "ranks": ranks,
+                                       "command": [sys.executable, "-c", _HELLO_CODE]})
+    return build_command(hello_args, env, mpi, cores)
+
+
+def _check_hello(args, env, mpi, cores) -> list[str]:
     try:
-        plan = build_command(hello_args, env, mpi, cores)
+        plan = build_hello_command(args, env, mpi, cores)
     except ValueError as error:
-        return f"FIX: 2-rank hello cannot start: {error}"
+        return [f"FIX: hello cannot start: {error}"]
+    name = f"{plan.ranks}-rank hello"
     try:
         returncode, out, err = _run_with_timeout(plan.argv, {**env, **plan.env_updates}, _HELLO_TIMEOUT_S)
     except OSError as error:
-        return f"FIX: 2-rank hello cannot start {plan.argv[0]}: {error.strerror or error}"
-    hellos = sorted(re.findall(r"hello rank=(\d+) size=(\d+) host=([^\s;]+);", out))
-    shown = ", ".join(f"rank {rank} on {host}" for rank, _, host in hellos)
-    if returncode is None:
-        return (f"FIX: 2-rank hello did not finish in {_HELLO_TIMEOUT_S:.0f} s ({shown or 'no rank answered'}): "
-                "check that the hosts accept ssh without a password and that no firewall blocks MPI's ports")
-    if returncode != 0:
-        last = (err.strip().splitlines() or ["no error output"])[-1]
-        return f"FIX: 2-rank hello failed with exit status {returncode}: {last}"
-    if [(rank, size) for rank, size, _ in hellos] == [("0", "2"), ("1", "2")]:
-        return f"OK 2-rank hello: {shown}"
-    if hellos and all(size == "1" for _, size, _ in hellos):
-        return (f"FIX: 2-rank hello: every process says it is rank 0 of 1 ({shown}): {plan.argv[0]} belongs to "
+        return [f"FIX: {name} cannot start {plan.argv[0]}: {error.strerror or error}"]
+    started = dict(re.findall(r"started rank=(\d+) host=([^\s;]+);", out))
+    answers = sorted(re.findall(r"hello rank=(\d+) size=(\d+) host=([^\s;]+);", out),
+                     key=lambda answer: int(answer[0]))
+    hellos = {rank: host for rank, size, host in answers if size == str(plan.ranks)}
+    shown = ", ".join(f"rank {rank} on {host}" for rank, _, host in answers)
+    if answers and all(size == "1" for _, size, _ in answers):
+        return [f"FIX: {name}: every process says it is rank 0 of 1 ({shown}): {plan.argv[0]} belongs to "
                 f"another MPI than mpi4py ({mpi.library}). Use the launcher of that MPI (pass --mpiexec) or "
-                "rebuild mpi4py against this one")
-    return f"FIX: 2-rank hello gave unexpected output: {out.strip()[:300]!r}"
+                "rebuild mpi4py against this one"]
+    hosts = _hello_hosts(args.hosts)
+    lines = []
+    if returncode is None:
+        # With hosts, the lines per host below say what to check.
+        advice = "" if hosts else ": check that no firewall blocks MPI's ports on this machine"
+        lines.append(f"FIX: {name} did not finish in {_HELLO_TIMEOUT_S:.0f} s "
+                     f"({shown or 'no rank answered'}){advice}")
+    elif returncode != 0:
+        last = (err.strip().splitlines() or ["no error output"])[-1]
+        lines.append(f"FIX: {name} failed with exit status {returncode}: {last}")
+    elif len(hellos) != plan.ranks or len(answers) != plan.ranks:
+        lines.append(f"FIX: {name} gave unexpected output: {out.strip()[:300]!r}")
+    if hosts is None:
+        return lines or [f"OK {name}: {shown}"]
+    # The launcher stops the whole job at the first host it cannot reach, before
+    # ranks elsewhere ran; its error lines (ssh's) name that host. Names of this
+    # machine are left out: hydra puts them in every line, and no ssh goes there.
+    local_names = _local_host_names()
+    launcher_errors = {host: [line.strip() for line in err.splitlines()
+                              if re.search(rf"(?<![\w.-]){re.escape(host)}(?![\w.-])", line)]
+                       for host, _ in hosts if host not in local_names}
+    blamed = [host for host, errors in launcher_errors.items() if errors]
+    host_ranks, first_rank = {}, 0
+    for host, slots in hosts:
+        host_ranks[host] = [str(rank) for rank in range(first_rank, first_rank + slots)]
+        first_rank += slots
+    silent = [host for host, ranks in host_ranks.items() if not any(rank in started for rank in ranks)]
+    for host, ranks in host_ranks.items():
+        which = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+        if all(rank in hellos for rank in ranks):
+            lines.append(f"OK host {host}: {which} answered from {', '.join(sorted({hellos[r] for r in ranks}))}")
+        elif host not in silent:
+            seen = ", ".join(sorted({started[rank] for rank in ranks if rank in started}))
+            if silent:  # MPI's start waits for every rank
+                lines.append(f"FIX: {which} started on {host} ({seen}) but could not join the job while no rank "
+                             f"started on {', '.join(silent)}; run --check again once that is fixed")
+            else:
+                lines.append(f"FIX: {which} started on {host} ({seen}) but never joined the job: check that no "
+                             "firewall blocks MPI's ports between the hosts and that every host resolves the "
+                             "others' names to addresses they can reach")
+        elif blamed and host not in blamed:
+            lines.append(f"FIX: no rank started on {host}: the launcher stopped at {', '.join(blamed)} first; "
+                         "run --check again once that is fixed")
+        else:
+            cause = f" ({launcher_errors[host][0]})" if launcher_errors.get(host) else ""
+            lines.append(f"FIX: no rank started on {host}{cause}: check ssh/hostname: 'ssh {host} true' must work "
+                         f"without a password from here, {host} must name the machine you mean, and "
+                         f"{sys.executable} must exist there with mpi4py")
+    return lines
 
 
 def _check_hosts(hosts: list[tuple[str, int]]) -> list[str]:
@@ -669,9 +759,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             lines, ok = run_check(args, env, mpi)
             print("\n".join(lines), flush=True)
             return 0 if ok else 1
-        if PROGRESS_ENV not in env and sys.stderr.isatty():
-            env[PROGRESS_ENV] = "bar"
-        plan = build_command(args, env, mpi)
+        plan = build_command(args, env, mpi, terminal=sys.stderr.isatty())
         for warning in plan.warnings:
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
         if args.dry_run:

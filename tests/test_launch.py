@@ -1,5 +1,6 @@
 """Tests for mnn-launch: command construction as pure functions, then real launches under mpiexec."""
 
+import json
 import os
 import re
 import select
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from mnn.distributed.launch import (
+    PROGRESS_ENV,
     THREAD_VARIABLES,
     MpiSetup,
     build_command,
+    build_hello_command,
     detect_mpi,
     find_mpiexec,
     format_plan,
@@ -34,12 +37,12 @@ needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py's mpiexec besi
 
 
 def without_thread_variables(env):
-    """``env`` as a user who set no thread counts would have it (make test sets them)."""
-    return {name: value for name, value in env.items() if name not in THREAD_VARIABLES}
+    """``env`` as a user who set no thread counts and no progress style would have it (make test sets them)."""
+    return {name: value for name, value in env.items() if name not in (*THREAD_VARIABLES, PROGRESS_ENV)}
 
 
-def plan_for(argv, env=None, mpi=MPICH, cores=8):
-    return build_command(parse_args(argv), {} if env is None else env, mpi, cores=cores)
+def plan_for(argv, env=None, mpi=MPICH, cores=8, terminal=False):
+    return build_command(parse_args(argv), {} if env is None else env, mpi, cores=cores, terminal=terminal)
 
 
 def launcher_command():
@@ -201,10 +204,72 @@ def test_format_plan_and_dry_run(tmp_path, capsys):
     assert code == 0 and not marker.exists()
     environment, command = out.strip().splitlines()
     assert environment.startswith("environment: OMP_NUM_THREADS=") and "MKL" not in environment
+    assert PROGRESS_ENV not in environment  # captured stderr is no terminal
     assert command.startswith("command: ") and f"{sys.executable} -c " in command
     plan = plan_for(["-n", "1", "--", "echo", "a b"], env={name: "1" for name in THREAD_VARIABLES})
     assert format_plan(plan) == ("environment: (nothing: the thread variables are already set)\n"
                                  "command: /opt/mpich/bin/mpiexec -n 1 echo 'a b'")
+
+
+def test_terminal_adds_progress_bar_to_the_plan():
+    """On a terminal the plan sets MNN_PROGRESS=bar like the thread variables: shown by --dry-run, passed on."""
+    mpich = plan_for(["-n", "2", "--", *COMMAND], terminal=True)
+    assert mpich.env_updates[PROGRESS_ENV] == "bar"
+    assert ["-genv", PROGRESS_ENV, "bar"] == mpich.argv[-len(COMMAND) - 3:-len(COMMAND)]
+    assert f"{PROGRESS_ENV}=bar" in format_plan(mpich).splitlines()[0]
+    openmpi = plan_for(["-n", "2", "--", *COMMAND], env={"PATH": "/usr/bin"}, mpi=OPENMPI, terminal=True)
+    assert openmpi.env_updates[PROGRESS_ENV] == "bar"
+    assert openmpi.argv[-len(COMMAND) - 2:-len(COMMAND)] == ["-x", PROGRESS_ENV]
+    slurm = plan_for(["--", *COMMAND], env={"SLURM_JOB_ID": "5", "SLURM_NTASKS": "2"}, terminal=True)
+    assert slurm.env_updates[PROGRESS_ENV] == "bar"  # srun passes the whole environment on
+
+
+def test_user_progress_choice_is_kept_and_no_terminal_adds_nothing():
+    chosen = {PROGRESS_ENV: "lines"}
+    mpich = plan_for(["-n", "2", "--", *COMMAND], env=chosen, terminal=True)
+    assert PROGRESS_ENV not in mpich.env_updates and PROGRESS_ENV not in mpich.argv
+    openmpi = plan_for(["-n", "2", "--", *COMMAND], env=chosen, mpi=OPENMPI, terminal=True)
+    assert PROGRESS_ENV not in openmpi.env_updates
+    assert openmpi.argv[-len(COMMAND) - 2:-len(COMMAND)] == ["-x", PROGRESS_ENV]  # forwarded with its value
+    for mpi in (MPICH, OPENMPI, NO_MPI):
+        plan = plan_for(["-n", "2", "--", *COMMAND], mpi=mpi)
+        assert PROGRESS_ENV not in plan.env_updates and PROGRESS_ENV not in plan.argv
+        assert "MNN_PROGRESS" not in format_plan(plan)
+
+
+def test_dry_run_on_a_terminal_shows_the_progress_bar(tmp_path):
+    """mnn-launch --dry-run with its stderr on a pseudo-terminal: the plan it prints sets MNN_PROGRESS=bar."""
+    pty = pytest.importorskip("pty")
+    argv = [*launcher_command(), "-n", "2", "--dry-run", "--", "true"]
+    env = without_thread_variables(os.environ)
+    pid, terminal = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    output = b""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # mnn-launch exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    environment = next(line for line in text.splitlines() if line.startswith("environment: "))
+    assert f"{PROGRESS_ENV}=bar" in environment.split()
+    command = next(line for line in text.splitlines() if line.startswith("command: "))
+    if "-genv" in command:  # the MPICH of mpi4py's wheel
+        assert f"-genv {PROGRESS_ENV} bar" in command
 
 
 def test_main_reports_usage_errors(capsys):
@@ -220,6 +285,75 @@ def test_help_explains_formats_and_examples(capsys):
     for expected in ("host slots=N", "host:slots", "mnn-launch -n 4 -- mnn-train", "--dry-run", "--check",
                      "SLURM_NTASKS", "OMP_NUM_THREADS", "Ctrl-C" if "Ctrl-C" in text else "SIGINT"):
         assert expected in text
+
+
+# ------------------------------------------------------------------ the --check hello
+def hello_plan(argv, mpi=MPICH):
+    return build_hello_command(parse_args([*argv, "--check"]), {}, mpi, cores=8)
+
+
+@pytest.mark.parametrize("mpi, host_option", [(MPICH, "-hosts"), (OPENMPI, "--host")], ids=["mpich", "openmpi"])
+def test_hello_runs_one_rank_on_each_host(tmp_path, mpi, host_option):
+    """The hello must reach every host, whatever its slots: filling slots in order would put both ranks on node1."""
+    plan = hello_plan(["--hosts", "node1:16,node2:16"], mpi)
+    assert plan.argv[1:5] == ["-n", "2", host_option, "node1:1,node2:1"]
+    assert plan.argv[-3:-1] == [sys.executable, "-c"] and "--oversubscribe" not in plan.argv
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=4\nnode2 slots=4\nnode3 slots=4\n")
+    plan = hello_plan(["-n", "12", "--hostfile", str(hostfile)], mpi)  # -n is for the job, not the hello
+    assert plan.argv[1:5] == ["-n", "3", host_option, "node1:1,node2:1,node3:1"]
+    lone = hello_plan(["--hosts", "node1:16"], mpi)  # two ranks, so that they must talk
+    assert lone.argv[1:5] == ["-n", "2", host_option, "node1:2"]
+    local = hello_plan([], mpi)
+    assert local.argv[1:3] == ["-n", "2"] and host_option not in local.argv
+
+
+def write_scripted_launcher(path, script):
+    """An MPICH-like mpiexec that records its arguments and replays ``script`` instead of starting ranks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        "if sys.argv[1:] == ['--version']:\n    print('HYDRA build details:\\n    Version: 5.0.2'); sys.exit(0)\n"
+        f"open({str(path) + '.args'!r}, 'w').write(json.dumps(sys.argv[1:]))\n" + script)
+    path.chmod(0o755)
+    return path
+
+
+def check_lines(launcher, hosts):
+    result = subprocess.run([*launcher_command(), "--mpiexec", str(launcher), "--hosts", hosts, "--check"],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout.splitlines()
+
+
+@needs_mpi
+def test_check_reports_each_host(tmp_path):
+    """No remote hosts exist where the tests run, so a scripted launcher stands in for ranks on node1..3:
+    in the first job every rank answers; in the second, ssh cannot reach node2, so the launcher gives up
+    after node1's rank started and before node3's did."""
+    hosts = "node1.invalid:8,node2.invalid:8,node3.invalid:8"
+    answering = write_scripted_launcher(tmp_path / "answering" / "mpiexec", (
+        "for rank, host in enumerate(['n1', 'n2', 'n3']):\n"
+        "    print(f'started rank={rank} host={host};hello rank={rank} size=3 host={host};')\n"))
+    code, lines = check_lines(answering, hosts)
+    assert json.loads(Path(f"{answering}.args").read_text())[:4] == [
+        "-n", "3", "-hosts", "node1.invalid:1,node2.invalid:1,node3.invalid:1"]
+    assert "OK host node1.invalid: rank 0 answered from n1" in lines
+    assert "OK host node3.invalid: rank 2 answered from n3" in lines
+    assert code == 1  # the .invalid names do not resolve here
+    stopping = write_scripted_launcher(tmp_path / "stopping" / "mpiexec", (
+        "print('started rank=0 host=n1;', flush=True)\n"
+        "print('ssh: Could not resolve hostname node2.invalid: Name or service not known', file=sys.stderr)\n"
+        "sys.exit(255)\n"))
+    code, lines = check_lines(stopping, hosts)
+    fixes = [line for line in lines if line.startswith("FIX: ")]
+    assert code == 1
+    assert any(line.startswith("FIX: 3-rank hello failed with exit status 255") for line in fixes), lines
+    assert any(line.startswith("FIX: rank 0 started on node1.invalid (n1) but could not join the job while no "
+                               "rank started on node2.invalid, node3.invalid") for line in fixes), lines
+    assert any(line.startswith("FIX: no rank started on node2.invalid (ssh: Could not resolve hostname "
+                               "node2.invalid: Name or service not known): check ssh/hostname") for line in fixes)
+    assert any(line.startswith("FIX: no rank started on node3.invalid: the launcher stopped at node2.invalid first")
+               for line in fixes), lines
 
 
 # ------------------------------------------------------------------ finding mpiexec
@@ -296,6 +430,24 @@ def test_real_check_passes():
     assert all(line.startswith("OK ") for line in lines), lines
     assert any(re.match(r"OK 2-rank hello: rank 0 on \S+, rank 1 on \S+", line) for line in lines)
     assert any(line.startswith("OK threads per rank") for line in lines)
+
+
+@needs_mpi
+def test_real_check_with_two_names_of_this_machine():
+    """No remote hosts exist where the tests run: localhost and this machine's name stand for two hosts
+    (hydra starts both ranks here without ssh), and each must get one rank of the hello."""
+    import socket
+    hostname = socket.gethostname()
+    try:
+        socket.getaddrinfo(hostname, None)
+    except OSError:
+        pytest.skip(f"this machine's name {hostname!r} does not resolve")
+    result = subprocess.run([*launcher_command(), "--hosts", f"localhost:4,{hostname}:4", "--check"],
+                            capture_output=True, text=True, timeout=180)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(re.fullmatch(r"OK host localhost: rank 0 answered from \S+", line) for line in lines), lines
+    assert any(re.fullmatch(rf"OK host {re.escape(hostname)}: rank 1 answered from \S+", line) for line in lines)
 
 
 @needs_mpi
