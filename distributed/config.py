@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_config",
     "add_config_arguments",
     "config_overrides",
+    "check_int",
 ]
 
 LOSSES = ("cross_entropy", "nll", "mse")
@@ -147,16 +149,15 @@ class TrainConfig:
             raise ValueError(
                 f"layers: expected a list of at least 2 widths (input, ..., classes), "
                 f"got {self.layers!r}")
-        for width in self.layers:
-            if not _is_int(width) or width < 1:
-                raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
+        if not all(_is_int(width) and width >= 1 for width in self.layers):
+            raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
         self.layers = [int(width) for width in self.layers]
 
         _check_choice("loss", self.loss, LOSSES)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset: expected a non-empty spec string, got {self.dataset!r}")
-        _check_int("epochs", self.epochs, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
+        self.epochs = check_int("epochs", self.epochs, minimum=1)
+        self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         self.lr = _check_float("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
@@ -173,9 +174,9 @@ class TrainConfig:
         self.weight_decay = _check_float("weight_decay", self.weight_decay)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
-        _check_int("seed", self.seed, minimum=0)
+        self.seed = check_int("seed", self.seed, minimum=0)
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_int("eval_every", self.eval_every, minimum=0)
+        self.eval_every = check_int("eval_every", self.eval_every, minimum=0)
         # Paths given as pathlib.Path (Python API) are stored as text, as TOML has them.
         if isinstance(self.output, os.PathLike):
             self.output = os.fspath(self.output)
@@ -190,11 +191,11 @@ class TrainConfig:
             raise ValueError(
                 "resume: true means 'continue from OUTPUT/checkpoint.npz', but output is "
                 "not set; give --output DIR or a checkpoint path")
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, minimum=1)
-        _check_int("log_every", self.log_every, minimum=1)
-        _check_int("bucket_bytes", self.bucket_bytes, minimum=1)
+            self.max_steps = check_int("max_steps", self.max_steps, minimum=1)
+        self.log_every = check_int("log_every", self.log_every, minimum=1)
+        self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
 
@@ -211,13 +212,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text), source="checkpoint config")
 
     def to_toml(self) -> str:
         """The resolved job as TOML; unset optional fields (None) are left out,
@@ -237,19 +231,28 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass, but `epochs = true` is a mistake, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int if it is an integer (Python or NumPy, not a bool)
+    of at least ``minimum``; else a TypeError/ValueError naming ``name``.
+
+    The one integer check of mnn.distributed: job settings and sampler arguments.
+    """
     if not _is_int(value):
         raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return int(value)
 
 
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    # nan slips through every `<`/`>` range check and inf trains to a nan loss.
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
     return float(value)
 
 
@@ -275,11 +278,12 @@ def resolve_config(config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < job file < overrides (e.g. command-line options), then validate."""
     values: dict[str, Any] = {}
+    source = "config"
     if config_file is not None:
         values = load_toml(config_file)
-        _check_keys(values, f"config file {str(config_file)!r}")
+        source = f"config file {str(config_file)!r}"
     values.update(overrides or {})
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, source=source)
 
 
 # ------------------------------------------------------------ command line

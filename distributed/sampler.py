@@ -32,6 +32,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from mnn.distributed.config import check_int
+
 __all__ = ["GlobalBatchSampler", "ShardedBatch", "shard_sizes"]
 
 
@@ -41,10 +43,8 @@ def shard_sizes(batch_size: int, world_size: int) -> list[int]:
     >>> shard_sizes(7, 3)
     [3, 2, 2]
     """
-    if batch_size < 0:
-        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    batch_size = check_int("batch_size", batch_size, 0)
+    world_size = check_int("world_size", world_size, 1)
     base, extra = divmod(batch_size, world_size)
     return [base + 1 if rank < extra else base for rank in range(world_size)]
 
@@ -65,31 +65,22 @@ class ShardedBatch(NamedTuple):
     shard_sizes: list[int]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 class GlobalBatchSampler:
     """Per-epoch shuffled global batches of ``global_batch_size``, sharded over ranks.
 
-    ``shuffle=False`` keeps dataset order (for evaluation).
+    For training only: evaluation needs no shuffling or batching across ranks,
+    just each rank's contiguous part of the split (:func:`shard_sizes`).
     """
 
     def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
-        self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+                 world_size: int = 1, seed: int = 0, drop_last: bool = False):
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
-        self.seed = _check_int("seed", seed, 0)
-        self.shuffle = bool(shuffle)
+        self.seed = check_int("seed", seed, 0)
         self.drop_last = bool(drop_last)
         if self.drop_last and self.num_samples < self.global_batch_size:
             raise ValueError(f"drop_last=True with {self.num_samples} samples and global_batch_size="
@@ -103,14 +94,12 @@ class GlobalBatchSampler:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's order of all dataset indices (identical on every rank)."""
-        epoch = _check_int("epoch", epoch, 0)
-        if not self.shuffle:
-            return np.arange(self.num_samples)
+        epoch = check_int("epoch", epoch, 0)
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
 
     def global_batch(self, epoch: int, step: int, order: np.ndarray | None = None) -> np.ndarray:
         """Dataset indices of global batch ``step`` of ``epoch``, over all ranks."""
-        step = _check_int("step", step, 0)
+        step = check_int("step", step, 0)
         if step >= self.steps_per_epoch:
             raise ValueError(f"step must be in [0, {self.steps_per_epoch}) for this epoch, got {step}")
         if order is None:
@@ -125,7 +114,7 @@ class GlobalBatchSampler:
         uninterrupted epoch would have produced from that step, whatever the
         world size before and after.
         """
-        start_step = _check_int("start_step", start_step, 0)
+        start_step = check_int("start_step", start_step, 0)
         if start_step > self.steps_per_epoch:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
         order = self.epoch_order(epoch)

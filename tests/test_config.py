@@ -1,6 +1,8 @@
 """TrainConfig: validation, TOML job files, command-line precedence."""
 import argparse
+import json
 
+import numpy as np
 import pytest
 
 from mnn.distributed.config import (
@@ -90,6 +92,12 @@ def test_missing_and_malformed_files_are_value_errors(tmp_path):
     ({"resume": True}, "resume: true means"),
     ({"log_every": 0}, "log_every: expected an integer >= 1"),
     ({"drop_last": 1}, "drop_last: expected true or false"),
+    ({"lr": float("nan")}, "lr: expected a finite number, got nan"),
+    ({"lr": float("inf")}, "lr: expected a finite number, got inf"),
+    ({"weight_decay": float("nan")}, "weight_decay: expected a finite number, got nan"),
+    ({"weight_decay": float("inf")}, "weight_decay: expected a finite number, got inf"),
+    ({"momentum": float("nan")}, "momentum: expected a finite number, got nan"),
+    ({"warmup_epochs": float("nan")}, "warmup_epochs: expected a finite number, got nan"),
 ])
 def test_invalid_values_say_expected_and_got(changes, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")):
@@ -103,9 +111,22 @@ def test_bad_layers_option_is_a_usage_error(capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
-def test_json_round_trip_for_checkpoints():
+@pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--momentum", "--warmup-epochs"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_options_are_rejected(option, value):
+    with pytest.raises(ValueError, match="expected a finite number"):
+        resolve_config(None, parse([f"{option}={value}"]))
+
+
+def test_dict_round_trip_through_json_as_checkpoints_store_it():
     config = TrainConfig(layers=[3, 5, 2], dataset="digits", output="o", resume="c.npz")
-    assert TrainConfig.from_json(config.to_json()) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_numpy_integers_are_stored_as_python_ints():
+    config = TrainConfig(epochs=np.int64(3), layers=[np.int32(64), 10], max_steps=np.int64(5))
+    assert (config.epochs, config.layers, config.max_steps) == (3, [64, 10], 5)
+    assert type(config.epochs) is int and type(config.max_steps) is int
 
 
 def test_paths_are_stored_as_text(tmp_path):
