@@ -3,8 +3,9 @@
 A checkpoint holds everything needed to continue a run exactly where it stopped:
 the model's state dict, the optimizer's state arrays (momentum, Adam moments,
 step counts), the position in the data (epoch, steps done in that epoch, total
-steps, samples seen) and the resolved job config as JSON text stored as a uint8
-array. There is no RNG state to save: the order of global batches is a function
+steps, samples seen) and the resolved job config (``TrainConfig.to_dict()``) as
+JSON text stored as a uint8 array; the trainer reads it back with
+``TrainConfig.from_dict``, which validates it. There is no RNG state to save: the order of global batches is a function
 of (seed, epoch, batch size) alone, so the position is enough, whatever the
 number of ranks that resumes.
 
@@ -48,9 +49,10 @@ _VERSION_KEY = "format_version"
 class Checkpoint:
     """A run's state between two optimizer steps.
 
-    ``epoch`` is the epoch to continue in and ``step_in_epoch`` the number of its
-    global batches already trained on; ``world_size`` is only a record of the run
-    that wrote it (a checkpoint can be resumed on any number of ranks).
+    ``epoch`` counts the complete epochs (so it is the 0-based index of the epoch
+    to continue in) and ``step_in_epoch`` the global batches of that next epoch
+    already trained on; ``world_size`` is only a record of the run that wrote it
+    (a checkpoint can be resumed on any number of ranks).
     """
 
     model_state: dict[str, np.ndarray]

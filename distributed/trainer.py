@@ -15,6 +15,26 @@ Before the first step the job is checked on rank 0 (output directory writable,
 checkpoint present and compatible, dataset readable and matching ``layers``);
 a problem raises :class:`JobConfigError` on every rank, so all ranks stop
 together. Only rank 0 prints and writes files.
+
+Positions in a run are told one way everywhere (lines, metrics.jsonl, messages):
+``epoch`` is the 1-based epoch trained in and ``step_in_epoch`` the global
+batches of it done so far, so the end of epoch 2 is epoch 2, step S/S (never
+epoch 3, step 0). ``epochs_done`` counts complete epochs.
+
+OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
+
+* ``train`` (every ``log_every`` steps and at the end of each epoch): ``epoch``,
+  ``step_in_epoch``, ``global_step``, ``loss`` (mean training loss since the
+  last train event), ``lr``, ``samples_per_s``;
+* ``eval`` (every ``eval_every`` epochs and at the end): ``epoch``,
+  ``step_in_epoch``, ``epochs_done``, ``global_step``, ``test_loss``,
+  ``test_accuracy``; the evaluation followed a partial epoch when
+  ``epochs_done < epoch`` (its line then says "(partial)");
+* ``resume`` (first, when the run continues a checkpoint): ``checkpoint``,
+  ``epoch``, ``step_in_epoch``, ``epochs_done``, ``global_step`` of the
+  checkpoint, and ``changed``: the settings that differ from the
+  checkpoint's, as ``{name: [checkpoint's value, this job's value]}``;
+* ``summary`` (last): the summary, whose ``epochs`` is ``epochs_done``.
 """
 from __future__ import annotations
 
@@ -161,6 +181,8 @@ def _collectively(comm: Communicator, fn: Callable[[], Any], on_rank0_only: bool
 
 def _check_output_dir(output: str) -> None:
     path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output directory {output!r} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -181,20 +203,28 @@ def _checkpoint_to_resume(config: TrainConfig) -> Path | None:
     return path
 
 
-def _restore(path: Path, config: TrainConfig, net: SequentialLayers, optimizer: Any) -> dict[str, int]:
-    """Load a checkpoint into ``net`` and ``optimizer``; return its position."""
+def _restore(path: Path, config: TrainConfig, net: SequentialLayers, optimizer: Any) -> dict[str, Any]:
+    """Load a checkpoint into ``net`` and ``optimizer``; return its position and
+    the settings that differ from its config (``changed``: name -> [old, new])."""
     checkpoint = load_checkpoint(path)
-    saved = checkpoint.config
-    changed = [f"{key}: checkpoint has {saved.get(key)!r}, this job {getattr(config, key)!r}"
-               for key in RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
-    if changed:
+    try:
+        saved = TrainConfig.from_dict(checkpoint.config, source=f"the config in {str(path)!r}")
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"cannot resume from {str(path)!r}: its stored config is not a valid "
+                         f"job: {error}") from None
+    mismatched = [f"{key}: checkpoint has {getattr(saved, key)!r}, this job {getattr(config, key)!r}"
+                  for key in RESUME_MUST_MATCH if getattr(saved, key) != getattr(config, key)]
+    if mismatched:
         raise ValueError(f"cannot resume from {str(path)!r}: these settings must match the "
-                         f"checkpoint's: " + "; ".join(changed))
+                         f"checkpoint's: " + "; ".join(mismatched))
+    # `resume` itself always differs from the run that wrote the checkpoint.
+    changed = {key: [value, getattr(config, key)] for key, value in saved.to_dict().items()
+               if key not in RESUME_MUST_MATCH and key != "resume" and value != getattr(config, key)}
     net.load_state_dict(checkpoint.model_state)
     optimizer.load_state_dict(checkpoint.optimizer_state)
     return {"epoch": checkpoint.epoch, "step_in_epoch": checkpoint.step_in_epoch,
             "global_step": checkpoint.global_step, "samples_seen": checkpoint.samples_seen,
-            "resumed_from": str(path)}
+            "resumed_from": str(path), "changed": changed}
 
 
 def _load_data(config: TrainConfig, comm: Communicator) -> Dataset:
@@ -222,6 +252,44 @@ def _load_data(config: TrainConfig, comm: Communicator) -> Dataset:
 
 
 # ---------------------------------------------------------------- reporting
+def _epoch_and_step(epochs_done: int, step_in_epoch: int, steps_per_epoch: int) -> tuple[int, int]:
+    """The 1-based epoch last trained in and its steps done: the end of epoch 2 is
+    (2, steps_per_epoch), not (3, 0). Before any step it is (1, 0)."""
+    if step_in_epoch == 0 and epochs_done > 0:
+        return epochs_done, steps_per_epoch
+    return epochs_done + 1, step_in_epoch
+
+
+def _position_text(epochs_done: int, step_in_epoch: int, steps_per_epoch: int, epochs: int) -> str:
+    """'the end of epoch 2/10', or 'epoch 3/10 step 7/23' within an epoch."""
+    epoch, step = _epoch_and_step(epochs_done, step_in_epoch, steps_per_epoch)
+    if step == steps_per_epoch:
+        return f"the end of epoch {epoch}/{epochs}"
+    return f"epoch {epoch}/{epochs} step {step}/{steps_per_epoch}"
+
+
+def _nothing_left_text(checkpoint: str, config: TrainConfig, epochs_done: int,
+                       step_in_epoch: int, global_step: int, steps_per_epoch: int) -> str | None:
+    """Why a resumed run has no step left to train, or None if it has some."""
+    if epochs_done >= config.epochs:
+        if (epochs_done, step_in_epoch) == (config.epochs, 0):
+            where = f"at the end of epoch {epochs_done} of {config.epochs}"
+        else:
+            where = (f"at {_position_text(epochs_done, step_in_epoch, steps_per_epoch, config.epochs)}, "
+                     f"past this job's last epoch")
+        return (f"checkpoint {checkpoint} is {where}: nothing left to train; "
+                f"raise --epochs to train further")
+    if config.max_steps is not None and global_step >= config.max_steps:
+        return (f"checkpoint {checkpoint} is at step {global_step} and max_steps is "
+                f"{config.max_steps}: nothing left to train; raise --max-steps to train further")
+    return None
+
+
+def _changed_text(changed: dict[str, list[Any]]) -> str:
+    return "settings changed since the checkpoint: " + ", ".join(
+        f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+
+
 def _progress_bar_wanted() -> bool:
     """A bar when ``MNN_PROGRESS=bar`` (mnn-launch sets it when it runs on a
     terminal: the ranks' own stderr is a pipe then), plain lines when
@@ -281,6 +349,8 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
     Collective: every rank calls it with the same config. Returns the summary
     (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
     Raises :class:`JobConfigError` on every rank if the job cannot start.
+    A resumed run with no step left to train says so, evaluates the restored
+    model and returns without writing anything.
     """
     started = time.perf_counter()
     comm = get_communicator(comm)
@@ -309,7 +379,7 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         raise JobConfigError(failure.failures) from failure
     if position is None:
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "samples_seen": 0,
-                    "resumed_from": None}
+                    "resumed_from": None, "changed": {}}
 
     dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes)
     steps_per_epoch = sampler.steps_per_epoch
@@ -317,17 +387,54 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     global_step, samples_seen = position["global_step"], position["samples_seen"]
-    epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
+    epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]  # epoch: epochs done
+    train_seconds, samples_this_run = 0.0, 0
+
+    def where(done: int, step: int) -> str:
+        return _position_text(done, step, steps_per_epoch, config.epochs)
+
+    def summarize(last_eval: dict[str, float], train_loss: float | None) -> dict[str, Any]:
+        # Times and rates as rank 0 measured them, so every rank returns the same summary.
+        rates = comm.allgather({
+            "samples_per_s": samples_this_run / train_seconds if train_seconds else 0.0,
+            "train_s": train_seconds,
+            "wall_s": time.perf_counter() - started,
+            "timings": dict(dp.timings),
+        })[0]
+        return {
+            "world_size": comm.size,
+            "epochs": epoch,
+            "steps": global_step,
+            "samples_seen": samples_seen,
+            "stopped_early": epoch < config.epochs,
+            "resumed_from": position["resumed_from"],
+            "train_loss": train_loss,
+            "test_loss": float(last_eval["loss"]),
+            "test_accuracy": float(last_eval["accuracy"]),
+            **rates,
+        }
+
+    if position["resumed_from"] is not None:
+        nothing_left = _nothing_left_text(position["resumed_from"], config, epoch, step_in_epoch,
+                                          global_step, steps_per_epoch)
+        if nothing_left is not None:
+            # The finished run's outputs stay as they are: this run trained nothing.
+            if is_root:
+                print(nothing_left, flush=True)
+            return summarize(evaluate(net, dataset.test, config, comm), train_loss=None)
 
     if is_root and output is not None:
         atomic_write_text(output / "config.toml", config.to_toml())
     reporter = _Reporter(is_root, output, total_steps, min(global_step, total_steps),
                          resumed=position["resumed_from"] is not None)
     if position["resumed_from"]:
+        shown_epoch, shown_step = _epoch_and_step(epoch, step_in_epoch, steps_per_epoch)
+        line = f"resumed from {position['resumed_from']} at {where(epoch, step_in_epoch)}"
+        if position["changed"]:
+            line += "\n" + _changed_text(position["changed"])
         reporter.record({"event": "resume", "checkpoint": position["resumed_from"],
-                         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
-                        f"resumed from {position['resumed_from']} at epoch {epoch + 1}, "
-                        f"step {step_in_epoch}")
+                         "epoch": shown_epoch, "step_in_epoch": shown_step, "epochs_done": epoch,
+                         "global_step": global_step, "changed": position["changed"]}, line)
     elif config.resume is True and is_root:
         print(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch", flush=True)
 
@@ -342,16 +449,19 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
 
     def run_evaluation() -> dict[str, float]:
         metrics = evaluate(net, dataset.test, config, comm)
-        reporter.record({"event": "eval", "epoch": epoch, "global_step": global_step,
+        shown_epoch, shown_step = _epoch_and_step(epoch, step_in_epoch, steps_per_epoch)
+        partial = "" if shown_step == steps_per_epoch else f" (partial, step {shown_step}/{steps_per_epoch})"
+        reporter.record({"event": "eval", "epoch": shown_epoch, "step_in_epoch": shown_step,
+                         "epochs_done": epoch, "global_step": global_step,
                          "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]},
-                        f"epoch {epoch}/{config.epochs} | test loss {metrics['loss']:.4f} | "
+                        f"epoch {shown_epoch}/{config.epochs}{partial} | test loss {metrics['loss']:.4f} | "
                         f"test accuracy {metrics['accuracy']:.4f}")
         return metrics
 
     # Training-loss sums since the last log line, and over the current epoch:
     # [sum over samples of the loss, samples], summed over ranks at log points.
     window, epoch_totals = np.zeros(2), np.zeros(2)
-    window_started, train_seconds, samples_this_run = time.perf_counter(), 0.0, 0
+    window_started = time.perf_counter()
     train_loss: float | None = None  # mean over the last epoch (or part of one) trained
     last_eval: dict[str, float] | None = None
     evaluated_at = -1
@@ -363,11 +473,12 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         now = time.perf_counter()
         if window[1] > 0:
             loss, samples_per_s = window[0] / window[1], window[1] / (now - window_started)
+            shown_epoch, shown_step = _epoch_and_step(epoch, step_in_epoch, steps_per_epoch)
             reporter.record(
-                {"event": "train", "epoch": epoch, "step_in_epoch": step_in_epoch,
+                {"event": "train", "epoch": shown_epoch, "step_in_epoch": shown_step,
                  "global_step": global_step, "loss": loss, "lr": optimizer.lr,
                  "samples_per_s": samples_per_s},
-                f"epoch {epoch + 1}/{config.epochs} step {step_in_epoch}/{steps_per_epoch} | "
+                f"epoch {shown_epoch}/{config.epochs} step {shown_step}/{steps_per_epoch} | "
                 f"loss {loss:.4f} | lr {optimizer.lr:.4g} | {samples_per_s:.0f} samples/s")
         window[:] = 0
         window_started = now
@@ -406,32 +517,12 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
     if epoch_totals[1]:
         train_loss = float(epoch_totals[0] / epoch_totals[1])
 
-    stopped_early = epoch < config.epochs
-    if output is not None and (config.checkpoint_every or stopped_early) \
+    if output is not None and (config.checkpoint_every or epoch < config.epochs) \
             and checkpointed_at != global_step:
         save_position()
     if evaluated_at != global_step or last_eval is None:
         last_eval = run_evaluation()
-
-    # Times and rates as rank 0 measured them, so every rank returns the same summary.
-    rates = comm.allgather({
-        "samples_per_s": samples_this_run / train_seconds if train_seconds else 0.0,
-        "train_s": train_seconds,
-        "wall_s": time.perf_counter() - started,
-        "timings": dict(dp.timings),
-    })[0]
-    summary = {
-        "world_size": comm.size,
-        "epochs": epoch,
-        "steps": global_step,
-        "samples_seen": samples_seen,
-        "stopped_early": stopped_early,
-        "resumed_from": position["resumed_from"],
-        "train_loss": train_loss,
-        "test_loss": float(last_eval["loss"]),
-        "test_accuracy": float(last_eval["accuracy"]),
-        **rates,
-    }
+    summary = summarize(last_eval, train_loss)
     if output is not None:
         _collectively(comm, lambda: _write_results(output, net.state_dict(), summary))
     reporter.record({"event": "summary", **summary}, _summary_line(summary))
@@ -447,4 +538,4 @@ def _summary_line(summary: dict[str, Any]) -> str:
     return (f"done: test accuracy {summary['test_accuracy']:.4f} | "
             f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
             f"{summary['world_size']} rank{'s' if summary['world_size'] > 1 else ''} | "
-            f"{summary['steps']} steps, {summary['epochs']} epochs")
+            f"{summary['steps']} steps, {summary['epochs']} epoch{'s' if summary['epochs'] != 1 else ''} done")

@@ -15,6 +15,7 @@ from mnn.io import load_arrays
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TRAIN = [sys.executable, "-m", "mnn.scripts.train"]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.toml"
 # One BLAS thread per rank: the ranks already use the cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_KEYS = {"world_size", "epochs", "steps", "train_loss", "test_accuracy", "samples_per_s",
@@ -60,6 +61,12 @@ def test_two_ranks_learn_digits_and_write_every_output(two_rank_run):
     events = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     kinds = [event["event"] for event in events]
     assert kinds.count("eval") == 4 and kinds[-1] == "summary" and "train" in kinds
+    # One convention: `epoch` is the 1-based epoch trained in, in every event.
+    assert {event["epoch"] for event in events if event["event"] == "train"} == {1, 2, 3, 4}
+    assert [(event["epoch"], event["epochs_done"]) for event in events
+            if event["event"] == "eval"] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [line.split(" |")[0] for line in result.stdout.splitlines() if "test loss" in line] == [
+        "epoch 1/4", "epoch 2/4", "epoch 3/4", "epoch 4/4"]
 
     model = load_arrays(output / "model.npz")
     assert model["0.LinearLayer.w"].shape == (128, 64)
@@ -125,6 +132,51 @@ def test_single_process_summary_has_the_shape_of_the_mpi_one(tmp_path, two_rank_
     distributed = json.loads((two_rank_run[1] / "summary.json").read_text())
     assert alone.keys() == distributed.keys()
     assert alone["timings"].keys() == distributed["timings"].keys()
+
+
+def test_output_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = run(["--epochs", "1", "--output", str(tmp_path / "afile")], MNN_NO_MPI="1")
+    assert result.returncode == 2
+    assert "is a file, not a directory" in result.stderr and "Errno" not in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--weight-decay=nan", "--momentum=-inf"])
+def test_non_finite_numbers_are_configuration_errors(option):
+    result = run([option], MNN_NO_MPI="1")
+    assert result.returncode == 2, result.stderr
+    assert "expected a finite number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
+    # The example's own output must not be the one `make train` writes (runs/digits),
+    # and running it twice must train twice, not "resume" a finished run.
+    example = resolve_config(EXAMPLE)
+    assert example.resume is False and example.output == "runs/digits-example"
+    assert "--resume" in EXAMPLE.read_text()
+    for _ in range(2):
+        result = run(["--config", str(EXAMPLE), "--output", str(tmp_path)], MNN_NO_MPI="1")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["resumed_from"] is None and summary["steps"] == 10 * 23
+        assert summary["test_accuracy"] >= 0.97
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path):
+    assert run(["--epochs", "2", "--output", str(tmp_path)], MNN_NO_MPI="1").returncode == 0
+    result = run(["--epochs", "2", "--output", str(tmp_path), "--resume"], MNN_NO_MPI="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"checkpoint {tmp_path / 'checkpoint.npz'} is at the end of epoch 2 "
+                             f"of 2: nothing left to train; raise --epochs to train further\n")
+
+
+def test_partial_last_epoch_is_labelled_as_such(tmp_path):
+    # 23 steps per epoch: 30 steps are epoch 1 and 7 steps of epoch 2.
+    result = run(["--epochs", "2", "--max-steps", "30", "--output", str(tmp_path)],
+                 MNN_NO_MPI="1", MNN_PROGRESS="lines")
+    assert result.returncode == 0, result.stderr
+    evaluations = [line.split(" |")[0] for line in result.stdout.splitlines() if "test loss" in line]
+    assert evaluations == ["epoch 1/2", "epoch 2/2 (partial, step 7/23)"]
 
 
 def test_usage_and_config_errors_exit_with_2(tmp_path):

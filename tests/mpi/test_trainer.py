@@ -4,7 +4,7 @@ Run as ``mpiexec -n N python -m pytest --with-mpi tests/mpi/test_trainer.py`` fo
 N = 1, 2, 3. Every rank calls train() with the same config; rank 0 writes the
 output directory, which all ranks then read from a shared temporary folder.
 """
-import tempfile
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from mpi4py import MPI
 
 from mnn.datasets import load_dataset
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.trainer import JobConfigError, build_net, evaluate, train
@@ -133,6 +133,94 @@ def test_unwritable_output_stops_every_rank_before_training(comm, shared_dir):
     comm.barrier()
     with pytest.raises(JobConfigError, match="is not writable"):
         train(TrainConfig(**BASE, output=str(blocker / "run")), comm)
+    with pytest.raises(JobConfigError, match="'.*a_file' is a file, not a directory"):
+        train(TrainConfig(**BASE, output=str(blocker)), comm)
+
+
+def read_events(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.mpi
+def test_epochs_are_counted_one_way_in_metrics_and_lines(comm, shared_dir, capsys):
+    # 15 steps per epoch: stopping after 19 leaves epoch 2 partial (4 of its 15 steps).
+    run(comm, output=str(shared_dir / "m"), max_steps=STEPS_PER_EPOCH + 4)
+    events = read_events(shared_dir / "m" / "metrics.jsonl")
+    train_events = [event for event in events if event["event"] == "train"]
+    assert [(e["epoch"], e["step_in_epoch"], e["global_step"]) for e in train_events] == [
+        (1, 4, 4), (1, 8, 8), (1, 12, 12), (1, 15, 15), (2, 1, 16), (2, 4, 19)]
+    evals = [event for event in events if event["event"] == "eval"]
+    assert [(e["epoch"], e["step_in_epoch"], e["epochs_done"]) for e in evals] == [
+        (1, 15, 1), (2, 4, 1)]
+    assert events[-1]["event"] == "summary" and events[-1]["epochs"] == 1
+    if comm.rank == 0:
+        lines = [line for line in capsys.readouterr().out.splitlines() if "test accuracy" in line]
+        assert lines[0].startswith("epoch 1/2 | ")
+        assert lines[1].startswith("epoch 2/2 (partial, step 4/15) | ")
+
+
+@pytest.mark.mpi
+def test_resume_lists_the_settings_that_changed(comm, shared_dir, capsys):
+    run(comm, output=str(shared_dir / "c"), max_steps=3)
+    capsys.readouterr()
+    run(comm, output=str(shared_dir / "c"), resume=True, lr=0.02, eval_every=2)
+    resume = read_events(shared_dir / "c" / "metrics.jsonl")
+    resume = [event for event in resume if event["event"] == "resume"]
+    assert len(resume) == 1
+    assert resume[0]["changed"] == {"lr": [0.05, 0.02], "eval_every": [1, 2], "max_steps": [3, None]}
+    assert (resume[0]["epoch"], resume[0]["step_in_epoch"], resume[0]["epochs_done"]) == (1, 3, 0)
+    out = capsys.readouterr().out
+    if comm.rank == 0:
+        assert "resumed from " in out and "at epoch 1/2 step 3/15" in out
+        assert "settings changed since the checkpoint: lr 0.05 -> 0.02, eval_every 1 -> 2, " \
+               "max_steps 3 -> None" in out
+    else:
+        assert out == ""
+
+
+@pytest.mark.mpi
+def test_resuming_a_finished_run_trains_nothing_and_says_so(comm, shared_dir, capsys):
+    finished = run(comm, output=str(shared_dir / "f"))
+    before = {name: (shared_dir / "f" / name).read_bytes()
+              for name in ("metrics.jsonl", "summary.json", "checkpoint.npz", "model.npz")}
+    capsys.readouterr()
+    again = run(comm, output=str(shared_dir / "f"), resume=True)
+    out = capsys.readouterr().out
+    checkpoint = shared_dir / "f" / "checkpoint.npz"
+    if comm.rank == 0:
+        assert out == (f"checkpoint {checkpoint} is at the end of epoch 2 of 2: nothing left to "
+                       f"train; raise --epochs to train further\n")
+    assert again["steps"] == finished["steps"] and again["samples_per_s"] == 0.0
+    assert again["test_accuracy"] == finished["test_accuracy"]
+    for name, content in before.items():
+        assert (shared_dir / "f" / name).read_bytes() == content, f"{name} was rewritten"
+
+    more = run(comm, output=str(shared_dir / "f"), resume=True, epochs=3,
+               max_steps=2 * STEPS_PER_EPOCH)
+    assert more["steps"] == finished["steps"]
+    if comm.rank == 0:
+        assert "max_steps is 30: nothing left to train; raise --max-steps" in capsys.readouterr().out
+
+
+@pytest.mark.mpi
+def test_checkpoint_with_an_invalid_stored_config_is_refused(comm, shared_dir):
+    run(comm, output=str(shared_dir / "bad"), max_steps=2)
+    path = shared_dir / "bad" / "checkpoint.npz"
+    if comm.rank == 0:
+        checkpoint = load_checkpoint(path)
+        checkpoint.config["lr"] = -1.0
+        save_checkpoint(path, checkpoint)
+    comm.barrier()
+    with pytest.raises(JobConfigError, match="its stored config is not a valid job: lr: expected a "
+                                             "positive number, got -1.0"):
+        run(comm, output=str(shared_dir / "bad"), resume=True)
+    if comm.rank == 0:
+        checkpoint.config["lr"] = 0.05
+        checkpoint.config["learning_rate"] = 0.05
+        save_checkpoint(path, checkpoint)
+    comm.barrier()
+    with pytest.raises(JobConfigError, match="unknown key.*'learning_rate'"):
+        run(comm, output=str(shared_dir / "bad"), resume=True)
 
 
 @pytest.mark.mpi
