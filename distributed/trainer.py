@@ -77,6 +77,7 @@ __all__ = [
     "learning_rate",
     "evaluate",
     "JobConfigError",
+    "TrainingInterrupted",
     "RESUME_MUST_MATCH",
     "EVAL_BATCH_SIZE",
 ]
@@ -91,6 +92,11 @@ EVAL_BATCH_SIZE = 1024
 
 class JobConfigError(RankFailure):
     """The job cannot start as configured; raised on every rank before training."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (Ctrl-C, SIGINT) during training; its message says
+    where the run stopped and which checkpoint it can resume from."""
 
 
 # ------------------------------------------------------------------ building
@@ -348,7 +354,8 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
 
     Collective: every rank calls it with the same config. Returns the summary
     (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
-    Raises :class:`JobConfigError` on every rank if the job cannot start.
+    Raises :class:`JobConfigError` on every rank if the job cannot start, and
+    :class:`TrainingInterrupted` on a KeyboardInterrupt once training started.
     A resumed run with no step left to train says so, evaluates the restored
     model and returns without writing anything.
     """
@@ -427,7 +434,10 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         atomic_write_text(output / "config.toml", config.to_toml())
     reporter = _Reporter(is_root, output, total_steps, min(global_step, total_steps),
                          resumed=position["resumed_from"] is not None)
+    # The last checkpoint this run could be continued from: (path, where it is).
+    last_checkpoint: tuple[str, str] | None = None
     if position["resumed_from"]:
+        last_checkpoint = (position["resumed_from"], where(epoch, step_in_epoch))
         shown_epoch, shown_step = _epoch_and_step(epoch, step_in_epoch, steps_per_epoch)
         line = f"resumed from {position['resumed_from']} at {where(epoch, step_in_epoch)}"
         if position["changed"]:
@@ -441,11 +451,12 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
     checkpointed_at = -1
 
     def save_position() -> None:
-        nonlocal checkpointed_at
+        nonlocal checkpointed_at, last_checkpoint
         checkpointed_at = global_step
         checkpoint = Checkpoint(net.state_dict(), optimizer.state_dict(), epoch, step_in_epoch,
                                 global_step, samples_seen, comm.size, config.to_dict())
         _collectively(comm, lambda: save_checkpoint(output / CHECKPOINT_NAME, checkpoint))
+        last_checkpoint = (str(output / CHECKPOINT_NAME), where(epoch, step_in_epoch))
 
     def run_evaluation() -> dict[str, float]:
         metrics = evaluate(net, dataset.test, config, comm)
@@ -483,48 +494,60 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         window[:] = 0
         window_started = now
 
-    while epoch < config.epochs and global_step < total_steps:
-        for batch in sampler.batches(epoch, start_step=step_in_epoch):
-            step_started = time.perf_counter()
-            optimizer.lr = learning_rate(config, comm.size, global_step, steps_per_epoch)
-            x, labels = dataset.train.batch(batch.indices, config.dtype)
-            loss = dp(x, _targets(config, labels))
-            dp.backward(global_batch_size=batch.global_batch_size)
-            dp.step()
-            train_seconds += time.perf_counter() - step_started
-            window += (float(loss) * len(labels), len(labels))
-            global_step += 1
-            step_in_epoch += 1
-            samples_seen += batch.global_batch_size
-            samples_this_run += batch.global_batch_size
-            reporter.step()
-            if global_step % config.log_every == 0:
-                log_window()
-            if global_step >= total_steps:
-                break
-        if step_in_epoch < steps_per_epoch:
-            break  # stopped by max_steps, mid-epoch
+    try:
+        while epoch < config.epochs and global_step < total_steps:
+            for batch in sampler.batches(epoch, start_step=step_in_epoch):
+                step_started = time.perf_counter()
+                optimizer.lr = learning_rate(config, comm.size, global_step, steps_per_epoch)
+                x, labels = dataset.train.batch(batch.indices, config.dtype)
+                loss = dp(x, _targets(config, labels))
+                dp.backward(global_batch_size=batch.global_batch_size)
+                dp.step()
+                train_seconds += time.perf_counter() - step_started
+                window += (float(loss) * len(labels), len(labels))
+                global_step += 1
+                step_in_epoch += 1
+                samples_seen += batch.global_batch_size
+                samples_this_run += batch.global_batch_size
+                reporter.step()
+                if global_step % config.log_every == 0:
+                    log_window()
+                if global_step >= total_steps:
+                    break
+            if step_in_epoch < steps_per_epoch:
+                break  # stopped by max_steps, mid-epoch
+            log_window()
+            epoch, step_in_epoch = epoch + 1, 0
+            train_loss = float(epoch_totals[0] / epoch_totals[1])
+            epoch_totals[:] = 0
+            if config.eval_every and epoch % config.eval_every == 0:
+                last_eval, evaluated_at = run_evaluation(), global_step
+            if output is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
+                save_position()
         log_window()
-        epoch, step_in_epoch = epoch + 1, 0
-        train_loss = float(epoch_totals[0] / epoch_totals[1])
-        epoch_totals[:] = 0
-        if config.eval_every and epoch % config.eval_every == 0:
-            last_eval, evaluated_at = run_evaluation(), global_step
-        if output is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
-            save_position()
-    log_window()
-    reporter.close()
-    if epoch_totals[1]:
-        train_loss = float(epoch_totals[0] / epoch_totals[1])
+        reporter.close()
+        if epoch_totals[1]:
+            train_loss = float(epoch_totals[0] / epoch_totals[1])
 
-    if output is not None and (config.checkpoint_every or epoch < config.epochs) \
-            and checkpointed_at != global_step:
-        save_position()
-    if evaluated_at != global_step or last_eval is None:
-        last_eval = run_evaluation()
-    summary = summarize(last_eval, train_loss)
-    if output is not None:
-        _collectively(comm, lambda: _write_results(output, net.state_dict(), summary))
+        if output is not None and (config.checkpoint_every or epoch < config.epochs) \
+                and checkpointed_at != global_step:
+            save_position()
+        if evaluated_at != global_step or last_eval is None:
+            last_eval = run_evaluation()
+        summary = summarize(last_eval, train_loss)
+        if output is not None:
+            _collectively(comm, lambda: _write_results(output, net.state_dict(), summary))
+    except KeyboardInterrupt:
+        reporter.close()
+        message = f"interrupted at {where(epoch, step_in_epoch)}; "
+        if last_checkpoint is None:
+            message += "no checkpoint was written" + ("" if output is not None else " (no --output)")
+        else:
+            path, at = last_checkpoint
+            again = "--resume" if output is not None and path == str(output / CHECKPOINT_NAME) \
+                else f"--resume {path}"
+            message += f"the last checkpoint is {path}, at {at}; continue with {again}"
+        raise TrainingInterrupted(message) from None
     reporter.record({"event": "summary", **summary}, _summary_line(summary))
     return summary
 

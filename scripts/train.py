@@ -2,18 +2,27 @@
 
 Every option is a field of :class:`mnn.distributed.config.TrainConfig`; see
 ``mnn-train --help``. Exit status: 0 on success, 2 for usage and configuration
-errors (found before training starts), 1 for failures during training.
+errors (found before training starts), 1 for failures during training, 130
+when interrupted (Ctrl-C, SIGINT), on every rank.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 
-from mnn.distributed.comm import get_communicator, stop_all_on_error
+from mnn.distributed.comm import Communicator, get_communicator, stop_all_on_error
 from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
-from mnn.distributed.trainer import JobConfigError, train
+from mnn.distributed.trainer import JobConfigError, TrainingInterrupted, train
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
+
+# The shell's status for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+# How long the other ranks leave rank 0 to print its line after an interrupt.
+_INTERRUPT_GRACE_S = 1.0
 
 EXAMPLES = """\
 examples:
@@ -47,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         comm = get_communicator()
     except RuntimeError as error:
+        # Started on several ranks that cannot talk to each other: each rank is
+        # its own world, so each one prints; nothing has run, a bad job (2).
         print(f"mnn-train: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     try:
         config = resolve_config(args.config, config_overrides(args))
     except (ValueError, TypeError) as error:
@@ -56,14 +67,56 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             print(f"mnn-train: error: {error}", file=sys.stderr)
         return 2
-    with stop_all_on_error(comm, exit_code=1):
-        try:
-            train(config, comm)
-        except JobConfigError as error:
-            if comm.rank == 0:
-                print(f"mnn-train: error: {error}", file=sys.stderr)
-            return 2
+    previous_handler = signal.getsignal(signal.SIGINT)
+    if previous_handler is signal.default_int_handler:  # not when started ignoring Ctrl-C
+        signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        with stop_all_on_error(comm, exit_code=1):
+            try:
+                train(config, comm)
+            except JobConfigError as error:
+                if comm.rank == 0:
+                    print(f"mnn-train: error: {error}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt as interrupt:
+        # Every rank got the signal (the launcher forwards it): one line, from rank 0.
+        if comm.rank == 0:
+            where = str(interrupt) if isinstance(interrupt, TrainingInterrupted) \
+                else "interrupted before training started"
+            print(f"mnn-train: {where}", file=sys.stderr, flush=True)
+        return _leave_after_interrupt(comm)
+    finally:
+        if previous_handler is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_handler)
     return 0
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """SIGINT handler: a KeyboardInterrupt the first time, nothing after.
+
+    A Ctrl-C often arrives twice (from the terminal and forwarded by the
+    launcher); a second KeyboardInterrupt would cut the report short with a
+    traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _leave_after_interrupt(comm: Communicator) -> int:
+    """Exit status 130 on every rank, without waiting for the others.
+
+    On several ranks some rank may be blocked in a collective that the others
+    left: MPI_Finalize (run at exit) would then wait forever. So every rank
+    leaves at once with os._exit, and the launcher stops the ranks still
+    running; the others first give rank 0 time to print its line.
+    """
+    if comm.size == 1:
+        return EXIT_INTERRUPTED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if comm.rank != 0:
+        time.sleep(_INTERRUPT_GRACE_S)
+    os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """mnn-train end to end: real processes under ``mpiexec -n 2``, real files on disk."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -141,6 +142,15 @@ def test_output_that_is_a_file_is_named_as_such(tmp_path):
     assert "is a file, not a directory" in result.stderr and "Errno" not in result.stderr
 
 
+@needs_mpiexec
+def test_no_mpi_under_mpiexec_is_a_configuration_error():
+    # Each rank is a world of its own there, so each one says it; nothing trains.
+    result = run(["--epochs", "1"], ranks=2, MNN_NO_MPI="1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("mnn-train: error: the launcher started 2 ranks but MNN_NO_MPI=1") == 2
+    assert "unset it" in result.stderr and "epoch" not in result.stdout
+
+
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--weight-decay=nan", "--momentum=-inf"])
 def test_non_finite_numbers_are_configuration_errors(option):
     result = run([option], MNN_NO_MPI="1")
@@ -177,6 +187,28 @@ def test_partial_last_epoch_is_labelled_as_such(tmp_path):
     assert result.returncode == 0, result.stderr
     evaluations = [line.split(" |")[0] for line in result.stdout.splitlines() if "test loss" in line]
     assert evaluations == ["epoch 1/2", "epoch 2/2 (partial, step 7/23)"]
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path):
+    # SIGINT as the default action (a shell may start background jobs ignoring it).
+    process = subprocess.Popen(
+        TRAIN + ["--epochs", "100000", "--output", str(tmp_path)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**ENV, "MNN_NO_MPI": "1", "MNN_PROGRESS": "lines"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in process.stdout:  # training has started once a step is logged
+            if line.startswith("epoch 2/"):
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnn-train: interrupted at epoch "), stderr
+    assert f"the last checkpoint is {tmp_path / 'checkpoint.npz'}, at the end of epoch " in lines[0]
+    assert lines[0].endswith("; continue with --resume")
 
 
 def test_usage_and_config_errors_exit_with_2(tmp_path):
