@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 NO_MPI_ENV = "MNN_NO_MPI"
+_ABORT_GRACE_S = 0.2
 _REDUCE_OPS = ("sum", "mean")
 # Variables that MPI launchers set in every process they start; used to notice
 # a job started on several ranks that would fall back to one process each.
@@ -253,6 +255,10 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards a rank's output through pipes and stops reading
+        # them once the job is aborted: give it a moment to pass on the error
+        # this rank just printed, or the user may never see why the job ended.
+        time.sleep(_ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
@@ -285,18 +291,20 @@ def get_communicator(comm: Any = None) -> Communicator:
     launched_ranks = _launcher_world_size()
     if os.environ.get(NO_MPI_ENV, "") not in ("", "0"):
         reason = f"{NO_MPI_ENV}={os.environ[NO_MPI_ENV]}"
+        fix = f"unset {NO_MPI_ENV}, or run one process"
     else:
         try:
             from mpi4py import MPI
         except ImportError as error:
             reason = f"mpi4py cannot be imported ({error})"
+            fix = "install mpi4py (pip install 'mnn[mpi]'), or run one process"
         else:
             if MPI.COMM_WORLD.Get_size() > 1:
                 return MPICommunicator(MPI.COMM_WORLD)
             return SingleProcessCommunicator()
     if launched_ranks > 1:
         raise RuntimeError(f"the launcher started {launched_ranks} ranks but {reason}: each rank "
-                           "would train alone; unset it or install mpi4py, or run one process")
+                           f"would train alone; {fix}")
     return SingleProcessCommunicator()
 
 
