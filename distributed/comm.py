@@ -108,15 +108,14 @@ class Request:
 
     @staticmethod
     def wait_all(requests: Sequence["Request"]) -> None:
-        """Complete every request, with one MPI call for the pending ones."""
-        pending = [request for request in requests if not request._done]
-        if pending:
-            from mpi4py import MPI  # only MPI requests can be pending
+        """Complete every request, in order.
 
-            MPI.Request.Waitall([request._mpi_request for request in pending])
-            for request in pending:
-                request._done = True
-                request._run_finish()
+        One ``wait`` each rather than one ``MPI.Request.Waitall``: the
+        reductions finish in the order they started anyway, and building the
+        request array for Waitall measured slower on the hot path.
+        """
+        for request in requests:
+            request.wait()
 
     @staticmethod
     def test_all(requests: Sequence["Request"]) -> bool:
