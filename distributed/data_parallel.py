@@ -18,7 +18,9 @@ each layer's ``grads`` arrays are views into a bucket, so a bucket is reduced
 without packing copies. Buckets are filled in reverse layer order, the order
 in which backward finishes them, and a bucket's non-blocking all-reduce starts
 as soon as its last layer's backward is done, while earlier layers still
-compute. ``step()`` waits for the reductions and runs the optimizer.
+compute. The bucket holding the first layer is done only when backward is, so
+it is reduced with one blocking all-reduce. ``step()`` finishes the
+reductions and runs the optimizer.
 
 Gradient accumulation over micro-batches (``no_sync``) stays exact. With
 micro-batches :math:`j = 1, 2, \dots` of global sizes :math:`B_j` and local
@@ -175,7 +177,7 @@ class DataParallel:
     buckets. ``optimizer``: an mnn optimizer over ``net``, or ``None`` for
     ``net.step(lr)``. ``comm``: anything ``get_communicator`` accepts.
     ``bucket_bytes``: the largest bucket, unless one layer alone is larger.
-    ``overlap=False`` starts every reduction only after backward (for comparison).
+    ``overlap=False`` reduces every bucket with blocking calls after backward (for comparison).
 
     Construction is collective. It checks that every rank has the same parameter
     names, shapes and dtypes (``ValueError`` on every rank otherwise), broadcasts
@@ -205,8 +207,19 @@ class DataParallel:
         self._bound_grads = {name: grad for name, _, grad in net.named_params()}
         assert all(self._bound_grads[name] is view for bucket in self.buckets
                    for name, view in bucket.views.items()), "rebind_grads did not bind the bucket views"
+        # A bucket completed by a layer other than the first is all-reduced with a
+        # non-blocking call from the backward hook, overlapping the layers still
+        # to compute. The bucket of the first layer is complete only when backward
+        # ends: nothing is left to overlap with, so synchronize() reduces it with
+        # a plain blocking call (less work than starting one and waiting on it).
+        # MPI matches collectives by their order on every rank, and a blocking
+        # call never matches a non-blocking one: every rank therefore makes the
+        # same calls in the same order (an empty shard's rank, whose backward
+        # does not run, starts its non-blocking ones in synchronize()).
+        self._overlapped = [bucket for bucket in self.buckets if self.overlap and bucket.ready_after > 0]
+        self._blocking = [bucket for bucket in self.buckets if bucket not in self._overlapped]
         self._buckets_ready_after: dict[int, list[GradientBucket]] = {}
-        for bucket in self.buckets:
+        for bucket in self._overlapped:
             self._buckets_ready_after.setdefault(bucket.ready_after, []).append(bucket)
 
         self._sync = True
@@ -293,7 +306,7 @@ class DataParallel:
         ``local_batch_size``: this rank's samples, by default those of the last
         ``forward``. Collective: every rank calls it, also with an empty shard.
         """
-        if self._reduced or self._started:
+        if self._reduced or self._sync_backward_done:
             raise RuntimeError("DataParallel.backward: this step's gradients are already being "
                                "reduced; call step() before the next backward")
         if local_batch_size is None:
@@ -319,12 +332,10 @@ class DataParallel:
         start = time.perf_counter()
         comm_before = self.timings["comm_s"]
         if local_batch_size > 0:
-            hook = self._on_layer_done if self._sync and self.overlap else None
+            hook = self._on_layer_done if self._sync and self._buckets_ready_after else None
             self.net.backward(hook=hook, scale=local_batch_size / window)  # Eq. (1), (2)
         self.timings["compute_s"] += (time.perf_counter() - start) - (self.timings["comm_s"] - comm_before)
-        if self._sync and self.overlap:
-            # Buckets whose layers never ran backward (an empty shard) start now.
-            self._start_remaining()
+        self._sync_backward_done = self._sync
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -342,15 +353,21 @@ class DataParallel:
     def synchronize(self) -> None:
         """Finish the reduction: afterwards every rank's grads hold the global gradient.
 
-        Starts the reductions not yet started (after backward calls inside
-        ``no_sync`` only, or with ``overlap=False``), then waits for all.
+        Starts the non-blocking reductions that backward did not (an empty
+        shard, or backward calls inside ``no_sync`` only), reduces the buckets
+        left for blocking calls, then waits for all.
         """
         if self._reduced:
             return
         if self._window_global == 0:
             raise RuntimeError("DataParallel.synchronize: no backward since the last step")
-        self._start_remaining()
         start = time.perf_counter()
+        for bucket in self._overlapped:
+            if id(bucket) not in self._started:
+                self._start(bucket)
+        for bucket in self._blocking:
+            self.comm.allreduce(bucket.buffer)
+            self.timings["reduced_bytes"] += bucket.nbytes
         Request.wait_all(self._requests)
         waited = time.perf_counter() - start
         self.timings["wait_s"] += waited
@@ -403,6 +420,7 @@ class DataParallel:
         self._window_global = 0   # W: sum of global (micro-)batch sizes since the last step
         self._requests: list[Request] = []
         self._started: set[int] = set()
+        self._sync_backward_done = False  # a backward outside no_sync ran: reduce next
         self._reduced = False
 
     def _check_bindings(self) -> None:
@@ -422,13 +440,6 @@ class DataParallel:
         # MPI progresses non-blocking collectives only inside MPI calls; poll so the
         # reductions already started advance while the next layers compute.
         Request.test_all(self._requests)
-        self.timings["comm_s"] += time.perf_counter() - start
-
-    def _start_remaining(self) -> None:
-        start = time.perf_counter()
-        for bucket in self.buckets:
-            if id(bucket) not in self._started:
-                self._start(bucket)
         self.timings["comm_s"] += time.perf_counter() - start
 
     def _start(self, bucket: GradientBucket) -> None:

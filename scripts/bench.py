@@ -126,8 +126,9 @@ def _sync_and_allreduce_ms(batch_size, comm, repeats=300):
 
     Both are timed in the same state, interleaved: right after a forward and
     backward (so caches hold what training leaves there) and after a barrier,
-    either ``DataParallel.synchronize()`` (built with ``overlap=False``, so it
-    starts and completes every bucket's reduction) or one in-place
+    either ``DataParallel.synchronize()`` (built with ``overlap=False``, so
+    every reduction happens inside the timed call; for this model, whose
+    gradients fit one bucket, training does the same) or one in-place
     ``comm.allreduce`` of a float32 buffer as large as all the gradients, just
     written like the gradients were. Returns the medians in ms and the median
     of the ratios of adjacent pairs.
