@@ -13,7 +13,7 @@ Usage::
     mnn-bench                                   # one process: batch 64, 256, 1024
     mnn-bench --batch 256 --rounds 9
     mpiexec -n 2 mnn-bench --batch 256,1024     # data parallel; batch is per rank
-    mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1 then 2 ranks
+    mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1, 2, 1, 2, ... ranks
 
 Under mpiexec each step is split into compute, communication and waiting
 (``compute_ms``, ``comm_ms``, ``wait_ms``; waiting includes the time a rank
@@ -247,13 +247,18 @@ def _parser():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--scaling", type=_parse_ints, metavar="N,N,...",
                         help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
+    parser.add_argument("--repeats", type=_positive(int), default=3,
+                        help="with --scaling: turns over the rank counts; the speedup is their median (default 3)")
     return parser
 
 
 def _run_scaling(args):
     """Launch the benchmark on each rank count; summarise weak scaling against the first.
 
-    Returns the exit status: that of the first run that failed, else 0.
+    The rank counts take turns ``--repeats`` times (1, 2, 1, 2, ...), so a
+    machine that slows down for a while slows each count alike; the speedup is
+    the median over the turns. Returns the exit status: that of the first run
+    that failed, else 0.
     """
     from mnn.distributed.launch import find_mpiexec
 
@@ -261,26 +266,27 @@ def _run_scaling(args):
             "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
     if args.no_torch:
         base.append("--no-torch")
-    by_ranks = {}
-    for ranks in args.scaling:
-        command = base if ranks == 1 else [find_mpiexec(), "-n", str(ranks), *base]
-        run = subprocess.run(command, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",
-                  file=sys.stderr, flush=True)
-            return run.returncode
-        for line in run.stdout.splitlines():
-            print(line, flush=True)
-            record = json.loads(line) if line.startswith("{") else {}
-            if record.get("impl") == "mnn":
-                by_ranks[(ranks, record["batch_per_rank"])] = record["samples_per_s"]
+    throughput = {}  # (ranks, batch) -> samples/s of each turn
+    for _ in range(args.repeats):
+        for ranks in args.scaling:
+            command = base if ranks == 1 else [find_mpiexec(), "-n", str(ranks), *base]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",
+                      file=sys.stderr, flush=True)
+                return run.returncode
+            for line in run.stdout.splitlines():
+                print(line, flush=True)
+                record = json.loads(line) if line.startswith("{") else {}
+                if record.get("impl") == "mnn":
+                    throughput.setdefault((ranks, record["batch_per_rank"]), []).append(record["samples_per_s"])
     first = args.scaling[0]
-    for (ranks, batch), throughput in sorted(by_ranks.items()):
-        reference = by_ranks.get((first, batch))
-        if ranks != first and reference:
-            speedup = throughput / reference
+    for (ranks, batch), samples in sorted(throughput.items()):
+        reference = throughput[(first, batch)]
+        if ranks != first:
+            speedup = statistics.median(mine / theirs for mine, theirs in zip(samples, reference))
             print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "batch_per_rank": batch,
-                              "speedup": round(speedup, 3),
+                              "speedup": round(speedup, 3), "repeats": len(samples),
                               "weak_scaling_efficiency": round(speedup * first / ranks, 3)}), flush=True)
     return 0
 

@@ -84,7 +84,7 @@ def test_nonpositive_settings_are_usage_errors(args):
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
 def test_scaling_reports_weak_scaling_efficiency():
-    records = run_bench(["--scaling", "1,2", *QUICK, "--no-torch"])
+    records = run_bench(["--scaling", "1,2", "--repeats", "2", *QUICK, "--no-torch"])
     compare = [record for record in records if "weak_scaling_efficiency" in record]
     assert [record["batch_per_rank"] for record in compare] == [8, 32]
     for record in compare:
