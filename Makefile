@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 RANKS ?= 2
-TRAIN_ARGS ?= --dataset digits --layers 64,128,10 --epochs 10 --batch-size 64 --lr 0.1 --optimizer momentum --output runs/digits
+# The job is examples/digits.toml; TRAIN_ARGS adds or overrides options, e.g.
+#   make train RANKS=3 TRAIN_ARGS="--epochs 20"
+TRAIN_ARGS ?=
+TRAIN_OUTPUT ?= runs/digits
 
 .PHONY: setup train test test-serial test-mpi bench clean
 
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train $(TRAIN_ARGS)
+	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train --config examples/digits.toml --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
 
 test: test-serial test-mpi
 
