@@ -362,9 +362,7 @@ class DataParallel:
         if self._window_global == 0:
             raise RuntimeError("DataParallel.synchronize: no backward since the last step")
         start = time.perf_counter()
-        for bucket in self._overlapped:
-            if id(bucket) not in self._started:
-                self._start(bucket)
+        self._start_pending()
         for bucket in self._blocking:
             self.comm.allreduce(bucket.buffer)
             self.timings["reduced_bytes"] += bucket.nbytes
@@ -396,10 +394,16 @@ class DataParallel:
         self.timings["steps"] += 1
 
     def zero_grads(self) -> None:
-        """Clear the gradients and forget the accumulated (unreduced) micro-batches."""
-        if self._requests:
-            # An in-flight reduction still writes into the buckets.
-            Request.wait_all(self._requests)
+        """Clear the gradients and forget the accumulated (unreduced) micro-batches.
+
+        Collective after a backward outside ``no_sync`` that was not reduced:
+        the reductions other ranks started must be matched and finished here,
+        or they would pair with the next step's.
+        """
+        if self._sync_backward_done and not self._reduced:
+            self._start_pending()
+        # An in-flight reduction still writes into the buckets.
+        Request.wait_all(self._requests)
         self.net.zero_grads()
         self._reset_window()
 
@@ -419,7 +423,6 @@ class DataParallel:
     def _reset_window(self) -> None:
         self._window_global = 0   # W: sum of global (micro-)batch sizes since the last step
         self._requests: list[Request] = []
-        self._started: set[int] = set()
         self._sync_backward_done = False  # a backward outside no_sync ran: reduce next
         self._reduced = False
 
@@ -442,7 +445,17 @@ class DataParallel:
         Request.test_all(self._requests)
         self.timings["comm_s"] += time.perf_counter() - start
 
+    def _start_pending(self) -> None:
+        """Start the non-blocking reductions this rank's backward did not start.
+
+        Backward starts them in the order of ``_overlapped``, and nothing else
+        adds requests, so the started ones are its first ``len(_requests)``.
+        A rank with an empty shard (no backward) or after ``no_sync`` backward
+        calls only starts them all here, in the same order as every other rank.
+        """
+        for bucket in self._overlapped[len(self._requests):]:
+            self._start(bucket)
+
     def _start(self, bucket: GradientBucket) -> None:
         self._requests.append(self.comm.iallreduce(bucket.buffer))
-        self._started.add(id(bucket))
         self.timings["reduced_bytes"] += bucket.nbytes

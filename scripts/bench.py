@@ -266,10 +266,11 @@ def _run_scaling(args):
             "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
     if args.no_torch:
         base.append("--no-torch")
+    mpiexec = find_mpiexec() if max(args.scaling) > 1 else None
     throughput = {}  # (ranks, batch) -> samples/s of each turn
     for _ in range(args.repeats):
         for ranks in args.scaling:
-            command = base if ranks == 1 else [find_mpiexec(), "-n", str(ranks), *base]
+            command = base if ranks == 1 else [mpiexec, "-n", str(ranks), *base]
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
                 print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",

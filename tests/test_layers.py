@@ -347,3 +347,10 @@ def test_an_empty_batch_raises_instead_of_a_nan_loss():
         net(np.zeros((0, 5)), np.zeros(0, dtype=int))
     with pytest.raises(ValueError, match="CrossEntropyLossLayer: expected at least one sample"):
         CrossEntropyLossLayer().forward(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+@pytest.mark.parametrize("make", [lambda: LinearLayer(True, 4), lambda: LinearLayer(3, 0),
+                                  lambda: LinearLayer(3.0, 4)])
+def test_layer_sizes_must_be_positive_ints_not_bools(make):
+    with pytest.raises(ValueError, match="LinearLayer: expected shape"):
+        make()

@@ -25,7 +25,7 @@ that shape too and answer in the same shape; internally everything is rows.
 
 import numpy as np
 
-__all__ = ["Layer", "LossLayer", "as_generator"]
+__all__ = ["Layer", "LossLayer", "as_generator", "is_positive_int"]
 
 
 def as_generator(rng):
@@ -35,6 +35,11 @@ def as_generator(rng):
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
     raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def is_positive_int(value):
+    """Whether ``value`` is a positive int (NumPy ints too, ``bool`` not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value > 0
 
 
 def check_float_dtype(dtype):

@@ -8,7 +8,7 @@ closed-form softmax backward of :mod:`mnn.layer.softmax`.
 
 import numpy as np
 
-from mnn.layer._base import Layer, as_generator
+from mnn.layer._base import Layer, as_generator, is_positive_int
 from mnn.layer.softmax import SoftmaxLayer
 
 __all__ = ["MatrixProduct", "MultiHeadAttention"]
@@ -104,7 +104,7 @@ class MultiHeadAttention(Layer):
     def __init__(self, d_model, n_heads, causal=False, dtype=np.float32, rng=None):
         super().__init__(dtype)
         for what, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if not (isinstance(value, (int, np.integer)) and value > 0):
+            if not is_positive_int(value):
                 raise ValueError(f"MultiHeadAttention: expected {what} a positive int, got {value!r}")
         if d_model % n_heads:
             raise ValueError(

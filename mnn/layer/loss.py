@@ -76,7 +76,7 @@ class CrossEntropyLossLayer(LossLayer):
         sums = probabilities.sum(axis=1, keepdims=True)  # Eq. (1)
         probabilities /= sums  # Eq. (1)
         self._probabilities, self._labels = probabilities, labels
-        return self.dtype.type(np.mean(np.log(sums[:, 0]) - true_class))  # Eq. (2)
+        return self.dtype.type((np.log(sums[:, 0]) - true_class).sum() / batch_size)  # Eq. (2)
 
     def backward(self, gradients=None, input_grad=True):
         r"""Per sample, :math:`\ell_i = \log s_i - z_{it_i} + m_i`, and

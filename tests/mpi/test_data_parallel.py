@@ -137,6 +137,33 @@ def test_global_batch_smaller_than_world_size(comm):
     assert_identical_on_all_ranks(comm, net)
 
 
+def test_skipping_a_step_with_empty_shards_keeps_the_ranks_in_step(comm):
+    """zero_grads() after an unreduced backward matches the reductions the other
+    ranks started, so they cannot pair with the next step's (a rank with an empty
+    shard starts none during backward). Small buckets: the first layer's bucket is
+    reduced blocking, the others non-blocking from the backward hook."""
+    x, y = make_data(9)
+    net = make_net(seed=5)
+    dp = DataParallel(net, comm=comm, bucket_bytes=64)
+    assert len(dp.buckets) > 1
+    # A one-sample global batch: on several ranks, all but rank 0 have empty shards.
+    mine = slice(0, 1) if comm.rank == 0 else slice(0, 0)
+    dp(x[mine], y[mine])
+    dp.backward(global_batch_size=1)
+    dp.zero_grads()  # the step is skipped (say, its loss was not finite)
+    sizes = shard_sizes(8, comm.size)
+    start = 1 + sum(sizes[:comm.rank])
+    dp(x[start:start + sizes[comm.rank]], y[start:start + sizes[comm.rank]])
+    dp.backward(global_batch_size=8)
+    dp.synchronize()
+    reference = make_net(seed=5)
+    reference(x[1:], y[1:])
+    reference.backward()
+    expected = {name: grad for name, _, grad in reference.named_params()}
+    for name, _, grad in net.named_params():
+        np.testing.assert_allclose(grad, expected[name], rtol=RTOL, atol=1e-15, err_msg=name)
+
+
 @pytest.mark.parametrize("micro_batch_sizes", [[5, 5, 5], [5, 7, 2, 1]])
 def test_no_sync_accumulation_equals_one_larger_batch(comm, micro_batch_sizes):
     total = sum(micro_batch_sizes)
