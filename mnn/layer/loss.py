@@ -8,6 +8,7 @@ weighted loss :math:`w\,\ell` (see ``LossLayer``); ``backward()`` is :math:`w = 
 import numpy as np
 
 from mnn.layer._base import LossLayer
+from mnn.layer.softmax import LogSoftmaxLayer, _check_axis
 
 __all__ = ["CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "check_labels"]
 
@@ -50,36 +51,31 @@ class CrossEntropyLossLayer(LossLayer):
 
     def __init__(self, *shape, axis=1, dtype=np.float32):
         super().__init__(dtype)
-        if axis not in (1, -1):
-            raise ValueError(f"CrossEntropyLossLayer: only the class axis 1 of (batch, classes) is supported, got axis={axis}")
+        _check_axis(self.name, axis)
         self._probabilities = None
 
     def forward(self, inputs, feedbacks=None):
         r"""With :math:`z_i` the logits of sample :math:`i` and :math:`t_i` its class,
-        subtracting :math:`m_i = \max_c z_{ic}` leaves softmax unchanged and keeps
-        :math:`e^{z - m} \le 1` finite:
+        the softmax probabilities and their logs come from the stable
+        log-softmax (``LogSoftmaxLayer.stable_log_softmax``, which subtracts
+        :math:`m_i = \max_c z_{ic}` so that no exponential overflows):
 
         .. math::
-            p_{ic} = \frac{e^{z_{ic} - m_i}}{s_i}, \qquad s_i = \sum_c e^{z_{ic} - m_i}, \tag{1}
+            p_{ic} = \frac{e^{z_{ic} - m_i}}{s_i}, \qquad
+            \log p_{ic} = (z_{ic} - m_i) - \log s_i, \qquad s_i = \sum_c e^{z_{ic} - m_i}, \tag{1}
 
         .. math::
-            \ell = \frac{1}{B} \sum_i -\log p_{i t_i}
-                 = \frac{1}{B} \sum_i \left(\log s_i - (z_{i t_i} - m_i)\right). \tag{2}
+            \ell = \frac{1}{B} \sum_i -\log p_{i t_i}. \tag{2}
         """
         logits, self._columns = self._rows(inputs)
         batch_size, n_classes = logits.shape
         labels = check_labels(self.name, feedbacks, batch_size, n_classes)
-        rows = np.arange(batch_size)
-        shifted = logits - logits.max(axis=1, keepdims=True)  # Eq. (1)
-        true_class = shifted[rows, labels]
-        probabilities = np.exp(shifted, out=shifted)
-        sums = probabilities.sum(axis=1, keepdims=True)  # Eq. (1)
-        probabilities /= sums  # Eq. (1)
+        log_probabilities, probabilities = LogSoftmaxLayer.stable_log_softmax(logits, axis=1)  # Eq. (1)
         self._probabilities, self._labels = probabilities, labels
-        return self.dtype.type((np.log(sums[:, 0]) - true_class).sum() / batch_size)  # Eq. (2)
+        return self.dtype.type(-log_probabilities[np.arange(batch_size), labels].sum() / batch_size)  # Eq. (2)
 
     def backward(self, gradients=None, input_grad=True):
-        r"""Per sample, :math:`\ell_i = \log s_i - z_{it_i} + m_i`, and
+        r"""Per sample, by Eq. (1), :math:`\ell_i = -\log p_{it_i} = \log s_i - z_{it_i} + m_i`, and
         :math:`\partial \log s_i / \partial z_{ic} = p_{ic}` (the shift :math:`m_i`
         cancels), so for the loss weighted by :math:`w` (``gradients``, 1 if omitted)
 
