@@ -123,17 +123,22 @@ class Layer:
         self.grads[key] = np.zeros_like(self.params[key])
         self._zero_grad_keys.add(key)
 
+    def _as_dtype(self, array, what="inputs"):
+        """``array`` as an ndarray in the layer's dtype, refusing non-numeric data."""
+        array = np.asarray(array)
+        if array.dtype != self.dtype:
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+                raise TypeError(f"{self.name}: expected numeric {what}, got dtype {array.dtype}")
+            array = array.astype(self.dtype)
+        return array
+
     def _rows(self, inputs, n_features=None):
         """View ``inputs`` as rows ``(B, n)`` in the layer's dtype.
 
         Returns the rows and whether the input came as seed-style columns
         ``(B, n, 1)``, so the output can be given back in the same shape.
         """
-        inputs = np.asarray(inputs)
-        if inputs.dtype != self.dtype:
-            if not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
-                raise TypeError(f"{self.name}: expected numeric inputs, got dtype {inputs.dtype}")
-            inputs = inputs.astype(self.dtype)
+        inputs = self._as_dtype(inputs)
         columns = inputs.ndim == 3 and inputs.shape[2] == 1
         rows = inputs[:, :, 0] if columns else inputs
         if rows.ndim != 2:
@@ -159,15 +164,13 @@ class Layer:
         return value
 
     def _check_gradients(self, gradients, expected_shape):
-        gradients = np.asarray(gradients)
+        gradients = self._as_dtype(gradients, "gradients")
         if gradients.ndim == 3 and gradients.shape[2] == 1:
             gradients = gradients[:, :, 0]
         if gradients.shape != expected_shape:
             raise ValueError(
                 f"{self.name}: expected gradients of shape {expected_shape} (the output's), "
                 f"got {gradients.shape}")
-        if gradients.dtype != self.dtype:
-            gradients = gradients.astype(self.dtype)
         return gradients
 
 

@@ -14,16 +14,6 @@ from mnn.layer.softmax import SoftmaxLayer
 __all__ = ["MatrixProduct", "MultiHeadAttention"]
 
 
-def _as_dtype(layer, array, what):
-    """``array`` as an ndarray in ``layer.dtype``, refusing non-numeric data."""
-    array = np.asarray(array)
-    if array.dtype != layer.dtype:
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"{layer.name}: expected numeric {what}, got dtype {array.dtype}")
-        array = array.astype(layer.dtype)
-    return array
-
-
 class MatrixProduct(Layer):
     r"""The product :math:`Y = Q P` of a pair of batched matrices.
 
@@ -46,8 +36,8 @@ class MatrixProduct(Layer):
         """
         if not (isinstance(inputs, (tuple, list)) and len(inputs) == 2):
             raise ValueError(f"{self.name}: expected a pair (Q, P) of arrays, got {type(inputs).__name__}")
-        left = _as_dtype(self, inputs[0], "inputs")
-        right = _as_dtype(self, inputs[1], "inputs")
+        left = self._as_dtype(inputs[0], "inputs")
+        right = self._as_dtype(inputs[1], "inputs")
         if left.ndim < 3 or right.ndim != left.ndim:
             raise ValueError(
                 f"{self.name}: expected Q (batch, n, k) and P (batch, k, m) with the same number of "
@@ -75,7 +65,7 @@ class MatrixProduct(Layer):
         """
         left, right = self._saved(self._factors)
         expected_shape = left.shape[:-1] + right.shape[-1:]
-        gradients = _as_dtype(self, gradients, "gradients")
+        gradients = self._as_dtype(gradients, "gradients")
         if gradients.shape != expected_shape:
             raise ValueError(
                 f"{self.name}: expected gradients of shape {expected_shape} (the output's), got {gradients.shape}")
@@ -176,7 +166,7 @@ class MultiHeadAttention(Layer):
 
         A masked score becomes :math:`e^{-\infty} = 0` in the softmax.
         """
-        inputs = _as_dtype(self, inputs, "inputs")
+        inputs = self._as_dtype(inputs, "inputs")
         if inputs.ndim != 3 or inputs.shape[2] != self.d_model:
             raise ValueError(
                 f"{self.name}: expected inputs of shape (batch, time, {self.d_model}), got shape {inputs.shape}")
@@ -245,7 +235,7 @@ class MultiHeadAttention(Layer):
         """
         rows, attention, concatenated = self._saved(self._saved_forward)
         batch_size, _, length, _ = attention.shape
-        gradients = _as_dtype(self, gradients, "gradients")
+        gradients = self._as_dtype(gradients, "gradients")
         if gradients.shape != (batch_size, length, self.d_model):
             raise ValueError(
                 f"{self.name}: expected gradients of shape {(batch_size, length, self.d_model)} "
