@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -96,7 +98,65 @@ class JobConfigError(RankFailure):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """A KeyboardInterrupt (Ctrl-C, SIGINT) during training; its message says
-    where the run stopped and which checkpoint it can resume from."""
+    where the run stopped and which checkpoint it can resume from.
+
+    ``ranks_agreed`` is True when all ranks stopped together after the same step
+    (see :class:`_StopRequests`): none of them is left inside a collective, so
+    they can leave normally. It is False after an immediate stop (a second
+    signal, or a KeyboardInterrupt raised outside the training loop).
+    """
+
+    def __init__(self, message: str, ranks_agreed: bool = False):
+        super().__init__(message)
+        self.ranks_agreed = ranks_agreed
+
+
+class _StopRequests:
+    """Catch SIGINT and SIGTERM during training and only count them.
+
+    A signal handler runs between two Python bytecodes on whatever the main
+    thread is doing; raising there could leave one rank inside a collective
+    that the others have left. Counting instead lets the training loop ask all
+    ranks after each step whether any of them was asked to stop, so they all
+    stop after the same step. A signal that comes more than
+    ``_REPEAT_AFTER_S`` after the first is taken as a person insisting: the
+    previous handlers come back and it raises KeyboardInterrupt at once.
+    (One Ctrl-C may arrive twice within milliseconds: from the terminal and
+    forwarded by the launcher.) Outside the main thread nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _REPEAT_AFTER_S = 1.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._first_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _request(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self._first_at is None:
+            self._first_at = now
+        elif now - self._first_at > self._REPEAT_AFTER_S:
+            previous = self._previous.get(signum)
+            self.restore()
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.count += 1
 
 
 # ------------------------------------------------------------------ building
@@ -355,7 +415,10 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
     Collective: every rank calls it with the same config. Returns the summary
     (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
     Raises :class:`JobConfigError` on every rank if the job cannot start, and
-    :class:`TrainingInterrupted` on a KeyboardInterrupt once training started.
+    :class:`TrainingInterrupted` once training started: on every rank after the
+    same step when any rank gets SIGINT or SIGTERM during the training loop
+    (with a checkpoint of that step in OUTPUT), or at once on a
+    KeyboardInterrupt elsewhere or a second signal.
     A resumed run with no step left to train says so, evaluates the restored
     model and returns without writing anything.
     """
@@ -494,36 +557,67 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         window[:] = 0
         window_started = now
 
+    # Any rank's stop request, summed over the ranks after every step: all ranks
+    # then stop after the same step (one 8-byte allreduce, a few microseconds).
+    stop_votes = np.zeros(1)
+
+    def stop_agreed(requests: _StopRequests) -> bool:
+        stop_votes[0] = requests.count
+        comm.allreduce(stop_votes)
+        return bool(stop_votes[0])
+
+    def interrupted_text() -> str:
+        message = f"interrupted at {where(epoch, step_in_epoch)}; "
+        if last_checkpoint is None:
+            return message + "no checkpoint was written" + ("" if output is not None else " (no --output)")
+        path, at = last_checkpoint
+        again = "--resume" if output is not None and path == str(output / CHECKPOINT_NAME) \
+            else f"--resume {path}"
+        if at == where(epoch, step_in_epoch):
+            return message + f"checkpoint saved to {path}; continue with {again}"
+        return message + f"the last checkpoint is {path}, at {at}; continue with {again}"
+
     try:
-        while epoch < config.epochs and global_step < total_steps:
-            for batch in sampler.batches(epoch, start_step=step_in_epoch):
-                step_started = time.perf_counter()
-                optimizer.lr = learning_rate(config, comm.size, global_step, steps_per_epoch)
-                x, labels = dataset.train.batch(batch.indices, config.dtype)
-                loss = dp(x, _targets(config, labels))
-                dp.backward(global_batch_size=batch.global_batch_size)
-                dp.step()
-                train_seconds += time.perf_counter() - step_started
-                window += (float(loss) * len(labels), len(labels))
-                global_step += 1
-                step_in_epoch += 1
-                samples_seen += batch.global_batch_size
-                samples_this_run += batch.global_batch_size
-                reporter.step()
-                if global_step % config.log_every == 0:
-                    log_window()
-                if global_step >= total_steps:
-                    break
-            if step_in_epoch < steps_per_epoch:
-                break  # stopped by max_steps, mid-epoch
-            log_window()
-            epoch, step_in_epoch = epoch + 1, 0
-            train_loss = float(epoch_totals[0] / epoch_totals[1])
-            epoch_totals[:] = 0
-            if config.eval_every and epoch % config.eval_every == 0:
-                last_eval, evaluated_at = run_evaluation(), global_step
-            if output is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
-                save_position()
+        stopping = False
+        with _StopRequests() as stop_requests:
+            while epoch < config.epochs and global_step < total_steps and not stopping:
+                for batch in sampler.batches(epoch, start_step=step_in_epoch):
+                    step_started = time.perf_counter()
+                    optimizer.lr = learning_rate(config, comm.size, global_step, steps_per_epoch)
+                    x, labels = dataset.train.batch(batch.indices, config.dtype)
+                    loss = dp(x, _targets(config, labels))
+                    dp.backward(global_batch_size=batch.global_batch_size)
+                    dp.step()
+                    train_seconds += time.perf_counter() - step_started
+                    window += (float(loss) * len(labels), len(labels))
+                    global_step += 1
+                    step_in_epoch += 1
+                    samples_seen += batch.global_batch_size
+                    samples_this_run += batch.global_batch_size
+                    reporter.step()
+                    if global_step % config.log_every == 0:
+                        log_window()
+                    stopping = stop_agreed(stop_requests)
+                    if global_step >= total_steps or stopping:
+                        break
+                if step_in_epoch < steps_per_epoch:
+                    break  # stopped by max_steps or a stop request, mid-epoch
+                # A stop request at the last step of an epoch stops after the
+                # epoch's bookkeeping, so the checkpoint is at the epoch's end.
+                log_window()
+                epoch, step_in_epoch = epoch + 1, 0
+                train_loss = float(epoch_totals[0] / epoch_totals[1])
+                epoch_totals[:] = 0
+                if config.eval_every and epoch % config.eval_every == 0:
+                    last_eval, evaluated_at = run_evaluation(), global_step
+                if output is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
+                    save_position()
+            if stopping and (epoch < config.epochs and global_step < total_steps):
+                reporter.close()
+                if output is not None and checkpointed_at != global_step:
+                    save_position()
+                raise TrainingInterrupted(interrupted_text(), ranks_agreed=True)
+        # A stop request after the last step changes nothing: the run is complete.
         log_window()
         reporter.close()
         if epoch_totals[1]:
@@ -537,17 +631,11 @@ def train(config: TrainConfig, comm: Any = None) -> dict[str, Any]:
         summary = summarize(last_eval, train_loss)
         if output is not None:
             _collectively(comm, lambda: _write_results(output, net.state_dict(), summary))
+    except TrainingInterrupted:
+        raise
     except KeyboardInterrupt:
         reporter.close()
-        message = f"interrupted at {where(epoch, step_in_epoch)}; "
-        if last_checkpoint is None:
-            message += "no checkpoint was written" + ("" if output is not None else " (no --output)")
-        else:
-            path, at = last_checkpoint
-            again = "--resume" if output is not None and path == str(output / CHECKPOINT_NAME) \
-                else f"--resume {path}"
-            message += f"the last checkpoint is {path}, at {at}; continue with {again}"
-        raise TrainingInterrupted(message) from None
+        raise TrainingInterrupted(interrupted_text()) from None
     reporter.record({"event": "summary", **summary}, _summary_line(summary))
     return summary
 

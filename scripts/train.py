@@ -3,7 +3,10 @@
 Every option is a field of :class:`mnn.distributed.config.TrainConfig`; see
 ``mnn-train --help``. Exit status: 0 on success, 2 for usage and configuration
 errors (found before training starts), 1 for failures during training, 130
-when interrupted (Ctrl-C, SIGINT), on every rank.
+when interrupted (Ctrl-C, SIGINT or SIGTERM), on every rank.
+
+An interrupt during training stops all ranks after the same step and, with
+--output, saves a checkpoint of that step first: ``--resume`` continues exactly.
 """
 from __future__ import annotations
 
@@ -84,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             where = str(interrupt) if isinstance(interrupt, TrainingInterrupted) \
                 else "interrupted before training started"
             print(f"mnn-train: {where}", file=sys.stderr, flush=True)
+        if isinstance(interrupt, TrainingInterrupted) and interrupt.ranks_agreed:
+            # No rank is inside a collective: leave together, after rank 0's
+            # line is out (mpiexec may kill the other ranks once one has left).
+            # A late copy of the same Ctrl-C must not cut this short.
+            if previous_handler is signal.default_int_handler:  # restored below
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            comm.barrier()
+            return EXIT_INTERRUPTED
         return _leave_after_interrupt(comm)
     finally:
         if previous_handler is signal.default_int_handler:

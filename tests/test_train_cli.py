@@ -207,8 +207,65 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mnn-train: interrupted at epoch "), stderr
-    assert f"the last checkpoint is {tmp_path / 'checkpoint.npz'}, at the end of epoch " in lines[0]
-    assert lines[0].endswith("; continue with --resume")
+    assert lines[0].endswith(f"; checkpoint saved to {tmp_path / 'checkpoint.npz'}; continue with --resume")
+    position = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert position.epoch >= 1  # the stop came after a step of epoch 2
+
+
+def interrupt_after_first_log_line(command, signum, env):
+    """Run ``command``, send ``signum`` to it once a training line is printed;
+    return (exit status, stdout, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        out = []
+        for line in process.stdout:
+            out.append(line)
+            if " step " in line and "| loss " in line:
+                break
+        process.send_signal(signum)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, "".join(out) + rest, stderr
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_mpiexec_stops_both_ranks_at_one_step_and_resume_is_exact(tmp_path, signum):
+    # mpiexec (hydra) forwards SIGINT and SIGTERM to every rank and waits for them.
+    job = ["--epochs", "30", "--log-every", "5", "--batch-size", "64"]
+    env = {**ENV, "MNN_PROGRESS": "lines"}
+    interrupted = tmp_path / "interrupted"
+    status, stdout, stderr = interrupt_after_first_log_line(
+        [str(MPIEXEC), "-n", "2", *TRAIN, *job, "--output", str(interrupted)], signum, env)
+
+    assert status == 130, stderr
+    assert "Traceback" not in stderr and "BAD TERMINATION" not in stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("mnn-train:")]
+    assert len(lines) == 1, stderr
+    position = load_checkpoint(interrupted / "checkpoint.npz")
+    steps_per_epoch = -(-1438 // 64)
+    # The checkpoint counts epochs done; the line names the epoch trained in.
+    epoch, step = (position.epoch + 1, position.step_in_epoch) if position.step_in_epoch \
+        else (position.epoch, steps_per_epoch)
+    expected = (f"mnn-train: interrupted at epoch {epoch}/30 step {step}/{steps_per_epoch}"
+                if step < steps_per_epoch else f"mnn-train: interrupted at the end of epoch {epoch}/30")
+    assert lines[0].startswith(expected), (lines[0], position)
+    assert lines[0].endswith(f"; checkpoint saved to {interrupted / 'checkpoint.npz'}; "
+                             f"continue with --resume")
+    assert 5 <= position.global_step < 30 * steps_per_epoch
+    assert not (interrupted / "model.npz").exists()
+
+    resumed = run(job + ["--output", str(interrupted), "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {interrupted / 'checkpoint.npz'}" in resumed.stdout
+    full = run(job + ["--output", str(tmp_path / "full")], ranks=2)
+    assert full.returncode == 0, full.stderr
+    got, expected_model = load_arrays(interrupted / "model.npz"), load_arrays(tmp_path / "full" / "model.npz")
+    assert got.keys() == expected_model.keys()
+    for key in expected_model:
+        assert got[key].tobytes() == expected_model[key].tobytes(), key
 
 
 def test_usage_and_config_errors_exit_with_2(tmp_path):
