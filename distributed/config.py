@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomli_w
 
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
+from mnn.layer._base import is_int
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +149,7 @@ class TrainConfig:
             raise ValueError(
                 f"layers: expected a list of at least 2 widths (input, ..., classes), "
                 f"got {self.layers!r}")
-        if not all(_is_int(width) and width >= 1 for width in self.layers):
+        if not all(is_int(width) and width >= 1 for width in self.layers):
             raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
         self.layers = [int(width) for width in self.layers]
 
@@ -229,18 +229,13 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
             f"valid keys are: {', '.join(valid)}")
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass, but `epochs = true` is a mistake, not 1.
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def check_int(name: str, value: Any, minimum: int) -> int:
     """``value`` as a Python int if it is an integer (Python or NumPy, not a bool)
     of at least ``minimum``; else a TypeError/ValueError naming ``name``.
 
     The one integer check of mnn.distributed: job settings and sampler arguments.
     """
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")

@@ -61,6 +61,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnn.distributed.comm import Communicator, Request, get_communicator
+from mnn.layer._base import is_int
 
 __all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES"]
 
@@ -188,8 +189,7 @@ class DataParallel:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
         if not hasattr(net, "named_params") or not hasattr(net, "rebind_grads"):
             raise TypeError(f"DataParallel: expected a SequentialLayers, got {type(net).__name__}")
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) \
-                or bucket_bytes < 1:
+        if not (is_int(bucket_bytes) and bucket_bytes >= 1):
             raise ValueError(f"DataParallel: bucket_bytes must be a positive int, got {bucket_bytes!r}")
         if optimizer is not None and getattr(optimizer, "net", net) is not net:
             raise ValueError("DataParallel: the optimizer was built for another net")

@@ -25,7 +25,7 @@ that shape too and answer in the same shape; internally everything is rows.
 
 import numpy as np
 
-__all__ = ["Layer", "LossLayer", "as_generator", "is_positive_int"]
+__all__ = ["Layer", "LossLayer", "as_generator", "is_int"]
 
 
 def as_generator(rng):
@@ -37,9 +37,10 @@ def as_generator(rng):
     raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
 
 
-def is_positive_int(value):
-    """Whether ``value`` is a positive int (NumPy ints too, ``bool`` not)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value > 0
+def is_int(value):
+    """Whether ``value`` is an integer, Python or NumPy; a ``bool`` is not
+    (it is an int subclass, but ``epochs = true`` is a mistake, not 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_float_dtype(dtype):

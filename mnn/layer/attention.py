@@ -8,7 +8,7 @@ closed-form softmax backward of :mod:`mnn.layer.softmax`.
 
 import numpy as np
 
-from mnn.layer._base import Layer, as_generator, is_positive_int
+from mnn.layer._base import Layer, as_generator, is_int
 from mnn.layer.softmax import SoftmaxLayer
 
 __all__ = ["MatrixProduct", "MultiHeadAttention"]
@@ -94,7 +94,7 @@ class MultiHeadAttention(Layer):
     def __init__(self, d_model, n_heads, causal=False, dtype=np.float32, rng=None):
         super().__init__(dtype)
         for what, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if not is_positive_int(value):
+            if not (is_int(value) and value > 0):
                 raise ValueError(f"MultiHeadAttention: expected {what} a positive int, got {value!r}")
         if d_model % n_heads:
             raise ValueError(

@@ -2,7 +2,7 @@ r"""The affine layer :math:`y = W x + b`."""
 
 import numpy as np
 
-from mnn.layer._base import Layer, as_generator, is_positive_int
+from mnn.layer._base import Layer, as_generator, is_int
 
 __all__ = ["LinearLayer"]
 
@@ -20,7 +20,7 @@ class LinearLayer(Layer):
 
     def __init__(self, *shape, bias=True, dtype=np.float32, rng=None):
         super().__init__(dtype)
-        if len(shape) != 2 or not all(is_positive_int(n) for n in shape):
+        if len(shape) != 2 or not all(is_int(n) and n > 0 for n in shape):
             raise ValueError(f"LinearLayer: expected shape (n_in, n_out) of two positive ints, got {shape}")
         self.n_in, self.n_out = int(shape[0]), int(shape[1])
         rng = as_generator(rng)
