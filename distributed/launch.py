@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from mnn.distributed.reporting import PROGRESS_ENV
+
 __all__ = [
     "THREAD_VARIABLES",
     "PROGRESS_ENV",
@@ -92,10 +94,6 @@ __all__ = [
 
 #: Thread-count variables of OpenMP, OpenBLAS and MKL, set per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# Ranks' output reaches the terminal through the launcher's pipes, so a rank
-# cannot tell that a person is watching: mnn-launch says so in this variable
-# ("bar" or "lines"), which the trainer reads to choose a progress bar.
-PROGRESS_ENV = "MNN_PROGRESS"
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)

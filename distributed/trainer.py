@@ -67,7 +67,7 @@ from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
-from mnn.distributed.launch import PROGRESS_ENV
+from mnn.distributed.reporting import progress_bar_wanted
 from mnn.distributed.sampler import GlobalBatchSampler, shard_sizes
 from mnn.io import atomic_write_text, save_arrays
 
@@ -356,21 +356,11 @@ def _changed_text(changed: dict[str, list[Any]]) -> str:
         f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
 
 
-def _progress_bar_wanted() -> bool:
-    """A bar when ``MNN_PROGRESS=bar`` (mnn-launch sets it when it runs on a
-    terminal: the ranks' own stderr is a pipe then), plain lines when
-    ``MNN_PROGRESS=lines``, else a bar exactly when stderr is a terminal."""
-    choice = os.environ.get(PROGRESS_ENV, "")
-    if choice in ("bar", "lines"):
-        return choice == "bar"
-    return sys.stderr.isatty()
-
-
 class _Reporter:
     """Rank 0's side effects: progress bar or plain lines, and metrics.jsonl.
 
     On other ranks every method does nothing. The bar is for a person watching
-    a terminal (see :func:`_progress_bar_wanted`); in a log file plain lines
+    a terminal (see :func:`~mnn.distributed.reporting.progress_bar_wanted`); in a log file plain lines
     are easier to read.
     """
 
@@ -381,7 +371,7 @@ class _Reporter:
         if self.metrics_path is not None and not resumed:
             self.metrics_path.write_text("")  # a new run: do not append to an old run's metrics
         self.bar = None
-        if active and _progress_bar_wanted():
+        if active and progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True)
 
     def step(self) -> None:
