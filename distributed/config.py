@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import tomli_w
 
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
-from mnn.layer._base import is_int
+from mnn.checks import check_choice, check_float, check_int, is_int
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +42,6 @@ __all__ = [
     "resolve_config",
     "add_config_arguments",
     "config_overrides",
-    "check_int",
 ]
 
 LOSSES = ("cross_entropy", "nll", "mse")
@@ -153,29 +151,29 @@ class TrainConfig:
             raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
         self.layers = [int(width) for width in self.layers]
 
-        _check_choice("loss", self.loss, LOSSES)
+        check_choice("loss", self.loss, LOSSES)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset: expected a non-empty spec string, got {self.dataset!r}")
         self.epochs = check_int("epochs", self.epochs, minimum=1)
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
-        self.lr = _check_float("lr", self.lr)
+        self.lr = check_float("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
-        _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        self.warmup_epochs = _check_float("warmup_epochs", self.warmup_epochs)
+        check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        self.warmup_epochs = check_float("warmup_epochs", self.warmup_epochs)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
                 f"warmup_epochs: expected a number between 0 and epochs={self.epochs}, "
                 f"got {self.warmup_epochs}")
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        self.momentum = _check_float("momentum", self.momentum)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.momentum = check_float("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
-        self.weight_decay = _check_float("weight_decay", self.weight_decay)
+        self.weight_decay = check_float("weight_decay", self.weight_decay)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
         self.seed = check_int("seed", self.seed, minimum=0)
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("dtype", self.dtype, DTYPES)
         self.eval_every = check_int("eval_every", self.eval_every, minimum=0)
         # Paths given as pathlib.Path (Python API) are stored as text, as TOML has them.
         if isinstance(self.output, os.PathLike):
@@ -227,33 +225,6 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
         raise ValueError(
             f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
             f"valid keys are: {', '.join(valid)}")
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as a Python int if it is an integer (Python or NumPy, not a bool)
-    of at least ``minimum``; else a TypeError/ValueError naming ``name``.
-
-    The one integer check of mnn.distributed: job settings and sampler arguments.
-    """
-    if not is_int(value):
-        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
-    # nan slips through every `<`/`>` range check and inf trains to a nan loss.
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return float(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 # ---------------------------------------------------------------- job files

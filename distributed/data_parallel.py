@@ -61,7 +61,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnn.distributed.comm import Communicator, Request, get_communicator
-from mnn.layer._base import is_int
+from mnn.checks import is_int
 
 __all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES"]
 

@@ -32,7 +32,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from mnn.distributed.config import check_int
+from mnn.checks import check_int
 
 __all__ = ["GlobalBatchSampler", "ShardedBatch", "shard_sizes"]
 

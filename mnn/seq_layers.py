@@ -18,7 +18,8 @@ so backward hands each layer the gradient its successor returned. Usage::
 
 import numpy as np
 
-from mnn.layer._base import Layer, LossLayer, check_float_dtype
+from mnn.checks import check_float_dtype
+from mnn.layer._base import Layer, LossLayer
 
 __all__ = ["SequentialLayers"]
 

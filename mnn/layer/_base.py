@@ -25,30 +25,9 @@ that shape too and answer in the same shape; internally everything is rows.
 
 import numpy as np
 
-__all__ = ["Layer", "LossLayer", "as_generator", "is_int"]
+from mnn.checks import check_float_dtype
 
-
-def as_generator(rng):
-    """A ``numpy.random.Generator`` from a Generator, an int seed or ``None``."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None or isinstance(rng, (int, np.integer)):
-        return np.random.default_rng(rng)
-    raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
-
-
-def is_int(value):
-    """Whether ``value`` is an integer, Python or NumPy; a ``bool`` is not
-    (it is an int subclass, but ``epochs = true`` is a mistake, not 1)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_float_dtype(dtype):
-    """The numpy dtype for ``dtype``, which must be float32 or float64."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-    return dtype
+__all__ = ["Layer", "LossLayer"]
 
 
 class Layer:

@@ -8,7 +8,8 @@ closed-form softmax backward of :mod:`mnn.layer.softmax`.
 
 import numpy as np
 
-from mnn.layer._base import Layer, as_generator, is_int
+from mnn.checks import as_generator, is_int
+from mnn.layer._base import Layer
 from mnn.layer.softmax import SoftmaxLayer
 
 __all__ = ["MatrixProduct", "MultiHeadAttention"]

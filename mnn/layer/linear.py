@@ -2,7 +2,8 @@ r"""The affine layer :math:`y = W x + b`."""
 
 import numpy as np
 
-from mnn.layer._base import Layer, as_generator, is_int
+from mnn.checks import as_generator, is_int
+from mnn.layer._base import Layer
 
 __all__ = ["LinearLayer"]
 
