@@ -1,19 +1,160 @@
-"""mnn-launch console entry point; the logic and the help live in mnn.distributed.launch.
+"""mnn-launch: start a command on N MPI ranks with the launcher, hosts and threads that fit.
 
-    mnn-launch -n 2 -- mnn-train --dataset digits
-    python -m mnn.scripts.launch --check
+Usage::
+
+    mnn-launch -n 4 -- mnn-train --dataset digits          # 4 ranks on this machine
+    mnn-launch --hosts node1:2,node2:2 -- mnn-train ...     # 2 ranks on each of two hosts
+    mnn-launch -n 8 --hostfile hosts.txt -- mnn-train ...
+    mnn-launch -n 2 --dry-run -- mnn-train ...              # print the command, run nothing
+    mnn-launch --check                                      # preflight: versions, hosts, hello, threads
+    mnn-launch --check --hostfile hosts.txt                 # ... with one hello rank on each host
+
+Which launcher. Inside a SLURM allocation (``SLURM_JOB_ID`` set) ranks are started
+with ``srun -n N``, N defaulting to ``SLURM_NTASKS``. Elsewhere the ``mpiexec`` of
+the MPI library mpi4py is linked against is used: the one beside the Python
+executable (where the ``mpich`` wheel and a virtual environment put it), then the
+one beside the ``mpicc`` mpi4py was built with, then the first on ``PATH``; each
+is accepted only when ``mpiexec --version`` names the same MPI family (MPICH and
+its derivatives, or Open MPI) as ``MPI.Get_library_version()``. An ``mpiexec`` of
+another MPI starts N separate one-process jobs in which every rank believes it
+is rank 0, so a mismatch first on ``PATH`` is reported on stderr. Without
+mpi4py or any ``mpiexec`` the command runs as one process, and mnn-launch says so.
+
+Hosts. ``--hosts a:2,b:2`` or ``--hostfile FILE``, where FILE holds one host per
+line in either format (``#`` starts a comment; a host without a count has 1 slot;
+a host listed twice has the slots of both lines)::
+
+    node1:4            # MPICH: host:slots
+    node2 slots=4      # Open MPI: host slots=N (max_slots=M is accepted and ignored)
+
+They are passed as ``-hosts a:2,b:2`` to MPICH's hydra and ``--host a:2,b:2`` to
+Open MPI; ``-n`` defaults to the total of the slots.
+
+Environment. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to
+``max(1, cores per host // ranks per host)`` unless already set (other hosts are
+assumed to have as many cores as this one; under SLURM, ``SLURM_CPUS_PER_TASK``
+or ``SLURM_CPUS_ON_NODE`` decide), so that ranks do not fight over cores with
+BLAS threads. The whole environment reaches the ranks: hydra and srun pass it on
+by themselves, and mnn-launch adds ``-genv`` for the variables it sets; Open MPI
+is given ``-x NAME`` for those and for PATH, LD_LIBRARY_PATH, PYTHONPATH and
+VIRTUAL_ENV. When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=bar
+(unless set), so that rank 0 draws a progress bar although its own stderr is the
+launcher's pipe. SIGINT and SIGTERM are forwarded to the launcher, so all ranks
+stop, and mnn-launch exits with the job's exit status (128 + N after signal N).
+
+Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
+the threads per rank, and starts a hello job: two ranks on this machine, or with
+``--hosts``/``--hostfile`` one rank on each host (two on a lone host), saying per
+host whether its rank answered, only started (MPI could not connect it), or
+never started (ssh, the host name, or Python missing there at the same path).
 """
 
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+from typing import Mapping
 
-from mnn.distributed.launch import main as launch_main
+from mnn.distributed.launch import (
+    build_command,
+    detect_mpi,
+    format_plan,
+    parse_hostfile,
+    parse_hosts,
+    run_check,
+    run_plan,
+)
 
-__all__ = ["main"]
+__all__ = ["build_parser", "parse_args", "main"]
 
 
-def main() -> None:
-    sys.exit(launch_main(sys.argv[1:]))
+def build_parser() -> argparse.ArgumentParser:
+    """The mnn-launch argument parser; the command follows ``--``."""
+    parser = argparse.ArgumentParser(
+        prog="mnn-launch",
+        usage="mnn-launch [-n N] [--hostfile FILE | --hosts H:S,...] [--dry-run] [--check] -- COMMAND ...",
+        description="Start COMMAND on N MPI ranks: srun inside SLURM, else the mpiexec that matches mpi4py, "
+                    "with one BLAS/OpenMP thread per core per rank.",
+        # The module docstring, without its title, is the help.
+        epilog=__doc__.split("\n\n", 1)[1].replace("::\n", ":\n"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--ranks", type=_positive_int, metavar="N",
+                        help="number of ranks (default: SLURM_NTASKS inside SLURM, else the total slots "
+                             "of --hosts/--hostfile; required otherwise)")
+    hosts = parser.add_mutually_exclusive_group()
+    hosts.add_argument("--hostfile", metavar="FILE", help="hosts, one per line: 'host:slots' or 'host slots=N'")
+    hosts.add_argument("--hosts", metavar="H:S,...", help="comma-separated hosts with slots, e.g. a:2,b:2")
+    parser.add_argument("--mpiexec", metavar="PATH",
+                        help="use this mpiexec (also inside SLURM) instead of the one found for mpi4py")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command and the environment variables it sets, run nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="preflight: versions, hosts, a hello (one rank per host of --hosts/--hostfile, "
+                             "else 2 ranks here), threads; 'OK ...' or 'FIX: ...' per line, exit status 1 if "
+                             "anything needs fixing")
+    parser.add_argument("command", nargs="*", help="the program to run on every rank and its arguments")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse mnn-launch's arguments; everything after the first ``--`` is the command.
+
+    ``hosts`` in the result is a list of ``(host, slots)`` read from ``--hosts``
+    or ``--hostfile``, or None. Raises ValueError for a bad host list.
+    """
+    argv = list(argv)
+    command = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command and command:
+        parser.error(f"unexpected {' '.join(args.command)!r} before '--'")
+    args.command = args.command + command
+    if args.hostfile is not None:
+        args.hosts = parse_hostfile(args.hostfile)
+    elif args.hosts is not None:
+        args.hosts = parse_hosts(args.hosts)
+    return args
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run mnn-launch with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    The console script ``mnn-launch`` (and ``python -m mnn.scripts.launch``) exits with it.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    env = dict(os.environ if env is None else env)
+    try:
+        args = parse_args(argv)
+        mpi = detect_mpi(env, mpiexec=args.mpiexec)
+        if args.check:
+            lines, ok = run_check(args, env, mpi)
+            print("\n".join(lines), flush=True)
+            return 0 if ok else 1
+        plan = build_command(args, env, mpi, terminal=sys.stderr.isatty())
+        for warning in plan.warnings:
+            print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
+        if args.dry_run:
+            print(format_plan(plan), flush=True)
+            return 0
+        return run_plan(plan, env)
+    except ValueError as error:
+        print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,11 +21,10 @@ from mnn.distributed.launch import (
     detect_mpi,
     find_mpiexec,
     format_plan,
-    main,
-    parse_args,
     parse_hostfile,
     parse_hosts,
 )
+from mnn.scripts.launch import main, parse_args
 
 MPICH = MpiSetup("4.1", "MPICH Version: 5.0.2", "mpich", "/opt/mpich/bin/mpiexec")
 OPENMPI = MpiSetup("4.1", "Open MPI v5.0.3", "openmpi", "/opt/openmpi/bin/mpiexec")

@@ -1,0 +1,36 @@
+"""mnn.distributed.launch: what mnn-launch does, one concern per module.
+
+- ``hosts``: ``--hosts`` and hostfiles, how ranks fill the hosts, this machine's names and cores;
+- ``mpi``: mpi4py's MPI library and the ``mpiexec`` that belongs to it (:func:`detect_mpi`);
+- ``plan``: the command line and environment of a job (:func:`build_command`);
+- ``process``: running a plan with signals forwarded, or with a time limit;
+- ``check``: the ``--check`` preflight.
+
+The command line, and the help that explains all of it, is ``mnn.scripts.launch``.
+Tests build commands with :func:`build_command`, a pure function of the parsed
+arguments, the environment and the detected :class:`MpiSetup`.
+"""
+
+from mnn.distributed.launch.check import build_hello_command, run_check
+from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
+from mnn.distributed.launch.mpi import MpiSetup, detect_mpi, find_mpiexec, mpi_family
+from mnn.distributed.launch.plan import THREAD_VARIABLES, LaunchPlan, build_command, format_plan
+from mnn.distributed.launch.process import run_plan
+from mnn.distributed.reporting import PROGRESS_ENV
+
+__all__ = [
+    "THREAD_VARIABLES",
+    "PROGRESS_ENV",
+    "MpiSetup",
+    "LaunchPlan",
+    "parse_hostfile",
+    "parse_hosts",
+    "mpi_family",
+    "detect_mpi",
+    "find_mpiexec",
+    "build_command",
+    "build_hello_command",
+    "format_plan",
+    "run_plan",
+    "run_check",
+]

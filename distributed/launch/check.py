@@ -1,0 +1,202 @@
+"""mnn-launch ``--check``: preflight lines, each ``OK ...`` or ``FIX: ...``, on versions,
+the launcher, the hosts, a hello job across them and the threads per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import shutil
+import socket
+import sys
+from typing import Mapping
+
+from mnn.distributed.launch.hosts import local_host_names, usable_cores
+from mnn.distributed.launch.mpi import MpiSetup, family_name
+from mnn.distributed.launch.plan import THREAD_VARIABLES, LaunchPlan, build_command
+from mnn.distributed.launch.process import run_with_timeout
+
+__all__ = ["run_check", "build_hello_command"]
+
+_HELLO_TIMEOUT_S = 60.0
+# A hello rank says "started" before MPI is initialised, with the rank the launcher
+# gave it, so that a host whose rank ran but never joined the job (blocked ports)
+# is told apart from a host where nothing ran (ssh, name); initialisation waits
+# for every rank. Output of the ranks may reach us interleaved within a line,
+# hence the ';' after each line.
+_HELLO_CODE = ("import os, socket\n"
+               "launcher_rank = next((os.environ[name] for name in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK', 'PMIX_RANK', "
+               "'SLURM_PROCID') if name in os.environ), '?')\n"
+               "print(f'started rank={launcher_rank} host={socket.gethostname()};', flush=True)\n"
+               "from mpi4py import MPI\nworld = MPI.COMM_WORLD\n"
+               "print(f'hello rank={world.Get_rank()} size={world.Get_size()} host={socket.gethostname()};', "
+               "flush=True)\n")
+
+
+def run_check(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+              cores: int | None = None) -> tuple[list[str], bool]:
+    """Preflight lines, each ``"OK ..."`` or ``"FIX: ..."``, and whether all are OK."""
+    import numpy
+
+    cores = usable_cores() if cores is None else cores
+    in_slurm = bool(env.get("SLURM_JOB_ID")) and not args.mpiexec
+    lines = [f"OK Python {platform.python_version()} ({sys.executable})", f"OK NumPy {numpy.__version__}"]
+    if mpi.mpi4py_version is None:
+        lines.append(f"FIX: {mpi.library}: pip install 'mnn[mpi]' (mpi4py with MPICH from PyPI), or on a cluster "
+                     "pip install mpi4py built against the cluster's MPI")
+    else:
+        lines.append(f"OK mpi4py {mpi.mpi4py_version}")
+        library_line = f"MPI library: {mpi.library}"
+        lines.append(f"OK {library_line}" if mpi.family else
+                     f"FIX: {library_line} is neither MPICH nor Open MPI; mnn-launch may build a wrong command")
+    if in_slurm:
+        srun = shutil.which("srun", path=env.get("PATH", ""))
+        lines.append(f"OK launcher: {srun} (SLURM job {env['SLURM_JOB_ID']})" if srun else
+                     f"FIX: SLURM_JOB_ID={env['SLURM_JOB_ID']} is set but srun is not on PATH: load SLURM's "
+                     "module, or unset SLURM_JOB_ID outside an allocation")
+    elif mpi.mpiexec:
+        lines.append(f"OK mpiexec: {mpi.mpiexec} ({family_name(mpi.launcher_family)})")
+    elif mpi.mpi4py_version is not None:
+        lines.append(f"FIX: {mpi.error or 'no mpiexec beside ' + sys.executable + ' or on PATH'}")
+    lines += [f"FIX: {warning}" for warning in mpi.warnings]
+
+    if args.hosts:
+        lines += _check_hosts(args.hosts)
+    hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None)
+    if hello_ready:
+        lines += _check_hello(args, env, mpi, cores)
+    lines.append(_check_threads(args, env, mpi, cores))
+    return lines, all(line.startswith("OK") for line in lines)
+
+
+def _hello_hosts(hosts: list[tuple[str, int]] | None) -> list[tuple[str, int]] | None:
+    """One slot on each host, so that every host must start a rank; two on a lone host, so that ranks talk."""
+    if not hosts:
+        return None
+    return [(host, 1) for host, _ in hosts] if len(hosts) > 1 else [(hosts[0][0], 2)]
+
+
+def build_hello_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+                        cores: int | None = None) -> LaunchPlan:
+    """The plan of ``--check``'s hello job: :func:`build_command` for a short Python program.
+
+    With hosts in ``args`` it runs one rank on each of them (two on a single
+    host), so that ``-n`` is the number of hosts whatever their slots; without
+    hosts, two ranks here. Rank ``i`` lands on the ``i``-th host: MPICH and
+    Open MPI fill hosts in the order given.
+    """
+    hosts = _hello_hosts(args.hosts)
+    ranks = 2 if hosts is None else sum(slots for _, slots in hosts)
+    hello_args = argparse.Namespace(**{**vars(args), "hosts": hosts, "ranks": ranks,
+                                       "command": [sys.executable, "-c", _HELLO_CODE]})
+    return build_command(hello_args, env, mpi, cores)
+
+
+def _check_hello(args, env, mpi, cores) -> list[str]:
+    try:
+        plan = build_hello_command(args, env, mpi, cores)
+    except ValueError as error:
+        return [f"FIX: hello cannot start: {error}"]
+    name = f"{plan.ranks}-rank hello"
+    try:
+        returncode, out, err = run_with_timeout(plan.argv, {**env, **plan.env_updates}, _HELLO_TIMEOUT_S)
+    except OSError as error:
+        return [f"FIX: {name} cannot start {plan.argv[0]}: {error.strerror or error}"]
+    started = dict(re.findall(r"started rank=(\d+) host=([^\s;]+);", out))
+    answers = sorted(re.findall(r"hello rank=(\d+) size=(\d+) host=([^\s;]+);", out),
+                     key=lambda answer: int(answer[0]))
+    hellos = {rank: host for rank, size, host in answers if size == str(plan.ranks)}
+    shown = ", ".join(f"rank {rank} on {host}" for rank, _, host in answers)
+    if answers and all(size == "1" for _, size, _ in answers):
+        return [f"FIX: {name}: every process says it is rank 0 of 1 ({shown}): {plan.argv[0]} belongs to "
+                f"another MPI than mpi4py ({mpi.library}). Use the launcher of that MPI (pass --mpiexec) or "
+                "rebuild mpi4py against this one"]
+    hosts = _hello_hosts(args.hosts)
+    lines = []
+    if returncode is None:
+        # With hosts, the lines per host below say what to check.
+        advice = "" if hosts else ": check that no firewall blocks MPI's ports on this machine"
+        lines.append(f"FIX: {name} did not finish in {_HELLO_TIMEOUT_S:.0f} s "
+                     f"({shown or 'no rank answered'}){advice}")
+    elif returncode != 0:
+        last = (err.strip().splitlines() or ["no error output"])[-1]
+        lines.append(f"FIX: {name} failed with exit status {returncode}: {last}")
+    elif len(hellos) != plan.ranks or len(answers) != plan.ranks:
+        lines.append(f"FIX: {name} gave unexpected output: {out.strip()[:300]!r}")
+    if hosts is None:
+        return lines or [f"OK {name}: {shown}"]
+    # The launcher stops the whole job at the first host it cannot reach, before
+    # ranks elsewhere ran; its error lines (ssh's) name that host. Names of this
+    # machine are left out: hydra puts them in every line, and no ssh goes there.
+    local_names = local_host_names()
+    launcher_errors = {host: [line.strip() for line in err.splitlines()
+                              if re.search(rf"(?<![\w.-]){re.escape(host)}(?![\w.-])", line)]
+                       for host, _ in hosts if host not in local_names}
+    blamed = [host for host, errors in launcher_errors.items() if errors]
+    host_ranks, first_rank = {}, 0
+    for host, slots in hosts:
+        host_ranks[host] = [str(rank) for rank in range(first_rank, first_rank + slots)]
+        first_rank += slots
+    silent = [host for host, ranks in host_ranks.items() if not any(rank in started for rank in ranks)]
+    for host, ranks in host_ranks.items():
+        which = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+        if all(rank in hellos for rank in ranks):
+            lines.append(f"OK host {host}: {which} answered from {', '.join(sorted({hellos[r] for r in ranks}))}")
+        elif host not in silent:
+            seen = ", ".join(sorted({started[rank] for rank in ranks if rank in started}))
+            if silent:  # MPI's start waits for every rank
+                lines.append(f"FIX: {which} started on {host} ({seen}) but could not join the job while no rank "
+                             f"started on {', '.join(silent)}; run --check again once that is fixed")
+            else:
+                lines.append(f"FIX: {which} started on {host} ({seen}) but never joined the job: check that no "
+                             "firewall blocks MPI's ports between the hosts and that every host resolves the "
+                             "others' names to addresses they can reach")
+        elif blamed and host not in blamed:
+            lines.append(f"FIX: no rank started on {host}: the launcher stopped at {', '.join(blamed)} first; "
+                         "run --check again once that is fixed")
+        else:
+            cause = f" ({launcher_errors[host][0]})" if launcher_errors.get(host) else ""
+            lines.append(f"FIX: no rank started on {host}{cause}: check ssh/hostname: 'ssh {host} true' must work "
+                         f"without a password from here, {host} must name the machine you mean, and "
+                         f"{sys.executable} must exist there with mpi4py")
+    return lines
+
+
+def _check_hosts(hosts: list[tuple[str, int]]) -> list[str]:
+    resolved, lines = [], []
+    for host, _ in hosts:
+        try:
+            address = socket.getaddrinfo(host, None)[0][4][0]
+        except (socket.gaierror, UnicodeError) as error:
+            lines.append(f"FIX: host {host!r} does not resolve ({error}): correct the name, or add it to DNS "
+                         "or /etc/hosts")
+        else:
+            resolved.append(f"{host} ({address})")
+    if resolved:
+        lines.insert(0, f"OK hosts resolve: {', '.join(resolved)}")
+    return lines
+
+
+def _check_threads(args, env, mpi, cores) -> str:
+    check_args = argparse.Namespace(**{**vars(args), "command": ["true"],
+                                       "ranks": args.ranks or (None if args.hosts else 2)})
+    try:
+        plan = build_command(check_args, env, mpi, cores)
+    except ValueError as error:
+        return f"FIX: threads per rank: {error}"
+    settings = []
+    for name in THREAD_VARIABLES:
+        if name in plan.env_updates:
+            settings.append(f"{name}={plan.env_updates[name]}")
+            continue
+        value = env[name]
+        if not value.isdigit() or int(value) < 1:
+            return f"FIX: {name}={value!r} is not a positive integer: unset it and mnn-launch sets it"
+        # threads_per_rank is the most that fits the busiest host; more oversubscribes it.
+        if int(value) > plan.threads_per_rank:
+            return (f"FIX: {name}={value} with {plan.ranks} ranks oversubscribes this host's {cores} cores: "
+                    f"unset it (mnn-launch then sets {plan.threads_per_rank}) or lower it")
+        settings.append(f"{name}={value} (yours)")
+    return f"OK threads per rank: {', '.join(settings)} for {plan.ranks} rank(s) on {cores} core(s) per host"
+
