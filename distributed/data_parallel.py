@@ -107,11 +107,11 @@ def _plan_buckets(net: Any, bucket_bytes: int) -> list[GradientBucket]:
     only start after the whole layer is done anyway); a layer larger than
     ``bucket_bytes`` gets a bucket of its own.
     """
-    layer_of_grad = {id(grad): index for index, layer in enumerate(net.layers)
-                     for grad in layer.grads.values()}
+    # A parameter named "3.Residual.0.LinearLayer.w" belongs to layer 3 of the
+    # net, whose backward (and with it the hook) is done once layer 3 is done.
     per_layer: dict[int, list[tuple[str, np.ndarray]]] = {}
     for name, _, grad in net.named_params():
-        per_layer.setdefault(layer_of_grad[id(grad)], []).append((name, grad))
+        per_layer.setdefault(int(name.split(".", 1)[0]), []).append((name, grad))
 
     buckets: list[GradientBucket] = []
     open_buckets: dict[np.dtype, dict[str, Any]] = {}

@@ -17,13 +17,14 @@ from mnn.layer import (
     MultiHeadAttention,
     NllLossLayer,
     ReluLayer,
+    ReshapeLayer,
     SoftmaxLayer,
 )
 from mnn.optim import SGD, Adam, Optimizer
-from mnn.seq_layers import SequentialLayers
+from mnn.seq_layers import Residual, SequentialLayers
 
 __all__ = [
     "Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer", "LogSoftmaxLayer",
-    "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention",
-    "SequentialLayers", "Optimizer", "SGD", "Adam",
+    "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention", "ReshapeLayer",
+    "SequentialLayers", "Residual", "Optimizer", "SGD", "Adam",
 ]

@@ -1,4 +1,4 @@
-r"""SequentialLayers: a stack of layers run forward in order and backward in reverse.
+r"""Layers that hold layers: ``SequentialLayers`` (a stack run in order) and ``Residual``.
 
 For :math:`\ell = f_L(\cdots f_2(f_1(x)))` the chain rule reads
 
@@ -8,37 +8,50 @@ For :math:`\ell = f_L(\cdots f_2(f_1(x)))` the chain rule reads
 
 so backward hands each layer the gradient its successor returned. Usage::
 
+    from mnn.seq_layers import *      # SequentialLayers, Residual and every layer class
     net = SequentialLayers([LinearLayer(784, 256, rng=0), ReluLayer(),
                             LinearLayer(256, 10, rng=1), CrossEntropyLossLayer()])
     loss = net(x, labels)   # forward; returns the batch-mean loss
     net.backward()          # gradients accumulate into each layer's grads
     net.step(lr=0.1)
     net.zero_grads()
+
+Parameters are named ``index.Class.key`` (``0.LinearLayer.w``), as in the seed
+library's state dicts; a layer inside a container is named below it
+(``3.Residual.0.LinearLayer.w``), so any depth of nesting has unique names.
+``get_config()`` describes the stack as plain data (the model description
+that :func:`mnn.model.build_net` builds and job files hold).
 """
 
 import numpy as np
 
 from mnn.checks import check_float_dtype
+from mnn.layer import *  # noqa: F403 -- the seed's `from mnn.seq_layers import *` gave every layer
+from mnn.layer import __all__ as _layer_names
 from mnn.layer._base import Layer, LossLayer
 
-__all__ = ["SequentialLayers"]
+__all__ = ["SequentialLayers", "Residual", *_layer_names]
 
 
-class SequentialLayers:
-    """Layers applied in order; the last one may be a loss layer."""
+class SequentialLayers(Layer):
+    """Layers applied in order; the last one may be a loss layer.
+
+    ``input_grad``: whether backward computes the gradient with respect to the
+    net's input. The input of a net is usually data, not a parameter, so, as
+    PyTorch does for tensors without ``requires_grad``, it is skipped unless asked.
+    """
 
     def __init__(self, layers, input_grad=False):
         layers = list(layers)
+        if not layers:
+            raise ValueError("SequentialLayers: expected at least one layer")
         for index, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"SequentialLayers: layer {index} is a {type(layer).__name__}, expected an mnn Layer")
             if isinstance(layer, LossLayer) and index != len(layers) - 1:
                 raise ValueError(f"SequentialLayers: the loss layer {layer.name} must come last, found at {index}")
-        if not layers:
-            raise ValueError("SequentialLayers: expected at least one layer")
+        super().__init__(layers[0].dtype)
         self.layers = layers
-        # The input of the net is data, not a parameter: like PyTorch with
-        # requires_grad=False, skip the first layer's input gradient unless asked.
         self.input_grad = input_grad
         self._has_targets = False
 
@@ -46,44 +59,90 @@ class SequentialLayers:
     def loss_layer(self):
         return self.layers[-1] if isinstance(self.layers[-1], LossLayer) else None
 
-    def __call__(self, inputs, targets=None):
-        return self.forward(inputs, targets)
+    def __call__(self, inputs, targets=None, debug=False):
+        return self.forward(inputs, targets, debug=debug)
 
-    def forward(self, inputs, targets=None):
+    # -- forward and backward -------------------------------------------------------
+
+    def forward(self, inputs, targets=None, debug=False):
         """The loss when ``targets`` are given; otherwise the output of the last
-        non-loss layer (the prediction, e.g. logits)."""
+        non-loss layer (the prediction, e.g. logits).
+
+        ``debug=True`` prints each layer's input and output shapes and the sum
+        of its output, as the seed library did.
+        """
         body = self.layers[:-1] if self.loss_layer is not None else self.layers
         outputs = inputs
-        for layer in body:
-            outputs = layer.forward(outputs)
+        for index, layer in enumerate(body):
+            layer_inputs, outputs = outputs, layer.forward(outputs)
+            if debug:
+                _trace("forward", index, layer, layer_inputs, outputs)
         self._has_targets = targets is not None and self.loss_layer is not None
         if not self._has_targets:
             return outputs
-        return self.loss_layer.forward(outputs, targets)
+        loss = self.loss_layer.forward(outputs, targets)
+        if debug:
+            _trace("forward", len(self.layers) - 1, self.loss_layer, outputs, loss)
+        return loss
 
-    def backward(self, hook=None, scale=1.0):
-        """Backpropagate from the loss; ``hook(index, layer)`` runs after each layer.
+    def backward(self, gradients=None, input_grad=None, hook=None, scale=1.0, debug=False):
+        """Backpropagate from the last layer to the first; return every layer's input gradient.
 
-        ``scale`` differentiates ``scale * loss`` instead of the loss: every
-        gradient comes out multiplied by it, at no extra cost (the data-parallel
-        wrapper weights each rank's shard this way). Returns the gradient with
-        respect to the net's input when the net was built with
-        ``input_grad=True``, else ``None``.
+        A net that ends in a loss layer starts from the loss and takes no
+        ``gradients``; ``scale`` differentiates ``scale * loss`` instead, so
+        every gradient comes out multiplied by it at no extra cost (the
+        data-parallel wrapper weights each rank's shard this way). A stack
+        without a loss layer (the inside of a ``Residual``) starts from
+        ``gradients``, the gradient with respect to its output.
+
+        Returns the list of what each layer's backward returned, in layer order:
+        entry ``i`` is the gradient with respect to the input of layer ``i``, so
+        ``zip(net.layers, net.backward())`` pairs them, and entry 0 is the
+        gradient with respect to the net's input, or None when ``input_grad``
+        (default: the net's) is false. ``hook(index, layer)`` runs after each
+        layer's backward. ``debug=True`` prints each layer's gradient shapes and
+        sums (and computes entry 0, so that every entry can be printed).
         """
-        if self.loss_layer is None:
-            raise ValueError("SequentialLayers.backward: the last layer is not a loss layer, nothing to differentiate")
-        if not self._has_targets:
-            raise ValueError("SequentialLayers.backward: called before a forward with targets")
         last = len(self.layers) - 1
-        gradients = self.loss_layer.backward(scale)
-        if hook is not None:
-            hook(last, self.loss_layer)
-        for index in range(last - 1, -1, -1):
+        if self.loss_layer is not None:
+            if gradients is not None:
+                raise ValueError("SequentialLayers.backward: the net ends in a loss layer, so backward starts "
+                                 "from the loss and takes no gradients; weight the loss with scale=")
+            if not self._has_targets:
+                raise ValueError("SequentialLayers.backward: called before a forward with targets")
+            gradients = self.loss_layer.backward(scale)
+            layer_gradients = [gradients]
+            if debug:
+                _trace("backward", last, self.loss_layer, None, gradients)
+            if hook is not None:
+                hook(last, self.loss_layer)
+            last -= 1
+        elif gradients is None:
+            raise ValueError("SequentialLayers.backward: the last layer is not a loss layer, so backward needs "
+                             "the gradients with respect to the output")
+        else:
+            layer_gradients = []
+        first_input_grad = self.input_grad if input_grad is None else input_grad
+        for index in range(last, -1, -1):
             layer = self.layers[index]
-            gradients = layer.backward(gradients, input_grad=index > 0 or self.input_grad)
+            layer_inputs_grad = gradients
+            gradients = layer.backward(gradients, input_grad=index > 0 or first_input_grad or debug)
+            layer_gradients.append(gradients)
+            if debug:
+                _trace("backward", index, layer, layer_inputs_grad, gradients)
             if hook is not None:
                 hook(index, layer)
-        return gradients
+        return layer_gradients[::-1]
+
+    # -- parameters -------------------------------------------------------------------
+
+    def parameter_slots(self):
+        """``(name, layer, key)`` of every parameter, in layer order then key order;
+        names read ``0.LinearLayer.w``, and ``3.Residual.0.LinearLayer.w`` for a
+        layer inside layer 3."""
+        for index, layer in enumerate(self.layers):
+            for name, holder, key in layer.parameter_slots():
+                yield f"{index}.{layer.name}.{name}", holder, key
 
     def zero_grads(self):
         for layer in self.layers:
@@ -94,21 +153,10 @@ class SequentialLayers:
             layer.step(lr)
 
     def astype(self, dtype):
-        dtype = check_float_dtype(dtype)
+        self.dtype = check_float_dtype(dtype)
         for layer in self.layers:
             layer.astype(dtype)
         return self
-
-    def named_params(self):
-        """``(name, param, grad)`` for every parameter, in layer order then key
-        order; names read ``0.LinearLayer.w`` as in the seed's state dicts."""
-        for index, layer in enumerate(self.layers):
-            for key, param in layer.params.items():
-                yield f"{index}.{layer.name}.{key}", param, layer.grads[key]
-
-    def _parameter_slots(self):
-        return {f"{index}.{layer.name}.{key}": (layer, key)
-                for index, layer in enumerate(self.layers) for key in layer.params}
 
     def state_dict(self):
         """Copies of all parameters, keyed by name."""
@@ -116,7 +164,7 @@ class SequentialLayers:
 
     def load_state_dict(self, state):
         """Copy ``state`` (name -> array) into the parameters, checking names and shapes."""
-        slots = self._parameter_slots()
+        slots = {name: (layer, key) for name, layer, key in self.parameter_slots()}
         missing = sorted(set(slots) - set(state))
         extra = sorted(set(state) - set(slots))
         if missing or extra:
@@ -129,7 +177,38 @@ class SequentialLayers:
         for name, (layer, key) in slots.items():
             layer.params[key][...] = state[name]
 
-    load_weights = load_state_dict
+    def load_weights(self, state, config=None, verbose=False):
+        """The seed's loader: :meth:`load_state_dict`, after checking ``config``.
+
+        ``config`` is the :meth:`get_config` of the net that saved ``state`` (or
+        the seed's ``{"layers": count}``): the nets must have as many layers,
+        and every layer that holds parameters must be of the same type and
+        configuration. Layers without parameters may differ, so a net trained
+        with a loss layer loads into one that ends in ``SoftmaxLayer``, as the
+        seed's MNIST example does. ``verbose`` prints each key as it is loaded.
+        """
+        if config is not None:
+            self._check_config_matches(config)
+        self.load_state_dict(state)
+        if verbose:
+            for name, param, _ in self.named_params():
+                print(f"loading weights to: {name} {param.shape}")
+
+    def _check_config_matches(self, config):
+        theirs = config.get("layers") if isinstance(config, dict) else None
+        count = theirs if isinstance(theirs, int) else len(theirs) if isinstance(theirs, list) else None
+        if count is None:
+            raise ValueError(f"load_weights: expected config to be a net's get_config(), a dict with "
+                             f"'layers', got {config!r}")
+        if count != len(self.layers):
+            raise ValueError(f"load_weights: the config describes {count} layers, this net has {len(self.layers)}")
+        if isinstance(theirs, int):
+            return  # the seed's config says no more than the count
+        for index, (layer, description) in enumerate(zip(self.layers, self.get_config()["layers"])):
+            holds_params = next(layer.parameter_slots(), None) is not None
+            if holds_params and theirs[index] != description:
+                raise ValueError(f"load_weights: layer {index} is {description}, but the config "
+                                 f"has {theirs[index]}")
 
     def rebind_grads(self, arrays):
         """Let gradient ``name`` live in ``arrays[name]`` (e.g. a view into a bucket).
@@ -137,7 +216,7 @@ class SequentialLayers:
         The current gradient values are copied over; layers keep writing into
         the new arrays in place.
         """
-        slots = self._parameter_slots()
+        slots = {name: (layer, key) for name, layer, key in self.parameter_slots()}
         for name, array in arrays.items():
             if name not in slots:
                 raise ValueError(f"rebind_grads: unknown parameter {name}")
@@ -149,6 +228,92 @@ class SequentialLayers:
             array[...] = old
             layer.grads[key] = array
 
+    # -- description ---------------------------------------------------------------------
+
+    def get_config(self):
+        """The model description: ``{"layers": [{"type": class name, **arguments}, ...]}``."""
+        return {"layers": [{"type": layer.name, **layer.get_config()} for layer in self.layers]}
+
     def __repr__(self):
-        inner = ",\n  ".join(repr(layer) for layer in self.layers)
-        return f"SequentialLayers([\n  {inner}\n])"
+        inner = ",\n".join(repr(layer) for layer in self.layers).replace("\n", "\n  ")
+        return f"{self.name}([\n  {inner}\n])"
+
+
+class Residual(Layer):
+    r"""A residual connection around a stack of layers: :math:`y = x + f(x)`.
+
+    ``Residual(layers)``: :math:`f` is ``SequentialLayers(layers)``, which must
+    keep the shape of its input and hold no loss layer. The parameters are
+    those of the layers inside (``Residual`` has none of its own), named below
+    it: ``0.LinearLayer.w`` inside, ``3.Residual.0.LinearLayer.w`` in a net.
+    """
+
+    def __init__(self, layers):
+        layers = list(layers)
+        losses = [layer.name for layer in layers if isinstance(layer, LossLayer)]
+        if losses:
+            raise ValueError(f"Residual: expected layers without a loss layer, got {', '.join(losses)}")
+        self.body = SequentialLayers(layers, input_grad=True)
+        super().__init__(self.body.dtype)
+        self._input_shape = None
+
+    @property
+    def layers(self):
+        return self.body.layers
+
+    def forward(self, inputs, feedbacks=None):
+        r"""
+        .. math::
+            y = x + f(x). \tag{1}
+        """
+        inputs = self._batch(inputs)
+        outputs = self.body.forward(inputs)
+        if outputs.shape != inputs.shape:
+            raise ValueError(f"{self.name}: the layers inside must keep the shape of their input, "
+                             f"but {inputs.shape} became {outputs.shape}")
+        self._input_shape = inputs.shape
+        return inputs + outputs  # Eq. (1)
+
+    def backward(self, gradients, input_grad=True):
+        r"""The Jacobian of Eq. (1) is :math:`I + J_f`, so with :math:`g = \partial \ell / \partial y`
+
+        .. math::
+            \frac{\partial \ell}{\partial x} = g + J_f^\top g, \tag{2}
+
+        where :math:`J_f^\top g` is what backward through the layers inside
+        returns; they add their parameter gradients on the way. The identity
+        path carries :math:`g` past :math:`f` unchanged, which is why deep
+        stacks of residual blocks still train.
+        """
+        input_shape = self._saved(self._input_shape)
+        gradients = self._check_gradients(gradients, input_shape)
+        through_layers = self.body.backward(gradients, input_grad=input_grad)[0]
+        if not input_grad:
+            return None
+        return gradients + through_layers  # Eq. (2)
+
+    def parameter_slots(self):
+        return self.body.parameter_slots()
+
+    def zero_grads(self):
+        self.body.zero_grads()
+
+    def step(self, lr=0.01):
+        self.body.step(lr)
+
+    def astype(self, dtype):
+        self.dtype = check_float_dtype(dtype)
+        self.body.astype(dtype)
+        return self
+
+    def get_config(self):
+        return self.body.get_config()
+
+    def __repr__(self):
+        return repr(self.body).replace(self.body.name, self.name, 1)
+
+
+def _trace(direction, index, layer, before, after):
+    """One line of the debug trace: a layer's shapes and the sum of what it produced."""
+    shape_before = "" if before is None else f"{np.shape(before)} => "
+    print(f"{direction} {index} {layer.name} {shape_before}{np.shape(after)} sum: {np.sum(after):.6g}", flush=True)

@@ -64,6 +64,21 @@ def test_row_layer_gradients(case, batch_size, columns, assert_layer_gradients):
     assert_layer_gradients(layer, inputs, targets)
 
 
+@pytest.mark.parametrize("left_shape, right_shape", [
+    ((3, 4), (4, 2)),            # plain matrices, as the seed's MatrixProduct took them
+    ((4,), (4, 2)),              # a row vector on the left
+    ((3, 4), (4,)),              # a column vector on the right
+    ((5, 3, 4), (4, 2)),         # one right factor for every sample
+    ((3, 4), (5, 4, 2)),         # one left factor for every sample
+    ((5, 1, 3, 4), (2, 4, 2)),   # batch axes that stretch on both sides
+])
+def test_matrix_product_gradients_for_everything_matmul_accepts(left_shape, right_shape, assert_layer_gradients):
+    rng = np.random.default_rng(len(left_shape) + len(right_shape))
+    pair = (rng.standard_normal(left_shape), rng.standard_normal(right_shape))
+    np.testing.assert_array_equal(MatrixProduct(dtype=F64).forward(pair), pair[0] @ pair[1])
+    assert_layer_gradients(MatrixProduct(dtype=F64), pair)
+
+
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_matrix_product_gradients(batch_size, assert_layer_gradients):
     rng = np.random.default_rng(batch_size)
@@ -122,7 +137,7 @@ def test_sequential_gradients_match_finite_differences_of_the_net(numerical_grad
     net = make_net(input_grad=True)
     inputs, labels = net_data()
     net(inputs, labels)
-    input_gradients = net.backward()
+    input_gradients = net.backward()[0]  # entry 0: the gradient with respect to the net's input
     np.testing.assert_allclose(input_gradients, numerical_gradient(lambda: net(inputs, labels), inputs),
                                rtol=1e-6, atol=1e-8)
     for name, param, grad in net.named_params():
@@ -230,7 +245,7 @@ def test_net_backward_with_scale_gives_scale_times_the_grads(numerical_gradient)
     def gradients(**scale):
         net.zero_grads()
         net(inputs, labels)
-        input_gradient = net.backward(**scale)
+        input_gradient = net.backward(**scale)[0]
         return {"input": input_gradient, **{name: grad.copy() for name, _, grad in net.named_params()}}
 
     unweighted = gradients()

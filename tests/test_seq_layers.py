@@ -220,3 +220,128 @@ def test_digits_mlp_reaches_high_test_accuracy(make_optimizer):
     assert net(inputs[train], labels[train]) < 0.2
     accuracy = np.mean(net(inputs[test]).argmax(axis=1) == labels[test])
     assert accuracy > 0.9, f"test accuracy {accuracy:.3f}"
+
+
+# --- the seed's own client calls ---------------------------------------------------
+# Each test below is a call the seed library's examples/mnist.py or the toy
+# pipelines in its seq_layers.py make, with NumPy arrays in place of its tensors.
+
+def seed_batch(batch_size=8, features=28 * 28, classes=10, seed=0):
+    """Images as the seed's column vectors (B, 784, 1) and labels (B, 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.random((batch_size, features, 1)), rng.integers(0, classes, (batch_size, 1))
+
+
+def seed_mnist_net():
+    from mnn.seq_layers import CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
+    return SequentialLayers([LinearLayer(28 * 28, 256), ReluLayer(), LinearLayer(256, 10), CrossEntropyLossLayer()])
+
+
+def test_star_import_of_seq_layers_gives_every_layer_class():
+    namespace = {}
+    exec("from mnn.seq_layers import *", namespace)
+    import mnn.layer
+    for name in ["SequentialLayers", "Residual", *mnn.layer.__all__]:
+        assert name in namespace, name
+    assert namespace["LinearLayer"] is LinearLayer
+
+
+def test_forward_with_debug_traces_each_layer(capsys):
+    images, labels = seed_batch()
+    loss = seed_mnist_net()(images, labels, debug=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["forward", "0", "LinearLayer"], ["forward", "1", "ReluLayer"], ["forward", "2", "LinearLayer"],
+        ["forward", "3", "CrossEntropyLossLayer"]]
+    assert "(8, 784, 1) => (8, 256, 1) sum:" in lines[0]
+    assert lines[-1].endswith(f"=> () sum: {float(loss):.6g}")
+
+
+def test_backward_with_debug_returns_per_layer_gradients_the_seed_loop_zips(capsys):
+    images, labels = seed_batch()
+    net = seed_mnist_net()
+    net(images, labels)
+    net.zero_grads()
+    gradients = net.backward(debug=True)
+    trace = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in trace] == [
+        ["backward", "3", "CrossEntropyLossLayer"], ["backward", "2", "LinearLayer"],
+        ["backward", "1", "ReluLayer"], ["backward", "0", "LinearLayer"]]
+    # The seed's debug loop, as it is written there.
+    for layer, grads in zip(net.layers, gradients):
+        print(layer.name, 'gradients sum:', grads.sum())
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert [grad.shape for grad in gradients] == [(8, 784, 1), (8, 256, 1), (8, 256, 1), (8, 10, 1)]
+    net.step()
+
+
+def test_backward_returns_each_layers_input_gradient_in_layer_order():
+    images, labels = seed_batch()
+    net = seed_mnist_net()
+    net(images, labels)
+    gradients = net.backward()
+    assert len(gradients) == len(net.layers) and gradients[0] is None  # the input is data
+    np.testing.assert_array_equal(gradients[1], gradients[2] * (net.layers[1]._outputs > 0))
+
+
+def test_get_config_and_load_weights_with_config_as_the_seed_mnist_test_does(capsys, tmp_path):
+    images, labels = seed_batch()
+    trained = seed_mnist_net()
+    trained(images, labels)
+    trained.backward()
+    trained.step()
+    save = trained.state_dict(), trained.get_config()
+    state_dict, config = save
+
+    from mnn.seq_layers import LinearLayer, ReluLayer, SequentialLayers, SoftmaxLayer
+    net = SequentialLayers([LinearLayer(28 * 28, 256), ReluLayer(), LinearLayer(256, 10), SoftmaxLayer()])
+    net.load_weights(state_dict, config=config, verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "loading weights to: 0.LinearLayer.w (256, 784)", "loading weights to: 0.LinearLayer.b (256,)",
+        "loading weights to: 2.LinearLayer.w (10, 256)", "loading weights to: 2.LinearLayer.b (10,)"]
+    scores = net(images).squeeze(-1)
+    np.testing.assert_allclose(scores.sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(scores.argmax(-1), trained(images).squeeze(-1).argmax(-1))
+    # The seed's own config form, {"layers": count}, is checked the same way.
+    net.load_weights(state_dict, config={"layers": 4})
+
+
+def test_load_weights_refuses_a_config_of_another_net():
+    state_dict, config = seed_mnist_net().state_dict(), seed_mnist_net().get_config()
+    three = SequentialLayers([LinearLayer(28 * 28, 256), ReluLayer(), LinearLayer(256, 10)])
+    with pytest.raises(ValueError, match="the config describes 4 layers, this net has 3"):
+        three.load_weights(state_dict, config=config)
+    no_bias = SequentialLayers([LinearLayer(28 * 28, 256), ReluLayer(), LinearLayer(256, 10, bias=False),
+                                CrossEntropyLossLayer()])
+    with pytest.raises(ValueError, match=r"layer 2 is \{'type': 'LinearLayer', 'shape': \[256, 10\], "
+                                         r"'bias': False\}, but the config has .*'bias': True"):
+        no_bias.load_weights(state_dict, config=config)
+    with pytest.raises(ValueError, match="expected config to be a net's get_config"):
+        seed_mnist_net().load_weights(state_dict, config=[4])
+
+
+def test_seed_toy_pipeline_with_column_inputs_and_no_bias_learns():
+    # The seed's seq_layers.py testcase 1: randn (B, 32, 1) inputs, (B, 10) targets.
+    from mnn.seq_layers import LinearLayer, MSELossLayer, ReluLayer, SequentialLayers
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.standard_normal((4, 32, 1)), np.abs(rng.standard_normal((4, 10)))
+    net = SequentialLayers([LinearLayer(32, 40, rng=rng), ReluLayer(), LinearLayer(40, 10, bias=False, rng=rng),
+                            ReluLayer(), MSELossLayer()])
+    first = net(inputs, targets)
+    for _ in range(20):
+        net(inputs, targets)
+        net.zero_grads()
+        gradients = net.backward()
+        net.step()
+    assert len(gradients) == 5 and net(inputs, targets) < first
+
+
+def test_matrix_product_of_plain_matrices_as_the_seed_computed_it():
+    from mnn.seq_layers import MatrixProduct
+    rng = np.random.default_rng(0)
+    Q, P, gradients = rng.standard_normal((3, 5)), rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
+    product = MatrixProduct(dtype=np.float64)
+    np.testing.assert_array_equal(product.forward((Q, P)), Q @ P)
+    grads_Q, grads_P = product.backward(gradients)
+    np.testing.assert_allclose(grads_Q, gradients @ P.T)
+    np.testing.assert_allclose(grads_P, Q.T @ gradients)

@@ -14,6 +14,11 @@ row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
   which makes it differentiate :math:`w\,\ell` (:math:`G = w`).
 * ``step(lr)`` is plain gradient descent on the layer's own parameters.
 * ``zero_grads()`` clears the accumulated gradients.
+* ``get_config()`` gives the constructor arguments that rebuild the layer
+  (without ``dtype`` and ``rng``); :mod:`mnn.model` builds layers from them.
+* ``parameter_slots()`` names every parameter and says which layer holds it:
+  a layer's own keys (``"w"``), or for a layer that holds other layers (a
+  ``Residual``) their names below it (``"0.LinearLayer.w"``).
 
 Gradients are written into the arrays of ``self.grads`` in place and never
 rebound, so code outside the layer (the data-parallel wrapper) may hand the
@@ -49,14 +54,31 @@ class Layer:
         return self.forward(inputs, feedbacks)
 
     def __repr__(self):
-        shapes = ", ".join(f"{k}={v.shape}" for k, v in self.params.items())
-        return f"{self.name}({shapes})"
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        return f"{self.name}({arguments})"
 
     def forward(self, inputs, feedbacks=None):
         raise NotImplementedError
 
     def backward(self, gradients, input_grad=True):
         raise NotImplementedError
+
+    def get_config(self):
+        """The constructor arguments that rebuild this layer, as plain values
+        (numbers, strings, lists), without ``dtype`` and ``rng``."""
+        return {}
+
+    def parameter_slots(self):
+        """``(name, layer, key)`` for every parameter: its name as seen from this
+        layer and where it lives, ``layer.params[key]`` (with its gradient in
+        ``layer.grads[key]``). A plain layer holds its own parameters."""
+        for key in self.params:
+            yield key, self, key
+
+    def named_params(self):
+        """``(name, param, grad)`` for every parameter, in the order of :meth:`parameter_slots`."""
+        for name, layer, key in self.parameter_slots():
+            yield name, layer.params[key], layer.grads[key]
 
     def step(self, lr=0.01):
         r"""Gradient descent: :math:`\theta \leftarrow \theta - \eta\, \nabla_\theta \ell`."""
@@ -112,6 +134,16 @@ class Layer:
             array = array.astype(self.dtype)
         return array
 
+    def _batch(self, inputs):
+        """``inputs`` in the layer's dtype, checked to be a non-empty batch ``(B, ...)``
+        of any per-sample shape (element-wise layers and reshapes need no more)."""
+        inputs = self._as_dtype(inputs)
+        if inputs.ndim < 2:
+            raise ValueError(f"{self.name}: expected a batch of shape (batch, features, ...), got shape {inputs.shape}")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"{self.name}: expected at least one sample, got an empty batch of shape {inputs.shape}")
+        return inputs
+
     def _rows(self, inputs, n_features=None):
         """View ``inputs`` as rows ``(B, n)`` in the layer's dtype.
 
@@ -145,8 +177,9 @@ class Layer:
 
     def _check_gradients(self, gradients, expected_shape):
         gradients = self._as_dtype(gradients, "gradients")
-        if gradients.ndim == 3 and gradients.shape[2] == 1:
-            gradients = gradients[:, :, 0]
+        # Rows (B, n) and the seed's columns (B, n, 1) are the same gradient.
+        if gradients.shape + (1,) == expected_shape or gradients.shape == expected_shape + (1,):
+            gradients = gradients.reshape(expected_shape)
         if gradients.shape != expected_shape:
             raise ValueError(
                 f"{self.name}: expected gradients of shape {expected_shape} (the output's), "

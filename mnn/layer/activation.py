@@ -1,4 +1,8 @@
-r"""Element-wise activations: layers without parameters whose Jacobian is diagonal."""
+r"""Element-wise activations: layers without parameters whose Jacobian is diagonal.
+
+They take a batch of any per-sample shape, ``(B, n)``, the seed's ``(B, n, 1)``
+or a sequence ``(B, T, d)``, and keep it.
+"""
 
 import numpy as np
 
@@ -19,9 +23,8 @@ class ReluLayer(Layer):
         .. math::
             Y_{ij} = \max(X_{ij}, 0). \tag{1}
         """
-        rows, self._columns = self._rows(inputs)
-        self._outputs = np.maximum(rows, 0)  # Eq. (1)
-        return self._as_shape(self._outputs, self._columns)
+        self._outputs = np.maximum(self._batch(inputs), 0)  # Eq. (1)
+        return self._outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Each output depends only on the input at the same place, so the
@@ -45,7 +48,7 @@ class ReluLayer(Layer):
             return None
         # A product with the 0/1 mask, not np.where: where() branches per element
         # and runs an order of magnitude slower on a random sign pattern.
-        return self._as_shape(gradients * (outputs > 0), self._columns)  # Eq. (2), (3)
+        return gradients * (outputs > 0)  # Eq. (2), (3)
 
 
 class LogLayer(Layer):
@@ -65,11 +68,11 @@ class LogLayer(Layer):
         .. math::
             Y_{ij} = \log X_{ij}. \tag{1}
         """
-        rows, self._columns = self._rows(inputs)
-        if rows.size and rows.min() < 0:
-            raise ValueError(f"{self.name}: expected inputs >= 0, got minimum {rows.min()}")
-        self._inputs = rows
-        return self._as_shape(np.log(rows), self._columns)  # Eq. (1)
+        inputs = self._batch(inputs)
+        if inputs.min() < 0:
+            raise ValueError(f"{self.name}: expected inputs >= 0, got minimum {inputs.min()}")
+        self._inputs = inputs
+        return np.log(inputs)  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):
         r"""As for every element-wise map, the Jacobian is diagonal:
@@ -86,4 +89,4 @@ class LogLayer(Layer):
         gradients = self._check_gradients(gradients, inputs.shape)
         if not input_grad:
             return None
-        return self._as_shape(gradients / inputs, self._columns)  # Eq. (2), (3)
+        return gradients / inputs  # Eq. (2), (3)

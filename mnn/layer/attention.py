@@ -16,13 +16,16 @@ __all__ = ["MatrixProduct", "MultiHeadAttention"]
 
 
 class MatrixProduct(Layer):
-    r"""The product :math:`Y = Q P` of a pair of batched matrices.
+    r"""The product :math:`Y = Q P` of a pair of matrices, batched or not.
 
-    ``forward((Q, P))`` with :math:`Q` of shape ``(B, n, k)`` and :math:`P` of
-    shape ``(B, k, m)`` returns :math:`Y` of shape ``(B, n, m)``, one product per
-    sample. More leading batch axes are allowed (``(B, h, n, k)`` for attention
-    heads) as long as both factors have the same ones; there is no broadcasting.
-    ``backward(G)`` returns the pair of gradients ``(dQ, dP)``.
+    ``forward((Q, P))`` accepts what NumPy's ``Q @ P`` accepts: two matrices
+    ``(n, k) @ (k, m)``; stacks of them ``(B, n, k) @ (B, k, m)``, with any
+    number of leading batch axes (``(B, h, n, k)`` for attention heads) that
+    broadcast against each other (``(B, n, k) @ (k, m)`` uses one ``P`` for
+    every sample); and vectors, ``(k,)`` on the left or right, which count as
+    a row ``(1, k)`` or a column ``(k, 1)`` that is dropped from the result.
+    ``backward(G)`` returns the pair of gradients ``(dQ, dP)``, each of the
+    shape of its factor.
     """
 
     def __init__(self, dtype=np.float32):
@@ -30,7 +33,7 @@ class MatrixProduct(Layer):
         self._factors = None
 
     def forward(self, inputs, feedbacks=None):
-        r"""For every batch index :math:`b`,
+        r"""For every batch index :math:`b` (after broadcasting),
 
         .. math::
             Y_b = Q_b P_b, \qquad Y_{b,ij} = \sum_r Q_{b,ir} P_{b,rj}. \tag{1}
@@ -39,16 +42,16 @@ class MatrixProduct(Layer):
             raise ValueError(f"{self.name}: expected a pair (Q, P) of arrays, got {type(inputs).__name__}")
         left = self._as_dtype(inputs[0], "inputs")
         right = self._as_dtype(inputs[1], "inputs")
-        if left.ndim < 3 or right.ndim != left.ndim:
+        if left.ndim == 0 or right.ndim == 0:
+            raise ValueError(f"{self.name}: expected vectors or matrices, got shapes {left.shape} and {right.shape}")
+        try:
+            outputs = left @ right  # Eq. (1)
+        except ValueError:
             raise ValueError(
-                f"{self.name}: expected Q (batch, n, k) and P (batch, k, m) with the same number of "
-                f"axes (at least 3), got shapes {left.shape} and {right.shape}")
-        if left.shape[:-2] != right.shape[:-2] or left.shape[-1] != right.shape[-2]:
-            raise ValueError(
-                f"{self.name}: expected Q (..., n, k) and P (..., k, m) with the same batch axes and "
-                f"matching k, got shapes {left.shape} and {right.shape}")
-        self._factors = (left, right)
-        return left @ right  # Eq. (1)
+                f"{self.name}: expected Q (..., n, k) and P (..., k, m) with matching k and batch axes that "
+                f"broadcast, got shapes {left.shape} and {right.shape}") from None
+        self._factors = (left, right, outputs.shape)
+        return outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Given :math:`G = \partial \ell / \partial Y`. Each :math:`Q_{b,ir}` enters
@@ -63,16 +66,43 @@ class MatrixProduct(Layer):
         .. math::
             \frac{\partial \ell}{\partial P_{b,rj}} = \sum_i Q_{b,ir} G_{b,ij}
             \quad\Longrightarrow\quad \nabla_{P_b} \ell = Q_b^\top G_b. \tag{3}
+
+        A factor that broadcast over batch axes (one :math:`P` for every
+        :math:`b`) was used in every product, so its gradient is the sum of
+        Eq. (2) or (3) over those axes:
+
+        .. math::
+            \nabla_P \ell = \sum_b Q_b^\top G_b. \tag{4}
+
+        A vector factor is a one-row (left) or one-column (right) matrix here.
         """
-        left, right = self._saved(self._factors)
-        expected_shape = left.shape[:-1] + right.shape[-1:]
+        left, right, expected_shape = self._saved(self._factors)
         gradients = self._as_dtype(gradients, "gradients")
         if gradients.shape != expected_shape:
             raise ValueError(
                 f"{self.name}: expected gradients of shape {expected_shape} (the output's), got {gradients.shape}")
         if not input_grad:
             return None
-        return gradients @ right.swapaxes(-1, -2), left.swapaxes(-1, -2) @ gradients  # Eq. (2), (3)
+        # Vectors as matrices: a row (1, k) on the left, a column (k, 1) on the right.
+        left_matrix = left[None, :] if left.ndim == 1 else left
+        right_matrix = right[:, None] if right.ndim == 1 else right
+        if left.ndim == 1:
+            gradients = np.expand_dims(gradients, -2)
+        if right.ndim == 1:
+            gradients = gradients[..., None]
+        left_gradients = gradients @ right_matrix.swapaxes(-1, -2)  # Eq. (2)
+        right_gradients = left_matrix.swapaxes(-1, -2) @ gradients  # Eq. (3)
+        return (_sum_to_shape(left_gradients, left_matrix.shape).reshape(left.shape),  # Eq. (4)
+                _sum_to_shape(right_gradients, right_matrix.shape).reshape(right.shape))  # Eq. (4)
+
+
+def _sum_to_shape(array, shape):
+    """Sum ``array`` over the leading axes that broadcasting added or stretched to
+    reach ``shape`` (the matrix axes, the last two, always match)."""
+    extra = array.ndim - len(shape)
+    summed = array.sum(axis=tuple(range(extra))) if extra else array
+    stretched = tuple(axis for axis, size in enumerate(shape[:-2]) if size == 1 and summed.shape[axis] != 1)
+    return summed.sum(axis=stretched, keepdims=True) if stretched else summed
 
 
 class MultiHeadAttention(Layer):
@@ -111,6 +141,9 @@ class MultiHeadAttention(Layer):
         self._scores_product = MatrixProduct(dtype)
         self._context_product = MatrixProduct(dtype)
         self._saved_forward = None
+
+    def get_config(self):
+        return {"d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal}
 
     def astype(self, dtype):
         super().astype(dtype)

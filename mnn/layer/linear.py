@@ -31,6 +31,9 @@ class LinearLayer(Layer):
             self._add_param("b", np.zeros(self.n_out))
         self._inputs = None
 
+    def get_config(self):
+        return {"shape": [self.n_in, self.n_out], "bias": "b" in self.params}
+
     def forward(self, inputs, feedbacks=None):
         r"""Rows :math:`x_i^\top` of :math:`X \in \mathbb{R}^{B \times n}` map to rows
         :math:`y_i^\top = (W x_i + b)^\top = x_i^\top W^\top + b^\top`, so for the batch

@@ -1,0 +1,161 @@
+"""Model descriptions: a layer stack as plain data, and the net built from it.
+
+A description is what ``SequentialLayers.get_config()`` returns and what the
+``[model]`` table of a job file holds: the layers in order, each named by its
+class and given its constructor arguments (without ``dtype`` and ``rng``, which
+the builder passes). ``Residual`` takes ``layers``, a list of the same entries::
+
+    description = {"layers": [
+        {"type": "ReshapeLayer", "shape": [8, 8]},
+        {"type": "Residual", "layers": [{"type": "MultiHeadAttention", "d_model": 8, "n_heads": 2}]},
+        {"type": "ReshapeLayer", "shape": [64]},
+        {"type": "LinearLayer", "shape": [64, 10]},
+        {"type": "CrossEntropyLossLayer"},
+    ]}
+    net = build_net(description, dtype=np.float64, rng=0)
+    net.get_config()        # the same description, with every default filled in
+
+In TOML the same description reads ``[[model.layers]]`` tables, one per layer
+(``[[model.layers.layers]]`` for the layers inside a ``Residual``). Every mistake
+is a ``ValueError`` naming the entry (``model.layers[2]``) and saying what was
+expected: an unknown type, an unknown or missing argument, a bad value, a loss
+layer that is not last. Whether the layers fit together (widths that chain)
+depends on the input, so :func:`check_fits` runs a small batch through the net.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+
+from mnn.checks import as_generator
+from mnn.layer import (
+    CrossEntropyLossLayer,
+    LinearLayer,
+    LogLayer,
+    LogSoftmaxLayer,
+    LossLayer,
+    MatrixProduct,
+    MSELossLayer,
+    MultiHeadAttention,
+    NllLossLayer,
+    ReluLayer,
+    ReshapeLayer,
+    SoftmaxLayer,
+)
+from mnn.seq_layers import Residual, SequentialLayers
+
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "build_net", "build_layers", "mlp_description", "check_fits"]
+
+#: Every layer a description may name, by class name.
+LAYER_TYPES = {cls.__name__: cls for cls in (
+    LinearLayer, ReluLayer, LogLayer, SoftmaxLayer, LogSoftmaxLayer, ReshapeLayer, MatrixProduct,
+    MultiHeadAttention, Residual, CrossEntropyLossLayer, NllLossLayer, MSELossLayer)}
+
+#: The layers that end an MLP for each ``loss`` of the shorthand.
+LOSS_HEADS = {
+    "cross_entropy": ["CrossEntropyLossLayer"],
+    "nll": ["LogSoftmaxLayer", "NllLossLayer"],
+    "mse": ["MSELossLayer"],
+}
+
+# Arguments the builder passes itself; a description never gives them.
+_BUILDER_ARGUMENTS = ("dtype", "rng")
+
+
+def mlp_description(widths: list[int], loss: str = "cross_entropy") -> dict[str, Any]:
+    """The description of an MLP: Linear layers of ``widths`` with ReLU between
+    them, then the layers of ``LOSS_HEADS[loss]`` (the ``layers = [...]`` shorthand)."""
+    layers: list[dict[str, Any]] = []
+    for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        if index > 0:
+            layers.append({"type": "ReluLayer"})
+        layers.append({"type": "LinearLayer", "shape": [n_in, n_out]})
+    layers += [{"type": name} for name in LOSS_HEADS[loss]]
+    return {"layers": layers}
+
+
+def build_net(description: Any, dtype: Any = np.float32, rng: Any = None,
+              where: str = "model") -> SequentialLayers:
+    """The ``SequentialLayers`` of ``description``, its parameters drawn from ``rng``
+    (a Generator or int seed) layer by layer, so the same seed builds the same net."""
+    if not isinstance(description, dict) or set(description) != {"layers"}:
+        raise ValueError(f"{where}: expected a table with one key, 'layers' (a list of layers), "
+                         f"got {description!r}")
+    return SequentialLayers(build_layers(description["layers"], dtype, as_generator(rng), f"{where}.layers"))
+
+
+def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,
+                 loss_allowed: bool = True) -> list[Any]:
+    """The layers of a list of entries; ``where`` names the list in messages."""
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: expected a non-empty list of layers, got {entries!r}")
+    layers = [_build_layer(entry, dtype, rng, f"{where}[{index}]") for index, entry in enumerate(entries)]
+    for index, layer in enumerate(layers):
+        if isinstance(layer, LossLayer) and not loss_allowed:
+            raise ValueError(f"{where}[{index}] ({layer.name}): a loss layer cannot be inside a Residual")
+        if isinstance(layer, LossLayer) and index != len(layers) - 1:
+            raise ValueError(f"{where}[{index}] ({layer.name}): a loss layer must come last, but "
+                             f"{len(layers) - 1 - index} more layer(s) follow it")
+    return layers
+
+
+def _build_layer(entry: Any, dtype: Any, rng: np.random.Generator, where: str) -> Any:
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise ValueError(f"{where}: expected a table with a 'type' key (a layer class such as 'LinearLayer'), "
+                         f"got {entry!r}")
+    name = entry["type"]
+    if name not in LAYER_TYPES:
+        raise ValueError(f"{where}: unknown layer type {name!r}; expected one of {', '.join(LAYER_TYPES)}")
+    cls = LAYER_TYPES[name]
+    arguments = {key: value for key, value in entry.items() if key != "type"}
+    where = f"{where} ({name})"
+    if cls is Residual:
+        arguments["layers"] = build_layers(arguments.get("layers"), dtype, rng, f"{where}.layers",
+                                           loss_allowed=False)
+    parameters = {key: parameter for key, parameter in inspect.signature(cls).parameters.items()
+                  if key not in _BUILDER_ARGUMENTS}
+    accepted = ", ".join(parameters) or "no arguments"
+    for key in arguments:
+        if key not in parameters:
+            raise ValueError(f"{where}: unknown argument {key!r}; {name} takes {accepted}")
+    positional: list[Any] = []
+    for key, parameter in parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL and key in arguments:
+            # LinearLayer(*shape): the description gives shape = [n_in, n_out].
+            value = arguments.pop(key)
+            if not isinstance(value, list):
+                raise ValueError(f"{where}: expected {key} as a list, got {value!r}")
+            positional = value
+        elif parameter.default is inspect.Parameter.empty and parameter.kind is not parameter.VAR_POSITIONAL \
+                and key not in arguments:
+            raise ValueError(f"{where}: missing argument {key!r}; {name} takes {accepted}")
+    builder_arguments = {key: value for key, value in (("dtype", dtype), ("rng", rng))
+                         if key in inspect.signature(cls).parameters}
+    try:
+        return cls(*positional, **arguments, **builder_arguments)
+    except (ValueError, TypeError) as error:
+        message = str(error).removeprefix(f"{name}: ")  # the entry already names the type
+        raise ValueError(f"{where}: {message}") from None
+
+
+def check_fits(net: SequentialLayers, inputs: np.ndarray, targets: Any = None) -> Any:
+    """Run a small batch through ``net`` layer by layer and return the last output.
+
+    A layer that does not fit what the layers before it give (widths that do
+    not chain, a reshape of the wrong size, targets that the loss layer cannot
+    take) raises ``ValueError`` naming it and the shape it received. Without
+    ``targets`` the loss layer is not run.
+    """
+    outputs = inputs
+    for index, layer in enumerate(net.layers):
+        if layer is net.loss_layer and targets is None:
+            break
+        received = np.shape(outputs)
+        try:
+            outputs = layer.forward(outputs, targets if layer is net.loss_layer else None)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"layer {index} ({layer.name}) does not fit its input of shape {received[1:]} "
+                             f"per sample: {error}") from None
+    return outputs

@@ -1,0 +1,202 @@
+"""Model descriptions (mnn.model), nested layers (Residual) and the reshape layer."""
+import sys
+
+import numpy as np
+import pytest
+import tomli_w
+
+from mnn import (
+    LinearLayer,
+    MultiHeadAttention,
+    ReluLayer,
+    ReshapeLayer,
+    Residual,
+    SequentialLayers,
+    SGD,
+)
+from mnn.model import LAYER_TYPES, build_net, check_fits, mlp_description
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+F64 = np.float64
+
+ATTENTION_CLASSIFIER = {"layers": [
+    {"type": "ReshapeLayer", "shape": [8, 8]},
+    {"type": "Residual", "layers": [{"type": "MultiHeadAttention", "d_model": 8, "n_heads": 2, "causal": False}]},
+    {"type": "ReshapeLayer", "shape": [64]},
+    {"type": "LinearLayer", "shape": [64, 16], "bias": True},
+    {"type": "ReluLayer"},
+    {"type": "LinearLayer", "shape": [16, 10], "bias": False},
+    {"type": "CrossEntropyLossLayer"},
+]}
+
+
+def test_description_round_trips_through_get_config_and_toml():
+    net = build_net(ATTENTION_CLASSIFIER, dtype=F64, rng=0)
+    assert net.get_config() == ATTENTION_CLASSIFIER
+    text = tomli_w.dumps({"model": net.get_config()})
+    assert "[[model.layers]]" in text
+    again = build_net(tomllib.loads(text)["model"], dtype=F64, rng=0)
+    for (name, param, _), (other_name, other, _) in zip(net.named_params(), again.named_params()):
+        assert name == other_name
+        np.testing.assert_array_equal(param, other)
+
+
+def test_defaults_are_filled_in_and_the_same_seed_builds_the_same_net():
+    short = {"layers": [{"type": "LinearLayer", "shape": [3, 2]}, {"type": "MSELossLayer"}]}
+    net = build_net(short, rng=4)
+    assert net.get_config()["layers"][0] == {"type": "LinearLayer", "shape": [3, 2], "bias": True}
+    np.testing.assert_array_equal(net.layers[0].params["w"], build_net(short, rng=4).layers[0].params["w"])
+    assert net.dtype == np.float32 and build_net(short, dtype="float64").dtype == F64
+
+
+def test_mlp_shorthand_is_linear_layers_with_relu_between_then_the_loss():
+    assert [entry["type"] for entry in mlp_description([64, 32, 16, 10], "nll")["layers"]] == [
+        "LinearLayer", "ReluLayer", "LinearLayer", "ReluLayer", "LinearLayer", "LogSoftmaxLayer", "NllLossLayer"]
+
+
+def test_every_library_layer_can_be_described():
+    from mnn.layer import __all__ as layer_names
+    assert {name for name in layer_names if name not in ("Layer", "LossLayer")} | {"Residual"} == set(LAYER_TYPES)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([{"type": "Linear", "shape": [2, 3]}], r"model.layers\[0\]: unknown layer type 'Linear'; expected one of "
+                                            r"LinearLayer, "),
+    ([{"shape": [2, 3]}], r"model.layers\[0\]: expected a table with a 'type' key"),
+    ([{"type": "LinearLayer", "shape": [2, 3], "widht": 4}],
+     r"model.layers\[0\] \(LinearLayer\): unknown argument 'widht'; LinearLayer takes shape, bias"),
+    ([{"type": "ReluLayer", "dtype": "float64"}], r"unknown argument 'dtype'; ReluLayer takes no arguments"),
+    ([{"type": "MultiHeadAttention", "d_model": 8}], r"\(MultiHeadAttention\): missing argument 'n_heads'"),
+    ([{"type": "LinearLayer", "shape": [2, 0]}],
+     r"model.layers\[0\] \(LinearLayer\): expected shape \(n_in, n_out\) of two positive ints, got \(2, 0\)"),
+    ([{"type": "LinearLayer", "shape": 64}], r"expected shape as a list, got 64"),
+    ([{"type": "LinearLayer", "shape": [2, 3]}, {"type": "CrossEntropyLossLayer"}, {"type": "ReluLayer"}],
+     r"model.layers\[1\] \(CrossEntropyLossLayer\): a loss layer must come last, but 1 more layer\(s\) follow it"),
+    ([{"type": "Residual", "layers": [{"type": "MSELossLayer"}]}],
+     r"model.layers\[0\] \(Residual\).layers\[0\] \(MSELossLayer\): a loss layer cannot be inside a Residual"),
+    ([{"type": "Residual"}], r"model.layers\[0\] \(Residual\).layers: expected a non-empty list of layers"),
+    ([], r"model.layers: expected a non-empty list of layers"),
+])
+def test_each_mistake_in_a_description_is_named(layers, message):
+    with pytest.raises(ValueError, match=message):
+        build_net({"layers": layers})
+
+
+def test_description_must_be_a_table_of_layers():
+    with pytest.raises(ValueError, match="expected a table with one key, 'layers'"):
+        build_net({"layers": [], "width": 3})
+
+
+def test_check_fits_names_the_layer_whose_width_does_not_chain():
+    net = build_net({"layers": [{"type": "LinearLayer", "shape": [4, 8]}, {"type": "ReluLayer"},
+                                {"type": "LinearLayer", "shape": [6, 3]}, {"type": "CrossEntropyLossLayer"}]})
+    with pytest.raises(ValueError, match=r"layer 2 \(LinearLayer\) does not fit its input of shape \(8,\) per "
+                                         r"sample: LinearLayer: expected 6 features per sample, got 8"):
+        check_fits(net, np.zeros((2, 4)))
+
+
+def test_check_fits_runs_the_loss_only_with_targets():
+    net = build_net(mlp_description([4, 3], "cross_entropy"))
+    assert check_fits(net, np.zeros((2, 4))).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"layer 1 \(CrossEntropyLossLayer\).*class indices in \[0, 3\)"):
+        check_fits(net, np.zeros((2, 4)), np.array([0, 3]))
+
+
+# --- nested layers ------------------------------------------------------------------
+
+def residual_net(input_grad=False):
+    rng = np.random.default_rng(0)
+    return SequentialLayers([
+        LinearLayer(4, 6, dtype=F64, rng=rng),
+        Residual([LinearLayer(6, 6, dtype=F64, rng=rng), ReluLayer(dtype=F64),
+                  Residual([LinearLayer(6, 6, dtype=F64, rng=rng)])]),
+        LinearLayer(6, 3, dtype=F64, rng=rng),
+        build_net({"layers": [{"type": "CrossEntropyLossLayer"}]}, dtype=F64).layers[0],
+    ], input_grad=input_grad)
+
+
+def test_nested_parameters_are_named_below_their_container():
+    names = [name for name, _, _ in residual_net().named_params()]
+    assert names == ["0.LinearLayer.w", "0.LinearLayer.b",
+                     "1.Residual.0.LinearLayer.w", "1.Residual.0.LinearLayer.b",
+                     "1.Residual.2.Residual.0.LinearLayer.w", "1.Residual.2.Residual.0.LinearLayer.b",
+                     "2.LinearLayer.w", "2.LinearLayer.b"]
+    assert list(residual_net().state_dict()) == names
+
+
+def test_residual_net_gradients_match_finite_differences(numerical_gradient):
+    net = residual_net(input_grad=True)
+    rng = np.random.default_rng(1)
+    inputs, labels = rng.standard_normal((5, 4)), rng.integers(0, 3, 5)
+    net(inputs, labels)
+    input_gradients = net.backward()[0]
+    loss = lambda: net(inputs, labels)  # noqa: E731
+    np.testing.assert_allclose(input_gradients, numerical_gradient(loss, inputs), rtol=1e-6, atol=1e-8)
+    for name, param, grad in net.named_params():
+        np.testing.assert_allclose(grad, numerical_gradient(loss, param), rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_state_dict_loads_and_grads_rebind_into_nested_layers():
+    source, target = residual_net(), residual_net()
+    for _, param, _ in source.named_params():
+        param += 1.0
+    target.load_state_dict(source.state_dict())
+    for (name, expected, _), (_, got, _) in zip(source.named_params(), target.named_params()):
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    name = "1.Residual.2.Residual.0.LinearLayer.w"
+    buffer = np.zeros((6, 6))
+    target.rebind_grads({name: buffer})
+    inputs, labels = np.ones((2, 4)), np.array([0, 1])
+    target(inputs, labels)
+    target.backward()
+    inner = target.layers[1].layers[2].layers[0]
+    assert inner.grads["w"] is buffer and np.any(buffer != 0)
+
+
+def test_step_zero_grads_and_astype_reach_nested_layers():
+    net = residual_net()
+    net(np.ones((2, 4)), np.array([0, 1]))
+    net.backward()
+    before = {name: param.copy() for name, param, _ in net.named_params()}
+    SGD(net, lr=0.1).step()
+    net.step(0.1)
+    for name, param, grad in net.named_params():
+        np.testing.assert_allclose(param, before[name] - 0.2 * grad, err_msg=name)
+    net.zero_grads()
+    assert all(not grad.any() for _, _, grad in net.named_params())
+    net.astype(np.float32)
+    assert {param.dtype for _, param, _ in net.named_params()} == {np.dtype(np.float32)}
+
+
+def test_residual_refuses_layers_that_change_the_shape():
+    residual = Residual([LinearLayer(4, 3)])
+    with pytest.raises(ValueError, match=r"Residual: the layers inside must keep the shape of their input, "
+                                         r"but \(2, 4\) became \(2, 3\)"):
+        residual.forward(np.zeros((2, 4)))
+
+
+def test_residual_over_attention_gradients_match_finite_differences(numerical_gradient):
+    residual = Residual([MultiHeadAttention(4, 2, causal=True, dtype=F64, rng=3)])
+    rng = np.random.default_rng(2)
+    inputs, projection = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    loss = lambda: np.sum(projection * residual.forward(inputs))  # noqa: E731
+    loss()
+    input_gradients = residual.backward(projection)
+    np.testing.assert_allclose(input_gradients, numerical_gradient(loss, inputs), rtol=1e-6, atol=1e-8)
+    for name, param, grad in residual.named_params():
+        np.testing.assert_allclose(grad, numerical_gradient(loss, param), rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_reshape_layer_round_trips_and_checks_the_size(assert_layer_gradients):
+    inputs = np.random.default_rng(0).standard_normal((3, 12))
+    assert_layer_gradients(ReshapeLayer(3, 4, dtype=F64), inputs)
+    assert ReshapeLayer(2, 6).forward(inputs).shape == (3, 2, 6)
+    with pytest.raises(ValueError, match=r"ReshapeLayer: expected 10 values per sample to make shape \(2, 5\), "
+                                         r"got 12"):
+        ReshapeLayer(2, 5).forward(inputs)
+    with pytest.raises(ValueError, match="ReshapeLayer: expected a per-sample shape of positive ints"):
+        ReshapeLayer(0, 4)
