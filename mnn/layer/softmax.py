@@ -164,4 +164,4 @@ class LogSoftmaxLayer(Layer):
         gradients = self._check_gradients(gradients, softmax.shape)
         if not input_grad:
             return None
-        return self._as_shape(gradients - softmax * gradients.sum(axis=1, keepdims=True), self._columns)  # Eq. (3), (4)
+        return self._as_shape(gradients - softmax * gradients.sum(axis=1, keepdims=True), self._columns)  # Eq. (2)-(4)
