@@ -169,6 +169,11 @@ class Communicator:
         """Return every rank's ``value`` in rank order (pickled: small values only)."""
         raise NotImplementedError
 
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        """Return root's ``value`` on every rank (pickled: small values only;
+        the other ranks' ``value`` is ignored)."""
+        raise NotImplementedError
+
     def abort(self, code: int = 1) -> None:
         """Terminate every rank of the job at once with exit status ``code``."""
         raise NotImplementedError
@@ -203,6 +208,10 @@ class SingleProcessCommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         return [value]
+
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        self._check_root(root)
+        return value
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -250,6 +259,10 @@ class MPICommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         return self.comm.allgather(value)
+
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        self._check_root(root)
+        return self.comm.bcast(value, root=root)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

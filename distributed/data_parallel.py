@@ -259,9 +259,9 @@ class DataParallel:
         if self.optimizer is None:
             return
         state = self.optimizer.state_dict()
-        layout = self.comm.allgather(
+        layout = self.comm.broadcast_object(
             {key: (value.shape, value.dtype.str) for key, value in state.items()}
-            if self.comm.rank == 0 else None)[0]
+            if self.comm.rank == 0 else None)
         received = {}
         for key in sorted(layout):
             shape, dtype = layout[key]

@@ -95,7 +95,7 @@ def build_torch_step(batch_size, comm):
                 with socket.socket() as probe:
                     probe.bind(("", 0))
                     address = (socket.gethostname(), probe.getsockname()[1])
-            host, port = comm.allgather(address)[0]
+            host, port = comm.broadcast_object(address)
             same_host = len(set(comm.allgather(socket.gethostname()))) == 1
             host = "127.0.0.1" if same_host else host
             torch_dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
@@ -175,7 +175,7 @@ def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
         mnn_step()
     probe_ms = _time_steps(mnn_step, 3, comm)
     n_steps = max(5, int(target_ms / max(probe_ms, 1e-3)))
-    n_steps = comm.allgather(n_steps)[0]
+    n_steps = comm.broadcast_object(n_steps)
 
     times = {impl: [] for impl in steps}
     # DataParallel.timings accumulates seconds under compute_s, comm_s, wait_s.

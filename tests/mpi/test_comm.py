@@ -92,6 +92,14 @@ def test_broadcast_from_each_root(comm):
         comm.broadcast(np.zeros(2), root=comm.size)
 
 
+def test_broadcast_object_gives_roots_value_everywhere(comm):
+    for root in range(comm.size):
+        mine = {"rank": comm.rank, "shape": (2, comm.rank)}
+        assert comm.broadcast_object(mine, root=root) == {"rank": root, "shape": (2, root)}
+    with pytest.raises(ValueError, match="root must be a rank"):
+        comm.broadcast_object(1, root=comm.size)
+
+
 def test_allgather_and_barrier(comm):
     assert comm.allgather({"rank": comm.rank}) == [{"rank": rank} for rank in range(comm.size)]
     comm.barrier()
