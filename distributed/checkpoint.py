@@ -2,8 +2,8 @@
 
 A checkpoint holds everything needed to continue a run exactly where it stopped:
 the model's state dict, the optimizer's state arrays (momentum, Adam moments,
-step counts), the position in the data (epoch, steps done in that epoch, total
-steps, samples seen) and the resolved job config (``TrainConfig.to_dict()``) as
+step counts), the run's :class:`~mnn.distributed.position.Position` (epochs done,
+steps done in the next epoch, total steps, samples seen) and the resolved job config (``TrainConfig.to_dict()``) as
 JSON text stored as a uint8 array; the trainer reads it back with
 ``TrainConfig.from_dict``, which validates it. There is no RNG state to save: the order of global batches is a function
 of (seed, epoch, batch size) alone, so the position is enough, whatever the
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mnn.distributed.position import Position
 from mnn.io import load_arrays, save_arrays
 
 __all__ = [
@@ -40,7 +41,9 @@ FORMAT_VERSION = 1
 
 _MODEL_PREFIX = "model/"
 _OPTIMIZER_PREFIX = "optimizer/"
-_POSITION_KEYS = ("epoch", "step_in_epoch", "global_step", "samples_seen", "world_size")
+# Stored names of the Position fields (the format keeps its first names).
+_POSITION_KEYS = {"epochs_done": "epoch", "step_in_epoch": "step_in_epoch", "global_step": "global_step",
+                  "samples_seen": "samples_seen"}
 _CONFIG_KEY = "config_json"
 _VERSION_KEY = "format_version"
 
@@ -49,18 +52,13 @@ _VERSION_KEY = "format_version"
 class Checkpoint:
     """A run's state between two optimizer steps.
 
-    ``epoch`` counts the complete epochs (so it is the 0-based index of the epoch
-    to continue in) and ``step_in_epoch`` the global batches of that next epoch
-    already trained on; ``world_size`` is only a record of the run that wrote it
-    (a checkpoint can be resumed on any number of ranks).
+    ``world_size`` is only a record of the run that wrote it: a checkpoint can
+    be resumed on any number of ranks.
     """
 
     model_state: dict[str, np.ndarray]
     optimizer_state: dict[str, np.ndarray]
-    epoch: int
-    step_in_epoch: int
-    global_step: int
-    samples_seen: int
+    position: Position
     world_size: int
     config: dict[str, Any]
 
@@ -72,8 +70,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         arrays[_MODEL_PREFIX + name] = np.asarray(array)
     for name, array in checkpoint.optimizer_state.items():
         arrays[_OPTIMIZER_PREFIX + name] = np.asarray(array)
-    for key in _POSITION_KEYS:
-        arrays[key] = np.array(getattr(checkpoint, key), dtype=np.int64)
+    for field, key in _POSITION_KEYS.items():
+        arrays[key] = np.array(getattr(checkpoint.position, field), dtype=np.int64)
+    arrays["world_size"] = np.array(checkpoint.world_size, dtype=np.int64)
     config_text = json.dumps(checkpoint.config, sort_keys=True)
     arrays[_CONFIG_KEY] = np.frombuffer(config_text.encode("utf-8"), dtype=np.uint8)
     save_arrays(path, arrays)
@@ -82,7 +81,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; ValueError if it is not one."""
     arrays = load_arrays(path)
-    required = (_VERSION_KEY, _CONFIG_KEY, *_POSITION_KEYS)
+    required = (_VERSION_KEY, _CONFIG_KEY, *_POSITION_KEYS.values(), "world_size")
     missing = [key for key in required if key not in arrays]
     if missing:
         raise ValueError(
@@ -102,6 +101,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(
         model_state=with_prefix(_MODEL_PREFIX),
         optimizer_state=with_prefix(_OPTIMIZER_PREFIX),
+        position=Position(**{field: int(arrays[key]) for field, key in _POSITION_KEYS.items()}),
+        world_size=int(arrays["world_size"]),
         config=config,
-        **{key: int(arrays[key]) for key in _POSITION_KEYS},
     )

@@ -24,8 +24,9 @@ from typing import Any
 
 import tomli_w
 
-from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.checks import check_choice, check_float, check_int, is_int
+from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
+from mnn.model import LOSS_HEADS, build_net, mlp_description
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +35,8 @@ else:  # Python 3.10
 
 __all__ = [
     "LOSSES",
+    "DEFAULT_LAYERS",
+    "DEFAULT_LOSS",
     "OPTIMIZERS",
     "LR_SCALINGS",
     "DTYPES",
@@ -44,7 +47,10 @@ __all__ = [
     "config_overrides",
 ]
 
-LOSSES = ("cross_entropy", "nll", "mse")
+LOSSES = tuple(LOSS_HEADS)
+# The net trained when a job describes none.
+DEFAULT_LAYERS = (64, 128, 10)
+DEFAULT_LOSS = "cross_entropy"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCALINGS = ("none", "linear")
 DTYPES = ("float32", "float64")
@@ -59,15 +65,23 @@ def _help(text: str, **extra: Any) -> Any:
 class TrainConfig:
     """Everything that defines a training run. Defaults train an MLP on digits."""
 
-    layers: list[int] = field(
-        default_factory=lambda: [64, 128, 10],
-        **_help("layer widths of the MLP, input first and classes last; "
-                "Linear layers with ReLU between them", metavar="N,N,...,N"),
+    layers: list[int] | None = field(
+        default=None,
+        **_help("the MLP shorthand: layer widths, input first and classes last; Linear layers with "
+                "ReLU between them, then the loss of --loss (used when the job file has no "
+                f"[model]: {','.join(map(str, DEFAULT_LAYERS))})", metavar="N,N,...,N"),
     )
-    loss: str = field(
-        default="cross_entropy",
-        **_help("cross_entropy (softmax + cross entropy), nll (log-softmax + "
-                "negative log likelihood) or mse (squared error on one-hot targets)"),
+    loss: str | None = field(
+        default=None,
+        **_help("the loss of the MLP shorthand: cross_entropy (softmax + cross entropy), nll "
+                "(log-softmax + negative log likelihood) or mse (squared error on one-hot targets) "
+                f"(used when the job file has no [model]: {DEFAULT_LOSS})"),
+    )
+    model: dict[str, Any] | None = field(
+        default=None,
+        **_help("any layer stack: the job file's [model] table, one [[model.layers]] table per layer "
+                "naming its class (type = \"LinearLayer\") and its arguments; see mnn.model",
+                cli=False),
     )
     dataset: str = field(
         default="digits",
@@ -143,15 +157,22 @@ class TrainConfig:
         Ints given where floats are expected (``lr = 1`` in TOML) are converted,
         so that the resolved config always has one type per field.
         """
-        if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
-            raise ValueError(
-                f"layers: expected a list of at least 2 widths (input, ..., classes), "
-                f"got {self.layers!r}")
-        if not all(is_int(width) and width >= 1 for width in self.layers):
-            raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
-        self.layers = [int(width) for width in self.layers]
-
-        check_choice("loss", self.loss, LOSSES)
+        if self.model is not None:
+            given = [name for name in ("layers", "loss") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: belongs to the MLP shorthand, but the job describes its model "
+                                 f"in [model] (whose last layer is the loss); give one or the other")
+            build_net(self.model)  # every mistake in the description, named
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
+                raise ValueError(
+                    f"layers: expected a list of at least 2 widths (input, ..., classes), "
+                    f"got {self.layers!r}")
+            if not all(is_int(width) and width >= 1 for width in self.layers):
+                raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
+            self.layers = [int(width) for width in self.layers]
+        if self.loss is not None:
+            check_choice("loss", self.loss, LOSSES)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset: expected a non-empty spec string, got {self.dataset!r}")
         self.epochs = check_int("epochs", self.epochs, minimum=1)
@@ -196,6 +217,13 @@ class TrainConfig:
         self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
+
+    def model_description(self) -> dict[str, Any]:
+        """The net this job trains: ``model`` if given, else the MLP of the
+        shorthand ``layers`` and ``loss`` (with their defaults)."""
+        if self.model is not None:
+            return self.model
+        return mlp_description(self.layers or list(DEFAULT_LAYERS), self.loss or DEFAULT_LOSS)
 
     # --------------------------------------------------------------- from/to
     @classmethod
@@ -291,10 +319,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
         name = spec.name
+        if not spec.metadata.get("cli", True):
+            continue
         option = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        shown = ",".join(map(str, default)) if name == "layers" else default
-        help_text = f"{spec.metadata['help']} (default: {shown})"
+        help_text = spec.metadata["help"] if name in ("layers", "loss") else \
+            f"{spec.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if "metavar" in spec.metadata:
             kwargs["metavar"] = spec.metadata["metavar"]

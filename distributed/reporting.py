@@ -1,15 +1,43 @@
 """What rank 0 shows and records of a run: progress, text lines and metrics.jsonl.
 
+:class:`Reporter` has one method per event; each writes the event's line for
+a person and its JSON object for programs, so the two never disagree. Positions
+are told as :class:`~mnn.distributed.position.Position` tells them: ``epoch`` is
+the 1-based epoch trained in and ``step_in_epoch`` the global batches of it done.
+
+OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
+
+* ``train`` (every ``log_every`` steps and at the end of each epoch): ``epoch``,
+  ``step_in_epoch``, ``global_step``, ``loss`` (mean training loss since the
+  last train event), ``lr``, ``samples_per_s``;
+* ``eval`` (every ``eval_every`` epochs and at the end): ``epoch``,
+  ``step_in_epoch``, ``epochs_done``, ``global_step``, ``test_loss``,
+  ``test_accuracy`` (null for regression targets); the evaluation followed a
+  partial epoch when ``epochs_done < epoch`` (its line then says "(partial)");
+* ``resume`` (first, when the run continues a checkpoint): ``checkpoint``,
+  ``epoch``, ``step_in_epoch``, ``epochs_done``, ``global_step`` of the
+  checkpoint, and ``changed``: the settings that differ from the
+  checkpoint's, as ``{name: [checkpoint's value, this job's value]}``;
+* ``summary`` (last): the summary that ``train()`` returns, whose ``epochs``
+  is ``epochs_done``.
+
 ``PROGRESS_ENV`` is how a launcher tells the ranks that a person watches a
 terminal: under ``mpiexec`` a rank's stderr is a pipe, so it cannot see that
 for itself.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
-__all__ = ["PROGRESS_ENV", "progress_bar_wanted"]
+from tqdm import tqdm
+
+from mnn.distributed.position import Position
+
+__all__ = ["PROGRESS_ENV", "progress_bar_wanted", "Reporter"]
 
 # Ranks' output reaches the terminal through the launcher's pipes, so a rank
 # cannot tell that a person is watching: mnn-launch says so in this variable
@@ -25,3 +53,116 @@ def progress_bar_wanted() -> bool:
     if choice in ("bar", "lines"):
         return choice == "bar"
     return sys.stderr.isatty()
+
+
+class Reporter:
+    """Rank 0's side effects: progress bar or plain lines, and metrics.jsonl.
+
+    On other ranks (``active=False``) every method does nothing. The bar is for
+    a person watching a terminal (see :func:`progress_bar_wanted`); in a log
+    file plain lines are easier to read. ``output`` is the run's directory, or
+    None for a run that writes no files.
+    """
+
+    def __init__(self, active: bool, output: Path | None, epochs: int, steps_per_epoch: int):
+        self.active = active
+        self.metrics_path = output / "metrics.jsonl" if output is not None and active else None
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.bar: Any = None
+
+    def where(self, position: Position) -> str:
+        return position.text(self.steps_per_epoch, self.epochs)
+
+    # -- the run's start and end --------------------------------------------------------
+
+    def start(self, position: Position, total_steps: int, resumed: bool) -> None:
+        """Begin the run's record: a new run empties metrics.jsonl, a resumed one appends."""
+        if not self.active:
+            return
+        if self.metrics_path is not None and not resumed:
+            self.metrics_path.write_text("")
+        if progress_bar_wanted():
+            self.bar = tqdm(total=total_steps, initial=min(position.global_step, total_steps), unit="step",
+                            dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # -- events -------------------------------------------------------------------------
+
+    def message(self, line: str) -> None:
+        """A line for a person only (no event): how the run starts or why it does not."""
+        if self.active:
+            self._show(line)
+
+    def resume(self, checkpoint: str, position: Position, changed: dict[str, list[Any]]) -> None:
+        epoch, step = position.shown(self.steps_per_epoch)
+        line = f"resumed from {checkpoint} at {self.where(position)}"
+        if changed:
+            line += "\nsettings changed since the checkpoint: " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        self._record({"event": "resume", "checkpoint": checkpoint, "epoch": epoch, "step_in_epoch": step,
+                      "epochs_done": position.epochs_done, "global_step": position.global_step,
+                      "changed": changed}, line)
+
+    def train(self, position: Position, loss: float, lr: float, samples_per_s: float) -> None:
+        epoch, step = position.shown(self.steps_per_epoch)
+        self._record({"event": "train", "epoch": epoch, "step_in_epoch": step,
+                      "global_step": position.global_step, "loss": loss, "lr": lr,
+                      "samples_per_s": samples_per_s},
+                     f"epoch {epoch}/{self.epochs} step {step}/{self.steps_per_epoch} | loss {loss:.4f} | "
+                     f"lr {lr:.4g} | {samples_per_s:.0f} samples/s")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{samples_per_s:.0f}")
+
+    def eval(self, position: Position, metrics: dict[str, Any]) -> None:
+        epoch, step = position.shown(self.steps_per_epoch)
+        partial = "" if step == self.steps_per_epoch else f" (partial, step {step}/{self.steps_per_epoch})"
+        self._record({"event": "eval", "epoch": epoch, "step_in_epoch": step,
+                      "epochs_done": position.epochs_done, "global_step": position.global_step,
+                      "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]},
+                     f"epoch {epoch}/{self.epochs}{partial} | {_metrics_text(metrics['loss'], metrics['accuracy'])}")
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        ranks = summary["world_size"]
+        epochs = summary["epochs"]
+        self._record({"event": "summary", **summary},
+                     f"done: {_metrics_text(summary['test_loss'], summary['test_accuracy'], loss_too=False)} | "
+                     f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
+                     f"{ranks} rank{'s' if ranks > 1 else ''} | "
+                     f"{summary['steps']} steps, {epochs} epoch{'s' if epochs != 1 else ''} done")
+
+    # -- where lines and events go ---------------------------------------------------------
+
+    def _record(self, event: dict[str, Any], line: str) -> None:
+        if not self.active:
+            return
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(event) + "\n")
+        # With a bar, train events show in it (see train); other lines print above it.
+        if self.bar is None or event["event"] != "train":
+            self._show(line)
+
+    def _show(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)  # the stream the bar redraws on
+        else:
+            print(line, flush=True)
+
+
+def _metrics_text(loss: float, accuracy: float | None, loss_too: bool = True) -> str:
+    """'test loss 0.1257 | test accuracy 0.9777'; for regression (no accuracy) the loss alone.
+    The summary line gives the accuracy alone when there is one (``loss_too=False``)."""
+    if accuracy is None:
+        return f"test loss {loss:.4f}"
+    if not loss_too:
+        return f"test accuracy {accuracy:.4f}"
+    return f"test loss {loss:.4f} | test accuracy {accuracy:.4f}"

@@ -98,17 +98,20 @@ _STATS_CHUNK_ROWS = 4096
 
 
 class Split:
-    """One part of a dataset (train or test): raw features, labels and the scaling.
+    """One part of a dataset (train or test): raw features, labels or targets, and the scaling.
 
-    ``x`` is ``(N, n_features)`` as stored (a read-only memmap for cached data),
-    ``y`` is ``(N,)`` int64, ``mean`` and ``std`` are ``(n_features,)`` float64 from
-    the training split. ``source`` names where the data came from, for messages.
+    ``x`` is ``(N, ...)`` as stored (``(N, n_features)`` for loaded datasets; a
+    read-only memmap for cached data). ``y`` is ``(N,)`` int64 class labels, or
+    float targets ``(N, ...)`` for regression. ``mean`` and ``std`` are the
+    training split's per-feature statistics, applied by :meth:`batch`, or None
+    for data used as it is. ``source`` names where the data came from, for messages.
     """
 
-    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                 source: str):
-        assert x.ndim == 2 and y.ndim == 1 and len(x) == len(y), (x.shape, y.shape)
-        assert mean.shape == std.shape == (x.shape[1],), (mean.shape, std.shape, x.shape)
+    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, mean: np.ndarray | None,
+                 std: np.ndarray | None, source: str):
+        assert x.ndim >= 2 and len(x) == len(y), (x.shape, y.shape)
+        assert (mean is None) == (std is None), "scaling needs both mean and std"
+        assert mean is None or mean.shape == std.shape == x.shape[1:], (mean.shape, std.shape, x.shape)
         self.name = name
         self.x = x
         self.y = y
@@ -117,14 +120,21 @@ class Split:
         self.source = source
         self._scaling_by_dtype: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether ``y`` holds class labels (integers) rather than regression targets."""
+        return self.y.dtype.kind in "iu"
+
     def __len__(self) -> int:
         return len(self.y)
 
     def __repr__(self) -> str:
-        return f"Split({self.name!r}, samples={len(self)}, features={self.x.shape[1]}, source={self.source!r})"
+        return (f"Split({self.name!r}, samples={len(self)}, sample shape={self.x.shape[1:]}, "
+                f"source={self.source!r})")
 
     def batch(self, indices, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``indices`` (1-D integers, any order) standardised, as ``(x (len, features), y int64)``.
+        """Samples ``indices`` (1-D integers, any order) as ``(x, y)``: ``x`` standardised
+        (when the split has a scaling) in ``dtype``, ``y`` int64 labels or targets in ``dtype``.
 
         Only the requested rows are read, so a memory-mapped split stays cheap.
         """
@@ -137,29 +147,79 @@ class Split:
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"{self.name} split: batch dtype must be a floating type, got {dtype}")
-        if dtype not in self._scaling_by_dtype:
-            self._scaling_by_dtype[dtype] = (self.mean.astype(dtype), self.std.astype(dtype))
-        mean, std = self._scaling_by_dtype[dtype]
         rows = np.asarray(self.x[indices], dtype=dtype)
-        rows -= mean
-        rows /= std
-        return rows, np.asarray(self.y[indices], dtype=np.int64)
+        if self.mean is not None:
+            if dtype not in self._scaling_by_dtype:
+                self._scaling_by_dtype[dtype] = (self.mean.astype(dtype), self.std.astype(dtype))
+            mean, std = self._scaling_by_dtype[dtype]
+            rows -= mean
+            rows /= std
+        return rows, np.asarray(self.y[indices], dtype=np.int64 if self.has_labels else dtype)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A train and a test :class:`Split` sharing the training split's scaling."""
+    """A train and a test :class:`Split` sharing the training split's scaling.
+
+    ``n_classes`` is one more than the largest label, or None for regression targets.
+    """
 
     name: str
     train: Split
     test: Split
     n_features: int
-    n_classes: int
+    n_classes: int | None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's features: ``(n_features,)`` for loaded datasets."""
+        return tuple(self.train.x.shape[1:])
+
+    @classmethod
+    def from_arrays(cls, x_train, y_train, x_test, y_test, name: str = "arrays") -> Dataset:
+        """A dataset of a user's own arrays, used as they are (no standardisation).
+
+        ``x`` is ``(N, ...)``, any per-sample shape, the same for both splits.
+        ``y`` is ``(N,)`` integer class labels (``>= 0``), or floating targets
+        ``(N, ...)`` for regression (the same kind in both splits). Arrays are
+        not copied when they already are NumPy arrays.
+        """
+        arrays = {}
+        for key, value in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
+            array = np.asarray(value)
+            if array.dtype.kind not in "iuf":
+                raise TypeError(f"{name}: {key} must hold numbers, got dtype {array.dtype}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"{name}: {key} holds NaN or infinite values")
+            if array.ndim < (2 if key.startswith("x") else 1):
+                raise ValueError(f"{name}: {key} must have a first axis of samples"
+                                 f"{' and features' if key.startswith('x') else ''}, got shape {array.shape}")
+            arrays[key] = array
+        for part in ("train", "test"):
+            x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+            if len(x) != len(y):
+                raise ValueError(f"{name}: x_{part} has {len(x)} samples but y_{part} has {len(y)}")
+        if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+            raise ValueError(f"{name}: x_train has samples of shape {arrays['x_train'].shape[1:]} but x_test "
+                             f"{arrays['x_test'].shape[1:]}")
+        kinds = {key: "labels" if arrays[key].dtype.kind in "iu" else "targets" for key in ("y_train", "y_test")}
+        if kinds["y_train"] != kinds["y_test"]:
+            raise ValueError(f"{name}: y_train holds {kinds['y_train']} ({arrays['y_train'].dtype}) but y_test "
+                             f"{kinds['y_test']} ({arrays['y_test'].dtype}): integers are class labels, "
+                             f"floats regression targets")
+        if kinds["y_train"] == "labels":
+            for key in ("y_train", "y_test"):
+                arrays[key] = _checked_labels(name, key, arrays[key])
+        sources = {"train": f"{name} x_train/y_train", "test": f"{name} x_test/y_test"}
+        return _assemble(name, {**arrays, "mean": None, "std": None}, sources)
 
     def check_classes(self, n_classes: int) -> None:
         """Raise ValueError unless every label of both splits lies in ``[0, n_classes)``."""
         if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
             raise ValueError(f"check_classes: n_classes must be a positive integer, got {n_classes!r}")
+        if self.n_classes is None:
+            raise ValueError(f"{self.name}: the targets are floating-point numbers (regression), "
+                             f"not class labels in [0, {n_classes})")
         for split in (self.train, self.test):
             if len(split) == 0:
                 continue
@@ -293,7 +353,7 @@ def _load_npz(path: Path, cache_dir) -> Dataset:
         arrays = {}
         for part in ("train", "test"):
             x = _npz_features(path, f"x_{part}", raw[f"x_{part}"])
-            y = _npz_labels(path, f"y_{part}", raw[f"y_{part}"])
+            y = _checked_labels(f"npz file {path}", f"y_{part}", raw[f"y_{part}"])
             if len(x) != len(y):
                 raise ValueError(f"npz file {path}: x_{part} has {len(x)} samples but y_{part} has {len(y)} labels")
             arrays[f"x_{part}"], arrays[f"y_{part}"] = x, y
@@ -315,17 +375,19 @@ def _npz_features(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
+def _checked_labels(where: str, key: str, y: np.ndarray) -> np.ndarray:
+    """``y`` as int64 class labels; ValueError naming ``where`` and ``key`` unless they are
+    1-D, whole numbers and non-negative."""
     if y.ndim != 1:
-        raise ValueError(f"npz file {path}: {key} must be 1-D (samples,), got shape {y.shape}")
+        raise ValueError(f"{where}: {key} must be 1-D (samples,), got shape {y.shape}")
     if y.dtype.kind == "f":
         whole = np.isfinite(y) & (y == np.round(y))
         if not whole.all():
-            raise ValueError(f"npz file {path}: {key} must hold integer labels, found {y[~whole][0].item()!r}")
+            raise ValueError(f"{where}: {key} must hold integer labels, found {y[~whole][0].item()!r}")
     elif y.dtype.kind not in "iu":
-        raise ValueError(f"npz file {path}: {key} must hold integer labels, got dtype {y.dtype}")
+        raise ValueError(f"{where}: {key} must hold integer labels, got dtype {y.dtype}")
     if len(y) and y.min() < 0:
-        raise ValueError(f"npz file {path}: {key} must hold non-negative labels, found {y.min().item()!r}")
+        raise ValueError(f"{where}: {key} must hold non-negative labels, found {y.min().item()!r}")
     return y.astype(np.int64)
 
 
@@ -367,9 +429,11 @@ def _assemble(name: str, arrays: dict[str, np.ndarray], sources: dict[str, str])
     splits = {part: Split(part, arrays[f"x_{part}"], arrays[f"y_{part}"], arrays["mean"], arrays["std"],
                           sources[part])
               for part in ("train", "test")}
-    labels_max = max((int(split.y.max()) for split in splits.values() if len(split)), default=-1)
+    n_classes = None
+    if splits["train"].has_labels:
+        n_classes = max((int(split.y.max()) for split in splits.values() if len(split)), default=-1) + 1
     return Dataset(name=name, train=splits["train"], test=splits["test"],
-                   n_features=int(arrays["x_train"].shape[1]), n_classes=labels_max + 1)
+                   n_features=int(np.prod(arrays["x_train"].shape[1:])), n_classes=n_classes)
 
 
 # ------------------------------------------------------------------ cache

@@ -1,4 +1,4 @@
-"""mnn-train: train an MLP data-parallel over MPI ranks (``main`` is the console script).
+"""mnn-train: train an mnn layer stack data-parallel over MPI ranks (``main`` is the console script).
 
 Every option is a field of :class:`mnn.distributed.config.TrainConfig`; see
 ``mnn-train --help``. Exit status: 0 on success, 2 for usage and configuration
@@ -34,9 +34,19 @@ examples:
   mnn-launch -n 4 -- mnn-train --config examples/digits.toml --lr-scaling linear --warmup-epochs 1
   mnn-train --dataset data/mnist --layers 784,256,10 --optimizer adam --lr 1e-3 --output runs/mnist
   mnn-train --config runs/mnist/config.toml --resume        # continue from runs/mnist/checkpoint.npz
+  mnn-launch -n 2 -- mnn-train --config examples/attention.toml   # a [model] of any layers
 
 A job file (--config) holds the same settings as TOML keys (batch_size = 64);
-options given on the command line override it. OUTPUT receives config.toml,
+options given on the command line override it. Any layer stack is described in
+the job file, one [[model.layers]] table per layer, e.g.
+
+  [[model.layers]]
+  type = "LinearLayer"            # a class of mnn
+  shape = [64, 128]               # its arguments
+  [[model.layers]]
+  type = "ReluLayer"
+
+instead of --layers (the MLP shorthand) and --loss. OUTPUT receives config.toml,
 metrics.jsonl, checkpoint.npz, model.npz and summary.json.
 """
 
@@ -44,7 +54,7 @@ metrics.jsonl, checkpoint.npz, model.npz and summary.json.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnn-train",
-        description="Train a multi-layer perceptron with NumPy, data-parallel over MPI ranks. "
+        description="Train a stack of mnn layers (an MLP by default) with NumPy, data-parallel over MPI ranks. "
                     "The batch size is global: results do not depend on the number of ranks.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from mnn.distributed.position import Position
 from mnn.io import save_arrays
 
 
@@ -21,13 +22,13 @@ def make_checkpoint(step=3):
                      "0.LinearLayer.b": np.zeros(4, np.float32)},
         optimizer_state={"velocity.0.LinearLayer.w": rng.standard_normal((4, 3)),
                          "step": np.array(step, np.int64)},
-        epoch=1, step_in_epoch=step, global_step=10 + step, samples_seen=640 + step,
+        position=Position(epochs_done=1, step_in_epoch=step, global_step=10 + step, samples_seen=640 + step),
         world_size=2, config={"layers": [3, 4], "lr": 0.1, "output": None},
     )
 
 
 def assert_same(loaded, expected):
-    for field in ("epoch", "step_in_epoch", "global_step", "samples_seen", "world_size", "config"):
+    for field in ("position", "world_size", "config"):
         assert getattr(loaded, field) == getattr(expected, field), field
     for state in ("model_state", "optimizer_state"):
         got, want = getattr(loaded, state), getattr(expected, state)
@@ -73,10 +74,11 @@ def test_process_killed_mid_write_keeps_old_checkpoint(tmp_path):
         import os
         import numpy as np
         from mnn.distributed import checkpoint
+        from mnn.distributed.position import Position
         os.fsync = lambda fd: os._exit(9)
         state = {{"0.LinearLayer.w": np.full((4, 3), 7.0, np.float32)}}
         checkpoint.save_checkpoint({str(path)!r}, checkpoint.Checkpoint(
-            state, {{}}, 5, 0, 99, 999, 1, {{}}))
+            state, {{}}, Position(5, 0, 99, 999), 1, {{}}))
     """)
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
     assert result.returncode == 9, result.stderr.decode()

@@ -72,7 +72,7 @@ def test_two_ranks_learn_digits_and_write_every_output(two_rank_run):
     model = load_arrays(output / "model.npz")
     assert model["0.LinearLayer.w"].shape == (128, 64)
     checkpoint = load_checkpoint(output / "checkpoint.npz")
-    assert (checkpoint.epoch, checkpoint.step_in_epoch, checkpoint.world_size) == (4, 0, 2)
+    assert (checkpoint.position.epochs_done, checkpoint.position.step_in_epoch, checkpoint.world_size) == (4, 0, 2)
     for key, value in model.items():
         np.testing.assert_array_equal(checkpoint.model_state[key], value)
 
@@ -208,8 +208,8 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path):
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mnn-train: interrupted at epoch "), stderr
     assert lines[0].endswith(f"; checkpoint saved to {tmp_path / 'checkpoint.npz'}; continue with --resume")
-    position = load_checkpoint(tmp_path / "checkpoint.npz")
-    assert position.epoch >= 1  # the stop came after a step of epoch 2
+    position = load_checkpoint(tmp_path / "checkpoint.npz").position
+    assert position.epochs_done >= 1  # the stop came after a step of epoch 2
 
 
 def interrupt_after_first_log_line(command, signum, env):
@@ -244,11 +244,11 @@ def test_signal_to_mpiexec_stops_both_ranks_at_one_step_and_resume_is_exact(tmp_
     assert "Traceback" not in stderr and "BAD TERMINATION" not in stdout + stderr
     lines = [line for line in stderr.splitlines() if line.startswith("mnn-train:")]
     assert len(lines) == 1, stderr
-    position = load_checkpoint(interrupted / "checkpoint.npz")
+    position = load_checkpoint(interrupted / "checkpoint.npz").position
     steps_per_epoch = -(-1438 // 64)
     # The checkpoint counts epochs done; the line names the epoch trained in.
-    epoch, step = (position.epoch + 1, position.step_in_epoch) if position.step_in_epoch \
-        else (position.epoch, steps_per_epoch)
+    epoch, step = (position.epochs_done + 1, position.step_in_epoch) if position.step_in_epoch \
+        else (position.epochs_done, steps_per_epoch)
     expected = (f"mnn-train: interrupted at epoch {epoch}/30 step {step}/{steps_per_epoch}"
                 if step < steps_per_epoch else f"mnn-train: interrupted at the end of epoch {epoch}/30")
     assert lines[0].startswith(expected), (lines[0], position)
@@ -288,8 +288,10 @@ def test_help_lists_options_and_examples():
     for option in ["--layers", "--batch-size", "--lr-scaling", "--warmup-epochs", "--resume",
                    "--checkpoint-every", "--bucket-bytes", "--dtype", "examples:"]:
         assert option in result.stdout
-    assert set(TrainConfig.field_names()) <= {
+    # Every setting is an option, but the model description, a table of the job file.
+    assert set(TrainConfig.field_names()) - {"model"} <= {
         word.lstrip("-").replace("-", "_") for word in result.stdout.split() if word.startswith("--")}
+    assert "[[model.layers]]" in result.stdout
 
 
 def write_npz(path, labels_max):

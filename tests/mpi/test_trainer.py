@@ -15,6 +15,7 @@ from mnn.datasets import load_dataset
 from mnn.distributed.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.config import TrainConfig
+from mnn.distributed.task import choose_task
 from mnn.distributed.trainer import JobConfigError, build_net, evaluate, train
 from mnn.io import load_arrays
 
@@ -55,8 +56,8 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(comm, shared_dir, stop_aft
     full = run(comm, output=str(shared_dir / "full"))
     stopped = run(comm, output=str(shared_dir / "resumed"), max_steps=stop_after)
     assert stopped["stopped_early"] and stopped["steps"] == stop_after
-    position = load_checkpoint(shared_dir / "resumed" / "checkpoint.npz")
-    assert (position.epoch, position.step_in_epoch) == divmod(stop_after, STEPS_PER_EPOCH)
+    position = load_checkpoint(shared_dir / "resumed" / "checkpoint.npz").position
+    assert (position.epochs_done, position.step_in_epoch) == divmod(stop_after, STEPS_PER_EPOCH)
 
     resumed = run(comm, output=str(shared_dir / "resumed"), resume=True)
 
@@ -108,9 +109,10 @@ def test_checkpoint_from_n_ranks_resumes_on_one(comm, shared_dir):
 @pytest.mark.mpi
 def test_evaluation_counts_every_test_sample_once(comm):
     config = TrainConfig(**BASE)
-    net, split = build_net(config), load_dataset("digits").test
-    sharded = evaluate(net, split, config, comm)
-    alone = evaluate(net, split, config, get_communicator(MPI.COMM_SELF))
+    net, dataset = build_net(config), load_dataset("digits")
+    task, split = choose_task(net, dataset, config.dtype), dataset.test
+    sharded = evaluate(net, split, task, comm)
+    alone = evaluate(net, split, task, get_communicator(MPI.COMM_SELF))
     assert sharded["samples"] == alone["samples"] == len(split)
     assert sharded["accuracy"] == alone["accuracy"]
     assert sharded["loss"] == pytest.approx(alone["loss"], rel=1e-12)

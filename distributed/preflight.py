@@ -1,0 +1,234 @@
+"""Preflight: every check a job needs before its first step, turned into a prepared job.
+
+:func:`prepare_job` takes a config (and, from Python, a user's own net and
+arrays) and returns a :class:`PreparedJob`: the net and optimizer (restored
+from a checkpoint when resuming), the dataset, the task, the sampler and the
+position to start from. Checks run where they must: the output directory and
+the checkpoint on rank 0 (other hosts may not see its files; DataParallel then
+broadcasts the restored state), the data everywhere. A problem anywhere raises
+:class:`JobConfigError` on every rank, so all ranks stop together, before any
+of them trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mnn import SequentialLayers
+from mnn.datasets import Dataset, load_dataset
+from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from mnn.distributed.comm import Communicator, RankFailure, run_all
+from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
+from mnn.distributed.position import Position
+from mnn.distributed.sampler import GlobalBatchSampler
+from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
+
+__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "RESUME_MUST_MATCH", "ARRAYS_DATASET"]
+
+# A checkpoint resumes exactly only if these settings are unchanged: they define
+# the parameters' shapes, the optimizer state and the sequence of global batches.
+# (The model itself, given by layers and loss or by model, is compared as the
+# description it stands for.)
+RESUME_MUST_MATCH = ("dataset", "batch_size", "seed", "dtype", "optimizer", "drop_last")
+_MODEL_FIELDS = ("layers", "loss", "model")
+# The dataset setting of a job whose arrays came from Python (train(..., data=...)).
+ARRAYS_DATASET = "arrays"
+
+
+class JobConfigError(RankFailure):
+    """The job cannot start as configured; raised on every rank before training."""
+
+
+@dataclass
+class PreparedJob:
+    """A job that passed preflight, at the position it starts from.
+
+    ``config`` is the job as it runs (with the description of a user's net and
+    ``dataset = "arrays"`` for a user's arrays); ``resumed_from`` is the
+    checkpoint's path when resuming, and ``changed`` the settings that differ
+    from the checkpoint's, as ``{name: [checkpoint's value, this job's value]}``.
+    """
+
+    config: TrainConfig
+    net: SequentialLayers
+    optimizer: Any
+    dataset: Dataset
+    task: Task
+    sampler: GlobalBatchSampler
+    position: Position
+    resumed_from: str | None = None
+    changed: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+
+
+def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers | None = None,
+                data: Any = None) -> PreparedJob:
+    """Check the job and build what it trains (collective); JobConfigError on every rank if it cannot start.
+
+    ``net``: a user's own ``SequentialLayers`` (ending in a loss layer) instead
+    of the one the config describes; ``data``: a :class:`~mnn.datasets.Dataset`
+    or the arrays ``(x_train, y_train, x_test, y_test)`` instead of ``config.dataset``.
+    """
+    try:
+        config = comm.broadcast_object(_on_rank0(comm, lambda: _adopt(config, net, data)))
+        if net is None:
+            net = build_net(config)
+        optimizer = build_optimizer(config, net)
+        restored = comm.broadcast_object(_on_rank0(comm, lambda: _check_output_and_restore(config, net, optimizer)))
+        dataset = _load_data(config, data, comm)
+        task = comm.broadcast_object(_on_rank0(comm, lambda: _choose_task(config, net, dataset)))
+        sampler = run_all(comm, GlobalBatchSampler, len(dataset.train), config.batch_size, rank=comm.rank,
+                          world_size=comm.size, seed=config.seed, drop_last=config.drop_last)
+    except RankFailure as failure:
+        raise JobConfigError(failure.failures) from failure
+    position, resumed_from, changed = restored or (Position(), None, {})
+    return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed)
+
+
+def _on_rank0(comm: Communicator, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (None elsewhere); a failure there stops every rank."""
+    return run_all(comm, lambda: fn() if comm.rank == 0 else None)
+
+
+# ------------------------------------------------------------------ a user's net and arrays
+def _adopt(config: TrainConfig, net: SequentialLayers | None, data: Any) -> TrainConfig:
+    """``config`` describing a user's own net and arrays, so that config.toml and the
+    checkpoint say what was trained."""
+    changes: dict[str, Any] = {}
+    if net is not None:
+        if not isinstance(net, SequentialLayers):
+            raise TypeError(f"net: expected a SequentialLayers, got {type(net).__name__}")
+        description = net.get_config()
+        if config.layers is not None or config.loss is not None:
+            given = "layers" if config.layers is not None else "loss"
+            raise ValueError(f"{given}: the job describes an MLP, but a net was given too; leave out "
+                             f"layers and loss when passing net=")
+        if config.model is not None and config.model != description:
+            raise ValueError("model: the job's [model] describes another net than the one given "
+                             "(compare it with net.get_config())")
+        if net.dtype != np.dtype(config.dtype):
+            raise ValueError(f"dtype: the net is {net.dtype} but the job says {config.dtype}; set "
+                             f"dtype = {net.dtype.name!r} or cast the net with net.astype")
+        changes["model"] = description
+    if data is not None:
+        if config.dataset not in (TrainConfig().dataset, ARRAYS_DATASET):
+            raise ValueError(f"dataset: the job names {config.dataset!r}, but arrays were given too; "
+                             f"leave dataset out when passing data=")
+        changes["dataset"] = ARRAYS_DATASET
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _as_dataset(data: Any) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, dict):
+        data = tuple(data.get(key) for key in ("x_train", "y_train", "x_test", "y_test"))
+    if not isinstance(data, (tuple, list)) or len(data) != 4 or any(part is None for part in data):
+        raise TypeError("data: expected a Dataset, or the arrays (x_train, y_train, x_test, y_test) as a "
+                        f"tuple or a dict with those keys, got {type(data).__name__}")
+    return Dataset.from_arrays(*data, name=ARRAYS_DATASET)
+
+
+# ------------------------------------------------------------------ output and checkpoint
+def _check_output_and_restore(config: TrainConfig, net: SequentialLayers,
+                              optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]] | None:
+    """Check that the output directory can be written; when resuming, load the
+    checkpoint into ``net`` and ``optimizer`` and return where it is."""
+    if config.output is not None:
+        _check_output_dir(config.output)
+    path = _checkpoint_to_resume(config)
+    if path is None:
+        return None
+    return _restore(path, config, net, optimizer)
+
+
+def _check_output_dir(output: str) -> None:
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output directory {output!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"output directory {output!r} is not writable: {error}") from None
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> Path | None:
+    if config.resume is False:
+        return None
+    if config.resume is True:
+        path = Path(config.output) / CHECKPOINT_NAME
+        return path if path.exists() else None  # nothing saved yet: start from scratch
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ValueError(f"resume: checkpoint {config.resume!r} does not exist")
+    return path
+
+
+def _restore(path: Path, config: TrainConfig, net: SequentialLayers,
+             optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]]:
+    checkpoint = load_checkpoint(path)
+    try:
+        saved = TrainConfig.from_dict(checkpoint.config, source=f"the config in {str(path)!r}")
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"cannot resume from {str(path)!r}: its stored config is not a valid "
+                         f"job: {error}") from None
+    mismatched = [f"{key}: checkpoint has {getattr(saved, key)!r}, this job {getattr(config, key)!r}"
+                  for key in RESUME_MUST_MATCH if getattr(saved, key) != getattr(config, key)]
+    if saved.model_description() != config.model_description():
+        mismatched.insert(0, f"model: checkpoint has {_model_text(saved)}, this job {_model_text(config)}")
+    if mismatched:
+        raise ValueError(f"cannot resume from {str(path)!r}: these settings must match the "
+                         f"checkpoint's: " + "; ".join(mismatched))
+    # `resume` itself always differs from the run that wrote the checkpoint.
+    ignored = (*RESUME_MUST_MATCH, *_MODEL_FIELDS, "resume")
+    changed = {key: [value, getattr(config, key)] for key, value in saved.to_dict().items()
+               if key not in ignored and value != getattr(config, key)}
+    net.load_state_dict(checkpoint.model_state)
+    optimizer.load_state_dict(checkpoint.optimizer_state)
+    return checkpoint.position, str(path), changed
+
+
+def _model_text(config: TrainConfig) -> str:
+    """The model as the job gave it: the MLP widths, or the layer types of its description."""
+    if config.model is None:
+        return f"the MLP {config.layers} with loss {config.loss}"
+    return "[" + ", ".join(layer["type"] for layer in config.model["layers"]) + "]"
+
+
+# ------------------------------------------------------------------ data
+def _load_data(config: TrainConfig, data: Any, comm: Communicator) -> Dataset:
+    if data is not None:
+        return run_all(comm, _as_dataset, data)
+    # Rank 0 first, so that it alone builds the dataset cache; the others then
+    # map the finished files (run_all ends with a collective, i.e. a barrier).
+    # "digits" comes from scikit-learn with no cache to build: all load at once.
+    loaded_by_root = None
+    if config.dataset != "digits":
+        loaded_by_root = _on_rank0(comm, lambda: _load_named(config.dataset))
+    return run_all(comm, lambda: loaded_by_root or _load_named(config.dataset))
+
+
+def _load_named(spec: str) -> Dataset:
+    if spec == ARRAYS_DATASET:
+        raise ValueError(f"dataset {ARRAYS_DATASET!r}: the run was given its data as arrays from Python "
+                         f"(train(..., data=...)); pass them again, or name a dataset")
+    return load_dataset(spec)
+
+
+def _choose_task(config: TrainConfig, net: SequentialLayers, dataset: Dataset) -> Task:
+    if len(dataset.train) == 0 or len(dataset.test) == 0:
+        raise ValueError(f"dataset {dataset.name}: expected non-empty train and test splits, "
+                         f"got {len(dataset.train)} and {len(dataset.test)} samples")
+    # The MLP shorthand's first width says the features it expects: name it.
+    widths = config.layers or list(DEFAULT_LAYERS)
+    if config.model is None and dataset.n_features != widths[0]:
+        default = "" if config.layers else f" (the default MLP {','.join(map(str, widths))})"
+        raise ValueError(f"layers: the first width must equal the dataset's {dataset.n_features} features "
+                         f"per sample ({dataset.name}), got layers[0] = {widths[0]}{default}")
+    return choose_task(net, dataset, config.dtype)

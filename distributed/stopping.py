@@ -1,0 +1,89 @@
+"""Stopping on request: Ctrl-C or SIGTERM ends training after the same step on every rank.
+
+A signal handler runs between two Python bytecodes on whatever the main thread
+is doing; raising there could leave one rank inside a collective that the
+others have left. :class:`StopRequests` therefore only counts signals, and the
+training loop asks all ranks after each step whether any of them was asked to
+stop (:meth:`StopRequests.agreed`, one 8-byte all-reduce), so they all stop
+after the same step, save a checkpoint there and raise
+:class:`TrainingInterrupted`.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from mnn.distributed.comm import Communicator
+
+__all__ = ["StopRequests", "TrainingInterrupted"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (Ctrl-C, SIGINT) during training; its message says
+    where the run stopped and which checkpoint it can resume from.
+
+    ``ranks_agreed`` is True when all ranks stopped together after the same step
+    (see :class:`StopRequests`): none of them is left inside a collective, so
+    they can leave normally. It is False after an immediate stop (a second
+    signal, or a KeyboardInterrupt raised outside the training loop).
+    """
+
+    def __init__(self, message: str, ranks_agreed: bool = False):
+        super().__init__(message)
+        self.ranks_agreed = ranks_agreed
+
+
+class StopRequests:
+    """Catch SIGINT and SIGTERM while in its ``with`` block and only count them.
+
+    A signal that comes more than ``_REPEAT_AFTER_S`` after the first is taken
+    as a person insisting: the previous handlers come back and it raises
+    KeyboardInterrupt at once. (One Ctrl-C may arrive twice within
+    milliseconds: from the terminal and forwarded by the launcher.) Outside the
+    main thread nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _REPEAT_AFTER_S = 1.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._first_at: float | None = None
+        self._previous: dict[int, Any] = {}
+        self._votes = np.zeros(1)
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the handlers back that were there before (collective-free, idempotent)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def agreed(self, comm: Communicator) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it after each step)."""
+        self._votes[0] = self.count
+        comm.allreduce(self._votes)
+        return bool(self._votes[0])
+
+    def _request(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self._first_at is None:
+            self._first_at = now
+        elif now - self._first_at > self._REPEAT_AFTER_S:
+            previous = self._previous.get(signum)
+            self.restore()
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.count += 1

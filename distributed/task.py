@@ -1,0 +1,139 @@
+r"""What a job trains and how it is measured: the net, the optimizer and its learning
+rate, the targets the loss layer takes, and the evaluation.
+
+The loss is the net's last layer, so the loss choice and everything that
+depends on it sit here together. A :class:`Task` is chosen from the loss layer
+and the data (:func:`choose_task`):
+
+* class labels (integers) with a loss that takes them (``CrossEntropyLossLayer``,
+  ``NllLossLayer``): the labels go to the loss as they are; accuracy is the
+  share of samples whose largest output is the label;
+* class labels with ``MSELossLayer``: the loss gets one-hot rows of the
+  labels, accuracy as above;
+* floating-point targets (regression): they go to the loss as they are; the
+  loss (mean squared error) is the metric, there is no accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mnn import SGD, Adam, MSELossLayer, SequentialLayers
+from mnn.datasets import Dataset, Split
+from mnn.distributed.comm import Communicator
+from mnn.distributed.config import TrainConfig
+from mnn.distributed.sampler import shard_sizes
+from mnn.model import build_net as build_described_net, check_fits
+
+__all__ = ["build_net", "build_optimizer", "learning_rate", "Task", "choose_task", "evaluate", "EVAL_BATCH_SIZE"]
+
+# Samples per forward pass during evaluation; any size gives the same metrics.
+EVAL_BATCH_SIZE = 1024
+# Samples run through the net to check that the data fits it.
+_CHECK_SAMPLES = 2
+
+
+def build_net(config: TrainConfig) -> SequentialLayers:
+    """The net of ``config.model_description()`` in ``config.dtype``.
+
+    Parameters are drawn from one Generator seeded with ``config.seed``, layer by
+    layer, so every rank builds the same net.
+    """
+    return build_described_net(config.model_description(), dtype=config.dtype, rng=config.seed)
+
+
+def build_optimizer(config: TrainConfig, net: SequentialLayers) -> SGD | Adam:
+    """The optimizer of ``config``; its lr is set every step by :func:`learning_rate`."""
+    if config.optimizer == "adam":
+        return Adam(net, lr=config.lr, weight_decay=config.weight_decay)
+    momentum = config.momentum if config.optimizer == "momentum" else 0.0
+    return SGD(net, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
+
+
+def learning_rate(config: TrainConfig, world_size: int, step: int, steps_per_epoch: int) -> float:
+    r"""The lr of optimizer step ``step`` (0-based, counted over the whole run).
+
+    With linear scaling the target is :math:`\eta N` for :math:`N` ranks (Goyal
+    et al. 2017), since the global batch then grows with N in their setting;
+    here the global batch is fixed, so scaling is opt-in. During warm-up
+    (:math:`W` = warmup_epochs x steps_per_epoch steps) the lr ramps linearly,
+    :math:`\eta_t = \eta \min(1, (t + 1) / W)`.
+    """
+    target = config.lr * (world_size if config.lr_scaling == "linear" else 1)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return target * (step + 1) / warmup_steps
+    return target
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a split's ``y`` becomes what the loss layer takes, and how outputs are scored.
+
+    ``n_classes`` is the width of the net's output for class labels, None for
+    regression targets; ``one_hot``: the loss takes one-hot rows of the labels.
+    """
+
+    n_classes: int | None
+    one_hot: bool
+    dtype: str
+
+    @property
+    def has_accuracy(self) -> bool:
+        return self.n_classes is not None
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """What the loss layer takes for a batch's labels or targets ``y``."""
+        if not self.one_hot:
+            return y
+        return np.eye(self.n_classes, dtype=self.dtype)[y]
+
+    def correct(self, outputs: np.ndarray, y: np.ndarray) -> int:
+        """Samples whose largest output is their label (class labels only)."""
+        return int(np.count_nonzero(outputs.argmax(axis=-1) == y))
+
+
+def choose_task(net: SequentialLayers, dataset: Dataset, dtype: str) -> Task:
+    """The :class:`Task` for training ``net`` on ``dataset``, after checking that they fit.
+
+    A few training samples run through the net: a layer that does not fit what
+    comes into it, labels outside the net's classes, or targets the loss layer
+    cannot take raise ValueError saying so.
+    """
+    if net.loss_layer is None:
+        raise ValueError(f"model: the last layer must be a loss layer to train, got {net.layers[-1].name}")
+    x, y = dataset.train.batch(np.arange(min(_CHECK_SAMPLES, len(dataset.train))), dtype)
+    outputs = check_fits(net, x)
+    if dataset.n_classes is None:
+        task = Task(n_classes=None, one_hot=False, dtype=dtype)
+    else:
+        n_classes = int(outputs.shape[-1])
+        dataset.check_classes(n_classes)
+        task = Task(n_classes=n_classes, one_hot=isinstance(net.loss_layer, MSELossLayer), dtype=dtype)
+    check_fits(net, x, task.targets(y))
+    return task
+
+
+def evaluate(net: SequentialLayers, split: Split, task: Task, comm: Communicator) -> dict[str, Any]:
+    """Loss (and accuracy, for class labels) over the whole ``split``, sharded over the ranks (collective).
+
+    Each rank evaluates a contiguous part of the split; the ranks then sum the
+    loss sums, correct counts and sample counts, so the metrics are those of the
+    whole split, exactly, whatever the shard sizes (never a mean of means).
+    """
+    sizes = shard_sizes(len(split), comm.size)
+    start = sum(sizes[:comm.rank])
+    indices = np.arange(start, start + sizes[comm.rank])
+    totals = np.zeros(3)  # loss sum, correct predictions, samples
+    for offset in range(0, len(indices), EVAL_BATCH_SIZE):
+        x, y = split.batch(indices[offset:offset + EVAL_BATCH_SIZE], task.dtype)
+        outputs = net(x)  # without targets: the prediction, before the loss layer
+        mean_loss = net.loss_layer.forward(outputs, task.targets(y))
+        correct = task.correct(outputs, y) if task.has_accuracy else 0
+        totals += (float(mean_loss) * len(y), correct, len(y))
+    comm.allreduce(totals)
+    loss_sum, correct, count = totals
+    return {"loss": loss_sum / count, "accuracy": correct / count if task.has_accuracy else None,
+            "samples": int(count)}
