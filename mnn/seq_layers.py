@@ -28,7 +28,7 @@ import numpy as np
 from mnn.checks import check_float_dtype
 from mnn.layer import *  # noqa: F403 -- the seed's `from mnn.seq_layers import *` gave every layer
 from mnn.layer import __all__ as _layer_names
-from mnn.layer._base import Layer, LossLayer
+from mnn.layer import Layer, LossLayer
 
 __all__ = ["SequentialLayers", "Residual", *_layer_names]
 
