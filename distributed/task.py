@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mnn import SGD, Adam, MSELossLayer, SequentialLayers
+from mnn import SGD, Adam, CrossEntropyLossLayer, MSELossLayer, NllLossLayer, SequentialLayers
 from mnn.datasets import Dataset, Split
 from mnn.distributed.comm import Communicator
 from mnn.distributed.config import TrainConfig
@@ -107,6 +107,10 @@ def choose_task(net: SequentialLayers, dataset: Dataset, dtype: str) -> Task:
     x, y = dataset.train.batch(np.arange(min(_CHECK_SAMPLES, len(dataset.train))), dtype)
     outputs = check_fits(net, x)
     if dataset.n_classes is None:
+        if isinstance(net.loss_layer, (CrossEntropyLossLayer, NllLossLayer)):
+            raise ValueError(f"{net.loss_layer.name} takes class labels, but the targets of {dataset.name} "
+                             f"are floating-point numbers (regression): give integer labels, or end the "
+                             f"net with MSELossLayer")
         task = Task(n_classes=None, one_hot=False, dtype=dtype)
     else:
         n_classes = int(outputs.shape[-1])

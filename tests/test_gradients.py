@@ -262,3 +262,13 @@ def test_net_backward_with_scale_gives_scale_times_the_grads(numerical_gradient)
     for name, param, _ in net.named_params():
         np.testing.assert_allclose(weighted[name], numerical_gradient(lambda: scale * net(inputs, labels), param),
                                    rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (2, 3, 2, 4)])
+def test_linear_gradients_on_sequences_apply_the_map_at_every_position(shape, assert_layer_gradients):
+    rng = np.random.default_rng(len(shape))
+    layer, inputs = LinearLayer(4, 3, dtype=F64, rng=rng), rng.standard_normal(shape)
+    outputs = layer.forward(inputs)
+    assert outputs.shape == shape[:-1] + (3,)
+    np.testing.assert_allclose(outputs, inputs @ layer.params["w"].T + layer.params["b"], rtol=1e-13)
+    assert_layer_gradients(layer, inputs)

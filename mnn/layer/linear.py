@@ -40,13 +40,28 @@ class LinearLayer(Layer):
 
         .. math::
             Y = X W^\top + \mathbf{1} b^\top. \tag{1}
+
+        A batch of sequences ``(B, T, n)`` (any number of axes before the
+        features, which come last) gets the same map at every position: its
+        rows are the :math:`BT` positions, and Eq. (1) to (4) hold for them as
+        written. The seed's columns ``(B, n, 1)`` are rows ``(B, n)``.
         """
-        rows, columns = self._rows(inputs, self.n_in)
-        self._inputs, self._columns = rows, columns
+        inputs = self._as_dtype(inputs)
+        columns = inputs.ndim == 3 and inputs.shape[1:] == (self.n_in, 1)
+        if inputs.ndim >= 3 and not columns:
+            if inputs.shape[-1] != self.n_in:
+                raise ValueError(f"{self.name}: expected {self.n_in} features per position, got "
+                                 f"{inputs.shape[-1]} (input shape {inputs.shape})")
+            rows = self._batch(inputs).reshape(-1, self.n_in)
+        else:
+            rows, _ = self._rows(inputs, self.n_in)
+        self._inputs, self._input_shape = rows, inputs.shape
         outputs = rows @ self.params["w"].T  # Eq. (1)
         if "b" in self.params:
             outputs += self.params["b"]  # Eq. (1)
-        return self._as_shape(outputs, columns)
+        outputs = self._reshaped(outputs, self.n_out)
+        self._output_shape = outputs.shape
+        return outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Given :math:`G = \partial \ell / \partial Y \in \mathbb{R}^{B \times m}`.
@@ -71,10 +86,16 @@ class LinearLayer(Layer):
         With ``input_grad=False`` (the first layer of a net) Eq. (4) is skipped.
         """
         inputs = self._saved(self._inputs)
-        gradients = self._check_gradients(gradients, (inputs.shape[0], self.n_out))
+        gradients = self._check_gradients(gradients, self._output_shape).reshape(-1, self.n_out)
         self._add_product_to_grad("w", gradients.T, inputs)  # Eq. (2)
         if "b" in self.params:
             self._add_to_grad("b", gradients.sum(axis=0))  # Eq. (3)
         if not input_grad:
             return None
-        return self._as_shape(gradients @ self.params["w"], self._columns)  # Eq. (4)
+        return self._reshaped(gradients @ self.params["w"], self.n_in)  # Eq. (4)
+
+    def _reshaped(self, rows, width):
+        """``rows`` (one per position) in the shape the input came in, with ``width`` features."""
+        if self._input_shape[1:] == (self.n_in, 1):
+            return rows[:, :, None]  # the seed's columns
+        return rows.reshape(self._input_shape[:-1] + (width,))
