@@ -306,7 +306,7 @@ def _parse_resume(text: str) -> bool | str:
 
 
 _CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES}
-_PARSERS = {"layers": _parse_layers, "drop_last": _parse_bool, "output": str,
+_PARSERS = {"layers": _parse_layers, "loss": str, "drop_last": _parse_bool, "output": str,
             "dataset": str, "max_steps": int}
 
 

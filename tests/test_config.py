@@ -132,3 +132,69 @@ def test_numpy_integers_are_stored_as_python_ints():
 def test_paths_are_stored_as_text(tmp_path):
     config = TrainConfig(output=tmp_path / "run", resume=tmp_path / "c.npz")
     assert config.output == str(tmp_path / "run") and config.resume == str(tmp_path / "c.npz")
+
+
+MODEL_TOML = '''
+epochs = 2
+
+[[model.layers]]
+type = "ReshapeLayer"
+shape = [8, 8]
+
+[[model.layers]]
+type = "Residual"
+
+[[model.layers.layers]]
+type = "MultiHeadAttention"
+d_model = 8
+n_heads = 2
+
+[[model.layers]]
+type = "ReshapeLayer"
+shape = [64]
+
+[[model.layers]]
+type = "LinearLayer"
+shape = [64, 10]
+
+[[model.layers]]
+type = "CrossEntropyLossLayer"
+'''
+
+
+def test_model_description_in_a_job_file_round_trips(tmp_path):
+    config = resolve_config(write(tmp_path / "job.toml", MODEL_TOML))
+    assert [layer["type"] for layer in config.model["layers"]] == [
+        "ReshapeLayer", "Residual", "ReshapeLayer", "LinearLayer", "CrossEntropyLossLayer"]
+    assert config.model["layers"][1]["layers"] == [{"type": "MultiHeadAttention", "d_model": 8, "n_heads": 2}]
+    assert config.model_description() is config.model and config.layers is None and config.loss is None
+    assert resolve_config(write(tmp_path / "again.toml", config.to_toml())) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_without_a_model_the_mlp_shorthand_and_its_defaults_describe_the_net():
+    assert [layer["type"] for layer in TrainConfig().model_description()["layers"]] == [
+        "LinearLayer", "ReluLayer", "LinearLayer", "CrossEntropyLossLayer"]
+    assert TrainConfig().model_description()["layers"][0]["shape"] == [64, 128]
+    assert TrainConfig(layers=[4, 3], loss="nll").model_description()["layers"][-2:] == [
+        {"type": "LogSoftmaxLayer"}, {"type": "NllLossLayer"}]
+
+
+def test_model_and_the_mlp_shorthand_exclude_each_other(tmp_path):
+    path = write(tmp_path / "job.toml", MODEL_TOML)
+    with pytest.raises(ValueError, match=r"layers: belongs to the MLP shorthand, but the job describes its "
+                                         r"model in \[model\]"):
+        resolve_config(path, parse(["--layers", "64,10"]))
+    with pytest.raises(ValueError, match="loss: belongs to the MLP shorthand"):
+        resolve_config(path, parse(["--loss", "mse"]))
+
+
+def test_mistakes_in_a_job_files_model_are_named(tmp_path):
+    bad = MODEL_TOML.replace('type = "MultiHeadAttention"', 'type = "Attention"')
+    with pytest.raises(ValueError, match=r"model.layers\[1\] \(Residual\).layers\[0\]: unknown layer type "
+                                         r"'Attention'"):
+        resolve_config(write(tmp_path / "job.toml", bad))
+    late_loss = MODEL_TOML + '\n[[model.layers]]\ntype = "ReluLayer"\n'
+    with pytest.raises(ValueError, match=r"model.layers\[4\] \(CrossEntropyLossLayer\): a loss layer must "
+                                         r"come last"):
+        resolve_config(write(tmp_path / "late.toml", late_loss))

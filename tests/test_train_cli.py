@@ -16,7 +16,9 @@ from mnn.io import load_arrays
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TRAIN = [sys.executable, "-m", "mnn.scripts.train"]
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.toml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE = EXAMPLES / "digits.toml"
+LAUNCH = [sys.executable, "-m", "mnn.scripts.launch"]
 # One BLAS thread per rank: the ranks already use the cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_KEYS = {"world_size", "epochs", "steps", "train_loss", "test_accuracy", "samples_per_s",
@@ -330,3 +332,44 @@ def test_progress_bar_follows_mnn_progress_under_mpiexec(progress, bar_expected)
     assert has_bar == bar_expected, result.stderr
     # Evaluation and the summary are there either way, once (rank 0 only).
     assert (result.stdout + result.stderr).count("test accuracy") == 3
+
+
+@needs_mpiexec
+def test_described_attention_classifier_trains_on_two_ranks_with_mnn_launch(tmp_path):
+    result = subprocess.run(LAUNCH + ["-n", "2", "--"] + TRAIN + [
+        "--config", str(EXAMPLES / "attention.toml"), "--epochs", "8", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_accuracy"] >= 0.9
+    assert "[[model.layers]]" in (tmp_path / "config.toml").read_text()
+    written = resolve_config(tmp_path / "config.toml")
+    assert written.model == resolve_config(EXAMPLES / "attention.toml").model
+    assert "1.Residual.0.MultiHeadAttention.w_q" in load_arrays(tmp_path / "model.npz")
+
+
+@needs_mpiexec
+def test_python_api_custom_net_trains_on_two_ranks_with_mnn_launch(tmp_path):
+    result = subprocess.run(LAUNCH + ["-n", "2", "--", sys.executable, str(EXAMPLES / "custom_net.py"),
+                                      "--epochs", "6", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_accuracy"] >= 0.9
+    assert resolve_config(tmp_path / "config.toml").dataset == "arrays"
+    assert len([line for line in result.stdout.splitlines() if line.startswith("done:")]) == 1
+
+
+@needs_mpiexec
+def test_mistake_in_a_model_description_stops_both_ranks_with_one_message(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text((EXAMPLES / "attention.toml").read_text().replace('shape = [64, 64]', 'shape = [60, 64]'))
+    result = run(["--config", str(job), "--output", str(tmp_path / "out")], ranks=2)
+    assert result.returncode == 2
+    assert result.stderr.count("mnn-train: error") == 1
+    assert "layer 3 (LinearLayer) does not fit its input of shape (64,) per sample" in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    job.write_text((EXAMPLES / "attention.toml").read_text().replace('n_heads = 2', 'heads = 2'))
+    result = run(["--config", str(job)], ranks=2)
+    assert result.returncode == 2 and result.stderr.count("mnn-train: error") == 1
+    assert "model.layers[1] (Residual).layers[0] (MultiHeadAttention): unknown argument 'heads'" in result.stderr
