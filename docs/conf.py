@@ -49,10 +49,12 @@ if os.environ.get("MNN_MATHJAX_PATH"):
 # reading order in index.rst (after the layers). A new module goes here.
 MODULE_PAGES = {
     "mnn.seq_layers": "Containers",
+    "mnn.model": "Model descriptions",
     "mnn.optim": "Optimizers",
     "mnn.distributed.data_parallel": "DataParallel",
     "mnn.distributed.sampler": "Global batch sampler",
     "mnn.distributed.comm": "Communicators",
+    "mnn.distributed.trainer": "Trainer",
 }
 
 GENERATED = Path(__file__).parent / "api"
