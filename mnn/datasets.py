@@ -61,6 +61,7 @@ from typing import Callable
 
 import numpy as np
 
+from mnn.checks import is_int
 from mnn.io import atomic_write, atomic_write_text, load_arrays
 
 __all__ = [
@@ -215,7 +216,7 @@ class Dataset:
 
     def check_classes(self, n_classes: int) -> None:
         """Raise ValueError unless every label of both splits lies in ``[0, n_classes)``."""
-        if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        if not is_int(n_classes) or n_classes < 1:
             raise ValueError(f"check_classes: n_classes must be a positive integer, got {n_classes!r}")
         if self.n_classes is None:
             raise ValueError(f"{self.name}: the targets are floating-point numbers (regression), "
