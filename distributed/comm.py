@@ -50,6 +50,7 @@ __all__ = [
     "run_all",
     "stop_all_on_error",
     "NO_MPI_ENV",
+    "launcher_rank",
 ]
 
 NO_MPI_ENV = "MNN_NO_MPI"
@@ -58,6 +59,8 @@ _REDUCE_OPS = ("sum", "mean")
 # Variables that MPI launchers set in every process they start; used to notice
 # a job started on several ranks that would fall back to one process each.
 _LAUNCHER_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+# ... and the rank of each process, known before MPI is initialised.
+_LAUNCHER_RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 Result = TypeVar("Result")
 
@@ -65,12 +68,17 @@ Result = TypeVar("Result")
 class RankFailure(RuntimeError):
     """Raised on every rank when at least one rank reported a failure.
 
-    ``failures`` maps each failing rank to its message, in rank order.
+    ``failures`` maps each failing rank to its message, in rank order. Ranks
+    that failed alike are told once: ``ranks 0, 1: <message>``.
     """
 
     def __init__(self, failures: dict[int, str]):
         self.failures = dict(sorted(failures.items()))
-        lines = [f"rank {rank}: {message}" for rank, message in self.failures.items()]
+        ranks_by_message: dict[str, list[int]] = {}
+        for rank, message in self.failures.items():
+            ranks_by_message.setdefault(message, []).append(rank)
+        lines = [f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {message}"
+                 for message, ranks in ranks_by_message.items()]
         super().__init__("; ".join(lines) if len(lines) == 1 else "\n" + "\n".join(lines))
 
 
@@ -276,11 +284,21 @@ class MPICommunicator(Communicator):
 
 def _launcher_world_size() -> int:
     """World size announced by an MPI launcher's environment, 1 if none."""
-    for name in _LAUNCHER_SIZE_ENV:
+    return _launcher_number(_LAUNCHER_SIZE_ENV, default=1)
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment announces it (0 without a
+    launcher), readable before MPI starts: e.g. to let one rank print a usage error."""
+    return _launcher_number(_LAUNCHER_RANK_ENV, default=0)
+
+
+def _launcher_number(names: tuple[str, ...], default: int) -> int:
+    for name in names:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
 
 
 def get_communicator(comm: Any = None) -> Communicator:

@@ -40,6 +40,7 @@ __all__ = [
     "OPTIMIZERS",
     "LR_SCALINGS",
     "DTYPES",
+    "ON_NONFINITE",
     "TrainConfig",
     "load_toml",
     "resolve_config",
@@ -54,6 +55,7 @@ DEFAULT_LOSS = "cross_entropy"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCALINGS = ("none", "linear")
 DTYPES = ("float32", "float64")
+ON_NONFINITE = ("stop", "skip")
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -146,6 +148,21 @@ class TrainConfig:
         default=False,
         **_help("drop the last, short global batch of each epoch"),
     )
+    on_nonfinite: str = field(
+        default="stop",
+        **_help("when a step's loss or gradient is NaN or infinite on any rank: stop (with a "
+                "checkpoint of the step before) or skip the step's update and go on"),
+    )
+    keep_checkpoints: int = field(
+        default=1,
+        **_help("checkpoints to keep in OUTPUT: checkpoint.npz and the k-1 before it; "
+                "--resume falls back to the newest one that loads"),
+    )
+    stall_timeout: float = field(
+        default=300.0,
+        **_help("seconds a rank may wait in a collective for the others before the job is "
+                "stopped with a report of which ranks did not arrive (0: wait forever)"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -217,6 +234,11 @@ class TrainConfig:
         self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
+        self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
+        if self.stall_timeout < 0:
+            raise ValueError(f"stall_timeout: expected seconds >= 0 (0: no limit), got {self.stall_timeout}")
 
     def model_description(self) -> dict[str, Any]:
         """The net this job trains: ``model`` if given, else the MLP of the
@@ -305,7 +327,8 @@ def _parse_resume(text: str) -> bool | str:
         return text  # a checkpoint path
 
 
-_CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES}
+_CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES,
+            "on_nonfinite": ON_NONFINITE}
 _PARSERS = {"layers": _parse_layers, "loss": str, "drop_last": _parse_bool, "output": str,
             "dataset": str, "max_steps": int}
 

@@ -407,6 +407,14 @@ class DataParallel:
         self.net.zero_grads()
         self._reset_window()
 
+    def gradients_finite(self) -> bool:
+        """Whether every reduced gradient is a finite number (after :meth:`synchronize`,
+        the same answer on every rank). One dot product per bucket: NaN and infinities
+        propagate into it, so a single pass finds them (about 17 us for the 0.8 MB of
+        the MLP 784-256-10); a gradient so large that its squared norm overflows counts
+        as not finite too."""
+        return all(np.isfinite(np.dot(bucket.buffer, bucket.buffer)) for bucket in self.buckets)
+
     def reset_timings(self) -> None:
         """Zero the counters in ``timings``.
 

@@ -24,7 +24,9 @@ from mnn.datasets import Dataset, load_dataset
 from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, run_all
 from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
+from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.position import Position
+from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import GlobalBatchSampler
 from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
 
@@ -63,6 +65,14 @@ class PreparedJob:
     position: Position
     resumed_from: str | None = None
     changed: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    lock: OutputLock | None = None
+
+    def release(self) -> None:
+        """Let other jobs use the output directory again (rank 0 holds its lock)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers | None = None,
@@ -73,20 +83,34 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
     of the one the config describes; ``data``: a :class:`~mnn.datasets.Dataset`
     or the arrays ``(x_train, y_train, x_test, y_test)`` instead of ``config.dataset``.
     """
+    lock = None
     try:
-        config = comm.broadcast_object(_on_rank0(comm, lambda: _adopt(config, net, data)))
+        config = run_all(comm, _adopt, config, net, data)
+        notes = _check_ranks(comm, config)
         if net is None:
             net = build_net(config)
         optimizer = build_optimizer(config, net)
-        restored = comm.broadcast_object(_on_rank0(comm, lambda: _check_output_and_restore(config, net, optimizer)))
+        # Rank 0 alone: the output directory is its own (other hosts may not see it);
+        # DataParallel broadcasts the parameters and optimizer state it restores.
+        output = _on_rank0(comm, lambda: _claim_output(config))
+        lock, output_notes = output if output is not None else (None, [])
+        restored = comm.broadcast_object(_on_rank0(comm, lambda: _restore(config, net, optimizer)))
         dataset = _load_data(config, data, comm)
         task = comm.broadcast_object(_on_rank0(comm, lambda: _choose_task(config, net, dataset)))
         sampler = run_all(comm, GlobalBatchSampler, len(dataset.train), config.batch_size, rank=comm.rank,
                           world_size=comm.size, seed=config.seed, drop_last=config.drop_last)
     except RankFailure as failure:
+        if lock is not None:
+            lock.release()
         raise JobConfigError(failure.failures) from failure
     position, resumed_from, changed = restored or (Position(), None, {})
-    return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed)
+    if config.batch_size < comm.size:
+        idle = comm.size - config.batch_size
+        notes.append(f"the global batch of {config.batch_size} is smaller than the {comm.size} ranks: {idle} "
+                     f"rank{'s' if idle > 1 else ''} get no sample in any step (the result is exact, but "
+                     f"{config.batch_size} rank{'s' if config.batch_size > 1 else ''} would be as fast)")
+    return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed,
+                       notes=[*notes, *output_notes], lock=lock)
 
 
 def _on_rank0(comm: Communicator, fn: Callable[[], Any]) -> Any:
@@ -133,17 +157,35 @@ def _as_dataset(data: Any) -> Dataset:
     return Dataset.from_arrays(*data, name=ARRAYS_DATASET)
 
 
+# ------------------------------------------------------------------ the ranks
+def _check_ranks(comm: Communicator, config: TrainConfig) -> list[str]:
+    """Stop unless every rank runs the same code, versions and job; keep BLAS within the
+    cores. Returns the notes for rank 0 to show."""
+    facts = gather_facts(comm, config.to_dict())
+    different = disagreements(facts)
+    if different:
+        raise RankFailure({0: "the ranks do not run the same thing:\n  " + "\n  ".join(different)})
+    note = limit_blas_threads(facts, comm.rank)
+    return [note] if note is not None and comm.rank == 0 else []
+
+
 # ------------------------------------------------------------------ output and checkpoint
-def _check_output_and_restore(config: TrainConfig, net: SequentialLayers,
-                              optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]] | None:
-    """Check that the output directory can be written; when resuming, load the
-    checkpoint into ``net`` and ``optimizer`` and return where it is."""
-    if config.output is not None:
-        _check_output_dir(config.output)
-    path = _checkpoint_to_resume(config)
-    if path is None:
+def _claim_output(config: TrainConfig) -> tuple[OutputLock, list[str]] | None:
+    """Lock the output directory for this job; a fresh run sets an earlier run's files aside.
+    Returns the lock and what rank 0 should say about it."""
+    if config.output is None:
         return None
-    return _restore(path, config, net, optimizer)
+    output = Path(config.output)
+    _check_output_dir(config.output)
+    lock = OutputLock.acquire(output)
+    try:
+        notes = [lock.note]
+        if _checkpoint_to_resume(config) is None:
+            notes.append(set_aside_earlier_run(output))
+    except Exception:
+        lock.release()
+        raise
+    return lock, [note for note in notes if note is not None]
 
 
 def _check_output_dir(output: str) -> None:
@@ -170,8 +212,12 @@ def _checkpoint_to_resume(config: TrainConfig) -> Path | None:
     return path
 
 
-def _restore(path: Path, config: TrainConfig, net: SequentialLayers,
-             optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]]:
+def _restore(config: TrainConfig, net: SequentialLayers,
+             optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]] | None:
+    """When resuming, load the checkpoint into ``net`` and ``optimizer``; return where it is."""
+    path = _checkpoint_to_resume(config)
+    if path is None:
+        return None
     checkpoint = load_checkpoint(path)
     try:
         saved = TrainConfig.from_dict(checkpoint.config, source=f"the config in {str(path)!r}")

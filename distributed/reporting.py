@@ -18,8 +18,17 @@ OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
   ``epoch``, ``step_in_epoch``, ``epochs_done``, ``global_step`` of the
   checkpoint, and ``changed``: the settings that differ from the
   checkpoint's, as ``{name: [checkpoint's value, this job's value]}``;
+* ``nonfinite`` (when a step's loss or gradient is NaN or infinite on some
+  rank): ``epoch``, ``step_in_epoch``, ``global_step`` (of that step),
+  ``detail`` (what, on which ranks) and ``action``: "skipped" (the update was
+  not applied, training went on) or "stopped";
 * ``summary`` (last): the summary that ``train()`` returns, whose ``epochs``
   is ``epochs_done``.
+
+The file is strict JSON: a number that is not finite is written as ``null``.
+A resumed run first drops the ``train``, ``eval`` and ``nonfinite`` events
+after its checkpoint (the steps it trains again), so the file tells each step
+once.
 
 ``PROGRESS_ENV`` is how a launcher tells the ranks that a person watches a
 terminal: under ``mpiexec`` a rank's stderr is a pipe, so it cannot see that
@@ -28,6 +37,7 @@ for itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,8 +46,12 @@ from typing import Any
 from tqdm import tqdm
 
 from mnn.distributed.position import Position
+from mnn.io import atomic_write_text
 
-__all__ = ["PROGRESS_ENV", "progress_bar_wanted", "Reporter"]
+__all__ = ["PROGRESS_ENV", "progress_bar_wanted", "Reporter", "json_text"]
+
+# Events of a step, dropped on resume when they come after the checkpoint.
+_STEP_EVENTS = ("train", "eval", "nonfinite")
 
 # Ranks' output reaches the terminal through the launcher's pipes, so a rank
 # cannot tell that a person is watching: mnn-launch says so in this variable
@@ -80,8 +94,9 @@ class Reporter:
         """Begin the run's record: a new run empties metrics.jsonl, a resumed one appends."""
         if not self.active:
             return
-        if self.metrics_path is not None and not resumed:
-            self.metrics_path.write_text("")
+        if self.metrics_path is not None:
+            kept = _events_until(self.metrics_path, position.global_step) if resumed else []
+            atomic_write_text(self.metrics_path, "".join(json_text(event) + "\n" for event in kept))
         if progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=min(position.global_step, total_steps), unit="step",
                             dynamic_ncols=True)
@@ -130,6 +145,13 @@ class Reporter:
                       "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]},
                      f"epoch {epoch}/{self.epochs}{partial} | {_metrics_text(metrics['loss'], metrics['accuracy'])}")
 
+    def nonfinite(self, position: Position, detail: str, action: str) -> None:
+        """A step whose loss or gradient was not finite; ``position`` is that step's."""
+        epoch, step = position.shown(self.steps_per_epoch)
+        self._record({"event": "nonfinite", "epoch": epoch, "step_in_epoch": step,
+                      "global_step": position.global_step, "detail": detail, "action": action},
+                     f"epoch {epoch}/{self.epochs} step {step}/{self.steps_per_epoch} | {detail}: {action}")
+
     def summary(self, summary: dict[str, Any]) -> None:
         ranks = summary["world_size"]
         epochs = summary["epochs"]
@@ -146,7 +168,7 @@ class Reporter:
             return
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps(event) + "\n")
+                handle.write(json_text(event) + "\n")
         # With a bar, train events show in it (see train); other lines print above it.
         if self.bar is None or event["event"] != "train":
             self._show(line)
@@ -166,3 +188,35 @@ def _metrics_text(loss: float, accuracy: float | None, loss_too: bool = True) ->
     if not loss_too:
         return f"test accuracy {accuracy:.4f}"
     return f"test loss {loss:.4f} | test accuracy {accuracy:.4f}"
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """Strict JSON (RFC 8259) of ``value``: a float that is not finite becomes ``null``."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **options)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _events_until(path: Path, global_step: int) -> list[dict[str, Any]]:
+    """The events of ``path`` without the step events after ``global_step``; a line
+    that does not parse (cut short by a crash) is dropped too."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and not (event.get("event") in _STEP_EVENTS
+                                            and event.get("global_step", 0) > global_step):
+            events.append(event)
+    return events

@@ -31,6 +31,7 @@ metrics.jsonl come from the :class:`~mnn.distributed.reporting.Reporter`
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,8 @@ from mnn.distributed.comm import Communicator, get_communicator, run_all
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.position import Position
-from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, prepare_job
-from mnn.distributed.reporting import Reporter
+from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, PreparedJob, prepare_job
+from mnn.distributed.reporting import Reporter, json_text
 from mnn.distributed.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
 from mnn.io import atomic_write_text, save_arrays
@@ -59,6 +60,7 @@ __all__ = [
     "evaluate",
     "JobConfigError",
     "TrainingInterrupted",
+    "TrainingDiverged",
     "RESUME_MUST_MATCH",
     "EVAL_BATCH_SIZE",
 ]
@@ -77,17 +79,32 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
 
     Collective: every rank calls it with the same config. Returns the summary
     (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
-    Raises :class:`JobConfigError` on every rank if the job cannot start, and
-    :class:`TrainingInterrupted` once training started: on every rank after the
-    same step when any rank gets SIGINT or SIGTERM during the training loop
-    (with a checkpoint of that step in OUTPUT), or at once on a
-    KeyboardInterrupt elsewhere or a second signal.
+    Raises :class:`JobConfigError` on every rank if the job cannot start;
+    :class:`TrainingInterrupted` on every rank when any rank gets SIGINT or
+    SIGTERM before the run is complete: after the same step (with a checkpoint
+    of that step in OUTPUT), or at once on a second signal; and
+    :class:`TrainingDiverged` on every rank when a step's loss or gradient is
+    not finite and ``on_nonfinite`` is "stop".
     A resumed run with no step left to train says so, evaluates the restored
-    model and returns without writing anything.
+    model and writes only the outputs a previous run did not finish writing.
     """
     started = time.perf_counter()
     comm = get_communicator(comm)
-    job = prepare_job(config, comm, net=net, data=data)
+    # Signals are counted from here on and acted on where every rank can agree:
+    # after start-up and after each step (see mnn.distributed.stopping).
+    with StopRequests() as stop_requests:
+        job = prepare_job(config, comm, net=net, data=data)
+        # NaN and overflow are found and reported by the trainer (on_nonfinite), not as
+        # NumPy's warnings from deep inside a layer.
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return _run(job, comm, stop_requests, started)
+        finally:
+            job.release()
+
+
+def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, started: float) -> dict[str, Any]:
+    """The training loop of a prepared job."""
     config, net, optimizer, position = job.config, job.net, job.optimizer, job.position
     dataset, task, sampler = job.dataset, job.task, job.sampler
     output = Path(config.output) if config.output is not None else None
@@ -96,14 +113,22 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch)
+    for note in job.notes:
+        reporter.message(note)
     dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes)  # broadcasts rank 0's state
     run = _RunClock(started)
+    votes = _StepVotes()
+    if votes.cast(comm, stop_requests.count).stop:
+        raise TrainingInterrupted("interrupted before training started; nothing was trained", ranks_agreed=True)
 
-    # A resumed run with no step left says so and leaves the finished run's files as they are.
+    # A resumed run with no step left says so, and finishes writing what its run did not.
     if job.resumed_from is not None and _finished(config, position, total_steps):
         reporter.message(_nothing_left_text(job.resumed_from, config, position, steps_per_epoch))
-        return _summary(comm, config, position, job.resumed_from, None, evaluate(net, dataset.test, task, comm),
-                        run, dp)
+        summary = _summary(comm, config, position, job.resumed_from, None, evaluate(net, dataset.test, task, comm),
+                           run, dp)
+        if output is not None:
+            _on_rank0(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
+        return summary
 
     if comm.rank == 0 and output is not None:
         atomic_write_text(output / "config.toml", config.to_toml())
@@ -119,55 +144,71 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     evaluated_at = -1  # the global step of last_eval
     saved = _Saved(job.resumed_from, position) if job.resumed_from is not None else None
     try:
-        with StopRequests() as stop_requests:
-            stopping = False
-            while not stopping and not _finished(config, position, total_steps):
-                for batch in sampler.batches(position.epochs_done, start_step=position.step_in_epoch):
-                    # determine and set the learning rate of this step
-                    optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
+        stopping = False
+        while not stopping and not _finished(config, position, total_steps):
+            for batch in sampler.batches(position.epochs_done, start_step=position.step_in_epoch):
+                # determine and set the learning rate of this step
+                optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
 
-                    # forward, backward and update on this rank's shard of the global batch
-                    step_started = time.perf_counter()
-                    x, y = dataset.train.batch(batch.indices, config.dtype)
-                    loss = dp(x, task.targets(y))
-                    dp.backward(global_batch_size=batch.global_batch_size)
+                # forward and backward on this rank's shard of the global batch, gradients reduced
+                step_started = time.perf_counter()
+                x, y = dataset.train.batch(batch.indices, config.dtype)
+                loss = float(dp(x, task.targets(y)))
+                dp.backward(global_batch_size=batch.global_batch_size)
+                dp.synchronize()
+
+                # every rank agrees on stopping and on non-finite numbers (one small all-reduce)
+                vote = votes.cast(comm, stop_requests.count, not (math.isfinite(loss) and dp.gradients_finite()))
+                stopping = vote.stop
+                if vote.nonfinite:
+                    what = _nonfinite_text(comm, loss, dp.gradients_finite())
+                    failed = position.after_step(batch.global_batch_size)
+                    if config.on_nonfinite == "stop":
+                        reporter.nonfinite(failed, what, "stopped")
+                        reporter.close()
+                        if output is not None and not _saved_here(saved, output, position):
+                            saved = _save(comm, output, dp, position, config)
+                        raise TrainingDiverged(_diverged_text(reporter, failed, what, saved, output))
+                    reporter.nonfinite(failed, what, "skipped")
+                    dp.zero_grads()  # the update is skipped; the batch counts as seen
+                else:
                     dp.step()
-                    run.add_step(time.perf_counter() - step_started, batch.global_batch_size)
-                    position = position.after_step(batch.global_batch_size)
-                    losses.add(float(loss), len(y))
+                    losses.add(loss, len(y))
+                run.add_step(time.perf_counter() - step_started, batch.global_batch_size)
+                position = position.after_step(batch.global_batch_size)
 
-                    # log the training loss
-                    reporter.step()
-                    if position.global_step % config.log_every == 0:
-                        _log_training(reporter, losses, comm, position, optimizer.lr)
+                # log the training loss
+                reporter.step()
+                if position.global_step % config.log_every == 0:
+                    _log_training(reporter, losses, comm, position, optimizer.lr)
 
-                    # termination conditions: max_steps, or a stop request on any rank
-                    stopping = stop_requests.agreed(comm)
-                    if stopping or position.global_step >= total_steps:
-                        break
-                if position.step_in_epoch < steps_per_epoch:
-                    break  # stopped mid-epoch, by max_steps or a stop request
+                # termination conditions: max_steps, or a stop request on any rank
+                if stopping or position.global_step >= total_steps:
+                    break
+            if position.step_in_epoch < steps_per_epoch:
+                break  # stopped mid-epoch, by max_steps or a stop request
 
-                # the end of an epoch (also when a stop request came at its last
-                # step, so that the checkpoint is at the epoch's end): log, evaluate,
-                # write a checkpoint
-                _log_training(reporter, losses, comm, position, optimizer.lr)
-                train_loss = losses.end_epoch()
-                position = position.after_epoch()
-                if config.eval_every and position.epochs_done % config.eval_every == 0:
-                    last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
-                if output is not None and config.checkpoint_every \
-                        and position.epochs_done % config.checkpoint_every == 0:
-                    saved = _save(comm, output, dp, position, config)
+            # the end of an epoch (also when a stop request came at its last
+            # step, so that the checkpoint is at the epoch's end): log, evaluate,
+            # write a checkpoint
+            _log_training(reporter, losses, comm, position, optimizer.lr)
+            train_loss = losses.end_epoch()
+            position = position.after_epoch()
+            if config.eval_every and position.epochs_done % config.eval_every == 0:
+                last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
+            if output is not None and config.checkpoint_every \
+                    and position.epochs_done % config.checkpoint_every == 0:
+                saved = _save(comm, output, dp, position, config)
 
-            # a stop request before the end: checkpoint this step, then stop every rank
-            if stopping and not _finished(config, position, total_steps):
-                reporter.close()
-                if output is not None and not _saved_here(saved, output, position):
-                    saved = _save(comm, output, dp, position, config)
-                raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output), ranks_agreed=True)
+        # a stop request before the end: checkpoint this step, then stop every rank
+        if stopping and not _finished(config, position, total_steps):
+            reporter.close()
+            if output is not None and not _saved_here(saved, output, position):
+                saved = _save(comm, output, dp, position, config)
+            raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output), ranks_agreed=True)
 
-        # the run is complete (a stop request after its last step changes nothing)
+        # the run is complete: a stop request from here on changes nothing (it is
+        # counted, and the last checkpoint, the model and the summary are written)
         _log_training(reporter, losses, comm, position, optimizer.lr)
         reporter.close()
         train_loss = losses.end_epoch() if losses.epoch_samples else train_loss
@@ -179,13 +220,18 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
         summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp)
         if output is not None:
             _on_rank0(comm, lambda: _write_results(output, net.state_dict(), summary))
-    except TrainingInterrupted:
+    except (TrainingInterrupted, TrainingDiverged):
         raise
     except KeyboardInterrupt:
         reporter.close()
         raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output)) from None
     reporter.summary(summary)
     return summary
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient was not finite (``on_nonfinite = "stop"``); raised on every
+    rank alike, before that step's update, with a checkpoint of the state before it."""
 
 
 # ------------------------------------------------------------------ the loop's small values
@@ -216,9 +262,10 @@ class _LossSums:
         self.window_started = now
         return result
 
-    def end_epoch(self) -> float:
-        """The mean training loss over the epoch (as summed so far); the next epoch starts at zero."""
-        mean = float(self.epoch[0] / self.epoch[1])
+    def end_epoch(self) -> float | None:
+        """The mean training loss over the epoch (as summed so far; None when every step of it
+        was skipped); the next epoch starts at zero."""
+        mean = float(self.epoch[0] / self.epoch[1]) if self.epoch[1] else None
         self.epoch[:] = 0
         return mean
 
@@ -234,6 +281,25 @@ class _RunClock:
     def add_step(self, seconds: float, samples: int) -> None:
         self.train_s += seconds
         self.samples += samples
+
+
+@dataclass(frozen=True)
+class _Vote:
+    stop: bool
+    nonfinite: bool
+
+
+class _StepVotes:
+    """The one small all-reduce of every step: ``[stop requests, ranks with a non-finite
+    loss or gradient]``, summed over the ranks, so all of them act alike."""
+
+    def __init__(self) -> None:
+        self._counts = np.zeros(2)
+
+    def cast(self, comm: Communicator, stop_requests: int, nonfinite: bool = False) -> _Vote:
+        self._counts[:] = (stop_requests, nonfinite)
+        comm.allreduce(self._counts)
+        return _Vote(stop=bool(self._counts[0]), nonfinite=bool(self._counts[1]))
 
 
 @dataclass(frozen=True)
@@ -271,8 +337,14 @@ def _evaluate(net: SequentialLayers, dataset: Any, task: Any, comm: Communicator
 
 
 def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position, config: TrainConfig) -> _Saved:
-    """Write OUTPUT/checkpoint.npz on rank 0 (collective: a failure stops every rank)."""
-    checkpoint = Checkpoint(dp.net.state_dict(), dp.optimizer.state_dict(), position, comm.size, config.to_dict())
+    """Write OUTPUT/checkpoint.npz on rank 0 (collective: a failure stops every rank).
+    Parameters that are not finite are never written over a checkpoint."""
+    state = dp.net.state_dict()
+    bad = [name for name, value in state.items() if not np.isfinite(value).all()]
+    if bad:
+        raise TrainingDiverged(f"the parameters are not finite at {position.global_step} steps ({bad[0]} and "
+                               f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
+    checkpoint = Checkpoint(state, dp.optimizer.state_dict(), position, comm.size, config.to_dict())
     path = output / CHECKPOINT_NAME
     _on_rank0(comm, lambda: save_checkpoint(path, checkpoint))
     return _Saved(str(path), position)
@@ -308,7 +380,16 @@ def _summary(comm: Communicator, config: TrainConfig, position: Position, resume
 
 def _write_results(output: Path, model_state: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
     save_arrays(output / "model.npz", model_state)
-    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "summary.json", json_text(summary, indent=2) + "\n")
+
+
+def _write_missing_results(output: Path, model_state: dict[str, np.ndarray], summary: dict[str, Any],
+                           reporter: Reporter) -> None:
+    """Write model.npz and summary.json where a finished run was stopped before writing them."""
+    missing = [name for name in ("model.npz", "summary.json") if not (output / name).exists()]
+    if missing:
+        _write_results(output, model_state, summary)
+        reporter.message(f"wrote the {' and '.join(missing)} that the finished run had not written yet")
 
 
 # ------------------------------------------------------------------ messages
@@ -322,6 +403,28 @@ def _nothing_left_text(checkpoint: str, config: TrainConfig, position: Position,
         return f"checkpoint {checkpoint} is {where}: nothing left to train; raise --epochs to train further"
     return (f"checkpoint {checkpoint} is at step {position.global_step} and max_steps is "
             f"{config.max_steps}: nothing left to train; raise --max-steps to train further")
+
+
+def _nonfinite_text(comm: Communicator, loss: float, gradients_finite: bool) -> str:
+    """What was not finite, and on which ranks (collective; only after a vote found something)."""
+    ranks_by_value: dict[str, list[str]] = {}
+    for rank, value in enumerate(comm.allgather(loss)):
+        if not math.isfinite(value):
+            ranks_by_value.setdefault(str(value), []).append(str(rank))
+    parts = [f"the loss is {value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+             for value, ranks in ranks_by_value.items()]
+    if not gradients_finite:
+        parts.append("the averaged gradient is not finite")
+    return "; ".join(parts)
+
+
+def _diverged_text(reporter: Reporter, position: Position, what: str, saved: _Saved | None,
+                   output: Path | None) -> str:
+    message = f"training diverged at {reporter.where(position)}: {what}; its update was not applied"
+    if saved is None:
+        return message + " (no checkpoint was written" + ("" if output is not None else ": no --output") + ")"
+    return (message + f". The state before it is in {saved.path}, at {reporter.where(saved.position)}: continue "
+            "with --resume and a lower --lr, or with --on-nonfinite skip")
 
 
 def _interrupted_text(reporter: Reporter, position: Position, saved: _Saved | None, output: Path | None) -> str:

@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
-from mnn.distributed.comm import Communicator, get_communicator, stop_all_on_error
+from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
-from mnn.distributed.trainer import JobConfigError, TrainingInterrupted, train
+from mnn.distributed.trainer import JobConfigError, TrainingDiverged, TrainingInterrupted, train
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
@@ -51,8 +52,17 @@ metrics.jsonl, checkpoint.npz, model.npz and summary.json.
 """
 
 
+class _OneRankParser(argparse.ArgumentParser):
+    """Prints usage errors and --help on rank 0 only: every rank parses the same
+    arguments and exits alike, so one copy of the message is enough."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if launcher_rank() == 0:
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneRankParser(
         prog="mnn-train",
         description="Train a stack of mnn layers (an MLP by default) with NumPy, data-parallel over MPI ranks. "
                     "The batch size is global: results do not depend on the number of ranks.",
@@ -91,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 if comm.rank == 0:
                     print(f"mnn-train: error: {error}", file=sys.stderr)
                 return 2
+            except TrainingDiverged as error:  # raised on every rank alike
+                if comm.rank == 0:
+                    print(f"mnn-train: error: {error}", file=sys.stderr)
+                return 1
     except KeyboardInterrupt as interrupt:
         # Every rank got the signal (the launcher forwards it): one line, from rank 0.
         if comm.rank == 0:

@@ -1,0 +1,119 @@
+"""A run's output directory: one job at a time, and nothing of an earlier run lost silently.
+
+Rank 0 alone touches the directory (other hosts may not see it).
+
+* **Lock.** ``OUTPUT/.mnn.lock`` names the host and process of the job that
+  uses the directory; it is created with ``O_EXCL``, so of two jobs started
+  with the same ``--output`` the second stops with an error naming the first
+  instead of mixing its files into them. The lock is removed when the job ends;
+  a lock left by a job that was killed (its process no longer exists on this
+  host) is taken over, with a note. A lock from another host cannot be
+  checked: the error says how to remove it if that job is gone.
+* **An earlier run.** A run that starts afresh (not ``--resume``) in a
+  directory holding an earlier run's checkpoints moves that run's files into
+  ``OUTPUT/previous/`` and says so, instead of overwriting them.
+
+Usage (rank 0)::
+
+    lock = OutputLock.acquire(Path("runs/a"))   # ValueError if another job holds it
+    notes = [lock.note, set_aside_earlier_run(Path("runs/a"))]
+    ...
+    lock.release()
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
+
+LOCK_NAME = ".mnn.lock"
+PREVIOUS_RUN = "previous"
+# The files a run writes into OUTPUT (checkpoints also as checkpoint-*.npz).
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+
+
+@dataclass
+class OutputLock:
+    """This process's hold on an output directory. ``note`` says when it took over a stale lock."""
+
+    path: Path
+    note: str | None = None
+
+    @classmethod
+    def acquire(cls, output: Path) -> OutputLock:
+        path = output / LOCK_NAME
+        note = None
+        for _ in range(2):
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_holder(path)
+                if not _is_stale(holder):
+                    raise ValueError(f"output directory {str(output)!r} is in use by another job ({_who(holder)}, "
+                                     f"since {holder.get('started', '?')}): give this job another --output, or wait "
+                                     f"for that one to end. If it is gone, remove {path}") from None
+                note = f"took over the lock of {output} left by a job that ended without removing it ({_who(holder)})"
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
+            return cls(path, note)
+        raise ValueError(f"output directory {str(output)!r}: another job took its lock at the same moment")
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's (idempotent)."""
+        if _read_holder(self.path).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing, or cut short by a job killed while writing it
+    return holder if isinstance(holder, dict) else {}
+
+
+def _who(holder: dict) -> str:
+    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+
+def _is_stale(holder: dict) -> bool:
+    """Whether the lock's process is known to be gone: it ran on this host and no longer exists.
+    A lock without a readable holder is stale too (a job killed while writing it)."""
+    if not holder:
+        return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def set_aside_earlier_run(output: Path) -> str | None:
+    """Move an earlier run's files into OUTPUT/previous/ when the directory holds its
+    checkpoints; return what was done, or None when there was no earlier run."""
+    checkpoints = sorted(output.glob("checkpoint*.npz"))
+    if not checkpoints:
+        return None
+    previous = output / PREVIOUS_RUN
+    replaced = previous.exists()
+    if replaced:
+        shutil.rmtree(previous)
+    previous.mkdir()
+    moved = [path for path in [*checkpoints, *(output / name for name in RUN_FILES)] if path.exists()]
+    for path in dict.fromkeys(moved):
+        path.rename(previous / path.name)
+    return (f"{output} held an earlier run's checkpoints: moved its files into {previous}"
+            f"{' (replacing the run kept there before)' if replaced else ''}; to continue a run, use --resume")
