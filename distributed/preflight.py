@@ -107,7 +107,7 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
     if config.batch_size < comm.size:
         idle = comm.size - config.batch_size
         notes.append(f"the global batch of {config.batch_size} is smaller than the {comm.size} ranks: {idle} "
-                     f"rank{'s' if idle > 1 else ''} get no sample in any step (the result is exact, but "
+                     f"rank{'s get' if idle > 1 else ' gets'} no sample in any step (the result is exact, but "
                      f"{config.batch_size} rank{'s' if config.batch_size > 1 else ''} would be as fast)")
     return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed,
                        notes=[*notes, *output_notes], lock=lock)
