@@ -46,6 +46,27 @@ the training data would divide by (nearly) zero, so :math:`\sigma_j` is floored 
 ``STD_FLOOR_FRACTION`` (1 %) of the largest feature standard deviation (at 1.0
 when every feature is constant): such a feature is centred but never amplified
 by more than 100 times what the most varied feature is.
+
+Large values. The statistics never square a raw value: each feature is first
+divided by a power of two at least its largest magnitude (exact, so ordinary
+data gets the very same statistics), the chunks' means and sums of squares are
+merged on values in [-1, 1], and the result is scaled back. A feature of 1e200
+thus gets the statistics of the same feature at 1e10, scaled by 1e190. Only a
+feature whose values span more than float64 can hold (below -9e307 and above
+9e307 at once) cannot be standardised; loading rejects it with a message naming
+the feature.
+
+:meth:`Split.batch` standardises in the training dtype when every value fits
+(the usual case, and the fast one); when a raw value, its difference from the
+mean or the result would overflow that dtype (1e200 for float32, or 3e38 minus
+-3e38), it redoes the batch in float64 and clips the standardised values to the
+dtype's finite range, so a batch is always finite. Only test samples lie so far
+from the training mean that the clip changes them. Data used as it is (arrays
+given to :meth:`Dataset.from_arrays`) is never clipped: a value beyond the
+dtype's range is a ValueError (:meth:`Split.check_dtype`).
+
+Empty splits. A split with no samples, or samples with no features, is a
+ValueError naming the source and the split when the dataset is loaded.
 """
 
 from __future__ import annotations
@@ -53,11 +74,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -89,6 +112,8 @@ STD_FLOOR_FRACTION = 1e-2
 DIGITS_TEST_EVERY = 5
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# How messages name the splits.
+_SPLIT_WORDS = {"train": "training", "test": "test"}
 # Magic numbers of the two IDX kinds we read: unsigned bytes, 1-D labels and 3-D images.
 _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
 _IDX_UBYTE = 0x08
@@ -119,7 +144,9 @@ class Split:
         self.mean = mean
         self.std = std
         self.source = source
-        self._scaling_by_dtype: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        # Per training dtype: the mean and std in it, or None when they do not fit in it.
+        self._scaling_by_dtype: dict[np.dtype, tuple[np.ndarray, np.ndarray] | None] = {}
+        self._fits: set[np.dtype] = set()
 
     @property
     def has_labels(self) -> bool:
@@ -138,6 +165,8 @@ class Split:
         (when the split has a scaling) in ``dtype``, ``y`` int64 labels or targets in ``dtype``.
 
         Only the requested rows are read, so a memory-mapped split stays cheap.
+        Standardised values are always finite (see the module docstring);
+        data used as it is must fit in ``dtype`` (:meth:`check_dtype`).
         """
         indices = np.asarray(indices)
         if indices.size == 0:
@@ -145,17 +174,73 @@ class Split:
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
             raise TypeError(f"{self.name} split: batch indices must be a 1-D integer array, "
                             f"got shape {indices.shape} of dtype {indices.dtype}")
+        dtype = self.check_dtype(dtype)
+        if self.mean is None:
+            rows = np.asarray(self.x[indices], dtype=dtype)
+        else:
+            rows = self._standardised(indices, dtype)
+        return rows, np.asarray(self.y[indices], dtype=np.int64 if self.has_labels else dtype)
+
+    def check_dtype(self, dtype) -> np.dtype:
+        """``dtype`` as a NumPy dtype if batches of this split can be given in it: a
+        floating type (TypeError otherwise) and, for data used as it is, one whose range
+        holds every value of ``x`` and of float targets (ValueError otherwise).
+
+        The values are looked at once per dtype: call it before training to fail
+        there rather than at the first batch that holds such a value.
+        """
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"{self.name} split: batch dtype must be a floating type, got {dtype}")
-        rows = np.asarray(self.x[indices], dtype=dtype)
-        if self.mean is not None:
-            if dtype not in self._scaling_by_dtype:
-                self._scaling_by_dtype[dtype] = (self.mean.astype(dtype), self.std.astype(dtype))
-            mean, std = self._scaling_by_dtype[dtype]
-            rows -= mean
-            rows /= std
-        return rows, np.asarray(self.y[indices], dtype=np.int64 if self.has_labels else dtype)
+        if self.mean is None and dtype not in self._fits:
+            arrays = {"x": self.x, "y": self.y} if not self.has_labels else {"x": self.x}
+            for key, array in arrays.items():
+                # A dtype that holds every value of array.dtype needs no look (uint8 in float32).
+                if len(array) and not np.can_cast(array.dtype, dtype):
+                    largest, limit = max(float(array.max()), -float(array.min())), float(np.finfo(dtype).max)
+                    if largest > limit:
+                        raise ValueError(
+                            f"{self.name} split ({self.source}): {key} holds values up to {largest:.3g} in "
+                            f"magnitude, beyond {dtype}'s range ({limit:.3g}); the data is used as given, "
+                            f"without standardisation: rescale it or train in float64")
+            self._fits.add(dtype)
+        return dtype
+
+    def _standardised(self, indices: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Rows ``indices`` standardised in ``dtype``: computed in ``dtype`` when nothing
+        overflows it, else in float64 and clipped to ``dtype``'s finite range."""
+        scaling = self._scaling_in(dtype)
+        if scaling is not None:
+            mean, std = scaling
+            with np.errstate(over="raise"):
+                try:
+                    rows = np.asarray(self.x[indices], dtype=dtype)
+                    rows -= mean
+                    rows /= std
+                    return rows
+                except FloatingPointError:
+                    pass  # a value, a difference or a quotient beyond dtype's range: redo it wider
+        wide = np.promote_types(dtype, np.float64)
+        # Overflow to inf is expected here (a test value far outside the training
+        # range); the clip turns it into the largest finite value.
+        with np.errstate(over="ignore"):
+            rows = np.asarray(self.x[indices], dtype=wide) - self.mean
+            rows /= self.std
+        limit = np.finfo(dtype).max
+        np.clip(rows, -limit, limit, out=rows)
+        return rows.astype(dtype)
+
+    def _scaling_in(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
+        if dtype not in self._scaling_by_dtype:
+            with np.errstate(over="raise", under="ignore"):
+                try:
+                    mean, std = self.mean.astype(dtype), self.std.astype(dtype)
+                except FloatingPointError:
+                    mean, std = None, None
+            # A std that rounds to 0 in dtype would divide by zero.
+            fits = std is not None and bool((std > 0).all())
+            self._scaling_by_dtype[dtype] = (mean, std) if fits else None
+        return self._scaling_by_dtype[dtype]
 
 
 @dataclass(frozen=True)
@@ -195,6 +280,8 @@ class Dataset:
             if array.ndim < (2 if key.startswith("x") else 1):
                 raise ValueError(f"{name}: {key} must have a first axis of samples"
                                  f"{' and features' if key.startswith('x') else ''}, got shape {array.shape}")
+            if key.startswith("x") and math.prod(array.shape[1:]) == 0:
+                raise ValueError(f"{name}: the samples of {key} have no features (shape {array.shape})")
             arrays[key] = array
         for part in ("train", "test"):
             x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
@@ -265,7 +352,7 @@ def _load_digits() -> Dataset:
     y = np.asarray(bunch.target, dtype=np.int64)
     is_test = np.arange(len(y)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
     arrays = {"x_train": x[~is_test], "y_train": y[~is_test], "x_test": x[is_test], "y_test": y[is_test]}
-    arrays.update(_standardisation(arrays["x_train"]))
+    arrays.update(_standardisation(arrays["x_train"], "scikit-learn digits"))
     return _assemble("digits", arrays, {"train": "scikit-learn digits", "test": "scikit-learn digits"})
 
 
@@ -275,38 +362,59 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
 
     The header is 4 magic bytes (``0x00000801`` labels, ``0x00000803`` images)
     followed by ``ndim`` big-endian uint32 sizes; the data must fill exactly the
-    product of the sizes. Raises ValueError naming the file otherwise.
+    product of the sizes. Raises ValueError naming the file otherwise. The sizes
+    are multiplied as Python integers and compared with the file's size before
+    its data is read, so a header claiming absurd sizes costs nothing.
     """
     if ndim not in _IDX_MAGIC:
         raise ValueError(f"read_idx: ndim must be 1 (labels) or 3 (images), got {ndim}")
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
+    header_size = 4 + 4 * ndim
     try:
         with opener(path, "rb") as handle:
+            header = handle.read(header_size)
+            shape = _idx_shape(path, header, ndim)
+            claimed = math.prod(shape)
+            if not gzipped:
+                _check_idx_size(path, shape, claimed, os.fstat(handle.fileno()).st_size - header_size, gzipped)
+            # A gzip stream's size is known only once read: its real bytes, whatever the header claims.
             content = handle.read()
     except FileNotFoundError:
         raise ValueError(f"IDX file {path} does not exist") from None
-    except (OSError, EOFError) as error:  # gzip's errors for a corrupt or cut-off stream
+    except (OSError, EOFError, zlib.error) as error:  # gzip's errors for a corrupt or cut-off stream
         raise ValueError(f"IDX file {path} could not be read: {error}") from error
-    header_size = 4 + 4 * ndim
-    if len(content) < 4:
-        raise ValueError(f"IDX file {path} is truncated: {len(content)} bytes, too short for a magic number")
-    magic = int.from_bytes(content[:4], "big")
+    _check_idx_size(path, shape, claimed, len(content), gzipped)
+    return np.frombuffer(content, dtype=np.uint8).reshape(shape)
+
+
+def _idx_shape(path: Path, header: bytes, ndim: int) -> tuple[int, ...]:
+    """The sizes in an IDX header, after checking its magic number and length."""
+    if len(header) < 4:
+        raise ValueError(f"IDX file {path} is truncated: {len(header)} bytes, too short for a magic number")
+    magic = int.from_bytes(header[:4], "big")
     if magic != _IDX_MAGIC[ndim]:
         kind = "labels" if ndim == 1 else "images"
         raise ValueError(f"IDX file {path} has bad magic number 0x{magic:08x}: expected "
                          f"0x{_IDX_MAGIC[ndim]:08x} (unsigned-byte {kind}, {ndim}-D)")
-    if len(content) < header_size:
-        raise ValueError(f"IDX file {path} is truncated: {len(content)} bytes, "
-                         f"shorter than its {header_size}-byte header")
-    shape = tuple(int(size) for size in np.frombuffer(content, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
-    found = len(content) - header_size
-    if found != expected:
-        problem = "is truncated" if found < expected else "has trailing bytes"
-        raise ValueError(f"IDX file {path} {problem}: header says shape {shape} = {expected} bytes "
-                         f"of data, found {found}")
-    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+    if len(header) < 4 + 4 * ndim:
+        raise ValueError(f"IDX file {path} is truncated: {len(header)} bytes, "
+                         f"shorter than its {4 + 4 * ndim}-byte header")
+    return tuple(int.from_bytes(header[4 + 4 * axis:8 + 4 * axis], "big") for axis in range(ndim))
+
+
+def _check_idx_size(path: Path, shape: tuple[int, ...], claimed: int, found: int, gzipped: bool) -> None:
+    if found == claimed:
+        return
+    problem = "is truncated" if found < claimed else "has trailing bytes"
+    if len(shape) == 1:
+        what = f"{shape[0]} labels"
+    else:
+        what = f"{shape[0]} images of {'x'.join(map(str, shape[1:]))}"
+    file_has = "the decompressed file has" if gzipped else "the file has"
+    raise ValueError(f"IDX file {path} {problem}: its header claims {what} = {claimed} bytes of data, "
+                     f"{file_has} {found} after its {4 + 4 * len(shape)}-byte header")
 
 
 def _find_idx_files(directory: Path) -> dict[str, Path]:
@@ -333,12 +441,12 @@ def _load_idx_directory(directory: Path, cache_dir) -> Dataset:
             if len(images) != len(labels):
                 raise ValueError(f"IDX {part} count mismatch: {files[f'x_{part}']} holds {len(images)} images "
                                  f"but {files[f'y_{part}']} holds {len(labels)} labels")
-            arrays[f"x_{part}"] = images.reshape(len(images), -1)
+            arrays[f"x_{part}"] = _flattened(images, part, f"IDX file {files[f'x_{part}']}", "images")
             arrays[f"y_{part}"] = labels.astype(np.int64)
         _check_same_features(arrays, files["x_train"], files["x_test"])
         return arrays
 
-    arrays = _cached(build, list(files.values()), directory, cache_dir)
+    arrays = _cached(build, list(files.values()), directory, cache_dir, f"IDX file {files['x_train']}")
     sources = {"train": f"{files['y_train']}", "test": f"{files['y_test']}"}
     return _assemble(directory.resolve().name, arrays, sources)
 
@@ -353,7 +461,7 @@ def _load_npz(path: Path, cache_dir) -> Dataset:
                              f"{', '.join(_NPZ_KEYS)}, found {', '.join(raw) or 'none'}")
         arrays = {}
         for part in ("train", "test"):
-            x = _npz_features(path, f"x_{part}", raw[f"x_{part}"])
+            x = _npz_features(path, part, raw[f"x_{part}"])
             y = _checked_labels(f"npz file {path}", f"y_{part}", raw[f"y_{part}"])
             if len(x) != len(y):
                 raise ValueError(f"npz file {path}: x_{part} has {len(x)} samples but y_{part} has {len(y)} labels")
@@ -361,11 +469,12 @@ def _load_npz(path: Path, cache_dir) -> Dataset:
         _check_same_features(arrays, f"{path} (x_train)", f"{path} (x_test)")
         return arrays
 
-    arrays = _cached(build, [path], path.parent, cache_dir)
+    arrays = _cached(build, [path], path.parent, cache_dir, f"npz file {path}")
     return _assemble(path.stem, arrays, {"train": f"{path} (y_train)", "test": f"{path} (y_test)"})
 
 
-def _npz_features(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+def _npz_features(path: Path, part: str, x: np.ndarray) -> np.ndarray:
+    key = f"x_{part}"
     if x.ndim not in (2, 3):
         raise ValueError(f"npz file {path}: {key} must be 2-D (samples, features) or 3-D "
                          f"(samples, height, width), got shape {x.shape}")
@@ -373,6 +482,17 @@ def _npz_features(path: Path, key: str, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"npz file {path}: {key} must hold numbers, got dtype {x.dtype}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ValueError(f"npz file {path}: {key} holds NaN or infinite values")
+    return _flattened(x, part, f"npz file {path}", key)
+
+
+def _flattened(x: np.ndarray, part: str, where: str, what: str) -> np.ndarray:
+    """``x`` as ``(samples, features)``; ValueError naming ``where`` and the split when it
+    has no samples or its samples no features (reshape would only say it cannot)."""
+    if len(x) == 0:
+        raise ValueError(f"{where}: the {_SPLIT_WORDS[part]} split has no samples ({what} of shape {x.shape})")
+    if x.size == 0:
+        raise ValueError(f"{where}: the samples of the {_SPLIT_WORDS[part]} split have no features "
+                         f"({what} of shape {x.shape})")
     return x.reshape(len(x), -1)
 
 
@@ -400,17 +520,36 @@ def _check_same_features(arrays: dict[str, np.ndarray], train_source, test_sourc
                          f"but test data {test_source} has {test_features}")
 
 
-def _standardisation(x_train: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-feature mean and floored std of the training features, in float64.
+def _standardisation(x_train: np.ndarray, where: str) -> dict[str, np.ndarray]:
+    r"""Per-feature mean and floored std of the training features, in float64.
 
-    Chunks are merged with Chan et al.'s pairwise update, so a memory-mapped
-    split is never converted to float64 whole and large values lose no precision
-    to a sum of squares.
+    Two passes over chunks, so a memory-mapped split is never converted to
+    float64 whole. The first finds each feature's smallest and largest value,
+    hence a power of two :math:`s_j \ge \max_i |x_{ij}|`; the second merges the
+    chunks' statistics of :math:`x_j / s_j` with Chan et al.'s pairwise update.
+    Dividing by a power of two is exact, so ordinary data gets the statistics it
+    would get unscaled, while a feature of 1e200 is never squared; values in
+    [-1, 1] also lose no precision to a sum of squares. ValueError naming
+    ``where`` for a feature whose range overflows float64.
     """
     n_features = x_train.shape[1]
+    lowest, highest = np.full(n_features, np.inf), np.full(n_features, -np.inf)
+    for chunk in _chunks(x_train):
+        lowest, highest = np.minimum(lowest, chunk.min(axis=0)), np.maximum(highest, chunk.max(axis=0))
+    with np.errstate(over="ignore"):
+        too_wide = np.flatnonzero(~np.isfinite(highest - lowest))
+    if too_wide.size:
+        feature = int(too_wide[0])
+        raise ValueError(f"{where}: feature {feature} of x_train spans {lowest[feature]:.3g} to "
+                         f"{highest[feature]:.3g}, a range float64 cannot hold (its largest value is "
+                         f"{np.finfo(np.float64).max:.3g}), so it cannot be standardised: rescale the data")
+    # frexp: largest = m 2**e with m in [0.5, 1), so 2**e >= largest; 2**1024 would overflow.
+    _, exponent = np.frexp(np.maximum(np.abs(lowest), np.abs(highest)))
+    scale = np.ldexp(1.0, np.minimum(exponent, np.finfo(np.float64).maxexp - 1))
+
     count, mean, squares = 0, np.zeros(n_features), np.zeros(n_features)
-    for start in range(0, len(x_train), _STATS_CHUNK_ROWS):
-        chunk = np.asarray(x_train[start:start + _STATS_CHUNK_ROWS], dtype=np.float64)
+    for chunk in _chunks(x_train):
+        chunk /= scale
         chunk_mean = chunk.mean(axis=0)
         chunk_squares = ((chunk - chunk_mean) ** 2).sum(axis=0)
         delta = chunk_mean - mean
@@ -418,15 +557,22 @@ def _standardisation(x_train: np.ndarray) -> dict[str, np.ndarray]:
         mean = mean + delta * (len(chunk) / total)
         squares = squares + chunk_squares + delta ** 2 * (count * len(chunk) / total)
         count = total
-    std = np.sqrt(squares / max(count, 1))
+    mean, std = mean * scale, np.sqrt(squares / max(count, 1)) * scale
     largest = std.max(initial=0.0)
     floor = STD_FLOOR_FRACTION * largest if largest > 0 else 1.0
     return {"mean": mean, "std": np.maximum(std, floor)}
 
 
+def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
+    """``x`` in float64 copies of ``_STATS_CHUNK_ROWS`` rows."""
+    for start in range(0, len(x), _STATS_CHUNK_ROWS):
+        yield np.array(x[start:start + _STATS_CHUNK_ROWS], dtype=np.float64)
+
+
 def _assemble(name: str, arrays: dict[str, np.ndarray], sources: dict[str, str]) -> Dataset:
-    if len(arrays["y_train"]) == 0:
-        raise ValueError(f"dataset {name}: the training split in {sources['train']} has no samples")
+    for part in ("train", "test"):
+        if len(arrays[f"y_{part}"]) == 0:
+            raise ValueError(f"dataset {name}: the {_SPLIT_WORDS[part]} split in {sources[part]} has no samples")
     splits = {part: Split(part, arrays[f"x_{part}"], arrays[f"y_{part}"], arrays["mean"], arrays["std"],
                           sources[part])
               for part in ("train", "test")}
@@ -439,11 +585,11 @@ def _assemble(name: str, arrays: dict[str, np.ndarray], sources: dict[str, str])
 
 # ------------------------------------------------------------------ cache
 def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], data_dir: Path,
-            cache_dir) -> dict[str, np.ndarray]:
+            cache_dir, x_train_source: str) -> dict[str, np.ndarray]:
     """The arrays of ``build()`` plus scaling, from the .npy cache when it is current.
 
     Cache files are named after the resolved source paths, so one ``cache_dir``
-    can serve several datasets.
+    can serve several datasets. ``x_train_source`` names the training features in messages.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / ".cache"
     resolved = [source.resolve() for source in sources]
@@ -460,7 +606,7 @@ def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], dat
     if cached is not None:
         return cached
     arrays = build()
-    arrays.update(_standardisation(arrays["x_train"]))
+    arrays.update(_standardisation(arrays["x_train"], x_train_source))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name in names:

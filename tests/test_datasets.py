@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mnn.datasets
-from mnn.datasets import IDX_FILES, STD_FLOOR_FRACTION, load_dataset, read_idx
+from mnn.datasets import IDX_FILES, STD_FLOOR_FRACTION, Dataset, load_dataset, read_idx
 
 IMAGE_SHAPE = (4, 3)
 
@@ -92,8 +92,9 @@ def test_truncated_data_names_file_and_sizes(tmp_path, gz):
     make_idx_dir(tmp_path, gz=gz)
     images = np.zeros((5, *IMAGE_SHAPE), np.uint8)
     bad = write_idx(tmp_path / IDX_FILES["x_test"], images, magic=0x00000803, gz=gz, cut=7)
-    with pytest.raises(ValueError, match=r"is truncated: header says shape \(5, 4, 3\) = 60 bytes of data, found 53"
-                       ) as caught:
+    file_has = "the decompressed file has" if gz else "the file has"
+    with pytest.raises(ValueError, match=rf"is truncated: its header claims 5 images of 4x3 = 60 bytes of data, "
+                       rf"{file_has} 53 after its 16-byte header") as caught:
         load_dataset(tmp_path)
     assert str(bad) in str(caught.value)
 
@@ -381,3 +382,166 @@ def test_check_classes(tmp_path):
         data.check_classes(4)
     with pytest.raises(ValueError, match="positive integer"):
         data.check_classes(0)
+
+
+# ------------------------------------------------------------------ empty splits
+def npz_with(tmp_path, **changes):
+    arrays = valid_npz_arrays()
+    arrays.update(changes)
+    return write_npz(tmp_path / "data.npz", **arrays)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"x_train": np.zeros((0, 2, 3)), "y_train": np.zeros(0, int)},
+     r"the training split has no samples \(x_train of shape \(0, 2, 3\)\)"),
+    ({"x_test": np.zeros((0, 6)), "y_test": np.zeros(0, int)},
+     r"the test split has no samples \(x_test of shape \(0, 6\)\)"),
+    ({"x_train": np.zeros((20, 0)), "x_test": np.zeros((6, 0))},
+     r"the samples of the training split have no features \(x_train of shape \(20, 0\)\)"),
+], ids=["no-training-samples", "no-test-samples", "no-features"])
+def test_empty_npz_split_names_file_and_split(tmp_path, changes, message):
+    path = npz_with(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_dataset(path)
+    assert str(caught.value).startswith(f"npz file {path}: ")
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_empty_idx_split_names_file_and_split(tmp_path, part):
+    make_idx_dir(tmp_path)
+    images = write_idx(tmp_path / IDX_FILES[f"x_{part}"], np.zeros((0, *IMAGE_SHAPE), np.uint8), magic=0x00000803)
+    write_idx(tmp_path / IDX_FILES[f"y_{part}"], np.zeros(0, np.uint8), magic=0x00000801)
+    words = {"train": "training", "test": "test"}[part]
+    with pytest.raises(ValueError, match=rf"the {words} split has no samples \(images of shape \(0, 4, 3\)\)"
+                       ) as caught:
+        load_dataset(tmp_path)
+    assert str(caught.value).startswith(f"IDX file {images}: ")
+
+
+@pytest.mark.parametrize("empty, message", [
+    ("train", r"dataset mine: the training split in mine x_train/y_train has no samples"),
+    ("test", r"dataset mine: the test split in mine x_test/y_test has no samples"),
+    ("features", r"mine: the samples of x_train have no features \(shape \(4, 3, 0\)\)"),
+])
+def test_empty_arrays_split_names_it(empty, message):
+    x, y = np.ones((4, 3)), np.zeros(4, int)
+    arrays = {"train": (x[:0], y[:0], x, y), "test": (x, y, x[:0], y[:0]),
+              "features": (np.ones((4, 3, 0)), y, np.ones((4, 3, 0)), y)}[empty]
+    with pytest.raises(ValueError, match=message):
+        Dataset.from_arrays(*arrays, name="mine")
+
+
+# ------------------------------------------------------------------ absurd IDX headers
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_idx_header_with_absurd_sizes_reports_them_exactly(tmp_path, gz):
+    make_idx_dir(tmp_path)
+    huge = 2 ** 31 - 1
+    header = (0x00000803).to_bytes(4, "big") + huge.to_bytes(4, "big") * 3
+    path = tmp_path / (IDX_FILES["x_train"] + (".gz" if gz else ""))
+    (tmp_path / IDX_FILES["x_train"]).unlink()
+    path.write_bytes(gzip.compress(header + bytes(10)) if gz else header + bytes(10))
+    file_has = "the decompressed file has" if gz else "the file has"
+    # (2**31 - 1)**3 overflows int64 (and wraps silently in np.prod).
+    with pytest.raises(ValueError, match=rf"is truncated: its header claims 2147483647 images of 2147483647x2147483647 "
+                       rf"= {huge ** 3} bytes of data, {file_has} 10 after its 16-byte header") as caught:
+        load_dataset(tmp_path)
+    assert str(caught.value).startswith(f"IDX file {path} ")
+    labels = tmp_path / IDX_FILES["y_test"]
+    labels.write_bytes((0x00000801).to_bytes(4, "big") + (2 ** 32 - 1).to_bytes(4, "big"))
+    with pytest.raises(ValueError, match=r"its header claims 4294967295 labels = 4294967295 bytes of data, the file "
+                       r"has 0 after its 8-byte header"):
+        read_idx(labels, ndim=1)
+
+
+# ------------------------------------------------------------------ huge values
+def huge_feature_arrays(scale):
+    """Data whose feature 1, which decides the label, is 1e10 times larger than the others; all times ``scale``."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(60, 3))
+    x[:, 1] = rng.uniform(-1.0, 1.0, 60) * 1e10
+    x *= scale
+    labels = (x[:, 1] > 0).astype(int)
+    return {"x_train": x[:50], "y_train": labels[:50], "x_test": x[50:], "y_test": labels[50:]}
+
+
+def test_feature_of_1e200_standardises_like_the_same_data_scaled_down(tmp_path):
+    (tmp_path / "big").mkdir()
+    (tmp_path / "small").mkdir()
+    big = load_dataset(write_npz(tmp_path / "big" / "data.npz", **huge_feature_arrays(1e190)))
+    small = load_dataset(write_npz(tmp_path / "small" / "data.npz", **huge_feature_arrays(1.0)))
+    assert big.train.x[:, 1].max() > 9e199
+    assert np.isfinite(big.train.std).all() and big.train.std[1] > 1e199
+    np.testing.assert_allclose(big.train.mean / 1e190, small.train.mean, rtol=1e-12)
+    np.testing.assert_allclose(big.train.std / 1e190, small.train.std, rtol=1e-12)
+    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-6)):
+        for split in ("train", "test"):
+            x_big, _ = getattr(big, split).batch(np.arange(len(getattr(big, split))), dtype)
+            x_small, _ = getattr(small, split).batch(np.arange(len(getattr(small, split))), dtype)
+            assert x_big.dtype == dtype and np.isfinite(x_big).all()
+            np.testing.assert_allclose(x_big, x_small, rtol=rtol, atol=rtol)
+    assert abs(big.train.batch(np.arange(50), np.float64)[0][:, 1].std() - 1.0) < 1e-12
+
+    # And so they train alike: a few SGD steps of a linear classifier give the same weights.
+    from mnn import CrossEntropyLossLayer, LinearLayer, SequentialLayers
+    weights = []
+    for data in (big, small):
+        net = SequentialLayers([LinearLayer(3, 2, rng=0, dtype=np.float32), CrossEntropyLossLayer()])
+        for start in range(0, 50, 10):
+            x, y = data.train.batch(np.arange(start, start + 10))
+            net(x, y)
+            net.backward()
+            net.step(0.1)
+            net.zero_grads()
+        weights.append(net.state_dict()["0.LinearLayer.w"])
+    np.testing.assert_allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_float32_data_near_its_largest_value_gives_finite_float32_batches(tmp_path):
+    rng = np.random.default_rng(12)
+    # A mean near 2e38: a test value of -3e38 is 5e38 away from it, beyond float32's 3.4e38.
+    x_train = rng.uniform(1e38, 3.4e38, size=(40, 2)).astype(np.float32)
+    x_test = np.array([[3e38, -3e38], [-3e38, 3.4e38], [1.0, 0.0]], np.float32)
+    data = load_dataset(write_npz(tmp_path / "f32.npz", x_train=x_train, y_train=np.zeros(40, int),
+                                  x_test=x_test, y_test=np.zeros(3, int)))
+    for split in (data.train, data.test):
+        x, _ = split.batch(np.arange(len(split)), np.float32)
+        assert x.dtype == np.float32 and np.isfinite(x).all()
+        expected = (split.x.astype(np.float64) - data.train.mean) / data.train.std
+        np.testing.assert_allclose(x, expected, rtol=1e-6)
+
+
+def test_test_value_far_outside_the_training_range_is_clipped_to_finite(tmp_path):
+    rng = np.random.default_rng(13)
+    x_test = np.array([[1e300, 0.0], [-1e300, 0.5]])
+    data = load_dataset(write_npz(tmp_path / "far.npz", x_train=rng.normal(size=(30, 2)), y_train=np.zeros(30, int),
+                                  x_test=x_test, y_test=np.zeros(2, int)))
+    x, _ = data.test.batch([0, 1], np.float32)
+    np.testing.assert_array_equal(x[:, 0], [np.finfo(np.float32).max, -np.finfo(np.float32).max])
+    np.testing.assert_allclose(x[:, 1], (x_test[:, 1] - data.train.mean[1]) / data.train.std[1], rtol=1e-6)
+    x64, _ = data.test.batch([0, 1], np.float64)
+    assert np.isfinite(x64).all()
+
+
+def test_feature_spanning_more_than_float64_holds_is_rejected_at_load(tmp_path):
+    x_train = np.zeros((4, 3))
+    x_train[:, 2] = [-1e308, 1e308, 0.0, 1.0]
+    path = write_npz(tmp_path / "wide.npz", x_train=x_train, y_train=np.zeros(4, int),
+                     x_test=np.zeros((1, 3)), y_test=np.zeros(1, int))
+    with pytest.raises(ValueError, match=rf"npz file {path}: feature 2 of x_train spans -1e\+308 to 1e\+308, a range "
+                       r"float64 cannot hold .* so it cannot be standardised: rescale the data"):
+        load_dataset(path)
+
+
+def test_arrays_used_as_given_must_fit_the_batch_dtype():
+    x = np.ones((4, 2))
+    x[3, 1] = 1e200
+    data = Dataset.from_arrays(x, np.zeros(4, int), np.ones((2, 2)), np.zeros(2, int), name="mine")
+    with pytest.raises(ValueError, match=r"train split \(mine x_train/y_train\): x holds values up to 1e\+200 in "
+                       r"magnitude, beyond float32's range \(3.4e\+38\); .* rescale it or train in float64"):
+        data.train.batch([0], np.float32)
+    x64, _ = data.train.batch([3], np.float64)
+    np.testing.assert_array_equal(x64, x[3:])
+    assert data.test.check_dtype(np.float32) == np.float32
+    targets = Dataset.from_arrays(np.ones((2, 1)), np.array([1.0, -1e300]), np.ones((1, 1)), np.ones(1))
+    with pytest.raises(ValueError, match="y holds values up to 1e\\+300"):
+        targets.train.check_dtype(np.float32)
