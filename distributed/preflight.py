@@ -21,7 +21,8 @@ import numpy as np
 
 from mnn import SequentialLayers
 from mnn.datasets import Dataset, load_dataset
-from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from mnn.io import clean_stale_temporaries
+from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, run_all
 from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
@@ -103,14 +104,14 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         if lock is not None:
             lock.release()
         raise JobConfigError(failure.failures) from failure
-    position, resumed_from, changed = restored or (Position(), None, {})
+    position, resumed_from, changed, resume_notes = restored or (Position(), None, {}, [])
     if config.batch_size < comm.size:
         idle = comm.size - config.batch_size
         notes.append(f"the global batch of {config.batch_size} is smaller than the {comm.size} ranks: {idle} "
                      f"rank{'s get' if idle > 1 else ' gets'} no sample in any step (the result is exact, but "
                      f"{config.batch_size} rank{'s' if config.batch_size > 1 else ''} would be as fast)")
     return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed,
-                       notes=[*notes, *output_notes], lock=lock)
+                       notes=[*notes, *output_notes, *resume_notes], lock=lock)
 
 
 def _on_rank0(comm: Communicator, fn: Callable[[], Any]) -> Any:
@@ -179,8 +180,10 @@ def _claim_output(config: TrainConfig) -> tuple[OutputLock, list[str]] | None:
     _check_output_dir(config.output)
     lock = OutputLock.acquire(output)
     try:
-        notes = [lock.note]
-        if _checkpoint_to_resume(config) is None:
+        # Holding the lock, no other writer can own a temporary file here.
+        notes = [lock.note] + [f"removed {path.name}, left by a write that was cut short"
+                               for path in clean_stale_temporaries(output)]
+        if not _resuming(config):
             notes.append(set_aside_earlier_run(output))
     except Exception:
         lock.release()
@@ -200,25 +203,36 @@ def _check_output_dir(output: str) -> None:
         raise ValueError(f"output directory {output!r} is not writable: {error}") from None
 
 
-def _checkpoint_to_resume(config: TrainConfig) -> Path | None:
-    if config.resume is False:
+def _resuming(config: TrainConfig) -> bool:
+    """Whether the job continues a checkpoint: ``--resume PATH``, or ``--resume`` with
+    checkpoints in OUTPUT (without any, it starts from scratch)."""
+    if config.resume is True:
+        return bool(find_checkpoints(config.output))
+    return config.resume is not False
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, Checkpoint, list[str]] | None:
+    """The checkpoint to continue, its path, and notes on the newer ones that did not load."""
+    if not _resuming(config):
         return None
     if config.resume is True:
-        path = Path(config.output) / CHECKPOINT_NAME
-        return path if path.exists() else None  # nothing saved yet: start from scratch
+        newest = load_newest_checkpoint(config.output)
+        notes = [f"skipped {path}: {reason}" for path, reason in newest.skipped]
+        return newest.path, newest.checkpoint, notes
     path = Path(config.resume)
     if not path.is_file():
         raise ValueError(f"resume: checkpoint {config.resume!r} does not exist")
-    return path
+    return path, load_checkpoint(path), []
 
 
 def _restore(config: TrainConfig, net: SequentialLayers,
-             optimizer: Any) -> tuple[Position, str, dict[str, list[Any]]] | None:
-    """When resuming, load the checkpoint into ``net`` and ``optimizer``; return where it is."""
-    path = _checkpoint_to_resume(config)
-    if path is None:
+             optimizer: Any) -> tuple[Position, str, dict[str, list[Any]], list[str]] | None:
+    """When resuming, load the checkpoint into ``net`` and ``optimizer``; return where it is,
+    the settings that changed since, and notes on checkpoints skipped."""
+    found = _checkpoint_to_resume(config)
+    if found is None:
         return None
-    checkpoint = load_checkpoint(path)
+    path, checkpoint, notes = found
     try:
         saved = TrainConfig.from_dict(checkpoint.config, source=f"the config in {str(path)!r}")
     except (ValueError, TypeError) as error:
@@ -237,7 +251,7 @@ def _restore(config: TrainConfig, net: SequentialLayers,
                if key not in ignored and value != getattr(config, key)}
     net.load_state_dict(checkpoint.model_state)
     optimizer.load_state_dict(checkpoint.optimizer_state)
-    return checkpoint.position, str(path), changed
+    return checkpoint.position, str(path), changed, notes
 
 
 def _model_text(config: TrainConfig) -> str:
@@ -268,9 +282,8 @@ def _load_named(spec: str) -> Dataset:
 
 
 def _choose_task(config: TrainConfig, net: SequentialLayers, dataset: Dataset) -> Task:
-    if len(dataset.train) == 0 or len(dataset.test) == 0:
-        raise ValueError(f"dataset {dataset.name}: expected non-empty train and test splits, "
-                         f"got {len(dataset.train)} and {len(dataset.test)} samples")
+    for split in (dataset.train, dataset.test):
+        split.check_dtype(config.dtype)  # values the training dtype cannot hold, named
     # The MLP shorthand's first width says the features it expects: name it.
     widths = config.layers or list(DEFAULT_LAYERS)
     if config.model is None and dataset.n_features != widths[0]:

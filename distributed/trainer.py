@@ -346,7 +346,7 @@ def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
     checkpoint = Checkpoint(state, dp.optimizer.state_dict(), position, comm.size, config.to_dict())
     path = output / CHECKPOINT_NAME
-    _on_rank0(comm, lambda: save_checkpoint(path, checkpoint))
+    _on_rank0(comm, lambda: save_checkpoint(path, checkpoint, keep=config.keep_checkpoints))
     return _Saved(str(path), position)
 
 

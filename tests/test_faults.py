@@ -281,3 +281,30 @@ def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
     steps = [event["global_step"] for event in strict_events(tmp_path / "metrics.jsonl")
              if event["event"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 2 * STEPS_PER_EPOCH
+
+
+# --- checkpoints that survive --------------------------------------------------------------
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    no_mpi = {"MNN_NO_MPI": "1"}
+    first = run(["--epochs", "3", "--keep-checkpoints", "2", "--output", str(tmp_path)], env=no_mpi)
+    assert first.returncode == 0, first.stderr
+    rotated = sorted(path.name for path in tmp_path.glob("checkpoint-*.npz"))
+    assert rotated == [f"checkpoint-{2 * STEPS_PER_EPOCH:08d}.npz"]
+    # The newest checkpoint is cut short, as by a disk that filled up.
+    newest = tmp_path / "checkpoint.npz"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = run(["--epochs", "4", "--keep-checkpoints", "2", "--resume", "--output", str(tmp_path)], env=no_mpi)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped {newest}: " in resumed.stdout
+    assert f"resumed from {tmp_path / rotated[0]} at the end of epoch 2/4" in resumed.stdout
+    assert load_checkpoint(newest).position.global_step == 4 * STEPS_PER_EPOCH
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tmp_path):
+    stale = tmp_path / f".checkpoint.npz.{'0' * 32}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"removed {stale.name}, left by a write that was cut short" in result.stdout
+    assert not stale.exists()
