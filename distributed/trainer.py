@@ -49,6 +49,7 @@ from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, Prepare
 from mnn.distributed.reporting import Reporter, json_text
 from mnn.distributed.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
+from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
 
 __all__ = [
@@ -91,19 +92,24 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     started = time.perf_counter()
     comm = get_communicator(comm)
     # Signals are counted from here on and acted on where every rank can agree:
-    # after start-up and after each step (see mnn.distributed.stopping).
-    with StopRequests() as stop_requests:
+    # after start-up and after each step (see mnn.distributed.stopping). A rank that
+    # waits for the others longer than the stall timeout ends the job with a report
+    # of who did not arrive (see mnn.distributed.watchdog): every collective of the
+    # job goes through the watchdog's communicator.
+    with StopRequests() as stop_requests, StallWatchdog(comm, config.stall_timeout) as watchdog:
+        comm = watchdog.watched_comm
         job = prepare_job(config, comm, net=net, data=data)
         # NaN and overflow are found and reported by the trainer (on_nonfinite), not as
         # NumPy's warnings from deep inside a layer.
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                return _run(job, comm, stop_requests, started)
+                return _run(job, comm, stop_requests, watchdog, started)
         finally:
             job.release()
 
 
-def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, started: float) -> dict[str, Any]:
+def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watchdog: StallWatchdog,
+         started: float) -> dict[str, Any]:
     """The training loop of a prepared job."""
     config, net, optimizer, position = job.config, job.net, job.optimizer, job.position
     dataset, task, sampler = job.dataset, job.task, job.sampler
@@ -147,7 +153,8 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, star
         stopping = False
         while not stopping and not _finished(config, position, total_steps):
             for batch in sampler.batches(position.epochs_done, start_step=position.step_in_epoch):
-                # determine and set the learning rate of this step
+                # determine and set the learning rate of this step (and tell the watchdog which it is)
+                watchdog.progress(position.global_step + 1)
                 optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
 
                 # forward and backward on this rank's shard of the global batch, gradients reduced

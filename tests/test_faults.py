@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,32 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tm
     assert result.returncode == 0, result.stderr
     assert f"removed {stale.name}, left by a write that was cut short" in result.stdout
     assert not stale.exists()
+
+
+# --- a rank that stops answering -----------------------------------------------------------
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_rank_that_sleeps_in_training_ends_the_job_with_a_stall_report(tmp_path, ranks):
+    # Rank 1 falls asleep in the forward pass of step 4, as a deadlocked rank would.
+    probe = script("""
+        import os, time
+        from mnn.distributed.data_parallel import DataParallel
+        forward, calls = DataParallel.forward, []
+        def sleepy_forward(self, inputs, targets=None):
+            calls.append(1)
+            if self.comm.rank == 1 and len(calls) == 4:
+                time.sleep(60)
+            return forward(self, inputs, targets)
+        DataParallel.forward = sleepy_forward
+    """)
+    started = time.monotonic()
+    result = subprocess.run(mpiexec(ranks) + probe + ["--stall-timeout", "2", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    reports = [line for line in result.stderr.splitlines() if line.startswith("mnn: stall:")]
+    assert len(reports) == 1, result.stderr
+    assert "rank 1 has not arrived (at step 4, busy for" in reports[0]
+    assert "in the all-reduce of step 4" in reports[0] and "stall timeout 2.0 s" in reports[0]
+    assert elapsed < 30, elapsed
