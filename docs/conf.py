@@ -55,6 +55,7 @@ MODULE_PAGES = {
     "mnn.distributed.sampler": "Global batch sampler",
     "mnn.distributed.comm": "Communicators",
     "mnn.distributed.trainer": "Trainer",
+    "mnn.distributed.watchdog": "Stall watchdog",
 }
 
 GENERATED = Path(__file__).parent / "api"
