@@ -34,7 +34,7 @@ import numpy as np
 
 from mnn.checks import check_int
 
-__all__ = ["GlobalBatchSampler", "ShardedBatch", "shard_sizes"]
+__all__ = ["GlobalBatchSampler", "DrawnBatchSampler", "ShardedBatch", "shard_sizes"]
 
 
 def shard_sizes(batch_size: int, world_size: int) -> list[int]:
@@ -55,7 +55,10 @@ class ShardedBatch(NamedTuple):
     ``indices``: this rank's dataset indices (may be empty);
     ``global_batch_size``: samples in the step's global batch, over all ranks;
     ``shard_sizes``: every rank's number of samples, in rank order, so this
-    rank's gradient weight is ``shard_sizes[rank] / global_batch_size``.
+    rank's gradient weight is ``shard_sizes[rank] / global_batch_size``;
+    ``offset``: the position in the global batch of this rank's first sample
+    (what makes a sample's random numbers, e.g. its dropout mask, independent
+    of the rank that holds it).
     """
 
     epoch: int
@@ -63,6 +66,15 @@ class ShardedBatch(NamedTuple):
     indices: np.ndarray
     global_batch_size: int
     shard_sizes: list[int]
+    offset: int = 0
+
+
+def _shard(epoch: int, step: int, global_indices: np.ndarray, rank: int, world_size: int) -> ShardedBatch:
+    """Rank ``rank``'s contiguous, near-equal part of a global batch."""
+    sizes = shard_sizes(len(global_indices), world_size)
+    offset = sum(sizes[:rank])
+    return ShardedBatch(epoch=epoch, step=step, indices=global_indices[offset:offset + sizes[rank]],
+                        global_batch_size=len(global_indices), shard_sizes=sizes, offset=offset)
 
 
 class GlobalBatchSampler:
@@ -119,12 +131,48 @@ class GlobalBatchSampler:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
         order = self.epoch_order(epoch)
         for step in range(start_step, self.steps_per_epoch):
-            global_indices = self.global_batch(epoch, step, order)
-            sizes = shard_sizes(len(global_indices), self.world_size)
-            offset = sum(sizes[:self.rank])
-            yield ShardedBatch(epoch=epoch, step=step,
-                               indices=global_indices[offset:offset + sizes[self.rank]],
-                               global_batch_size=len(global_indices), shard_sizes=sizes)
+            yield _shard(epoch, step, self.global_batch(epoch, step, order), self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class DrawnBatchSampler:
+    """Global batches drawn at random, with replacement, from (seed, global step) alone.
+
+    For data too large to shuffle whole, such as the windows of a text (one per
+    character): global batch :math:`k` (counted over the run) is
+    ``default_rng((seed, k)).integers(0, num_samples, global_batch_size)``,
+    identical on every rank and for any number of ranks, and is split into
+    shards as :class:`GlobalBatchSampler` splits its batches. An "epoch" is
+    ``steps_per_epoch`` such batches: the unit in which the trainer evaluates,
+    logs epochs and writes checkpoints. Resuming at any step gives the batches
+    an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, steps_per_epoch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1)
+        self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
+        self.seed = check_int("seed", seed, 0)
+
+    def global_batch(self, epoch: int, step: int) -> np.ndarray:
+        """Sample indices of global batch ``step`` of ``epoch``, over all ranks."""
+        global_step = check_int("epoch", epoch, 0) * self.steps_per_epoch + check_int("step", step, 0)
+        return np.random.default_rng((self.seed, global_step)).integers(0, self.num_samples, self.global_batch_size)
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[ShardedBatch]:
+        """Yield this rank's part of each global batch of ``epoch``, from ``start_step`` on."""
+        start_step = check_int("start_step", start_step, 0)
+        if start_step > self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        for step in range(start_step, self.steps_per_epoch):
+            yield _shard(epoch, step, self.global_batch(epoch, step), self.rank, self.world_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch

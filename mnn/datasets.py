@@ -91,6 +91,7 @@ __all__ = [
     "Dataset",
     "Split",
     "load_dataset",
+    "cached_arrays",
     "read_idx",
     "IDX_FILES",
     "STD_FLOOR_FRACTION",
@@ -587,9 +588,25 @@ def _assemble(name: str, arrays: dict[str, np.ndarray], sources: dict[str, str])
 def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], data_dir: Path,
             cache_dir, x_train_source: str) -> dict[str, np.ndarray]:
     """The arrays of ``build()`` plus scaling, from the .npy cache when it is current.
+    ``x_train_source`` names the training features in messages."""
+    def build_with_scaling() -> dict[str, np.ndarray]:
+        arrays = build()
+        return {**arrays, **_standardisation(arrays["x_train"], x_train_source)}
+
+    return cached_arrays(build_with_scaling, sources, data_dir, cache_dir,
+                         ["x_train", "y_train", "x_test", "y_test", "mean", "std"])
+
+
+def cached_arrays(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], data_dir: Path,
+                  cache_dir: str | os.PathLike | None, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` that ``build()`` makes from the files ``sources``, memory-mapped
+    from a .npy cache in ``cache_dir`` (default ``data_dir/.cache``) when it is current.
 
     Cache files are named after the resolved source paths, so one ``cache_dir``
-    can serve several datasets. ``x_train_source`` names the training features in messages.
+    can serve several datasets; a JSON file beside them records each source's
+    size and modification time, and the cache is rebuilt when either changes.
+    When the cache cannot be written, the arrays are returned from memory with
+    a warning.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / ".cache"
     resolved = [source.resolve() for source in sources]
@@ -600,18 +617,16 @@ def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], dat
     meta = {"format": _CACHE_FORMAT,
             "sources": [{"path": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
                         for source, stat in zip(resolved, stats)]}
-    names = ["x_train", "y_train", "x_test", "y_test", "mean", "std"]
+    array_paths = {name: cache_dir / f"{prefix}.{name}.npy" for name in names}
 
-    cached = _read_cache(meta_path, meta, {name: cache_dir / f"{prefix}.{name}.npy" for name in names})
+    cached = _read_cache(meta_path, meta, array_paths)
     if cached is not None:
         return cached
     arrays = build()
-    arrays.update(_standardisation(arrays["x_train"], x_train_source))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
-            atomic_write(cache_dir / f"{prefix}.{name}.npy",
-                         lambda handle, array=arrays[name]: np.save(handle, array, allow_pickle=False))
+            atomic_write(array_paths[name], lambda handle, array=arrays[name]: np.save(handle, array, allow_pickle=False))
         # The metadata goes last: while it is missing or stale, readers rebuild.
         atomic_write_text(meta_path, json.dumps(meta, indent=1))
     except OSError as error:
@@ -619,7 +634,7 @@ def _cached(build: Callable[[], dict[str, np.ndarray]], sources: list[Path], dat
                       f"Pass a writable cache_dir to share one mapped copy between processes.",
                       RuntimeWarning, stacklevel=3)
         return arrays
-    reread = _read_cache(meta_path, meta, {name: cache_dir / f"{prefix}.{name}.npy" for name in names})
+    reread = _read_cache(meta_path, meta, array_paths)
     # Another process may have replaced the files meanwhile; its bytes are the same.
     return reread if reread is not None else arrays
 

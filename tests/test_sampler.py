@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mnn.distributed.sampler import GlobalBatchSampler, shard_sizes
+from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler, shard_sizes
 
 
 def all_rank_batches(num_samples, batch_size, world_size, epoch, **options):
@@ -120,3 +120,30 @@ def test_bad_step_raises():
         list(sampler.batches(0, start_step=4))
     with pytest.raises(ValueError, match="step must be in"):
         sampler.global_batch(0, 3)
+
+
+# --- batches drawn at random (text windows) ------------------------------------------
+
+def drawn(world_size, rank, **kwargs):
+    return DrawnBatchSampler(1000, global_batch_size=7, steps_per_epoch=5, rank=rank, world_size=world_size,
+                             seed=3, **kwargs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_drawn_batches_do_not_depend_on_the_number_of_ranks(world_size):
+    alone = [batch.indices for batch in drawn(1, 0).batches(epoch=2)]
+    shards = [list(drawn(world_size, rank).batches(epoch=2)) for rank in range(world_size)]
+    for step, expected in enumerate(alone):
+        parts = [shards[rank][step] for rank in range(world_size)]
+        np.testing.assert_array_equal(np.concatenate([part.indices for part in parts]), expected)
+        assert [part.offset for part in parts] == list(np.cumsum([0] + parts[0].shard_sizes[:-1]))
+        assert all(part.global_batch_size == 7 for part in parts)
+
+
+def test_drawn_batches_resume_mid_epoch_and_differ_between_steps():
+    full = [batch.indices for batch in drawn(1, 0).batches(epoch=1)]
+    resumed = [batch.indices for batch in drawn(1, 0).batches(epoch=1, start_step=3)]
+    assert len(full) == 5 and all(np.array_equal(a, b) for a, b in zip(full[3:], resumed))
+    assert not np.array_equal(full[0], full[1])
+    assert not np.array_equal(full[0], next(iter(drawn(1, 0).batches(epoch=2))).indices)
+    assert all(0 <= index < 1000 for batch in full for index in batch)

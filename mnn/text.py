@@ -1,0 +1,185 @@
+r"""Character-level text for language models: a vocabulary, the encoded corpus, and windows of it.
+
+A corpus is one long string: a text file, every text file below a directory
+(sorted by path, joined as they are), or by default the Python standard
+library's own ``.py`` sources of the running interpreter (without its test
+suites), which are always present and make a useful corpus for a character
+model of code: about 11 M characters of 222 kinds for Python 3.11. Usage::
+
+    from mnn.text import load_text
+    corpus = load_text(context=64)                 # or load_text("notes/", context=64)
+    x, y = corpus.train.batch(np.array([0, 100]))  # (2, 64) token ids, and the same shifted by one
+    corpus.vocab.decode(x[0])                      # back to text
+
+The vocabulary is the sorted set of characters of the whole corpus; a token is
+a character's index in it. The encoded corpus is cached as a ``.npy`` file
+(beside the text, or in ``~/.cache/mnn`` for the standard library) that every
+rank memory-maps, with the vocabulary in a JSON file beside it; the cache is
+rebuilt when a source file changes.
+
+Samples are windows: sample :math:`i` of a split is the tokens
+:math:`t_{s_i}, \dots, t_{s_i + T - 1}` and its targets the next characters
+:math:`t_{s_i + 1}, \dots, t_{s_i + T}`, with :math:`T` the context. The split
+is by position: the first 90 % of the text trains, the rest validates, so no
+window crosses from one into the other. Training windows start at every
+position (a sampler draws them at random); validation windows do not overlap,
+and at most ``VALIDATION_WINDOWS`` of them, spread evenly over the validation
+text, are used, so that an evaluation costs the same for any corpus.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnn.checks import check_int
+from mnn.datasets import Dataset, cached_arrays
+
+__all__ = ["CharVocab", "TextSplit", "TextDataset", "load_text", "stdlib_sources", "TRAIN_FRACTION",
+           "VALIDATION_WINDOWS"]
+
+#: The share of the text, from its start, that trains; the rest validates.
+TRAIN_FRACTION = 0.9
+#: The most validation windows an evaluation uses.
+VALIDATION_WINDOWS = 512
+# Folders of the standard library that are not its own code: test suites (with
+# deliberately odd text) and what pip installed.
+_STDLIB_SKIPPED = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+
+
+class CharVocab:
+    """The characters of a corpus, sorted; a character's token is its index."""
+
+    def __init__(self, chars: str):
+        if not chars or len(set(chars)) != len(chars):
+            raise ValueError(f"a vocabulary needs distinct characters, got {len(chars)} with "
+                             f"{len(chars) - len(set(chars))} repeated")
+        self.chars = "".join(sorted(chars))
+        self._index = {char: token for token, char in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text``; ValueError naming a character the vocabulary lacks."""
+        try:
+            return np.fromiter((self._index[char] for char in text), dtype=np.int64, count=len(text))
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} is not in the vocabulary of {len(self)} characters") \
+                from None
+
+    def decode(self, tokens) -> str:
+        return "".join(self.chars[int(token)] for token in np.ravel(tokens))
+
+
+class TextSplit:
+    """Windows of ``context`` tokens of an encoded text, with the next tokens as targets.
+
+    ``starts`` are the windows' first positions (None: every position, for
+    training). ``y`` is the token array itself, so that label checks see every
+    token the split holds.
+    """
+
+    has_labels = True
+
+    def __init__(self, name: str, tokens: np.ndarray, context: int, source: str, starts: np.ndarray | None = None):
+        if len(tokens) <= context:
+            raise ValueError(f"the {name} text in {source} has {len(tokens)} characters: a window of context "
+                             f"{context} needs at least {context + 1}")
+        self.name, self.tokens, self.context, self.source = name, tokens, context, source
+        self.starts = starts
+        self.y = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.context if self.starts is None else len(self.starts)
+
+    def __repr__(self) -> str:
+        return f"TextSplit({self.name!r}, windows={len(self)}, context={self.context}, source={self.source!r})"
+
+    def batch(self, indices, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+        """Windows ``indices`` as ``(tokens (b, T), next tokens (b, T))``, both int64
+        (``dtype`` is the net's, for the interface of :class:`mnn.datasets.Split`; tokens stay integers)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts = indices if self.starts is None else self.starts[indices]
+        positions = starts[:, None] + np.arange(self.context + 1)
+        windows = np.asarray(self.tokens[positions], dtype=np.int64)
+        return windows[:, :-1], windows[:, 1:]
+
+    def check_dtype(self, dtype) -> np.dtype:
+        """Any floating dtype trains on tokens (they are indices, not values)."""
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"{self.name} split: the net's dtype must be a floating type, got {dtype}")
+        return dtype
+
+
+@dataclass(frozen=True)
+class TextDataset(Dataset):
+    """A text's training and validation windows, and its vocabulary."""
+
+    vocab: CharVocab = None
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's own ``.py`` files of the running interpreter, sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(path for path in root.rglob("*.py")
+                  if not _STDLIB_SKIPPED & set(path.relative_to(root).parts[:-1]))
+
+
+def load_text(source: str | os.PathLike | None = None, context: int = 64,
+              cache_dir: str | os.PathLike | None = None) -> TextDataset:
+    """The corpus of ``source`` (a text file, a directory of text files, or None for the
+    standard library's sources) as windows of ``context`` characters."""
+    context = check_int("context", context, minimum=1)
+    if source is None:
+        files, name = stdlib_sources(), "the Python standard library"
+        data_dir = Path(sysconfig.get_paths()["stdlib"])
+        cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnn"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(file for file in path.rglob("*") if file.is_file() and not _hidden(file, path))
+            data_dir = path
+        elif path.is_file():
+            files, data_dir = [path], path.parent
+        else:
+            raise ValueError(f"text {str(source)!r} does not exist: expected a text file or a directory of them")
+        name = str(path)
+    if not files:
+        raise ValueError(f"text {name}: no files to read")
+
+    def build() -> dict[str, np.ndarray]:
+        text = "".join(_read(file) for file in files)
+        vocab = CharVocab("".join(sorted(set(text))))
+        dtype = np.uint8 if len(vocab) <= 256 else np.uint16
+        return {"tokens": vocab.encode(text).astype(dtype),
+                "chars": np.frombuffer(vocab.chars.encode("utf-32-le"), dtype=np.uint32)}
+
+    arrays = cached_arrays(build, files, data_dir, cache_dir, ["tokens", "chars"])
+    vocab = CharVocab(np.asarray(arrays["chars"]).tobytes().decode("utf-32-le"))
+    tokens = arrays["tokens"]
+    cut = int(len(tokens) * TRAIN_FRACTION)
+    validation = tokens[cut:]
+    windows = (len(validation) - 1) // context
+    starts = np.linspace(0, windows - 1, min(windows, VALIDATION_WINDOWS)).astype(np.int64) * context \
+        if windows > 0 else np.zeros(0, np.int64)
+    train = TextSplit("train", tokens[:cut], context, f"{name} (the first {TRAIN_FRACTION:.0%})")
+    test = TextSplit("validation", validation, context, f"{name} (the last {1 - TRAIN_FRACTION:.0%})", starts)
+    return TextDataset(name=f"text {name}", train=train, test=test, n_features=context, n_classes=len(vocab),
+                       vocab=vocab)
+
+
+def _hidden(file: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"text file {file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
