@@ -23,6 +23,8 @@ Usage::
     comm.allreduce(grads, op="mean")           # in place
     request = comm.iallreduce(grads)           # start, compute, then
     request.wait()
+    received = np.empty_like(grads)            # point to point: pass to the right, hear from the left
+    comm.sendrecv(grads, (comm.rank + 1) % comm.size, received, (comm.rank - 1) % comm.size)
     data = run_all(comm, load_dataset, path)   # raises on every rank if any failed
 
 Run on two ranks with ``mpiexec -n 2 python your_script.py``.
@@ -151,7 +153,8 @@ def _check_buffer(array: Any, what: str) -> None:
 class Communicator:
     """The interface: ``rank``, ``size`` and the collectives mnn uses.
 
-    Every method is collective: all ranks call it, in the same order.
+    Every method but ``sendrecv`` (point to point) is collective: all ranks call
+    it, in the same order.
     """
 
     rank: int
@@ -182,13 +185,35 @@ class Communicator:
         the other ranks' ``value`` is ignored)."""
         raise NotImplementedError
 
+    def gather(self, value: Any, root: int = 0) -> list[Any] | None:
+        """Return every rank's ``value`` in rank order on root, None on the others
+        (pickled: for what only root needs, such as records it writes)."""
+        raise NotImplementedError
+
+    def sendrecv(self, send: np.ndarray, dest: int, receive: np.ndarray, source: int) -> np.ndarray:
+        """Send ``send`` to rank ``dest`` while receiving ``receive`` from rank ``source``
+        (point to point, both at once, so a ring of them cannot deadlock); return ``receive``.
+
+        Not collective: ``dest`` makes a matching call with this rank as its
+        ``source`` and a ``receive`` of ``send``'s size and dtype. Buffers are
+        contiguous arrays (views into a larger one are fine); nothing is pickled.
+        """
+        raise NotImplementedError
+
     def abort(self, code: int = 1) -> None:
         """Terminate every rank of the job at once with exit status ``code``."""
         raise NotImplementedError
 
-    def _check_root(self, root: int) -> None:
+    def _check_root(self, root: int, what: str = "root") -> None:
         if not 0 <= root < self.size:
-            raise ValueError(f"root must be a rank in [0, {self.size}), got {root}")
+            raise ValueError(f"{what} must be a rank in [0, {self.size}), got {root}")
+
+    def _check_sendrecv(self, send: np.ndarray, dest: int, receive: np.ndarray, source: int) -> None:
+        self._check_root(dest, "dest")
+        self._check_root(source, "source")
+        if not isinstance(send, np.ndarray) or not send.flags.c_contiguous:
+            raise ValueError("sendrecv sends a C-contiguous numpy.ndarray")
+        _check_buffer(receive, "sendrecv")
 
 
 class SingleProcessCommunicator(Communicator):
@@ -220,6 +245,17 @@ class SingleProcessCommunicator(Communicator):
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         self._check_root(root)
         return value
+
+    def gather(self, value: Any, root: int = 0) -> list[Any] | None:
+        self._check_root(root)
+        return [value]
+
+    def sendrecv(self, send: np.ndarray, dest: int, receive: np.ndarray, source: int) -> np.ndarray:
+        self._check_sendrecv(send, dest, receive, source)
+        if send.size != receive.size:
+            raise ValueError(f"sendrecv to itself: sends {send.size} elements into a buffer of {receive.size}")
+        receive.reshape(-1)[:] = send.reshape(-1)
+        return receive
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -271,6 +307,15 @@ class MPICommunicator(Communicator):
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         self._check_root(root)
         return self.comm.bcast(value, root=root)
+
+    def gather(self, value: Any, root: int = 0) -> list[Any] | None:
+        self._check_root(root)
+        return self.comm.gather(value, root=root)
+
+    def sendrecv(self, send: np.ndarray, dest: int, receive: np.ndarray, source: int) -> np.ndarray:
+        self._check_sendrecv(send, dest, receive, source)
+        self.comm.Sendrecv(send, dest, 0, receive, source, 0)
+        return receive
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

@@ -25,7 +25,7 @@ from typing import Any
 import tomli_w
 
 from mnn.checks import check_choice, check_float, check_int, is_int
-from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
+from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, COMPRESSIONS, DEFAULT_BUCKET_BYTES
 from mnn.model import LOSS_HEADS, build_net, mlp_description
 
 if sys.version_info >= (3, 11):
@@ -41,6 +41,8 @@ __all__ = [
     "LR_SCALINGS",
     "DTYPES",
     "ON_NONFINITE",
+    "ALLREDUCE_ALGORITHMS",
+    "COMPRESSIONS",
     "TrainConfig",
     "load_toml",
     "resolve_config",
@@ -163,6 +165,22 @@ class TrainConfig:
         **_help("seconds a rank may wait in a collective for the others before the job is "
                 "stopped with a report of which ranks did not arrive (0: wait forever)"),
     )
+    allreduce: str = field(
+        default="mpi",
+        **_help("how gradients are summed over the ranks: mpi (MPI's all-reduce, started during "
+                "backward) or ring (mnn's bandwidth-optimal ring all-reduce, after backward)"),
+    )
+    grad_compression: str = field(
+        default="none",
+        **_help("none, or fp16: send gradients as float16 (half the bytes; sums kept in the "
+                "training dtype); needs --allreduce ring"),
+    )
+    timeline: str | None = field(
+        default=None,
+        **_help("write every rank's forward, backward, all-reduce, wait and optimizer spans to FILE "
+                "as Chrome trace events (open it in https://ui.perfetto.dev or chrome://tracing)",
+                metavar="FILE"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -239,6 +257,15 @@ class TrainConfig:
         self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
         if self.stall_timeout < 0:
             raise ValueError(f"stall_timeout: expected seconds >= 0 (0: no limit), got {self.stall_timeout}")
+        check_choice("allreduce", self.allreduce, ALLREDUCE_ALGORITHMS)
+        check_choice("grad_compression", self.grad_compression, COMPRESSIONS)
+        if self.grad_compression != "none" and self.allreduce != "ring":
+            raise ValueError(f"grad_compression: {self.grad_compression} needs allreduce = \"ring\" (MPI's "
+                             f"all-reduce has no portable float16 sum), got allreduce = {self.allreduce!r}")
+        if isinstance(self.timeline, os.PathLike):
+            self.timeline = os.fspath(self.timeline)
+        if self.timeline is not None and (not isinstance(self.timeline, str) or not self.timeline):
+            raise ValueError(f"timeline: expected a file path or None, got {self.timeline!r}")
 
     def model_description(self) -> dict[str, Any]:
         """The net this job trains: ``model`` if given, else the MLP of the
@@ -328,9 +355,9 @@ def _parse_resume(text: str) -> bool | str:
 
 
 _CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES,
-            "on_nonfinite": ON_NONFINITE}
+            "on_nonfinite": ON_NONFINITE, "allreduce": ALLREDUCE_ALGORITHMS, "grad_compression": COMPRESSIONS}
 _PARSERS = {"layers": _parse_layers, "loss": str, "drop_last": _parse_bool, "output": str,
-            "dataset": str, "max_steps": int}
+            "dataset": str, "max_steps": int, "timeline": str}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,21 @@ compute. The bucket holding the first layer is done only when backward is, so
 it is reduced with one blocking all-reduce. ``step()`` finishes the
 reductions and runs the optimizer.
 
+The all-reduce is MPI's (``allreduce="mpi"``, the default: the library picks
+its algorithm by message size) or mnn's own ring (``allreduce="ring"``,
+:mod:`~mnn.distributed.ring`: bandwidth-optimal, and the only one that can
+send float16, ``grad_compression="fp16"``). The ring is built from blocking
+point-to-point messages, so with it every bucket is reduced in
+``synchronize()``, after backward: it does not overlap backward, and suits
+nets whose gradient sits in one bucket anyway, or links where bandwidth,
+not overlap, decides. Both sum exactly what Eq. (1) and (2) say, in another
+order of the additions; with float16 on the wire each partial sum is rounded
+to float16 on its way (relative error at most :math:`2^{-11}` per hop; see
+the ring's Eq. 5), so Eq. (1) and (2) then hold to that precision.
+
+A :class:`~mnn.distributed.timeline.Timeline` (``timeline=``) receives a span
+for each forward, backward, bucket all-reduce, wait and optimizer step.
+
 Gradient accumulation over micro-batches (``no_sync``) stays exact. With
 micro-batches :math:`j = 1, 2, \dots` of global sizes :math:`B_j` and local
 sizes :math:`b_{rj}`, and :math:`W_j = B_1 + \dots + B_j`, each rank keeps
@@ -61,14 +76,18 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnn.distributed.comm import Communicator, Request, get_communicator
-from mnn.checks import is_int
+from mnn.distributed.ring import COMPRESSIONS, RingAllreduce
+from mnn.distributed.timeline import Timeline
+from mnn.checks import check_choice, is_int
 
-__all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES", "ALLREDUCE_ALGORITHMS", "COMPRESSIONS"]
 
 # Large enough that per-message latency does not dominate, small enough that a
 # net of several such layers gets several buckets to overlap with backward.
 # (The digits/MNIST MLPs have under 1 MB of gradients: one bucket by default.)
 DEFAULT_BUCKET_BYTES = 2 * 2**20
+#: Values of ``allreduce``: MPI's Allreduce/Iallreduce, or mnn's ring (distributed/ring.py).
+ALLREDUCE_ALGORITHMS = ("mpi", "ring")
 
 _TIMING_KEYS = ("compute_s", "comm_s", "wait_s", "optimizer_s", "steps", "reduced_bytes")
 
@@ -179,6 +198,11 @@ class DataParallel:
     ``net.step(lr)``. ``comm``: anything ``get_communicator`` accepts.
     ``bucket_bytes``: the largest bucket, unless one layer alone is larger.
     ``overlap=False`` reduces every bucket with blocking calls after backward (for comparison).
+    ``allreduce``: "mpi" or "ring" (blocking, after backward: no overlap).
+    ``grad_compression``: "none", or "fp16" for float16 on the wire; only with
+    the ring (MPI has no portable float16 sum, so MPI would have to add in
+    float16; the ring adds in the gradients' dtype). ``timeline``: a
+    :class:`~mnn.distributed.timeline.Timeline` to record spans into, or None.
 
     Construction is collective. It checks that every rank has the same parameter
     names, shapes and dtypes (``ValueError`` on every rank otherwise), broadcasts
@@ -186,18 +210,28 @@ class DataParallel:
     """
 
     def __init__(self, net: Any, optimizer: Any = None, comm: Any = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True, allreduce: str = "mpi",
+                 grad_compression: str = "none", timeline: Timeline | None = None):
         if not hasattr(net, "named_params") or not hasattr(net, "rebind_grads"):
             raise TypeError(f"DataParallel: expected a SequentialLayers, got {type(net).__name__}")
         if not (is_int(bucket_bytes) and bucket_bytes >= 1):
             raise ValueError(f"DataParallel: bucket_bytes must be a positive int, got {bucket_bytes!r}")
         if optimizer is not None and getattr(optimizer, "net", net) is not net:
             raise ValueError("DataParallel: the optimizer was built for another net")
+        check_choice("allreduce", allreduce, ALLREDUCE_ALGORITHMS)
+        check_choice("grad_compression", grad_compression, COMPRESSIONS)
+        if grad_compression != "none" and allreduce != "ring":
+            raise ValueError(f"grad_compression: {grad_compression} needs allreduce='ring' "
+                             f"(MPI's Allreduce has no portable float16 sum), got allreduce={allreduce!r}")
         self.net = net
         self.optimizer = optimizer
         self.comm: Communicator = get_communicator(comm)
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = bool(overlap)
+        self.allreduce = allreduce
+        self.grad_compression = grad_compression
+        # Disabled or absent, there is nothing to feed: every hook checks this one attribute.
+        self._timeline = timeline if timeline is not None and timeline.enabled else None
 
         self._check_same_params_everywhere()
         self.broadcast_state()
@@ -216,11 +250,15 @@ class DataParallel:
         # call never matches a non-blocking one: every rank therefore makes the
         # same calls in the same order (an empty shard's rank, whose backward
         # does not run, starts its non-blocking ones in synchronize()).
-        self._overlapped = [bucket for bucket in self.buckets if self.overlap and bucket.ready_after > 0]
-        self._blocking = [bucket for bucket in self.buckets if bucket not in self._overlapped]
+        # The ring is blocking, so it reduces every bucket there.
+        self._overlapped = [bucket for bucket in self.buckets
+                            if self.overlap and allreduce == "mpi" and bucket.ready_after > 0]
+        self._blocking = [(bucket, self._blocking_reduction(bucket))
+                          for bucket in self.buckets if bucket not in self._overlapped]
         self._buckets_ready_after: dict[int, list[GradientBucket]] = {}
         for bucket in self._overlapped:
             self._buckets_ready_after.setdefault(bucket.ready_after, []).append(bucket)
+        self._timeline_tracks = self._name_timeline_tracks()
 
         self._sync = True
         self._forward_count: int | None = None
@@ -246,6 +284,23 @@ class DataParallel:
         if problems:
             raise ValueError("DataParallel: the ranks do not hold the same model:\n  "
                              + "\n  ".join(problems))
+
+    def _blocking_reduction(self, bucket: GradientBucket) -> Any:
+        """The blocking in-place sum over the ranks that synchronize() applies to ``bucket``'s buffer."""
+        if self.allreduce == "ring":
+            return RingAllreduce(self.comm, bucket.buffer.size, bucket.dtype, self.grad_compression).allreduce
+        return self.comm.allreduce
+
+    def _name_timeline_tracks(self) -> dict[GradientBucket, tuple[int, dict[str, Any]]]:
+        """Each bucket's track on the timeline (after the step track) and the args of its spans."""
+        if self._timeline is None:
+            return {}
+        tracks = {}
+        for index, bucket in enumerate(self.buckets, start=1):
+            self._timeline.name_track(index, f"all-reduce bucket {index - 1}")
+            tracks[bucket] = (index, {"bucket": index - 1, "bytes": bucket.nbytes, "algorithm": self.allreduce,
+                                      "compression": self.grad_compression})
+        return tracks
 
     def broadcast_state(self) -> None:
         """Copy rank 0's parameters and optimizer state to every rank (collective).
@@ -294,7 +349,10 @@ class DataParallel:
             if count == 0:
                 return 0.0
         result = self.net(inputs, targets)
-        self.timings["compute_s"] += time.perf_counter() - start
+        end = time.perf_counter()
+        self.timings["compute_s"] += end - start
+        if self._timeline is not None:
+            self._timeline.span("forward", start, end)
         return result
 
     def backward(self, global_batch_size: int | None = None,
@@ -334,7 +392,10 @@ class DataParallel:
         if local_batch_size > 0:
             hook = self._on_layer_done if self._sync and self._buckets_ready_after else None
             self.net.backward(hook=hook, scale=local_batch_size / window)  # Eq. (1), (2)
-        self.timings["compute_s"] += (time.perf_counter() - start) - (self.timings["comm_s"] - comm_before)
+        end = time.perf_counter()
+        self.timings["compute_s"] += (end - start) - (self.timings["comm_s"] - comm_before)
+        if self._timeline is not None:
+            self._timeline.span("backward", start, end)
         self._sync_backward_done = self._sync
 
     @contextlib.contextmanager
@@ -355,7 +416,7 @@ class DataParallel:
 
         Starts the non-blocking reductions that backward did not (an empty
         shard, or backward calls inside ``no_sync`` only), reduces the buckets
-        left for blocking calls, then waits for all.
+        left for blocking calls (all of them with the ring), then waits for all.
         """
         if self._reduced:
             return
@@ -363,13 +424,21 @@ class DataParallel:
             raise RuntimeError("DataParallel.synchronize: no backward since the last step")
         start = time.perf_counter()
         self._start_pending()
-        for bucket in self._blocking:
-            self.comm.allreduce(bucket.buffer)
+        for bucket, reduce in self._blocking:
+            began = time.perf_counter() if self._timeline is not None else 0.0
+            reduce(bucket.buffer)
             self.timings["reduced_bytes"] += bucket.nbytes
-        Request.wait_all(self._requests)
-        waited = time.perf_counter() - start
-        self.timings["wait_s"] += waited
-        self.timings["comm_s"] += waited
+            if self._timeline is not None:
+                self._timeline.span("all-reduce", began, time.perf_counter(), *self._timeline_tracks[bucket])
+        if self._timeline is None:
+            Request.wait_all(self._requests)
+        else:
+            self._record_reductions_done(wait=True)
+        end = time.perf_counter()
+        self.timings["wait_s"] += end - start
+        self.timings["comm_s"] += end - start
+        if self._timeline is not None:
+            self._timeline.span("wait", start, end)
         self._requests = []
         self._reduced = True
 
@@ -390,8 +459,11 @@ class DataParallel:
         else:
             self.net.step(lr)
         self.zero_grads()
-        self.timings["optimizer_s"] += time.perf_counter() - start
+        end = time.perf_counter()
+        self.timings["optimizer_s"] += end - start
         self.timings["steps"] += 1
+        if self._timeline is not None:
+            self._timeline.span("optimizer", start, end)
 
     def zero_grads(self) -> None:
         """Clear the gradients and forget the accumulated (unreduced) micro-batches.
@@ -431,6 +503,8 @@ class DataParallel:
     def _reset_window(self) -> None:
         self._window_global = 0   # W: sum of global (micro-)batch sizes since the last step
         self._requests: list[Request] = []
+        self._request_starts: list[float] = []  # when each request started (timeline only)
+        self._requests_recorded = 0  # how many of them the timeline has seen done
         self._sync_backward_done = False  # a backward outside no_sync ran: reduce next
         self._reduced = False
 
@@ -450,7 +524,10 @@ class DataParallel:
             self._start(bucket)
         # MPI progresses non-blocking collectives only inside MPI calls; poll so the
         # reductions already started advance while the next layers compute.
-        Request.test_all(self._requests)
+        if self._timeline is None:
+            Request.test_all(self._requests)
+        else:
+            self._record_reductions_done(wait=False)
         self.timings["comm_s"] += time.perf_counter() - start
 
     def _start_pending(self) -> None:
@@ -465,5 +542,21 @@ class DataParallel:
             self._start(bucket)
 
     def _start(self, bucket: GradientBucket) -> None:
+        if self._timeline is not None:
+            self._request_starts.append(time.perf_counter())
         self._requests.append(self.comm.iallreduce(bucket.buffer))
         self.timings["reduced_bytes"] += bucket.nbytes
+
+    def _record_reductions_done(self, wait: bool) -> None:
+        """Timeline spans for the started reductions that are done, in start order (with
+        ``wait``, all of them): each ends when this rank first saw it done, which is also
+        when MPI let it progress. The requests are those of ``_overlapped``, in order."""
+        for index in range(self._requests_recorded, len(self._requests)):
+            request = self._requests[index]
+            if wait:
+                request.wait()
+            elif not request.test():
+                break
+            track, args = self._timeline_tracks[self._overlapped[index]]
+            self._timeline.span("all-reduce", self._request_starts[index], time.perf_counter(), track, args)
+            self._requests_recorded = index + 1

@@ -26,7 +26,8 @@ the run's :class:`~mnn.distributed.position.Position` is the value the loop
 advances and the checkpoint stores; rank 0's lines, progress bar and
 metrics.jsonl come from the :class:`~mnn.distributed.reporting.Reporter`
 (whose docstring gives the metrics schema); Ctrl-C and SIGTERM are handled by
-:mod:`~mnn.distributed.stopping`.
+:mod:`~mnn.distributed.stopping`; ``--timeline`` spans are recorded by
+:class:`~mnn.distributed.timeline.Timeline`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import numpy as np
 
 from mnn import SequentialLayers
 from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
-from mnn.distributed.comm import Communicator, get_communicator, run_all
+from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.position import Position
@@ -49,6 +50,7 @@ from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, Prepare
 from mnn.distributed.reporting import Reporter, json_text
 from mnn.distributed.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
+from mnn.distributed.timeline import Timeline
 from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
 
@@ -121,7 +123,9 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
     reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch)
     for note in job.notes:
         reporter.message(note)
-    dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes)  # broadcasts rank 0's state
+    timeline = _open_timeline(comm, config)  # off, and free, without --timeline
+    dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes, allreduce=config.allreduce,
+                      grad_compression=config.grad_compression, timeline=timeline)  # broadcasts rank 0's state
     run = _RunClock(started)
     votes = _StepVotes()
     if votes.cast(comm, stop_requests.count).stop:
@@ -132,6 +136,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         reporter.message(_nothing_left_text(job.resumed_from, config, position, steps_per_epoch))
         summary = _summary(comm, config, position, job.resumed_from, None, evaluate(net, dataset.test, task, comm),
                            run, dp)
+        timeline.close()
         if output is not None:
             _on_rank0(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
         return summary
@@ -153,8 +158,10 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         stopping = False
         while not stopping and not _finished(config, position, total_steps):
             for batch in sampler.batches(position.epochs_done, start_step=position.step_in_epoch):
-                # determine and set the learning rate of this step (and tell the watchdog which it is)
+                # determine and set the learning rate of this step (and tell the watchdog and the
+                # timeline which it is)
                 watchdog.progress(position.global_step + 1)
+                timeline.next_step(position.global_step + 1)
                 optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
 
                 # forward and backward on this rank's shard of the global batch, gradients reduced
@@ -225,9 +232,11 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         if evaluated_at != position.global_step or last_eval is None:
             last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
         summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp)
+        timeline.close()
         if output is not None:
             _on_rank0(comm, lambda: _write_results(output, net.state_dict(), summary))
     except (TrainingInterrupted, TrainingDiverged):
+        timeline.close()  # raised on every rank alike, so the spans can still be gathered
         raise
     except KeyboardInterrupt:
         reporter.close()
@@ -322,6 +331,15 @@ def _finished(config: TrainConfig, position: Position, total_steps: int) -> bool
 
 
 # ------------------------------------------------------------------ the loop's steps
+def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
+    """The run's timeline (collective; disabled without ``config.timeline``); a file rank 0
+    cannot create stops every rank before training, as a bad job."""
+    try:
+        return Timeline(comm, config.timeline)
+    except RankFailure as failure:
+        raise JobConfigError(failure.failures) from failure
+
+
 def _on_rank0(comm: Communicator, fn: Any) -> None:
     """``fn()`` on rank 0 only; a failure there raises RankFailure on every rank."""
     run_all(comm, lambda: fn() if comm.rank == 0 else None)

@@ -410,6 +410,14 @@ class _WatchedCommunicator(Communicator):
         with self._watchdog.waiting("broadcast"):
             return self._comm.broadcast_object(value, root)
 
+    def gather(self, value: Any, root: int = 0) -> list[Any] | None:
+        with self._watchdog.waiting("gather"):
+            return self._comm.gather(value, root)
+
+    def sendrecv(self, send: np.ndarray, dest: int, receive: np.ndarray, source: int) -> np.ndarray:
+        with self._watchdog.waiting("send-receive"):
+            return self._comm.sendrecv(send, dest, receive, source)
+
     def abort(self, code: int = 1) -> None:
         self._comm.abort(code)
 

@@ -1,0 +1,196 @@
+"""The timeline: where every rank's time goes, step by step, as one Chrome trace-event file.
+
+``mnn-train --timeline FILE`` (``TrainConfig(timeline=...)``) records on every
+rank a span for each forward, backward, bucket all-reduce (from its start to
+the moment this rank saw it done), wait for the reductions and optimizer step,
+and rank 0 writes them all into FILE. Horovod's timeline is the model: one
+file on rank 0 that holds every worker's activity, written as it goes, in the
+Chrome trace-event format that https://ui.perfetto.dev and chrome://tracing
+open. Here a rank is a process (``pid`` = rank, named "rank r"), and each
+process has a track (``tid``) for its steps (forward, backward, wait,
+optimizer) and one per gradient bucket, where a bucket's all-reduce shows how
+it overlaps backward. Every span is a complete event (``"ph": "X"``) with
+``ts`` and ``dur`` in microseconds and the step number in its ``args``.
+
+**One clock for all ranks.** Each rank measures with its own
+``time.perf_counter``. At the start every rank leaves a barrier
+``_CLOCK_ROUNDS`` times and notes the moment; ranks leave a barrier within
+about a message latency of each other, so the median over the rounds of
+(this rank's moment - rank 0's) is this rank's clock offset, to within
+microseconds on one host and a network latency across hosts. Timestamps are
+written on rank 0's clock, from its first mark.
+
+**Bounded memory.** Each rank keeps the spans since the last flush; every
+``flush_every_steps`` steps (and at :meth:`Timeline.close`) they are gathered to
+rank 0, which appends them to the file, so a long run never holds more than
+that many steps of spans. Until :meth:`Timeline.close` writes the closing
+``]`` the file is a JSON array without its end, which both viewers read (the
+format allows it, for traces of runs that crashed); after it, it is plain JSON.
+
+**Off, it costs nothing.** ``Timeline(comm, None)`` is disabled: it makes no
+collective call, records nothing, and the code that would feed it checks one
+attribute (``DataParallel`` holds ``None`` instead of it).
+
+Usage (on every rank; opening, :meth:`~Timeline.next_step`, :meth:`~Timeline.flush`
+and :meth:`~Timeline.close` are collective)::
+
+    timeline = Timeline(comm, "runs/a/timeline.json")
+    dp = DataParallel(net, optimizer, comm, timeline=timeline)
+    for step, batch in enumerate(batches, start=1):
+        timeline.next_step(step)              # labels the spans; flushes now and then
+        ...                                   # dp records forward, backward, all-reduce, wait, optimizer
+    timeline.close()                          # rank 0 finishes the file
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from mnn.checks import check_int
+from mnn.distributed.comm import Communicator, get_communicator, run_all
+
+__all__ = ["Timeline", "STEP_TRACK", "DEFAULT_FLUSH_EVERY_STEPS"]
+
+#: The track (``tid``) of forward, backward, wait and optimizer spans.
+STEP_TRACK = 0
+#: Steps between two gathers of the spans to rank 0.
+DEFAULT_FLUSH_EVERY_STEPS = 100
+# Barriers to time for the clock offsets: the median is robust to a rank that
+# was descheduled right after leaving one (more ranks than cores).
+_CLOCK_ROUNDS = 9
+
+
+class Timeline:
+    """Spans of every rank, written by rank 0 to ``path`` as Chrome trace events.
+
+    ``comm``: anything :func:`~mnn.distributed.comm.get_communicator` takes.
+    ``path``: the file rank 0 writes (its folder is created), or None for a
+    disabled timeline. ``flush_every_steps``: how many :meth:`next_step` calls
+    between two gathers to rank 0.
+
+    Opening is collective (it aligns the clocks; a file rank 0 cannot open
+    raises :class:`~mnn.distributed.comm.RankFailure` on every rank), and so
+    are :meth:`next_step`, :meth:`flush` and :meth:`close`. :meth:`span` and
+    :meth:`name_track` are local.
+    """
+
+    def __init__(self, comm: Any, path: str | os.PathLike | None,
+                 flush_every_steps: int = DEFAULT_FLUSH_EVERY_STEPS):
+        self.comm: Communicator = get_communicator(comm)
+        self.path = None if path is None else Path(path)
+        self.enabled = path is not None
+        self.flush_every_steps = check_int("flush_every_steps", flush_every_steps, minimum=1)
+        self.step: int | None = None  # the step the next spans belong to
+        # (name, track, start, end, step, args) with perf_counter seconds, since the last flush
+        self._spans: list[tuple[str, int, float, float, int | None, dict[str, Any] | None]] = []
+        self._track_names: dict[int, str] = {STEP_TRACK: "step"}
+        self._tracks_told: set[int] = set()  # tracks whose names went to rank 0
+        self._steps_since_flush = 0
+        self._file: TextIO | None = None
+        self.zero = 0.0
+        if self.enabled:
+            self.zero = _rank0_zero(self.comm)
+            run_all(self.comm, self._open)
+
+    # -- recording (local) ----------------------------------------------------------
+
+    def span(self, name: str, start: float, end: float, track: int = STEP_TRACK,
+             args: dict[str, Any] | None = None) -> None:
+        """Record ``name`` from ``start`` to ``end`` (``time.perf_counter()`` seconds) on
+        ``track``; ``args`` are shown with it (next to the step). Nothing when disabled."""
+        if self.enabled:
+            self._spans.append((name, track, start, end, self.step, args))
+
+    def name_track(self, track: int, name: str) -> None:
+        """Call ``track`` of this rank ``name`` in the viewer (e.g. "all-reduce bucket 0")."""
+        self._track_names[track] = name
+        self._tracks_told.discard(track)
+
+    # -- collective -----------------------------------------------------------------
+
+    def next_step(self, step: int) -> None:
+        """Label the spans from here on with ``step``; every ``flush_every_steps`` calls,
+        :meth:`flush` first (collective: every rank calls it once per step)."""
+        if not self.enabled:
+            return
+        if self._steps_since_flush == self.flush_every_steps:
+            self.flush()
+        self._steps_since_flush += 1
+        self.step = step
+
+    def flush(self) -> None:
+        """Gather every rank's spans to rank 0 and append them to the file (collective)."""
+        if not self.enabled:
+            return
+        tracks = {track: name for track, name in self._track_names.items() if track not in self._tracks_told}
+        self._tracks_told.update(tracks)
+        spans = [(name, track, (start - self.zero) * 1e6, (end - start) * 1e6, step, args)
+                 for name, track, start, end, step, args in self._spans]
+        self._spans = []
+        self._steps_since_flush = 0
+        everyone = self.comm.gather((tracks, spans), root=0)
+        run_all(self.comm, lambda: self._write(everyone) if self.comm.rank == 0 else None)
+
+    def close(self) -> None:
+        """Flush, and let rank 0 finish the file as plain JSON (collective); then disabled."""
+        if not self.enabled:
+            return
+        self.flush()
+        run_all(self.comm, lambda: self._finish() if self.comm.rank == 0 else None)
+        self.enabled = False
+
+    # -- rank 0's file ----------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.comm.rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+        # The first event is written without a comma before it, every later one with.
+        self._file.write("[\n" + _event({"name": "timeline", "ph": "M", "pid": 0,
+                                          "args": {"clock": "rank 0's perf_counter, microseconds",
+                                                   "ranks": self.comm.size}}))
+        for rank in range(self.comm.size):
+            self._append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+            self._append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
+        self._file.flush()
+
+    def _write(self, everyone: list[tuple[dict[int, str], list[tuple]]]) -> None:
+        for rank, (tracks, spans) in enumerate(everyone):
+            for track, name in sorted(tracks.items()):
+                self._append({"name": "thread_name", "ph": "M", "pid": rank, "tid": track, "args": {"name": name}})
+                self._append({"name": "thread_sort_index", "ph": "M", "pid": rank, "tid": track,
+                              "args": {"sort_index": track}})
+            for name, track, ts, dur, step, args in spans:
+                self._append({"name": name, "ph": "X", "pid": rank, "tid": track, "ts": round(ts, 3),
+                              "dur": round(dur, 3), "args": {"step": step, **(args or {})}})
+        self._file.flush()
+
+    def _append(self, event: dict[str, Any]) -> None:
+        self._file.write(",\n" + _event(event))
+
+    def _finish(self) -> None:
+        self._file.write("\n]\n")
+        self._file.close()
+        self._file = None
+
+
+def _event(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"))
+
+
+def _rank0_zero(comm: Communicator) -> float:
+    """Rank 0's first barrier mark, on this rank's clock (collective): timestamps are
+    ``perf_counter() - zero``."""
+    marks = []
+    for _ in range(_CLOCK_ROUNDS):
+        comm.barrier()
+        marks.append(time.perf_counter())
+    reference = comm.broadcast_object(marks if comm.rank == 0 else None)
+    offset = float(np.median(np.subtract(marks, reference)))
+    return reference[0] + offset
