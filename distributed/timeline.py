@@ -1,4 +1,4 @@
-"""The timeline: where every rank's time goes, step by step, as one Chrome trace-event file.
+r"""The timeline: where every rank's time goes, step by step, as one Chrome trace-event file.
 
 ``mnn-train --timeline FILE`` (``TrainConfig(timeline=...)``) records on every
 rank a span for each forward, backward, bucket all-reduce (from its start to
@@ -13,12 +13,18 @@ it overlaps backward. Every span is a complete event (``"ph": "X"``) with
 ``ts`` and ``dur`` in microseconds and the step number in its ``args``.
 
 **One clock for all ranks.** Each rank measures with its own
-``time.perf_counter``. At the start every rank leaves a barrier
-``_CLOCK_ROUNDS`` times and notes the moment; ranks leave a barrier within
-about a message latency of each other, so the median over the rounds of
-(this rank's moment - rank 0's) is this rank's clock offset, to within
-microseconds on one host and a network latency across hosts. Timestamps are
-written on rank 0's clock, from its first mark.
+``time.perf_counter``, and clocks of different hosts disagree. At the start
+rank 0 plays ping-pong with every other rank (Cristian's method): it notes
+its time :math:`t_1`, sends a ping, the rank notes its time :math:`t_r` as the
+ping arrives and sends it back, and rank 0 notes :math:`t_4` as the answer
+arrives. Since :math:`t_1 \le t_r \le t_4` in true time, the rank's clock is
+ahead of rank 0's by :math:`t_r - (t_1 + t_4)/2`, give or take half the round
+trip :math:`t_4 - t_1`; of ``_CLOCK_ROUNDS`` rounds the one with the shortest
+round trip counts (microseconds on one host, about a network latency across
+hosts). Barriers would be simpler but are worse: ranks leave a barrier up to
+milliseconds apart when they share cores (Open MPI yields the core while it
+waits). Timestamps are written on rank 0's clock, from the moment it opened
+the timeline.
 
 **Bounded memory.** Each rank keeps the spans since the last flush; every
 ``flush_every_steps`` steps (and at :meth:`Timeline.close`) they are gathered to
@@ -44,6 +50,7 @@ and :meth:`~Timeline.close` are collective)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -60,9 +67,9 @@ __all__ = ["Timeline", "STEP_TRACK", "DEFAULT_FLUSH_EVERY_STEPS"]
 STEP_TRACK = 0
 #: Steps between two gathers of the spans to rank 0.
 DEFAULT_FLUSH_EVERY_STEPS = 100
-# Barriers to time for the clock offsets: the median is robust to a rank that
-# was descheduled right after leaving one (more ranks than cores).
-_CLOCK_ROUNDS = 9
+# Ping-pongs per rank to find its clock offset: the quickest of them counts, so a
+# few slow ones (a rank descheduled on shared cores) do not matter.
+_CLOCK_ROUNDS = 10
 
 
 class Timeline:
@@ -185,12 +192,27 @@ def _event(event: dict[str, Any]) -> str:
 
 
 def _rank0_zero(comm: Communicator) -> float:
-    """Rank 0's first barrier mark, on this rank's clock (collective): timestamps are
-    ``perf_counter() - zero``."""
-    marks = []
-    for _ in range(_CLOCK_ROUNDS):
-        comm.barrier()
-        marks.append(time.perf_counter())
-    reference = comm.broadcast_object(marks if comm.rank == 0 else None)
-    offset = float(np.median(np.subtract(marks, reference)))
-    return reference[0] + offset
+    """Rank 0's time zero on this rank's clock (collective): timestamps are
+    ``perf_counter() - zero``. Rank 0 finds each rank's clock offset by ping-pong
+    (module docstring), one rank after the other."""
+    # A ping carries nothing, an answer the rank's time; [:0] is an empty message.
+    ping, answer = np.zeros(1), np.zeros(1)
+    if comm.rank != 0:
+        for _ in range(_CLOCK_ROUNDS):
+            comm.sendrecv(answer[:0], 0, ping, 0)
+            answer[0] = time.perf_counter()
+            comm.sendrecv(answer, 0, ping[:0], 0)
+        zero, offsets = comm.broadcast_object(None)
+        return zero + offsets[comm.rank]
+    zero, offsets = time.perf_counter(), [0.0] * comm.size
+    for rank in range(1, comm.size):
+        fastest = math.inf
+        for _ in range(_CLOCK_ROUNDS):
+            sent = time.perf_counter()
+            comm.sendrecv(ping, rank, answer[:0], rank)
+            comm.sendrecv(ping[:0], rank, answer, rank)
+            back = time.perf_counter()
+            if back - sent < fastest:
+                fastest, offsets[rank] = back - sent, float(answer[0]) - (sent + back) / 2
+    comm.broadcast_object((zero, offsets))
+    return zero
