@@ -7,7 +7,11 @@ trainer lives in ``mnn.distributed``; this package never imports MPI.
 
 from mnn.layer import (
     CrossEntropyLossLayer,
+    DropoutLayer,
+    EmbeddingLayer,
+    GeluLayer,
     Layer,
+    LayerNormLayer,
     LinearLayer,
     LogLayer,
     LogSoftmaxLayer,
@@ -16,6 +20,7 @@ from mnn.layer import (
     MSELossLayer,
     MultiHeadAttention,
     NllLossLayer,
+    PositionalEmbeddingLayer,
     ReluLayer,
     ReshapeLayer,
     SoftmaxLayer,
@@ -26,5 +31,6 @@ from mnn.seq_layers import Residual, SequentialLayers
 __all__ = [
     "Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer", "LogSoftmaxLayer",
     "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention", "ReshapeLayer",
+    "EmbeddingLayer", "PositionalEmbeddingLayer", "LayerNormLayer", "GeluLayer", "DropoutLayer",
     "SequentialLayers", "Residual", "Optimizer", "SGD", "Adam",
 ]

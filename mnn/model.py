@@ -32,6 +32,10 @@ import numpy as np
 from mnn.checks import as_generator
 from mnn.layer import (
     CrossEntropyLossLayer,
+    DropoutLayer,
+    EmbeddingLayer,
+    GeluLayer,
+    LayerNormLayer,
     LinearLayer,
     LogLayer,
     LogSoftmaxLayer,
@@ -40,6 +44,7 @@ from mnn.layer import (
     MSELossLayer,
     MultiHeadAttention,
     NllLossLayer,
+    PositionalEmbeddingLayer,
     ReluLayer,
     ReshapeLayer,
     SoftmaxLayer,
@@ -51,7 +56,8 @@ __all__ = ["LAYER_TYPES", "LOSS_HEADS", "build_net", "build_layers", "mlp_descri
 #: Every layer a description may name, by class name.
 LAYER_TYPES = {cls.__name__: cls for cls in (
     LinearLayer, ReluLayer, LogLayer, SoftmaxLayer, LogSoftmaxLayer, ReshapeLayer, MatrixProduct,
-    MultiHeadAttention, Residual, CrossEntropyLossLayer, NllLossLayer, MSELossLayer)}
+    MultiHeadAttention, Residual, CrossEntropyLossLayer, NllLossLayer, MSELossLayer,
+    EmbeddingLayer, PositionalEmbeddingLayer, LayerNormLayer, GeluLayer, DropoutLayer)}
 
 #: The layers that end an MLP for each ``loss`` of the shorthand.
 LOSS_HEADS = {

@@ -148,6 +148,18 @@ class SequentialLayers(Layer):
         for layer in self.layers:
             layer.zero_grads()
 
+    def set_training(self, mode):
+        """Training (``True``) or evaluation (``False``) for every layer, at any depth."""
+        super().set_training(mode)
+        for layer in self.layers:
+            layer.set_training(mode)
+
+    def start_batch(self, step, first_sample):
+        """Pass the next forward's global ``step`` and ``first_sample`` to every layer, at any depth."""
+        super().start_batch(step, first_sample)
+        for layer in self.layers:
+            layer.start_batch(step, first_sample)
+
     def step(self, lr=0.01):
         for layer in self.layers:
             layer.step(lr)
@@ -297,6 +309,12 @@ class Residual(Layer):
 
     def zero_grads(self):
         self.body.zero_grads()
+
+    def set_training(self, mode):
+        self.body.set_training(mode)
+
+    def start_batch(self, step, first_sample):
+        self.body.start_batch(step, first_sample)
 
     def step(self, lr=0.01):
         self.body.step(lr)

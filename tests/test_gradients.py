@@ -9,6 +9,10 @@ import pytest
 
 from mnn import (
     CrossEntropyLossLayer,
+    DropoutLayer,
+    EmbeddingLayer,
+    GeluLayer,
+    LayerNormLayer,
     LinearLayer,
     LogLayer,
     LogSoftmaxLayer,
@@ -16,6 +20,7 @@ from mnn import (
     MSELossLayer,
     MultiHeadAttention,
     NllLossLayer,
+    PositionalEmbeddingLayer,
     ReluLayer,
     SequentialLayers,
     SoftmaxLayer,
@@ -272,3 +277,97 @@ def test_linear_gradients_on_sequences_apply_the_map_at_every_position(shape, as
     assert outputs.shape == shape[:-1] + (3,)
     np.testing.assert_allclose(outputs, inputs @ layer.params["w"].T + layer.params["b"], rtol=1e-13)
     assert_layer_gradients(layer, inputs)
+
+
+# ------------------------------------------------------------------ the layers of a GPT
+# (the layers one by one; tests/test_gpt_layers.py checks them stacked into a model)
+
+@pytest.mark.parametrize("shape", [(5, 6), (2, 4, 6), (2, 3, 2, 6)], ids=["rows", "sequence", "two_axes"])
+def test_layer_norm_gradients(shape, assert_layer_gradients):
+    rng = np.random.default_rng(len(shape))
+    layer = LayerNormLayer(6, dtype=F64)
+    # A gain and bias away from their initial ones and zeros, inputs far from mean 0 and variance 1.
+    layer.params["g"][...] = 1 + 0.5 * rng.standard_normal(6)
+    layer.params["b"][...] = rng.standard_normal(6)
+    assert_layer_gradients(layer, 3 + 2 * rng.standard_normal(shape))
+
+
+def test_layer_norm_gradients_with_a_large_eps(assert_layer_gradients):
+    """eps comparable to the variance: its place inside the square root matters."""
+    rng = np.random.default_rng(1)
+    assert_layer_gradients(LayerNormLayer(4, eps=0.5, dtype=F64), 0.5 * rng.standard_normal((3, 4)))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
+def test_gelu_gradients(shape, assert_layer_gradients):
+    inputs = 3 * np.random.default_rng(len(shape)).standard_normal(shape)
+    assert_layer_gradients(GeluLayer(dtype=F64), inputs)
+
+
+@pytest.mark.parametrize("length", [4, 6], ids=["shorter_than_the_context", "the_whole_context"])
+def test_positional_embedding_gradients(length, assert_layer_gradients):
+    rng = np.random.default_rng(length)
+    layer = PositionalEmbeddingLayer(6, 5, dtype=F64, rng=rng)
+    assert_layer_gradients(layer, rng.standard_normal((3, length, 5)))
+    if length < 6:
+        assert not layer.grads["w"][length:].any(), "positions beyond the input got a gradient"
+
+
+@pytest.mark.parametrize("ids_shape", [(4, 6), (9,)], ids=["sequences", "one_id_per_sample"])
+def test_embedding_gradients_add_every_use_of_a_row(ids_shape, numerical_gradient):
+    rng = np.random.default_rng(len(ids_shape))
+    layer = EmbeddingLayer(7, 3, dtype=F64, rng=rng)
+    ids = rng.integers(0, 5, size=ids_shape)  # ids 5 and 6 never occur; most others several times
+    projection = rng.standard_normal(ids_shape + (3,))
+
+    def loss():
+        return np.sum(projection * layer.forward(ids))
+
+    loss()
+    assert layer.backward(projection) is None  # the ids have no gradient
+    np.testing.assert_allclose(layer.grads["w"], numerical_gradient(loss, layer.params["w"]), rtol=1e-6, atol=1e-8)
+    assert not layer.grads["w"][5:].any()
+
+
+def test_embedding_grads_accumulate_until_zero_grads():
+    rng = np.random.default_rng(3)
+    layer = EmbeddingLayer(5, 2, dtype=F64, rng=rng)
+    ids, projection = np.array([[1, 1, 4], [0, 1, 4]]), rng.standard_normal((2, 3, 2))
+    layer.forward(ids)
+    layer.backward(projection)
+    once = layer.grads["w"].copy()
+    live = layer.grads["w"]
+    layer.forward(ids)
+    layer.backward(projection)
+    np.testing.assert_allclose(layer.grads["w"], 2 * once, rtol=1e-12)
+    assert layer.grads["w"] is live
+    layer.zero_grads()
+    layer.forward(ids[:1])
+    layer.backward(projection[:1])
+    expected = np.zeros((5, 2))
+    expected[1] = projection[0, 0] + projection[0, 1]
+    expected[4] = projection[0, 2]
+    np.testing.assert_array_equal(layer.grads["w"], expected)
+
+
+@pytest.mark.parametrize("batch_size, length", [(1, 1), (3, 4)])
+def test_cross_entropy_gradients_over_every_position_of_a_sequence(batch_size, length, assert_layer_gradients):
+    rng = np.random.default_rng(length)
+    logits, labels = 2 * rng.standard_normal((batch_size, length, 5)), rng.integers(0, 5, (batch_size, length))
+    assert_layer_gradients(CrossEntropyLossLayer(dtype=F64), logits, labels)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 4)])
+def test_dropout_gradients_with_a_fixed_mask(shape, numerical_gradient):
+    rng = np.random.default_rng(len(shape))
+    layer = DropoutLayer(0.4, seed=9, dtype=F64)
+    inputs, projection = rng.standard_normal(shape), rng.standard_normal(shape)
+
+    def loss():
+        layer.start_batch(step=3, first_sample=10)  # the same mask in every forward
+        return np.sum(projection * layer.forward(inputs))
+
+    loss()
+    analytic = layer.backward(projection)
+    np.testing.assert_allclose(analytic, numerical_gradient(loss, inputs), rtol=1e-6, atol=1e-8)
+    assert 0 < np.count_nonzero(analytic) < analytic.size, "expected some values dropped and some kept"

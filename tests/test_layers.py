@@ -7,6 +7,10 @@ import pytest
 
 from mnn import (
     CrossEntropyLossLayer,
+    DropoutLayer,
+    EmbeddingLayer,
+    GeluLayer,
+    LayerNormLayer,
     LinearLayer,
     LogLayer,
     LogSoftmaxLayer,
@@ -14,6 +18,7 @@ from mnn import (
     MSELossLayer,
     MultiHeadAttention,
     NllLossLayer,
+    PositionalEmbeddingLayer,
     ReluLayer,
     SequentialLayers,
     SoftmaxLayer,
@@ -184,6 +189,11 @@ def dtype_cases(dtype, rng):
         (CrossEntropyLossLayer(dtype=dtype), x, labels),
         (MatrixProduct(dtype=dtype), (x[:, :, None], x[:, None, :]), None),
         (MultiHeadAttention(4, 2, dtype=dtype, rng=rng), x[None], None),
+        (PositionalEmbeddingLayer(5, 4, dtype=dtype, rng=rng), x[None], None),
+        (LayerNormLayer(4, dtype=dtype), x, None),
+        (GeluLayer(dtype=dtype), x, None),
+        (DropoutLayer(0.5, seed=0, dtype=dtype), x, None),
+        (CrossEntropyLossLayer(dtype=dtype), x[None], labels[None]),  # a sequence of 3 positions
     ]
 
 
@@ -259,7 +269,8 @@ def test_mse_targets_of_the_wrong_shape_raise(targets_shape):
 
 @pytest.mark.parametrize("layer", [
     LinearLayer(3, 2, rng=0), ReluLayer(), LogLayer(), SoftmaxLayer(), LogSoftmaxLayer(),
-    MatrixProduct(), MultiHeadAttention(4, 2, rng=0),
+    MatrixProduct(), MultiHeadAttention(4, 2, rng=0), EmbeddingLayer(3, 2, rng=0),
+    PositionalEmbeddingLayer(3, 2, rng=0), LayerNormLayer(2), GeluLayer(), DropoutLayer(0.5, seed=0),
 ], ids=lambda layer: layer.name)
 def test_backward_before_forward_raises(layer):
     with pytest.raises(ValueError, match=f"{layer.name}: backward called before forward"):
@@ -354,3 +365,130 @@ def test_an_empty_batch_raises_instead_of_a_nan_loss():
 def test_layer_sizes_must_be_positive_ints_not_bools(make):
     with pytest.raises(ValueError, match="LinearLayer: expected shape"):
         make()
+
+
+# --- the layers of a GPT ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_keeps_its_dtype_and_gives_no_input_gradient(dtype):
+    layer = EmbeddingLayer(5, 3, dtype=dtype, rng=0)
+    outputs = layer.forward(np.array([[0, 4], [2, 2]], dtype=np.uint8))
+    assert outputs.dtype == dtype and outputs.shape == (2, 2, 3)
+    np.testing.assert_array_equal(outputs[1, 0], layer.params["w"][2])
+    assert layer.backward(np.ones_like(outputs)) is None
+    assert layer.grads["w"].dtype == dtype
+    assert layer.forward(np.array([1, 3])).shape == (2, 3)  # one id per sample
+
+
+def test_embedding_takes_whole_float_ids_as_a_pipeline_in_the_training_dtype_gives_them():
+    layer = EmbeddingLayer(5, 3, dtype=np.float64, rng=0)
+    np.testing.assert_array_equal(layer.forward(np.array([[1.0, 4.0]], dtype=np.float32)),
+                                  layer.forward(np.array([[1, 4]])))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([[0, 5]]), r"expected token ids in \[0, 5\), got id 5"),
+    (np.array([[-1, 2]]), r"expected token ids in \[0, 5\), got id -1"),
+    (np.array([[0.5, 2.0]]), r"expected integer token ids, got non-integer ids of dtype float64"),
+    (np.array([[np.nan, 2.0]]), r"expected integer token ids, got non-integer ids of dtype float64"),
+    (np.array([["a", "b"]]), r"expected integer token ids, got non-integer ids of dtype <U1"),
+    (np.array([[2**70, 1]], dtype=object), r"expected integer token ids, got non-integer ids of dtype object"),
+    (np.array([[1e30, 1.0]]), r"expected token ids in \[0, 5\), got id 1e\+30"),
+    (np.zeros((0, 4), dtype=int), r"expected a non-empty batch of token ids"),
+    (np.array(3), r"expected a non-empty batch of token ids"),
+])
+def test_bad_token_ids_raise_naming_the_layer(ids, message):
+    with pytest.raises(ValueError, match="EmbeddingLayer: " + message):
+        EmbeddingLayer(5, 3, rng=0).forward(ids)
+
+
+def test_positional_embedding_refuses_more_positions_than_its_context():
+    layer = PositionalEmbeddingLayer(4, 3, rng=0)
+    assert layer.forward(np.zeros((2, 4, 3))).shape == (2, 4, 3)
+    with pytest.raises(ValueError, match=r"PositionalEmbeddingLayer: expected at most 4 positions \(the context "
+                                         r"it was built for\), got 5"):
+        layer.forward(np.zeros((2, 5, 3)))
+    with pytest.raises(ValueError, match=r"expected a non-empty batch of shape \(batch, time, 3\), got shape \(2, 4\)"):
+        layer.forward(np.zeros((2, 4)))
+
+
+def test_layer_norm_is_exact_in_float32_far_from_zero():
+    """Two passes: a mean of 1e4 with a spread of 1 still normalises to float32 precision."""
+    rows = 1e4 + np.random.default_rng(0).standard_normal((5, 64))
+    centered = rows - rows.mean(axis=1, keepdims=True)
+    expected = centered / np.sqrt((centered**2).mean(axis=1, keepdims=True) + 1e-5)
+    got = LayerNormLayer(64).forward(rows.astype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-3)  # float32 holds 1e4 + x to 1e-3
+
+
+def test_layer_norm_and_gelu_bad_configuration_and_inputs_raise():
+    with pytest.raises(ValueError, match=r"LayerNormLayer: expected 4 features on the last axis, got 5"):
+        LayerNormLayer(4).forward(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="LayerNormLayer: expected eps > 0"):
+        LayerNormLayer(4, eps=0)
+    with pytest.raises(ValueError, match="LayerNormLayer: d: expected an integer >= 1, got 0"):
+        LayerNormLayer(0)
+    with pytest.raises(ValueError, match="GeluLayer: approximate: expected one of tanh, got 'none'"):
+        GeluLayer(approximate="none")
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"p": 1.0}, ValueError, r"expected 0 <= p < 1 \(the probability of dropping a value\), got 1.0"),
+    ({"p": -0.1}, ValueError, r"expected 0 <= p < 1"),
+    ({"p": "0.1"}, TypeError, r"DropoutLayer: p: expected a number"),
+    ({"p": 0.1, "seed": -1}, ValueError, r"DropoutLayer: seed: expected an integer >= 0, got -1"),
+    ({"p": 0.1, "seed": 2**64}, ValueError, r"expected a seed below 2\*\*64"),
+    ({"p": 0.1, "seed": 1.5}, TypeError, r"DropoutLayer: seed: expected an integer"),
+])
+def test_bad_dropout_configuration_raises(arguments, error, message):
+    with pytest.raises(error, match=message):
+        DropoutLayer(**arguments)
+
+
+def test_bad_hook_arguments_raise_naming_the_layer():
+    net = SequentialLayers([LinearLayer(2, 2, rng=0), DropoutLayer(0.5, seed=0)])
+    with pytest.raises(TypeError, match=r"SequentialLayers.set_training: expected True \(training\) or False "
+                                        r"\(evaluation\), got 'no'"):
+        net.set_training("no")
+    with pytest.raises(TypeError, match=r"DropoutLayer.set_training: expected True"):
+        DropoutLayer(0.5, seed=0).set_training(1)
+    with pytest.raises(ValueError, match=r"SequentialLayers.start_batch: step: expected an integer >= 0, got -1"):
+        net.start_batch(-1, 0)
+    with pytest.raises(TypeError, match=r"LinearLayer.start_batch: first_sample: expected an integer"):
+        LinearLayer(2, 2, rng=0).start_batch(0, 1.5)
+
+
+def test_sequence_cross_entropy_is_the_mean_over_every_position():
+    rng = np.random.default_rng(9)
+    logits, labels = rng.standard_normal((3, 4, 5)), rng.integers(0, 5, (3, 4))
+    layer = CrossEntropyLossLayer(dtype=np.float64)
+    rows = CrossEntropyLossLayer(dtype=np.float64)
+    assert layer.forward(logits, labels) == pytest.approx(rows.forward(logits.reshape(12, 5), labels.ravel()),
+                                                          rel=1e-14)
+    np.testing.assert_allclose(layer.backward(), rows.backward().reshape(3, 4, 5), rtol=1e-14)
+
+
+def test_cross_entropy_tells_seed_columns_from_sequences_by_the_labels():
+    rng = np.random.default_rng(10)
+    layer = CrossEntropyLossLayer(dtype=np.float64)
+    columns = rng.standard_normal((3, 4, 1))  # the seed's (B, C, 1): 4 classes per sample
+    loss = layer.forward(columns, np.array([0, 3, 1]))
+    assert loss == pytest.approx(layer.forward(columns[:, :, 0], np.array([0, 3, 1])), rel=1e-14)
+    assert layer.forward(columns, np.array([[0], [3], [1]])) == loss
+    # The same logits with a label per position: 4 positions of a single class each.
+    assert layer.forward(columns, np.zeros((3, 4), dtype=int)) == 0
+    assert layer.backward().shape == (3, 4, 1)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros(2, dtype=int), r"expected labels of shape \(2, 3\), got \(2,\)"),
+    (np.zeros((3, 2), dtype=int), r"expected labels of shape \(2, 3\), got \(3, 2\)"),
+    (np.full((2, 3), 4), r"expected class indices in \[0, 4\), got label 4"),
+    (None, r"expected integer class labels as feedbacks, got None"),
+])
+def test_bad_sequence_labels_raise(labels, message):
+    with pytest.raises(ValueError, match="CrossEntropyLossLayer: " + message):
+        CrossEntropyLossLayer().forward(np.zeros((2, 3, 4)), labels)
+    with pytest.raises(ValueError, match="expected at least one sample and one position"):
+        CrossEntropyLossLayer().forward(np.zeros((2, 0, 4)), np.zeros((2, 0), dtype=int))

@@ -200,3 +200,64 @@ def test_reshape_layer_round_trips_and_checks_the_size(assert_layer_gradients):
         ReshapeLayer(2, 5).forward(inputs)
     with pytest.raises(ValueError, match="ReshapeLayer: expected a per-sample shape of positive ints"):
         ReshapeLayer(0, 4)
+
+
+# --- the layers of a GPT --------------------------------------------------------------
+
+GPT_LAYER_ENTRIES = [
+    {"type": "EmbeddingLayer", "vocab": 11, "d": 8},
+    {"type": "PositionalEmbeddingLayer", "context": 16, "d": 8},
+    {"type": "LayerNormLayer", "d": 8, "eps": 1e-6},
+    {"type": "GeluLayer", "approximate": "tanh"},
+    {"type": "DropoutLayer", "p": 0.25, "seed": 12345},
+]
+
+
+@pytest.mark.parametrize("entry", GPT_LAYER_ENTRIES, ids=lambda entry: entry["type"])
+def test_each_gpt_layer_round_trips_through_its_description(entry):
+    net = build_net({"layers": [entry]}, dtype=F64, rng=0)
+    assert net.get_config() == {"layers": [entry]}
+    again = build_net(net.get_config(), dtype=F64, rng=1)
+    for (_, param, _), (_, other, _) in zip(net.named_params(), again.named_params()):
+        assert param.shape == other.shape
+    assert repr(net.layers[0]).startswith(entry["type"] + "(")
+
+
+def test_gpt_defaults_are_filled_in():
+    short = {"layers": [{"type": "LayerNormLayer", "d": 4}, {"type": "GeluLayer"}, {"type": "DropoutLayer", "p": 0.1}]}
+    layers = build_net(short, rng=0).get_config()["layers"]
+    assert layers[0] == {"type": "LayerNormLayer", "d": 4, "eps": 1e-5}
+    assert layers[1] == {"type": "GeluLayer", "approximate": "tanh"}
+    assert layers[2]["p"] == 0.1 and isinstance(layers[2]["seed"], int)  # drawn from the builder's rng
+
+
+def test_a_gpt_description_round_trips_through_toml_with_its_dropout_seeds():
+    """Seeds drawn by the builder are part of get_config(); rebuilt from it (or its TOML),
+    the net has the same parameters and the same masks."""
+    description = {"layers": [
+        {"type": "EmbeddingLayer", "vocab": 11, "d": 8},
+        {"type": "PositionalEmbeddingLayer", "context": 6, "d": 8},
+        {"type": "DropoutLayer", "p": 0.2},
+        {"type": "Residual", "layers": [{"type": "LayerNormLayer", "d": 8},
+                                        {"type": "MultiHeadAttention", "d_model": 8, "n_heads": 2, "causal": True},
+                                        {"type": "DropoutLayer", "p": 0.2}]},
+        {"type": "Residual", "layers": [{"type": "LayerNormLayer", "d": 8}, {"type": "LinearLayer", "shape": [8, 32]},
+                                        {"type": "GeluLayer"}, {"type": "LinearLayer", "shape": [32, 8]}]},
+        {"type": "LayerNormLayer", "d": 8},
+        {"type": "LinearLayer", "shape": [8, 11]},
+        {"type": "CrossEntropyLossLayer"},
+    ]}
+    net = build_net(description, dtype=F64, rng=0)
+    config = net.get_config()
+    seeds = [config["layers"][2]["seed"], config["layers"][3]["layers"][2]["seed"]]
+    assert len(set(seeds)) == 2
+    again = build_net(tomllib.loads(tomli_w.dumps({"model": config}))["model"], dtype=F64, rng=0)
+    assert again.get_config() == config
+    for (name, param, _), (_, other, _) in zip(net.named_params(), again.named_params()):
+        np.testing.assert_array_equal(param, other, err_msg=name)
+    ids, targets = np.arange(12).reshape(2, 6) % 11, np.ones((2, 6), dtype=int)
+    net.start_batch(3, 0)
+    again.start_batch(3, 0)
+    assert net(ids, targets) == again(ids, targets)
+    net.set_training(False)  # the same loss from every forward
+    assert check_fits(net, ids.astype(np.float64), targets) == net(ids, targets)  # ids in the training dtype

@@ -19,6 +19,12 @@ row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
 * ``parameter_slots()`` names every parameter and says which layer holds it:
   a layer's own keys (``"w"``), or for a layer that holds other layers (a
   ``Residual``) their names below it (``"0.LinearLayer.w"``).
+* ``set_training(mode)`` switches between training (the default) and
+  evaluation, and ``start_batch(step, first_sample)`` says which global step
+  the next forward belongs to and where this batch starts in the global batch.
+  Both do nothing here; containers pass them to their layers, and layers that
+  draw random numbers (``DropoutLayer``) use them so that a sample's noise
+  depends on the sample, never on the rank or shard that holds it.
 
 Gradients are written into the arrays of ``self.grads`` in place and never
 rebound, so code outside the layer (the data-parallel wrapper) may hand the
@@ -30,7 +36,7 @@ that shape too and answer in the same shape; internally everything is rows.
 
 import numpy as np
 
-from mnn.checks import check_float_dtype
+from mnn.checks import check_float_dtype, check_int
 
 __all__ = ["Layer", "LossLayer"]
 
@@ -67,6 +73,25 @@ class Layer:
         """The constructor arguments that rebuild this layer, as plain values
         (numbers, strings, lists), without ``dtype`` and ``rng``."""
         return {}
+
+    def set_training(self, mode):
+        """Training (``True``, the default of every layer) or evaluation (``False``).
+
+        Only layers that behave differently in training override it (dropout is
+        the identity in evaluation); containers pass it to every layer inside.
+        """
+        _check_training_mode(self.name, mode)
+
+    def start_batch(self, step, first_sample):
+        """Announce the next forward: global ``step`` (0, 1, ...) and the index in
+        the global batch of its first sample (this rank's shard starts there).
+
+        Layers that draw random numbers key them by ``(step, first_sample + i)``
+        for the sample in row ``i``, so the numbers a sample gets do not depend
+        on how the global batch is split into shards. Others ignore it;
+        containers pass it to every layer inside.
+        """
+        _check_batch_position(self.name, step, first_sample)
 
     def parameter_slots(self):
         """``(name, layer, key)`` for every parameter: its name as seen from this
@@ -185,6 +210,38 @@ class Layer:
                 f"{self.name}: expected gradients of shape {expected_shape} (the output's), "
                 f"got {gradients.shape}")
         return gradients
+
+
+def _as_indices(layer_name, values, size, kind, item):
+    """``values`` as an integer array of indices in ``[0, size)``, any shape.
+
+    Integer arrays pass; floating-point arrays pass only when every value is
+    whole (data pipelines often hold ids and labels in the training dtype).
+    ``kind`` and ``item`` name them in the ValueError otherwise
+    (``"class indices"``, ``"label"``; ``"token ids"``, ``"id"``).
+    """
+    values = np.asarray(values)
+    is_integer = np.issubdtype(values.dtype, np.integer)
+    if not is_integer and not (np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0)):
+        raise ValueError(f"{layer_name}: expected integer {kind}, got non-integer {item}s of dtype {values.dtype}")
+    # The range is checked before any cast, so a huge whole float or uint64 cannot wrap into it.
+    if values.size and (values.min() < 0 or values.max() >= size):
+        bad = values[(values < 0) | (values >= size)][0]
+        raise ValueError(f"{layer_name}: expected {kind} in [0, {size}), got {item} {bad.item()}")
+    return values if is_integer else values.astype(np.int64)
+
+
+def _check_training_mode(layer_name, mode):
+    if not isinstance(mode, (bool, np.bool_)):
+        raise TypeError(f"{layer_name}.set_training: expected True (training) or False (evaluation), "
+                        f"got {mode!r} ({type(mode).__name__})")
+    return bool(mode)
+
+
+def _check_batch_position(layer_name, step, first_sample):
+    """``(step, first_sample)`` as Python ints, both integers >= 0."""
+    return (check_int(f"{layer_name}.start_batch: step", step, minimum=0),
+            check_int(f"{layer_name}.start_batch: first_sample", first_sample, minimum=0))
 
 
 class LossLayer(Layer):
