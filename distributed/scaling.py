@@ -509,13 +509,16 @@ def _build_workload(experiment: Experiment) -> None:
         if experiment.points:
             experiment.notes.append("no 1-rank run: the cost model needs one (add 1 to --ranks)")
         return
-    summary = single[0].summary
-    batch = summary["global_batch"]
-    # Everything but the optimizer counts as compute, so that the model reproduces 1 rank.
-    experiment.workload = Workload(
-        f"MLP {'-'.join(map(str, experiment.settings.layers))}",
-        compute_s_per_sample=(summary["ms_per_step"] - summary["optimizer_ms"]) * 1e-3 / batch,
-        optimizer_s=summary["optimizer_ms"] * 1e-3, bucket_bytes=tuple(summary["bucket_bytes"]))
+    experiment.workload = _workload(experiment.settings, single[0].summary)
+
+
+def _workload(settings: ScalingSettings, one_rank: Mapping[str, Any]) -> Workload:
+    """The workload of a 1-rank run (or the median of several). Everything but the optimizer
+    counts as compute, so that the model reproduces that run exactly."""
+    return Workload(f"MLP {'-'.join(map(str, settings.layers))}",
+                    compute_s_per_sample=(one_rank["ms_per_step"] - one_rank["optimizer_ms"]) * 1e-3
+                    / one_rank["global_batch"],
+                    optimizer_s=one_rank["optimizer_ms"] * 1e-3, bucket_bytes=tuple(one_rank["bucket_bytes"]))
 
 
 def model_networks(experiment: Experiment) -> list[Network]:
@@ -533,22 +536,31 @@ def _per_rank_batch(settings: ScalingSettings, ranks: int) -> float:
 
 
 def predict_points(experiment: Experiment) -> list[dict]:
-    """The cost model's step time for each measured point, beside the measured median (Eq. 7 of
-    :mod:`costmodel`, with the α and β fitted here to the all-reduce that training uses)."""
+    """The cost model's step time for each measured point beside the measured one (Eq. 7 of
+    :mod:`costmodel`, with the α and β fitted here to the all-reduce that training uses).
+
+    Turn by turn, as the speed-up: each turn's prediction starts from that turn's 1-rank
+    run, so the machine's drifts cancel; the median prediction and error are reported,
+    with the errors' min and max.
+    """
     name = experiment.settings.train_collective
     fit = experiment.fits.get(name)
-    if experiment.workload is None or fit is None:
+    single = [point for point in experiment.points if point.ranks == 1]
+    if fit is None or not single:
         return []
     network = Network(f"here ({name} fit)", fit.alpha, fit.beta, "fitted here")
     rows = []
     for point in experiment.points:
         batch = _per_rank_batch(experiment.settings, point.ranks)
-        predicted = step_time(experiment.workload, point.ranks, batch, network, name) * 1e3
-        measured = point.summary["ms_per_step"]
-        rows.append({"ranks": point.ranks, "oversubscribed": point.oversubscribed, "predicted_ms": predicted,
-                     "measured_ms": measured, "measured_min_ms": point.summary["ms_per_step_min"],
-                     "measured_max_ms": point.summary["ms_per_step_max"],
-                     "error": (predicted - measured) / measured})
+        predicted, errors = [], []
+        for run, base in zip(point.runs, single[0].runs):
+            predicted.append(step_time(_workload(experiment.settings, base), point.ranks, batch, network, name) * 1e3)
+            errors.append((predicted[-1] - run["ms_per_step"]) / run["ms_per_step"])
+        rows.append({"ranks": point.ranks, "oversubscribed": point.oversubscribed,
+                     "predicted_ms": statistics.median(predicted), "measured_ms": point.summary["ms_per_step"],
+                     "measured_min_ms": point.summary["ms_per_step_min"],
+                     "measured_max_ms": point.summary["ms_per_step_max"], "error": statistics.median(errors),
+                     "error_min": min(errors), "error_max": max(errors), "turn_errors": errors})
     return rows
 
 
