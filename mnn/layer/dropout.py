@@ -49,7 +49,8 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, odd: k -> k * gam
 _MIX_MULTIPLIERS = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 _MIX_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
 # Mask words hashed per block: 32K uint64 (256 KiB) and a scratch array of the
-# same size stay in a 1 MiB L2 cache; one pass over a 2 MiB array was 9x slower.
+# same size stay in a 1 MiB L2 cache. Hashed in one pass, the mask of a
+# (32, 64, 128) batch took 3x as long (1.1 ms against 0.36 ms, one thread).
 _BLOCK_WORDS = 1 << 15
 
 
