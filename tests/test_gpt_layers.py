@@ -143,10 +143,10 @@ def test_splitmix64_gives_the_published_outputs():
 
 
 def test_dropout_masks_follow_the_documented_hash():
-    layer = DropoutLayer(0.5, seed=2**64 - 5, dtype=F64)
+    layer = DropoutLayer(0.5, seed=2**63 - 5, dtype=F64)
     layer.start_batch(step=11, first_sample=40)
     kept = layer.forward(np.ones((3, 5))) != 0
-    expected = [[keep_reference(2**64 - 5, 11, 40 + row, index, 0.5) for index in range(5)] for row in range(3)]
+    expected = [[keep_reference(2**63 - 5, 11, 40 + row, index, 0.5) for index in range(5)] for row in range(3)]
     np.testing.assert_array_equal(kept, expected)
 
 
@@ -230,6 +230,11 @@ def test_dropout_with_p_zero_is_the_identity():
     layer = DropoutLayer(0.0, seed=1, dtype=F64)
     np.testing.assert_array_equal(layer.forward(inputs), inputs)
     np.testing.assert_array_equal(layer.backward(inputs), inputs)
+
+
+def test_dropout_with_p_next_to_one_keeps_nothing():
+    layer = DropoutLayer(1 - 2**-40, seed=1, dtype=F64)  # ceil(p 2^32) = 2^32, beyond every 32-bit u
+    assert not layer.forward(np.ones((4, 6))).any()
 
 
 def test_forwards_without_start_batch_use_the_next_step():

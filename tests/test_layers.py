@@ -438,7 +438,7 @@ def test_layer_norm_and_gelu_bad_configuration_and_inputs_raise():
     ({"p": -0.1}, ValueError, r"expected 0 <= p < 1"),
     ({"p": "0.1"}, TypeError, r"DropoutLayer: p: expected a number"),
     ({"p": 0.1, "seed": -1}, ValueError, r"DropoutLayer: seed: expected an integer >= 0, got -1"),
-    ({"p": 0.1, "seed": 2**64}, ValueError, r"expected a seed below 2\*\*64"),
+    ({"p": 0.1, "seed": 2**63}, ValueError, r"expected a seed below 2\*\*63 \(a TOML integer\)"),
     ({"p": 0.1, "seed": 1.5}, TypeError, r"DropoutLayer: seed: expected an integer"),
 ])
 def test_bad_dropout_configuration_raises(arguments, error, message):

@@ -79,8 +79,8 @@ class DropoutLayer(Layer):
     r"""Inverted dropout (Srivastava et al., 2014): zero each value with probability
     :math:`p` in training and scale the rest by :math:`1/(1-p)`; the identity in evaluation.
 
-    ``DropoutLayer(p, seed=None)``; ``seed`` (an integer in :math:`[0, 2^{64})`)
-    keys this layer's masks. Without it, the seed is drawn from ``rng`` (a
+    ``DropoutLayer(p, seed=None)``; ``seed`` (an integer in :math:`[0, 2^{63})`,
+    which a TOML job file can hold) keys this layer's masks. Without it, the seed is drawn from ``rng`` (a
     Generator or an int seed, as every layer's initialisation; ``None`` draws
     from fresh entropy). A layer built from ``rng`` always takes exactly one
     number from it, seed given or not, so a model description rebuilt from its
@@ -115,10 +115,10 @@ class DropoutLayer(Layer):
             self.seed = drawn
         else:
             self.seed = check_int("DropoutLayer: seed", seed, minimum=0)
-            if self.seed >= 2**64:
-                raise ValueError(f"DropoutLayer: expected a seed below 2**64, got {seed}")
-        # Keep a value when its 32-bit uniform u = h / 2^32 has u >= p, i.e. h >= ceil(p 2^32):
-        # probability 1 - p, up to 2^-32.
+            if self.seed >= 2**63:
+                raise ValueError(f"DropoutLayer: expected a seed below 2**63 (a TOML integer), got {seed}")
+        # Keep a value when its 32-bit integer u >= ceil(p 2^32): probability 1 - p, up to 2^-32.
+        # (A p within 2^-32 of 1 gives 2^32, which no u reaches: nothing is kept.)
         self._threshold = math.ceil(self.p * 2**32)
         self.training = True
         self._next_position = (0, 0)  # (step, first_sample) of the next training forward
