@@ -3,6 +3,7 @@ trains the same parameters with it; float16 compression stays close and is float
 
 Run as ``mpiexec -n N python -m pytest --with-mpi tests/mpi/test_ring.py`` for N = 1, 2, 3.
 """
+import contextlib
 import hashlib
 
 import numpy as np
@@ -196,6 +197,23 @@ def test_data_parallel_with_the_ring_trains_the_same_parameters_as_with_mpi(comm
     for name, expected in with_mpi.items():
         np.testing.assert_allclose(with_ring[name], expected, rtol=1e-9, atol=1e-12, err_msg=name)
         assert_same_on_all_ranks(comm, with_ring[name])
+
+
+def test_micro_batches_accumulated_without_sync_are_reduced_alike(comm):
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((30, 6)), rng.integers(0, 4, 30)
+    grads = {}
+    for allreduce in ("mpi", "ring"):
+        net = make_net(seed=0, dtype=np.float64)
+        dp = DataParallel(net, comm=comm, bucket_bytes=300, allreduce=allreduce)
+        for start, stop in [(0, 12), (12, 20), (20, 30)]:  # micro-batches of 12, 8 and 10 samples
+            shard = np.array_split(np.arange(start, stop), comm.size)[comm.rank]
+            with dp.no_sync() if stop < 30 else contextlib.nullcontext():
+                dp(x[shard], y[shard])
+                dp.backward(global_batch_size=stop - start)
+        dp.synchronize()
+        grads[allreduce] = np.concatenate([bucket.buffer for bucket in dp.buckets])
+    np.testing.assert_allclose(grads["ring"], grads["mpi"], rtol=1e-12, atol=1e-15)
 
 
 def test_fp16_compression_trains_close_to_uncompressed(comm):
