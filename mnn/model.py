@@ -16,7 +16,11 @@ the builder passes). ``Residual`` takes ``layers``, a list of the same entries::
     net.get_config()        # the same description, with every default filled in
 
 In TOML the same description reads ``[[model.layers]]`` tables, one per layer
-(``[[model.layers.layers]]`` for the layers inside a ``Residual``). Every mistake
+(``[[model.layers.layers]]`` for the layers inside a ``Residual``).
+
+A GPT-style language model has a short form, ``{"gpt": {"vocab": 99, "n_layers": 2,
+"d_model": 128, "n_heads": 4, "context": 64, "dropout": 0.1}}`` (``[model.gpt]``
+in TOML), which :func:`gpt_description` spells out as layers. Every mistake
 is a ``ValueError`` naming the entry (``model.layers[2]``) and saying what was
 expected: an unknown type, an unknown or missing argument, a bad value, a loss
 layer that is not last. Whether the layers fit together (widths that chain)
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mnn.checks import as_generator
+from mnn.checks import as_generator, is_int
 from mnn.layer import (
     CrossEntropyLossLayer,
     DropoutLayer,
@@ -51,7 +55,8 @@ from mnn.layer import (
 )
 from mnn.seq_layers import Residual, SequentialLayers
 
-__all__ = ["LAYER_TYPES", "LOSS_HEADS", "build_net", "build_layers", "mlp_description", "check_fits"]
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "build_net", "build_layers", "mlp_description",
+           "gpt_description", "expand_gpt", "check_fits"]
 
 #: Every layer a description may name, by class name.
 LAYER_TYPES = {cls.__name__: cls for cls in (
@@ -82,14 +87,64 @@ def mlp_description(widths: list[int], loss: str = "cross_entropy") -> dict[str,
     return {"layers": layers}
 
 
+GPT_KEYS = {"vocab": None, "n_layers": 2, "d_model": 128, "n_heads": 4, "context": 64, "dropout": 0.0}
+
+
+def gpt_description(vocab: int, n_layers: int = 2, d_model: int = 128, n_heads: int = 4, context: int = 64,
+                    dropout: float = 0.0) -> dict[str, Any]:
+    """The layers of a GPT-style character model (Radford et al. 2019, as nanoGPT has it):
+    token and position embeddings, then ``n_layers`` blocks of [LayerNorm, causal
+    self-attention] and [LayerNorm, Linear to 4 d, GELU, Linear to d], each inside a
+    residual connection, then a LayerNorm and a Linear to the vocabulary, and the cross
+    entropy of the next character at every position. With ``dropout`` > 0, dropout
+    follows the embeddings and the end of each residual branch, as in GPT-2."""
+    def dropped(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return layers + [{"type": "DropoutLayer", "p": dropout}] if dropout else layers
+
+    layers = dropped([{"type": "EmbeddingLayer", "vocab": vocab, "d": d_model},
+                      {"type": "PositionalEmbeddingLayer", "context": context, "d": d_model}])
+    for _ in range(n_layers):
+        layers.append({"type": "Residual", "layers": dropped([
+            {"type": "LayerNormLayer", "d": d_model},
+            {"type": "MultiHeadAttention", "d_model": d_model, "n_heads": n_heads, "causal": True}])})
+        layers.append({"type": "Residual", "layers": dropped([
+            {"type": "LayerNormLayer", "d": d_model},
+            {"type": "LinearLayer", "shape": [d_model, 4 * d_model]}, {"type": "GeluLayer"},
+            {"type": "LinearLayer", "shape": [4 * d_model, d_model]}])})
+    layers += [{"type": "LayerNormLayer", "d": d_model}, {"type": "LinearLayer", "shape": [d_model, vocab]},
+               {"type": "CrossEntropyLossLayer"}]
+    return {"layers": layers}
+
+
 def build_net(description: Any, dtype: Any = np.float32, rng: Any = None,
               where: str = "model") -> SequentialLayers:
     """The ``SequentialLayers`` of ``description``, its parameters drawn from ``rng``
     (a Generator or int seed) layer by layer, so the same seed builds the same net."""
+    if isinstance(description, dict) and set(description) == {"gpt"}:
+        description = {"layers": expand_gpt(description["gpt"], f"{where}.gpt")["layers"]}
     if not isinstance(description, dict) or set(description) != {"layers"}:
-        raise ValueError(f"{where}: expected a table with one key, 'layers' (a list of layers), "
-                         f"got {description!r}")
+        raise ValueError(f"{where}: expected a table with one key, 'layers' (a list of layers) or 'gpt' "
+                         f"(a GPT's sizes), got {description!r}")
     return SequentialLayers(build_layers(description["layers"], dtype, as_generator(rng), f"{where}.layers"))
+
+
+def expand_gpt(sizes: Any, where: str = "model.gpt") -> dict[str, Any]:
+    """The layers of a ``gpt`` table (its keys checked: those of :func:`gpt_description`)."""
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{where}: expected a table of sizes ({', '.join(GPT_KEYS)}), got {sizes!r}")
+    unknown = sorted(set(sizes) - set(GPT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(GPT_KEYS)}")
+    if sizes.get("vocab") is None:
+        raise ValueError(f"{where}: missing vocab (the number of characters; the trainer takes it from the text)")
+    values = {**GPT_KEYS, **sizes}
+    for key in ("vocab", "n_layers", "d_model", "n_heads", "context"):
+        if not (is_int(values[key]) and values[key] >= 1):
+            raise ValueError(f"{where}: expected {key} a positive integer, got {values[key]!r}")
+    if isinstance(values["dropout"], bool) or not isinstance(values["dropout"], (int, float)) \
+            or not 0 <= values["dropout"] < 1:
+        raise ValueError(f"{where}: expected dropout a number in [0, 1), got {values['dropout']!r}")
+    return gpt_description(**values)
 
 
 def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,

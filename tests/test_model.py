@@ -261,3 +261,31 @@ def test_a_gpt_description_round_trips_through_toml_with_its_dropout_seeds():
     assert net(ids, targets) == again(ids, targets)
     net.set_training(False)  # the same loss from every forward
     assert check_fits(net, ids.astype(np.float64), targets) == net(ids, targets)  # ids in the training dtype
+
+
+def test_gpt_short_form_spells_out_the_blocks():
+    net = build_net({"gpt": {"vocab": 30, "n_layers": 3, "d_model": 16, "n_heads": 2, "context": 8, "dropout": 0.1}},
+                    rng=0)
+    types = [layer["type"] for layer in net.get_config()["layers"]]
+    assert types[:3] == ["EmbeddingLayer", "PositionalEmbeddingLayer", "DropoutLayer"]
+    assert types[3:9] == ["Residual"] * 6 and types[9:] == ["LayerNormLayer", "LinearLayer", "CrossEntropyLossLayer"]
+    attention = net.get_config()["layers"][3]["layers"]
+    assert [layer["type"] for layer in attention] == ["LayerNormLayer", "MultiHeadAttention", "DropoutLayer"]
+    assert attention[1]["causal"] is True
+    tokens = np.random.default_rng(0).integers(0, 30, (2, 8))
+    net.set_training(False)
+    assert net(tokens).shape == (2, 8, 30)
+    rebuilt = build_net(net.get_config(), rng=0)
+    assert [name for name, _, _ in rebuilt.named_params()] == [name for name, _, _ in net.named_params()]
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({}, "missing vocab"),
+    ({"vocab": 10, "blocks": 2}, "unknown key\\(s\\) 'blocks'"),
+    ({"vocab": 10, "d_model": 0}, "expected d_model a positive integer"),
+    ({"vocab": 10, "dropout": 1.0}, "expected dropout a number in \\[0, 1\\)"),
+    ({"vocab": 10, "d_model": 10, "n_heads": 4}, "d_model divisible by n_heads"),
+])
+def test_gpt_short_form_mistakes_are_named(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        build_net({"gpt": sizes})
