@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -285,7 +285,7 @@ class DataParallel:
             raise ValueError("DataParallel: the ranks do not hold the same model:\n  "
                              + "\n  ".join(problems))
 
-    def _blocking_reduction(self, bucket: GradientBucket) -> Any:
+    def _blocking_reduction(self, bucket: GradientBucket) -> Callable[[np.ndarray], np.ndarray]:
         """The blocking in-place sum over the ranks that synchronize() applies to ``bucket``'s buffer."""
         if self.allreduce == "ring":
             return RingAllreduce(self.comm, bucket.buffer.size, bucket.dtype, self.grad_compression).allreduce
