@@ -30,6 +30,16 @@ a host listed twice has the slots of both lines)::
 They are passed as ``-hosts a:2,b:2`` to MPICH's hydra and ``--host a:2,b:2`` to
 Open MPI; ``-n`` defaults to the total of the slots.
 
+Other hosts. The launcher reaches hosts other than this machine with ssh (or
+``--ssh PROGRAM``) and would wait forever for one that does not answer. So
+before anything starts, every such host must answer ``ssh HOST true`` within
+``--start-timeout`` seconds (default 60), all at once; mnn-launch names each one
+that did not, starts nothing and exits with status 2. The launcher's own ssh
+gets ``-o BatchMode=yes -o ConnectTimeout=S`` too (HYDRA_LAUNCHER_EXTRA_ARGS for
+MPICH, PRTE_MCA_plm_ssh_args for Open MPI, unless set), so that it never waits
+for a password nobody can type; ``--dry-run`` shows these as the launcher
+environment.
+
 Environment. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to
 ``max(1, cores per host // ranks per host)`` unless already set (other hosts are
 assumed to have as many cores as this one; under SLURM, ``SLURM_CPUS_PER_TASK``
@@ -39,14 +49,24 @@ by themselves, and mnn-launch adds ``-genv`` for the variables it sets; Open MPI
 is given ``-x NAME`` for those and for PATH, LD_LIBRARY_PATH, PYTHONPATH and
 VIRTUAL_ENV. When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=bar
 (unless set), so that rank 0 draws a progress bar although its own stderr is the
-launcher's pipe. SIGINT and SIGTERM are forwarded to the launcher, so all ranks
-stop, and mnn-launch exits with the job's exit status (128 + N after signal N).
+launcher's pipe.
+
+Signals. SIGINT (Ctrl-C) and SIGTERM reach every rank, and mnn-launch exits with
+the job's exit status (128 + N after signal N; 130 when mnn-train stops after an
+interrupt): MPICH's launcher forwards them; Open MPI's would abort the job
+(exit status 1, the ranks' last output lost), so mnn-launch gives them to the
+ranks on this machine itself and only a third one to the launcher. No job
+outlives mnn-launch: if it dies, even by SIGKILL, its launcher is stopped
+(Linux), and with it the ranks. Open MPI refuses to run as root unless told:
+as root mnn-launch adds ``--allow-run-as-root`` (as horovodrun does).
 
 Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
-the threads per rank, and starts a hello job: two ranks on this machine, or with
-``--hosts``/``--hostfile`` one rank on each host (two on a lone host), saying per
-host whether its rank answered, only started (MPI could not connect it), or
-never started (ssh, the host name, or Python missing there at the same path).
+answer ssh, and the threads per rank, and starts a hello job: two ranks on this
+machine, or with ``--hosts``/``--hostfile`` one rank on each host (two on a lone
+host), saying per host whether its rank answered, only started (MPI could not
+connect it), or never started (ssh, the host name, or Python missing there at
+the same path). The hello gets ``--start-timeout`` seconds; then it is stopped,
+with every process it started.
 """
 
 from __future__ import annotations
@@ -57,11 +77,13 @@ import sys
 from typing import Mapping
 
 from mnn.distributed.launch import (
+    DEFAULT_START_TIMEOUT_S,
     build_command,
     detect_mpi,
     format_plan,
     parse_hostfile,
     parse_hosts,
+    require_answers,
     run_check,
     run_plan,
 )
@@ -73,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The mnn-launch argument parser; the command follows ``--``."""
     parser = argparse.ArgumentParser(
         prog="mnn-launch",
-        usage="mnn-launch [-n N] [--hostfile FILE | --hosts H:S,...] [--dry-run] [--check] -- COMMAND ...",
+        usage="mnn-launch [-n N] [--hostfile FILE | --hosts H:S,...] [--ssh PROGRAM] [--start-timeout S] "
+              "[--dry-run] [--check] -- COMMAND ...",
         description="Start COMMAND on N MPI ranks: srun inside SLURM, else the mpiexec that matches mpi4py, "
                     "with one BLAS/OpenMP thread per core per rank.",
         # The module docstring, without its title, is the help.
@@ -87,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--hosts", metavar="H:S,...", help="comma-separated hosts with slots, e.g. a:2,b:2")
     parser.add_argument("--mpiexec", metavar="PATH",
                         help="use this mpiexec (also inside SLURM) instead of the one found for mpi4py")
+    parser.add_argument("--ssh", metavar="PROGRAM",
+                        help="remote shell for the hosts other than this machine (default: ssh)")
+    parser.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT_S, metavar="S",
+                        help="seconds each other host has to answer ssh before the job starts, and --check's "
+                             f"hello to finish (default: {DEFAULT_START_TIMEOUT_S:g})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and the environment variables it sets, run nothing")
     parser.add_argument("--check", action="store_true",
@@ -130,6 +158,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run mnn-launch with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -150,6 +188,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         if args.dry_run:
             print(format_plan(plan), flush=True)
             return 0
+        if plan.launcher == "mpiexec":
+            require_answers(args.hosts, args.ssh, args.start_timeout, env)
         return run_plan(plan, env)
     except ValueError as error:
         print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)

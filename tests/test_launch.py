@@ -21,8 +21,10 @@ from mnn.distributed.launch import (
     detect_mpi,
     find_mpiexec,
     format_plan,
+    mpi_family,
     parse_hostfile,
     parse_hosts,
+    process_tree,
 )
 from mnn.scripts.launch import main, parse_args
 
@@ -33,6 +35,14 @@ COMMAND = ["mnn-train", "--epochs", "2"]
 BIN = Path(sys.executable).parent
 HAVE_MPI = (BIN / "mpiexec").exists()
 needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py's mpiexec beside the Python executable")
+# The MPI whose mpiexec these tests start: make test runs this file under MPICH and under Open MPI.
+FAMILY = mpi_family(subprocess.run([str(BIN / "mpiexec"), "--version"], capture_output=True, text=True,
+                                   timeout=60).stdout) if HAVE_MPI else None
+# Banners of an mpiexec of each family, and of one of the other family than ours.
+VERSION_BANNERS = {"mpich": "HYDRA build details:\n    Version: 4.2.0",
+                   "openmpi": "mpiexec (Open MPI) 5.0.3\n\nReport bugs to https://www.open-mpi.org/community/help/"}
+OTHER_FAMILY = "mpich" if FAMILY == "openmpi" else "openmpi"
+FAMILY_NAMES = {"mpich": "MPICH", "openmpi": "Open MPI"}
 
 
 def without_thread_variables(env):
@@ -40,8 +50,9 @@ def without_thread_variables(env):
     return {name: value for name, value in env.items() if name not in (*THREAD_VARIABLES, PROGRESS_ENV)}
 
 
-def plan_for(argv, env=None, mpi=MPICH, cores=8, terminal=False):
-    return build_command(parse_args(argv), {} if env is None else env, mpi, cores=cores, terminal=terminal)
+def plan_for(argv, env=None, mpi=MPICH, cores=8, terminal=False, as_root=False):
+    return build_command(parse_args(argv), {} if env is None else env, mpi, cores=cores, terminal=terminal,
+                         as_root=as_root)
 
 
 def launcher_command():
@@ -190,6 +201,9 @@ def test_usage_errors():
         parse_args(["-n", "0", "--", "x"])
     with pytest.raises(SystemExit):
         parse_args(["--hosts", "a:1", "--hostfile", "f", "--", "x"])
+    for seconds in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parse_args(["--start-timeout", seconds, "--", "x"])
     mismatch = MpiSetup("4.1", "MPICH", "mpich", None, error="the only mpiexec found belongs to another MPI")
     with pytest.raises(ValueError, match="belongs to another MPI"):
         plan_for(["-n", "2", "--", *COMMAND], mpi=mismatch)
@@ -201,13 +215,53 @@ def test_format_plan_and_dry_run(tmp_path, capsys):
                 env={**without_thread_variables(os.environ), "MKL_NUM_THREADS": "1"})
     out = capsys.readouterr().out
     assert code == 0 and not marker.exists()
-    environment, command = out.strip().splitlines()
+    environment, command, *notes = out.strip().splitlines()
     assert environment.startswith("environment: OMP_NUM_THREADS=") and "MKL" not in environment
     assert PROGRESS_ENV not in environment  # captured stderr is no terminal
     assert command.startswith("command: ") and f"{sys.executable} -c " in command
+    as_root_with_openmpi = os.geteuid() == 0 and FAMILY == "openmpi"
+    assert notes == (["note: running as root: --allow-run-as-root, or Open MPI refuses to start"]
+                     if as_root_with_openmpi else [])
     plan = plan_for(["-n", "1", "--", "echo", "a b"], env={name: "1" for name in THREAD_VARIABLES})
     assert format_plan(plan) == ("environment: (nothing: the thread variables are already set)\n"
                                  "command: /opt/mpich/bin/mpiexec -n 1 echo 'a b'")
+
+
+def test_open_mpi_as_root_is_allowed_and_dry_run_says_so():
+    """Open MPI refuses to start as root (containers, CI) unless told; MPICH needs nothing."""
+    openmpi = plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI, as_root=True)
+    assert openmpi.argv[:4] == ["/opt/openmpi/bin/mpiexec", "-n", "2", "--allow-run-as-root"]
+    shown = format_plan(openmpi).splitlines()
+    assert shown[1].startswith("command: /opt/openmpi/bin/mpiexec -n 2 --allow-run-as-root -x ")
+    assert shown[2:] == ["note: running as root: --allow-run-as-root, or Open MPI refuses to start"]
+    assert "--allow-run-as-root" not in plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI).argv
+    mpich = plan_for(["-n", "2", "--", *COMMAND], as_root=True)
+    assert "--allow-run-as-root" not in mpich.argv and mpich.notes == []
+    hello = build_hello_command(parse_args(["--check"]), {}, OPENMPI, cores=8, as_root=True)
+    assert "--allow-run-as-root" in hello.argv
+
+
+def test_remote_starts_are_bounded_in_the_launchers_environment():
+    """With hosts other than this machine, the launcher's ssh gets BatchMode and ConnectTimeout (from
+    --start-timeout), and --ssh names the remote shell: in the launcher's environment, not the ranks'."""
+    argv = ["--hosts", "localhost:1,node2:1", "--start-timeout", "7.5", "--", *COMMAND]
+    bounded = "-o BatchMode=yes -o ConnectTimeout=8"
+    mpich = plan_for(argv)
+    assert mpich.launcher_env == {"HYDRA_LAUNCHER_EXTRA_ARGS": bounded}
+    assert "HYDRA_LAUNCHER_EXTRA_ARGS" not in mpich.argv and "HYDRA_LAUNCHER_EXTRA_ARGS" not in mpich.env_updates
+    assert format_plan(mpich).splitlines()[1] == f"launcher environment: HYDRA_LAUNCHER_EXTRA_ARGS='{bounded}'"
+    # Open MPI starts every daemon from here: through the ssh that mnn-launch checked, with these options.
+    openmpi = plan_for(argv, mpi=OPENMPI)
+    assert openmpi.launcher_env == {"PRTE_MCA_plm_ssh_args": bounded, "PRTE_MCA_plm_ssh_no_tree_spawn": "1"}
+    assert "PRTE_MCA_plm_ssh_args" not in openmpi.argv
+    with_ssh = ["--hosts", "node2:2", "--ssh", "/opt/bin/myssh", "--", *COMMAND]
+    assert plan_for(with_ssh).launcher_env == {"HYDRA_LAUNCHER_EXTRA_ARGS": "-o BatchMode=yes -o ConnectTimeout=60",
+                                              "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": "/opt/bin/myssh"}
+    assert plan_for(with_ssh, mpi=OPENMPI).launcher_env["PRTE_MCA_plm_ssh_agent"] == "/opt/bin/myssh"
+    # The user's own settings win; this machine alone needs none.
+    assert plan_for(argv, env={"HYDRA_LAUNCHER_EXTRA_ARGS": "-p 2222"}).launcher_env == {}
+    assert plan_for(["--hosts", "localhost:2", "--", *COMMAND]).launcher_env == {}
+    assert plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI).launcher_env == {}
 
 
 def test_terminal_adds_progress_bar_to_the_plan():
@@ -288,7 +342,7 @@ def test_help_explains_formats_and_examples(capsys):
 
 # ------------------------------------------------------------------ the --check hello
 def hello_plan(argv, mpi=MPICH):
-    return build_hello_command(parse_args([*argv, "--check"]), {}, mpi, cores=8)
+    return build_hello_command(parse_args([*argv, "--check"]), {}, mpi, cores=8, as_root=False)
 
 
 @pytest.mark.parametrize("mpi, host_option", [(MPICH, "-hosts"), (OPENMPI, "--host")], ids=["mpich", "openmpi"])
@@ -318,40 +372,87 @@ def write_scripted_launcher(path, script):
     return path
 
 
-def check_lines(launcher, hosts):
-    result = subprocess.run([*launcher_command(), "--mpiexec", str(launcher), "--hosts", hosts, "--check"],
-                            capture_output=True, text=True, timeout=120)
+# Hosts that stand for other machines. The tests reach no other machine, and look up no name
+# elsewhere either: these loopback addresses need no DNS, and the launchers (and mnn-launch)
+# count every one but 127.0.0.1 as another host, to be reached with the remote shell, for
+# which a stand-in that contacts nothing is given (--ssh).
+OTHER_HOSTS = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+# A name that cannot resolve and is never looked up: Python refuses a label of 64 characters.
+UNRESOLVABLE = "no-such-host-" + "x" * 51 + ".example"
+
+
+def write_remote_shell(directory, answers=True):
+    """A stand-in for ssh that reaches no machine: asked ``HOST true`` (as mnn-launch asks) it
+    answers at once if ``answers``; anything else (a launcher starting its daemon) it never
+    answers, as a host that is down. Returns its path and a marker on the command line of the
+    process that hangs."""
+    marker = f"mnn-test-remote-shell-{os.getpid()}-{time.monotonic_ns()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "remote-shell"
+    script.write_text("#!/bin/sh\n"
+                      'for last in "$@"; do :; done\n'
+                      f'if [ "$last" = true ] && [ {int(answers)} = 1 ]; then exit 0; fi\n'
+                      f'exec {sys.executable} -c "import time; time.sleep(1e6)" {marker}\n')
+    script.chmod(0o755)
+    return script, marker
+
+
+def marked_processes(marker, wait=0.0):
+    """Live processes whose command line or environment holds ``marker``, after waiting up to
+    ``wait`` seconds for there to be none."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                command = (proc / "cmdline").read_bytes()
+                if marker.encode() in command + (proc / "environ").read_bytes():
+                    found.append(f"{proc.name}: {command[:120]!r}")
+            except OSError:
+                continue
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+def check_lines(launcher, hosts, ssh):
+    result = subprocess.run([*launcher_command(), "--mpiexec", str(launcher), "--hosts", hosts, "--ssh", str(ssh),
+                             "--check"], capture_output=True, text=True, timeout=120)
     return result.returncode, result.stdout.splitlines()
 
 
 @needs_mpi
 def test_check_reports_each_host(tmp_path):
-    """No remote hosts exist where the tests run, so a scripted launcher stands in for ranks on node1..3:
-    in the first job every rank answers; in the second, ssh cannot reach node2, so the launcher gives up
-    after node1's rank started and before node3's did."""
-    hosts = "node1.invalid:8,node2.invalid:8,node3.invalid:8"
+    """No remote hosts exist where the tests run, so a scripted launcher stands in for ranks on three
+    hosts: in the first job every rank answers; in the second, ssh cannot reach the second host, so the
+    launcher gives up after the first host's rank started and before the third's did."""
+    one, two, three = OTHER_HOSTS
+    hosts = f"{one}:8,{two}:8,{three}:8"
+    ssh, _ = write_remote_shell(tmp_path)
     answering = write_scripted_launcher(tmp_path / "answering" / "mpiexec", (
         "for rank, host in enumerate(['n1', 'n2', 'n3']):\n"
         "    print(f'started rank={rank} host={host};hello rank={rank} size=3 host={host};')\n"))
-    code, lines = check_lines(answering, hosts)
+    code, lines = check_lines(answering, hosts, ssh)
     assert json.loads(Path(f"{answering}.args").read_text())[:4] == [
-        "-n", "3", "-hosts", "node1.invalid:1,node2.invalid:1,node3.invalid:1"]
-    assert "OK host node1.invalid: rank 0 answered from n1" in lines
-    assert "OK host node3.invalid: rank 2 answered from n3" in lines
-    assert code == 1  # the .invalid names do not resolve here
+        "-n", "3", "-hosts", f"{one}:1,{two}:1,{three}:1"]
+    assert f"OK ssh answers from {one}, {two}, {three}" in lines
+    assert f"OK host {one}: rank 0 answered from n1" in lines
+    assert f"OK host {three}: rank 2 answered from n3" in lines
     stopping = write_scripted_launcher(tmp_path / "stopping" / "mpiexec", (
         "print('started rank=0 host=n1;', flush=True)\n"
-        "print('ssh: Could not resolve hostname node2.invalid: Name or service not known', file=sys.stderr)\n"
+        f"print('ssh: connect to host {two} port 22: Connection refused', file=sys.stderr)\n"
         "sys.exit(255)\n"))
-    code, lines = check_lines(stopping, hosts)
+    code, lines = check_lines(stopping, hosts, ssh)
     fixes = [line for line in lines if line.startswith("FIX: ")]
     assert code == 1
     assert any(line.startswith("FIX: 3-rank hello failed with exit status 255") for line in fixes), lines
-    assert any(line.startswith("FIX: rank 0 started on node1.invalid (n1) but could not join the job while no "
-                               "rank started on node2.invalid, node3.invalid") for line in fixes), lines
-    assert any(line.startswith("FIX: no rank started on node2.invalid (ssh: Could not resolve hostname "
-                               "node2.invalid: Name or service not known): check ssh/hostname") for line in fixes)
-    assert any(line.startswith("FIX: no rank started on node3.invalid: the launcher stopped at node2.invalid first")
+    assert any(line.startswith(f"FIX: rank 0 started on {one} (n1) but could not join the job while no "
+                               f"rank started on {two}, {three}") for line in fixes), lines
+    assert any(line.startswith(f"FIX: no rank started on {two} (ssh: connect to host {two} port 22: Connection "
+                               "refused)") for line in fixes), lines
+    assert any(line.startswith(f"FIX: no rank started on {three}: the launcher stopped at {two} first")
                for line in fixes), lines
 
 
@@ -366,14 +467,13 @@ def write_fake_mpiexec(directory, banner):
 
 @needs_mpi
 def test_foreign_mpiexec_first_on_path_is_reported(tmp_path):
-    fake = write_fake_mpiexec(tmp_path / "openmpi" / "bin",
-                              "mpiexec (Open MPI) 5.0.3\n\nReport bugs to https://www.open-mpi.org/community/help/")
+    fake = write_fake_mpiexec(tmp_path / OTHER_FAMILY / "bin", VERSION_BANNERS[OTHER_FAMILY])
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     setup = detect_mpi(env)
-    assert setup.family == "mpich" and setup.mpiexec == str(BIN / "mpiexec")
+    assert setup.family == FAMILY and setup.mpiexec == str(BIN / "mpiexec")
     assert len(setup.warnings) == 1
     warning = setup.warnings[0]
-    assert str(fake) in warning and "Open MPI" in warning and "rank 0 of 1" in warning
+    assert str(fake) in warning and f"is {FAMILY_NAMES[OTHER_FAMILY]}, but" in warning and "rank 0 of 1" in warning
     # With nothing beside Python, the foreign one is all there is: refuse rather than start N rank-0 copies.
     lonely = detect_mpi(env, python_dir=tmp_path / "empty")
     assert lonely.mpiexec is None and "belongs to another MPI" in lonely.error
@@ -381,7 +481,7 @@ def test_foreign_mpiexec_first_on_path_is_reported(tmp_path):
 
 @needs_mpi
 def test_same_family_mpiexec_on_path_is_not_reported(tmp_path):
-    fake = write_fake_mpiexec(tmp_path / "bin", "HYDRA build details:\n    Version: 4.2.0")
+    fake = write_fake_mpiexec(tmp_path / "bin", VERSION_BANNERS[FAMILY])
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     assert detect_mpi(env).warnings == ()
     assert detect_mpi(env, python_dir=tmp_path / "empty").mpiexec == str(fake)
@@ -461,20 +561,22 @@ def test_check_catches_a_foreign_mpiexec_and_bad_hosts(tmp_path):
     fake.parent.mkdir()
     fake.write_text(
         f"#!{sys.executable}\nimport subprocess, sys\n"
-        "if sys.argv[1:] == ['--version']:\n    print('mpiexec (Open MPI) 5.0.3'); sys.exit(0)\n"
+        f"if sys.argv[1:] == ['--version']:\n    print({VERSION_BANNERS[OTHER_FAMILY]!r}); sys.exit(0)\n"
         "args = sys.argv[1:]\nranks = int(args[args.index('-n') + 1])\n"
         "command = args[args.index('-c') - 1:]\n"
         "sys.exit(max(subprocess.run(command).returncode for _ in range(ranks)))\n")
     fake.chmod(0o755)
     env = {**os.environ, "OMP_NUM_THREADS": "999"}
-    hosts = "localhost:2,no-such-host.invalid:2"
-    result = subprocess.run([*launcher_command(), "--mpiexec", str(fake), "--hosts", hosts, "--check"],
-                            env=env, capture_output=True, text=True, timeout=180)
+    ssh, _ = write_remote_shell(tmp_path)
+    hosts = f"localhost:2,{UNRESOLVABLE}:2"
+    result = subprocess.run([*launcher_command(), "--mpiexec", str(fake), "--hosts", hosts, "--ssh", str(ssh),
+                             "--check"], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 1
     fixes = [line for line in result.stdout.splitlines() if line.startswith("FIX: ")]
-    assert any("is Open MPI but mpi4py uses MPICH" in line for line in fixes), result.stdout
+    assert any(f"is {FAMILY_NAMES[OTHER_FAMILY]} but mpi4py uses {FAMILY_NAMES[FAMILY]}" in line
+               for line in fixes), result.stdout
     assert any("every process says it is rank 0 of 1" in line for line in fixes), result.stdout
-    assert any("'no-such-host.invalid' does not resolve" in line for line in fixes), result.stdout
+    assert any(f"{UNRESOLVABLE!r} does not resolve" in line for line in fixes), result.stdout
     assert any("OMP_NUM_THREADS=999" in line for line in fixes), result.stdout
 
 
@@ -556,3 +658,142 @@ def test_ctrl_c_in_a_terminal_stops_all_ranks(tmp_path):
         os.close(terminal)
     assert os.waitstatus_to_exitcode(status) != 0
     assert_gone(ranks)
+
+
+# ------------------------------------------------------------------ faults: no hang, no orphan
+def without_root_permission(env):
+    """``env`` without Open MPI's variables that allow root (make test sets them for its own mpiexec calls)."""
+    return {name: value for name, value in env.items()
+            if name not in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")}
+
+
+@needs_mpi
+@pytest.mark.skipif(os.geteuid() != 0 or FAMILY != "openmpi", reason="Open MPI's refusal of root, as root")
+def test_mnn_launch_runs_open_mpi_as_root():
+    """In a container or CI job root is the only user: the job and --check run without OMPI_ALLOW_RUN_AS_ROOT."""
+    env = without_root_permission(os.environ)
+    code = "from mpi4py import MPI; print(f'rank {MPI.COMM_WORLD.Get_rank()};', flush=True)"
+    result = subprocess.run([*launcher_command(), "-n", "2", "--", sys.executable, "-c", code],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(re.findall(r"rank (\d+);", result.stdout)) == ["0", "1"]
+    check = subprocess.run([*launcher_command(), "--check"], env=env, capture_output=True, text=True, timeout=180)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert any(re.match(r"OK 2-rank hello: rank 0 on \S+, rank 1 on \S+", line) for line in check.stdout.splitlines())
+
+
+@needs_mpi
+@pytest.mark.parametrize("silent_hosts", [1, 2], ids=["2-ranks", "3-ranks"])
+def test_a_host_that_does_not_answer_is_named_and_nothing_starts(tmp_path, silent_hosts):
+    """Without the ssh check the launcher waits for such a host forever, printing nothing."""
+    ssh, marker = write_remote_shell(tmp_path, answers=False)
+    silent = OTHER_HOSTS[:silent_hosts]
+    ran = tmp_path / "ran"
+    started = time.monotonic()
+    result = subprocess.run([*launcher_command(), "--hosts", ",".join(["localhost:1", *silent]), "--ssh", str(ssh),
+                             "--start-timeout", "2", "--", sys.executable, "-c", f"open({str(ran)!r}, 'w')"],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnn-launch: error: the job was not started: "), lines
+    for host in silent:
+        assert f"{host}: no answer within 2 s" in lines[0]
+    assert f"'ssh {silent[0]} true'" in lines[0]
+    assert not ran.exists() and elapsed < 15
+    assert marked_processes(marker, wait=5) == []
+
+
+@needs_mpi
+def test_check_names_a_host_that_does_not_answer_and_leaves_nothing(tmp_path):
+    ssh, marker = write_remote_shell(tmp_path, answers=False)
+    host = OTHER_HOSTS[0]
+    result = subprocess.run([*launcher_command(), "--hosts", f"localhost:1,{host}:1", "--ssh", str(ssh),
+                             "--start-timeout", "2", "--check"], capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert any(line.startswith(f"FIX: host {host} does not answer '{ssh} {host} true' (no answer within 2 s)")
+               for line in lines), lines
+    assert any(line.startswith("FIX: hello not started") for line in lines), lines
+    assert marked_processes(marker, wait=5) == []
+
+
+@needs_mpi
+def test_check_stops_a_hello_that_hangs_and_leaves_nothing(tmp_path):
+    """The host answers ssh, but the launcher's daemon there never starts: --check gives up after
+    --start-timeout and stops everything the launcher started (hydra used to leave its ssh running)."""
+    ssh, marker = write_remote_shell(tmp_path, answers=True)
+    host = OTHER_HOSTS[0]
+    env = {**os.environ, "MNN_TEST_MARK": marker}  # every process of the hello inherits it
+    started = time.monotonic()
+    result = subprocess.run([*launcher_command(), "--hosts", f"localhost:1,{host}:1", "--ssh", str(ssh),
+                             "--start-timeout", "3", "--check"], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert f"OK ssh answers from {host}" in lines
+    assert any(line.startswith("FIX: 2-rank hello did not finish in 3 s") for line in lines), lines
+    assert any(line.startswith(f"FIX: no rank started on {host} although it answers ssh") for line in lines), lines
+    assert elapsed < 30
+    assert marked_processes(marker, wait=5) == []
+
+
+@needs_mpi
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sigkill_of_mnn_launch_stops_the_job(tmp_path, ranks):
+    """No job outlives its launcher: mnn-launch SIGKILLed, the launcher and every rank go within seconds."""
+    marker = f"mnn-test-job-{os.getpid()}-{time.monotonic_ns()}"
+    code = ("import os, sys, time\n"
+            "rank = next(os.environ[name] for name in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK') if name in os.environ)\n"
+            "open(os.path.join(sys.argv[1], f'rank{rank}.pid'), 'w').write(str(os.getpid()))\n"
+            "while True:\n    time.sleep(0.1)\n")
+    process = subprocess.Popen([*launcher_command(), "-n", str(ranks), "--", sys.executable, "-c", code,
+                                str(tmp_path)], env={**os.environ, "MNN_TEST_MARK": marker},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < ranks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = process_tree(process.pid)
+        assert len(list(tmp_path.glob("rank*.pid"))) == ranks and len(job) > ranks  # the launcher and the ranks
+        process.kill()
+        process.wait()
+        left = marked_processes(marker, wait=10)
+    finally:
+        for pid in job if process.returncode is not None else ():
+            try:
+                os.kill(pid, signal.SIGKILL)  # do not leave processes behind, then fail
+            except (ProcessLookupError, PermissionError):
+                pass
+    assert left == []
+
+
+def test_after_an_interrupt_only_open_mpis_noise_is_dropped_from_its_stderr(capfd):
+    """prterun's notice that a rank exited 130, and its complaint about a rank gone, follow
+    mnn-train's one line after an interrupt: the copier of prterun's stderr drops them, however
+    they are cut into reads, and keeps everything else."""
+    from mnn.distributed.launch.launcher_output import start_stderr_copier, tell_interrupted, wait_for_copier
+    rule = b"-" * 74
+    notice = (rule + b"\nprterun detected that one or more processes exited with non-zero status,\nthus causing the "
+              b"job to be terminated. The first process to do so was:\n\n   Process name: [prterun-vm-1@1,0]\n"
+              b"   Exit code:    %d\n" + rule + b"\n")
+    before = b"epoch 1/30 step 5/23 | loss 2.5960\n"
+    after = (b"mnn-train: interrupted at epoch 1/30 step 6/23; continue with --resume\n"
+             b"[vm:12435] PMIX ERROR: PMIX_ERR_UNREACH in file pmix_server.c at line 3146\n"
+             + notice % 130 + rule + b"\nAnother notice\n" + rule + b"\n" + notice % 2 + notice % 130
+             + b"last words")
+    read_fd, write_fd = os.pipe()
+    copier = start_stderr_copier(read_fd)
+    os.close(read_fd)
+    os.write(write_fd, before)
+    time.sleep(0.2)
+    tell_interrupted(copier)
+    time.sleep(0.2)
+    for start in range(0, len(after), 7):
+        os.write(write_fd, after[start:start + 7])
+    os.close(write_fd)
+    wait_for_copier(copier)
+    err = capfd.readouterr().err.encode()
+    assert err == (before + b"mnn-train: interrupted at epoch 1/30 step 6/23; continue with --resume\n"
+                   + rule + b"\nAnother notice\n" + rule + b"\n" + notice % 2 + b"last words")

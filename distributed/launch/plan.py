@@ -5,6 +5,8 @@ and the environment variables mnn-launch adds, built as a pure function of the a
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -13,18 +15,27 @@ from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_c
 from mnn.distributed.launch.mpi import MpiSetup
 from mnn.distributed.reporting import PROGRESS_ENV
 
-__all__ = ["THREAD_VARIABLES", "LaunchPlan", "build_command", "format_plan"]
+__all__ = ["THREAD_VARIABLES", "DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_command", "ssh_options",
+           "format_plan"]
 
 #: Thread-count variables of OpenMP, OpenBLAS and MKL, set per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
+#: Seconds every other host has to answer ssh (and --check's hello to finish), unless --start-timeout says.
+DEFAULT_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """The exact command line and the variables mnn-launch adds to the environment."""
+    """The exact command line and the variables mnn-launch adds to the environment.
+
+    ``env_updates`` reach the ranks; ``launcher_env`` is for the launcher alone
+    (how it starts its remote shells). ``family`` is the MPI family whose
+    ``mpiexec`` runs the job (None for srun and for one process without MPI);
+    ``notes`` are what ``--dry-run`` adds below the command.
+    """
 
     argv: list[str]
     env_updates: dict[str, str]
@@ -32,6 +43,9 @@ class LaunchPlan:
     ranks: int
     threads_per_rank: int
     warnings: list[str] = field(default_factory=list)
+    family: str | None = None
+    launcher_env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -40,18 +54,21 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
 
 
 def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
-                  cores: int | None = None, terminal: bool = False) -> LaunchPlan:
+                  cores: int | None = None, terminal: bool = False, as_root: bool | None = None) -> LaunchPlan:
     """The command line and environment additions for ``args``, mnn-launch's parsed arguments.
 
     ``args`` needs ``command`` (a list), ``ranks`` (int or None), ``hosts``
-    (``[(host, slots), ...]`` or None) and ``mpiexec`` (the ``--mpiexec`` given,
-    or None), as ``mnn.scripts.launch.parse_args`` returns them. ``terminal``
-    says that mnn-launch's stderr is a terminal: the plan then sets
-    ``MNN_PROGRESS=bar`` unless ``env`` has it. Pure apart from ``cores``
-    (default: the cores this process may use). Raises ValueError when the
-    arguments do not make a job.
+    (``[(host, slots), ...]`` or None), ``mpiexec`` (the ``--mpiexec`` given,
+    or None), ``ssh`` (``--ssh``, or None) and ``start_timeout`` (seconds), as
+    ``mnn.scripts.launch.parse_args`` returns them. ``terminal`` says that
+    mnn-launch's stderr is a terminal: the plan then sets ``MNN_PROGRESS=bar``
+    unless ``env`` has it. ``as_root``: whether the job runs as root (default:
+    whether this process does); Open MPI then needs ``--allow-run-as-root``.
+    Pure apart from ``cores`` (default: the cores this process may use) and
+    ``as_root``. Raises ValueError when the arguments do not make a job.
     """
     cores = usable_cores() if cores is None else cores
+    as_root = os.geteuid() == 0 if as_root is None else as_root
     command = list(args.command)
     if not command:
         raise ValueError("no command to run: put it after '--', e.g. mnn-launch -n 2 -- mnn-train")
@@ -96,8 +113,13 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
         warnings.append(f"{local_ranks} ranks on the {cores} cores of this host: ranks will share cores "
                         "(slower; results are the same)")
     argv = [mpi.mpiexec, "-n", str(ranks)]
+    notes = []
     host_list = ",".join(f"{host}:{slots}" for host, slots in hosts) if hosts else None
     if mpi.launcher_family == "openmpi":
+        if as_root:
+            # What horovodrun does too: in containers and CI jobs root is the only user.
+            argv.append("--allow-run-as-root")
+            notes.append("running as root: --allow-run-as-root, or Open MPI refuses to start")
         if host_list:
             argv += ["--host", host_list]
         # Open MPI refuses to start more ranks than slots (cores, locally) unless told.
@@ -116,7 +138,38 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
         if mpi.launcher_family == "mpich":
             for name, value in env_updates.items():
                 argv += ["-genv", name, value]
-    return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings)
+    launcher_env = _remote_shell_env(args, env, mpi.launcher_family) \
+        if any(host not in local_host_names() for host, _ in hosts or []) else {}
+    return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
+                      mpi.launcher_family, launcher_env, notes)
+
+
+def ssh_options(timeout: float) -> list[str]:
+    """Options that bound a remote start: ssh fails instead of waiting for a password that
+    nobody can type behind the launcher, or for a host that is down (minutes of TCP timeout)."""
+    return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, math.ceil(timeout))}"]
+
+
+def _remote_shell_env(args: argparse.Namespace, env: Mapping[str, str], family: str | None) -> dict[str, str]:
+    """How the launcher starts its remote shells: with :func:`ssh_options` and ``--ssh``.
+
+    Set in the launcher's environment, where the user has not set them: on the
+    command line Open MPI 5 passes ``plm_ssh_args`` on to its remote daemons cut
+    at the first ``=``. Open MPI also starts every daemon from here (no tree
+    spawn), through the ssh that mnn-launch checked before the start.
+    """
+    options = " ".join(ssh_options(args.start_timeout))
+    if family == "mpich":
+        wanted = {"HYDRA_LAUNCHER_EXTRA_ARGS": options}
+        if args.ssh:
+            wanted.update(HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=args.ssh)
+    elif family == "openmpi":
+        wanted = {"PRTE_MCA_plm_ssh_args": options, "PRTE_MCA_plm_ssh_no_tree_spawn": "1"}
+        if args.ssh:
+            wanted["PRTE_MCA_plm_ssh_agent"] = args.ssh
+    else:
+        return {}
+    return {name: value for name, value in wanted.items() if name not in env}
 
 
 def _env_updates(env: Mapping[str, str], threads: int, terminal: bool) -> dict[str, str]:
@@ -128,8 +181,12 @@ def _env_updates(env: Mapping[str, str], threads: int, terminal: bool) -> dict[s
 
 
 def format_plan(plan: LaunchPlan) -> str:
-    """What ``--dry-run`` prints: the variables set and the exact command, shell-quoted."""
+    """What ``--dry-run`` prints: the variables set, the exact command, shell-quoted, and notes."""
     settings = " ".join(f"{name}={value}" for name, value in plan.env_updates.items())
-    return (f"environment: {settings or '(nothing: the thread variables are already set)'}\n"
-            f"command: {shlex.join(plan.argv)}")
+    lines = [f"environment: {settings or '(nothing: the thread variables are already set)'}"]
+    if plan.launcher_env:
+        lines.append("launcher environment: " + " ".join(f"{name}={shlex.quote(value)}"
+                                                         for name, value in plan.launcher_env.items()))
+    lines.append(f"command: {shlex.join(plan.argv)}")
+    return "\n".join(lines + [f"note: {note}" for note in plan.notes])
 
