@@ -89,7 +89,9 @@ class TrainConfig:
     )
     dataset: str = field(
         default="digits",
-        **_help("dataset spec passed to mnn.datasets.load_dataset", metavar="SPEC"),
+        **_help("digits, a directory of MNIST-format IDX files, an .npz file, or text (the Python "
+                "standard library's sources) / text:PATH (a text file or a folder of them) for a "
+                "character model", metavar="SPEC"),
     )
     epochs: int = field(default=10, **_help("passes over the training split"))
     batch_size: int = field(
@@ -150,6 +152,11 @@ class TrainConfig:
         default=False,
         **_help("drop the last, short global batch of each epoch"),
     )
+    steps_per_epoch: int | None = field(
+        default=None,
+        **_help("for text data, whose windows are drawn at random: the steps that make an "
+                "epoch, the unit of evaluation, checkpoints and --epochs (default 200)"),
+    )
     on_nonfinite: str = field(
         default="stop",
         **_help("when a step's loss or gradient is NaN or infinite on any rank: stop (with a "
@@ -197,7 +204,8 @@ class TrainConfig:
             if given:
                 raise ValueError(f"{given[0]}: belongs to the MLP shorthand, but the job describes its model "
                                  f"in [model] (whose last layer is the loss); give one or the other")
-            build_net(self.model)  # every mistake in the description, named
+            # Every mistake in the description, named; a GPT's vocabulary may come from the text.
+            build_net(_with_placeholder_vocab(self.model))
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
                 raise ValueError(
@@ -252,6 +260,8 @@ class TrainConfig:
         self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
+        if self.steps_per_epoch is not None:
+            self.steps_per_epoch = check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
@@ -293,6 +303,13 @@ class TrainConfig:
         which reads back as their default, None."""
         values = {key: value for key, value in self.to_dict().items() if value is not None}
         return tomli_w.dumps(values)
+
+
+def _with_placeholder_vocab(model: Any) -> Any:
+    """``model``, with a vocabulary of 1 where a ``gpt`` table leaves it to the text."""
+    if isinstance(model, dict) and isinstance(model.get("gpt"), dict) and model["gpt"].get("vocab") is None:
+        return {**model, "gpt": {**model["gpt"], "vocab": 1}}
+    return model
 
 
 def _check_keys(values: dict[str, Any], source: str) -> None:
@@ -357,7 +374,7 @@ def _parse_resume(text: str) -> bool | str:
 _CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES,
             "on_nonfinite": ON_NONFINITE, "allreduce": ALLREDUCE_ALGORITHMS, "grad_compression": COMPRESSIONS}
 _PARSERS = {"layers": _parse_layers, "loss": str, "drop_last": _parse_bool, "output": str,
-            "dataset": str, "max_steps": int, "timeline": str}
+            "dataset": str, "max_steps": int, "timeline": str, "steps_per_epoch": int}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

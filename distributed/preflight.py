@@ -22,13 +22,15 @@ import numpy as np
 from mnn import SequentialLayers
 from mnn.datasets import Dataset, load_dataset
 from mnn.io import clean_stale_temporaries
+from mnn.model import GPT_KEYS
+from mnn.text import TextDataset, load_text
 from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, run_all
 from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.position import Position
 from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_threads
-from mnn.distributed.sampler import GlobalBatchSampler
+from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
 
 __all__ = ["JobConfigError", "PreparedJob", "prepare_job", "RESUME_MUST_MATCH", "ARRAYS_DATASET"]
@@ -41,6 +43,10 @@ RESUME_MUST_MATCH = ("dataset", "batch_size", "seed", "dtype", "optimizer", "dro
 _MODEL_FIELDS = ("layers", "loss", "model")
 # The dataset setting of a job whose arrays came from Python (train(..., data=...)).
 ARRAYS_DATASET = "arrays"
+# The dataset setting of a character text: "text" (the standard library's sources) or "text:PATH".
+TEXT_DATASET = "text"
+# Steps in an "epoch" of text windows drawn at random, unless steps_per_epoch says.
+TEXT_EPOCH_STEPS = 200
 
 
 class JobConfigError(RankFailure):
@@ -88,6 +94,8 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
     try:
         config = run_all(comm, _adopt, config, net, data)
         notes = _check_ranks(comm, config)
+        dataset = _load_data(config, data, comm)
+        config = run_all(comm, _with_text_vocab, config, dataset)
         if net is None:
             net = build_net(config)
         optimizer = build_optimizer(config, net)
@@ -96,10 +104,8 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         output = _on_rank0(comm, lambda: _claim_output(config))
         lock, output_notes = output if output is not None else (None, [])
         restored = comm.broadcast_object(_on_rank0(comm, lambda: _restore(config, net, optimizer)))
-        dataset = _load_data(config, data, comm)
         task = comm.broadcast_object(_on_rank0(comm, lambda: _choose_task(config, net, dataset)))
-        sampler = run_all(comm, GlobalBatchSampler, len(dataset.train), config.batch_size, rank=comm.rank,
-                          world_size=comm.size, seed=config.seed, drop_last=config.drop_last)
+        sampler = run_all(comm, _sampler, config, dataset, comm)
     except RankFailure as failure:
         if lock is not None:
             lock.release()
@@ -270,15 +276,55 @@ def _load_data(config: TrainConfig, data: Any, comm: Communicator) -> Dataset:
     # "digits" comes from scikit-learn with no cache to build: all load at once.
     loaded_by_root = None
     if config.dataset != "digits":
-        loaded_by_root = _on_rank0(comm, lambda: _load_named(config.dataset))
-    return run_all(comm, lambda: loaded_by_root or _load_named(config.dataset))
+        loaded_by_root = _on_rank0(comm, lambda: _load_named(config))
+    return run_all(comm, lambda: loaded_by_root or _load_named(config))
 
 
-def _load_named(spec: str) -> Dataset:
+def _load_named(config: TrainConfig) -> Dataset:
+    spec = config.dataset
     if spec == ARRAYS_DATASET:
         raise ValueError(f"dataset {ARRAYS_DATASET!r}: the run was given its data as arrays from Python "
                          f"(train(..., data=...)); pass them again, or name a dataset")
+    if spec == TEXT_DATASET or spec.startswith(TEXT_DATASET + ":"):
+        return load_text(spec.partition(":")[2] or None, context=_text_context(config))
     return load_dataset(spec)
+
+
+def _text_context(config: TrainConfig) -> int:
+    """The window a text dataset cuts for the model: a GPT's context, or the context of the
+    positional embedding in a layer description."""
+    model = config.model or {}
+    if "gpt" in model:
+        return model["gpt"].get("context", GPT_KEYS["context"])
+    for layer in model.get("layers", []):
+        if layer.get("type") == "PositionalEmbeddingLayer":
+            return layer["context"]
+    raise ValueError(f"dataset {config.dataset!r}: a text is cut into windows as long as the model's context; "
+                     f"describe a model with one ([model.gpt] context = 64, or a PositionalEmbeddingLayer)")
+
+
+def _with_text_vocab(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """A ``gpt`` model without a vocabulary gets the text's (so config.toml records it)."""
+    gpt = (config.model or {}).get("gpt")
+    if gpt is None or gpt.get("vocab") is not None:
+        return config
+    if not isinstance(dataset, TextDataset):
+        raise ValueError(f"model.gpt: missing vocab, and dataset {config.dataset!r} is not a text to take it "
+                         f"from; give vocab, or use dataset = \"text\" or \"text:PATH\"")
+    return dataclasses.replace(config, model={"gpt": {**gpt, "vocab": dataset.n_classes}})
+
+
+def _sampler(config: TrainConfig, dataset: Dataset, comm: Communicator) -> Any:
+    """The global batches: a shuffle of the samples each epoch, or for a text, windows drawn
+    at random (one per character would make an epoch too long to shuffle)."""
+    if isinstance(dataset, TextDataset):
+        return DrawnBatchSampler(len(dataset.train), config.batch_size, config.steps_per_epoch or TEXT_EPOCH_STEPS,
+                                 rank=comm.rank, world_size=comm.size, seed=config.seed)
+    if config.steps_per_epoch is not None:
+        raise ValueError(f"steps_per_epoch: applies to text data, whose windows are drawn at random; an epoch of "
+                         f"{dataset.name} is one pass over its {len(dataset.train)} samples")
+    return GlobalBatchSampler(len(dataset.train), config.batch_size, rank=comm.rank, world_size=comm.size,
+                              seed=config.seed, drop_last=config.drop_last)
 
 
 def _choose_task(config: TrainConfig, net: SequentialLayers, dataset: Dataset) -> Task:

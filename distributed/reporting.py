@@ -12,7 +12,8 @@ OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
   last train event), ``lr``, ``samples_per_s``;
 * ``eval`` (every ``eval_every`` epochs and at the end): ``epoch``,
   ``step_in_epoch``, ``epochs_done``, ``global_step``, ``test_loss``,
-  ``test_accuracy`` (null for regression targets); the evaluation followed a
+  ``test_accuracy`` (null for regression targets; per position for a text,
+  which also has ``test_bits_per_char``); the evaluation followed a
   partial epoch when ``epochs_done < epoch`` (its line then says "(partial)");
 * ``resume`` (first, when the run continues a checkpoint): ``checkpoint``,
   ``epoch``, ``step_in_epoch``, ``epochs_done``, ``global_step`` of the
@@ -140,10 +141,12 @@ class Reporter:
     def eval(self, position: Position, metrics: dict[str, Any]) -> None:
         epoch, step = position.shown(self.steps_per_epoch)
         partial = "" if step == self.steps_per_epoch else f" (partial, step {step}/{self.steps_per_epoch})"
+        bits = {"test_bits_per_char": metrics["bits_per_char"]} if "bits_per_char" in metrics else {}
         self._record({"event": "eval", "epoch": epoch, "step_in_epoch": step,
                       "epochs_done": position.epochs_done, "global_step": position.global_step,
-                      "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]},
-                     f"epoch {epoch}/{self.epochs}{partial} | {_metrics_text(metrics['loss'], metrics['accuracy'])}")
+                      "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"], **bits},
+                     f"epoch {epoch}/{self.epochs}{partial} | "
+                     f"{_metrics_text(metrics['loss'], metrics['accuracy'], metrics.get('bits_per_char'))}")
 
     def nonfinite(self, position: Position, detail: str, action: str) -> None:
         """A step whose loss or gradient was not finite; ``position`` is that step's."""
@@ -156,7 +159,7 @@ class Reporter:
         ranks = summary["world_size"]
         epochs = summary["epochs"]
         self._record({"event": "summary", **summary},
-                     f"done: {_metrics_text(summary['test_loss'], summary['test_accuracy'], loss_too=False)} | "
+                     f"done: {_metrics_text(summary['test_loss'], summary['test_accuracy'], summary.get('test_bits_per_char'), loss_too=False)} | "
                      f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
                      f"{ranks} rank{'s' if ranks > 1 else ''} | "
                      f"{summary['steps']} steps, {epochs} epoch{'s' if epochs != 1 else ''} done")
@@ -180,9 +183,13 @@ class Reporter:
             print(line, flush=True)
 
 
-def _metrics_text(loss: float, accuracy: float | None, loss_too: bool = True) -> str:
-    """'test loss 0.1257 | test accuracy 0.9777'; for regression (no accuracy) the loss alone.
-    The summary line gives the accuracy alone when there is one (``loss_too=False``)."""
+def _metrics_text(loss: float, accuracy: float | None, bits_per_char: float | None = None,
+                  loss_too: bool = True) -> str:
+    """'test loss 0.1257 | test accuracy 0.9777'; for regression (no accuracy) the loss alone;
+    for a text, its bits per character first. The summary line gives the accuracy (or bits)
+    alone when there is one (``loss_too=False``)."""
+    if bits_per_char is not None:
+        return f"test bits/char {bits_per_char:.4f}" + (f" | test loss {loss:.4f}" if loss_too else "")
     if accuracy is None:
         return f"test loss {loss:.4f}"
     if not loss_too:

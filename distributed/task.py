@@ -15,8 +15,10 @@ and the data (:func:`choose_task`):
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -31,6 +33,9 @@ __all__ = ["build_net", "build_optimizer", "learning_rate", "Task", "choose_task
 
 # Samples per forward pass during evaluation; any size gives the same metrics.
 EVAL_BATCH_SIZE = 1024
+# ... for a text, whose samples are windows of many positions each (128 windows
+# of 64 characters are already 8192 positions).
+EVAL_WINDOWS = 128
 # Samples run through the net to check that the data fits it.
 _CHECK_SAMPLES = 2
 
@@ -73,12 +78,16 @@ class Task:
     """How a split's ``y`` becomes what the loss layer takes, and how outputs are scored.
 
     ``n_classes`` is the width of the net's output for class labels, None for
-    regression targets; ``one_hot``: the loss takes one-hot rows of the labels.
+    regression targets; ``one_hot``: the loss takes one-hot rows of the labels;
+    ``per_position``: every sample has a label at each of its positions (the next
+    character of a text), so accuracy counts positions, and the loss is also told
+    in bits per character.
     """
 
     n_classes: int | None
     one_hot: bool
     dtype: str
+    per_position: bool = False
 
     @property
     def has_accuracy(self) -> bool:
@@ -105,6 +114,11 @@ def choose_task(net: SequentialLayers, dataset: Dataset, dtype: str) -> Task:
     if net.loss_layer is None:
         raise ValueError(f"model: the last layer must be a loss layer to train, got {net.layers[-1].name}")
     x, y = dataset.train.batch(np.arange(min(_CHECK_SAMPLES, len(dataset.train))), dtype)
+    with _evaluating(net):
+        return _checked_task(net, dataset, dtype, x, y)
+
+
+def _checked_task(net: SequentialLayers, dataset: Dataset, dtype: str, x: np.ndarray, y: np.ndarray) -> Task:
     outputs = check_fits(net, x)
     if dataset.n_classes is None:
         if isinstance(net.loss_layer, (CrossEntropyLossLayer, NllLossLayer)):
@@ -115,29 +129,47 @@ def choose_task(net: SequentialLayers, dataset: Dataset, dtype: str) -> Task:
     else:
         n_classes = int(outputs.shape[-1])
         dataset.check_classes(n_classes)
-        task = Task(n_classes=n_classes, one_hot=isinstance(net.loss_layer, MSELossLayer), dtype=dtype)
+        task = Task(n_classes=n_classes, one_hot=isinstance(net.loss_layer, MSELossLayer), dtype=dtype,
+                    per_position=y.ndim > 1)
     check_fits(net, x, task.targets(y))
     return task
+
+
+@contextmanager
+def _evaluating(net: SequentialLayers) -> Iterator[None]:
+    """Layers that act only in training (dropout) stand aside inside the block."""
+    net.set_training(False)
+    try:
+        yield
+    finally:
+        net.set_training(True)
 
 
 def evaluate(net: SequentialLayers, split: Split, task: Task, comm: Communicator) -> dict[str, Any]:
     """Loss (and accuracy, for class labels) over the whole ``split``, sharded over the ranks (collective).
 
     Each rank evaluates a contiguous part of the split; the ranks then sum the
-    loss sums, correct counts and sample counts, so the metrics are those of the
-    whole split, exactly, whatever the shard sizes (never a mean of means).
+    loss sums, correct counts and label counts, so the metrics are those of the
+    whole split, exactly, whatever the shard sizes (never a mean of means). Each
+    batch's mean loss is weighted by its number of labels (positions, for a
+    text), which is what the loss layer averages over. Dropout stands aside.
     """
     sizes = shard_sizes(len(split), comm.size)
     start = sum(sizes[:comm.rank])
     indices = np.arange(start, start + sizes[comm.rank])
-    totals = np.zeros(3)  # loss sum, correct predictions, samples
-    for offset in range(0, len(indices), EVAL_BATCH_SIZE):
-        x, y = split.batch(indices[offset:offset + EVAL_BATCH_SIZE], task.dtype)
-        outputs = net(x)  # without targets: the prediction, before the loss layer
-        mean_loss = net.loss_layer.forward(outputs, task.targets(y))
-        correct = task.correct(outputs, y) if task.has_accuracy else 0
-        totals += (float(mean_loss) * len(y), correct, len(y))
+    totals = np.zeros(4)  # loss sum, correct predictions, labels, samples
+    batch_size = EVAL_WINDOWS if task.per_position else EVAL_BATCH_SIZE
+    with _evaluating(net):
+        for offset in range(0, len(indices), batch_size):
+            x, y = split.batch(indices[offset:offset + batch_size], task.dtype)
+            outputs = net(x)  # without targets: the prediction, before the loss layer
+            mean_loss = net.loss_layer.forward(outputs, task.targets(y))
+            correct = task.correct(outputs, y) if task.has_accuracy else 0
+            totals += (float(mean_loss) * y.size, correct, y.size, len(y))
     comm.allreduce(totals)
-    loss_sum, correct, count = totals
-    return {"loss": loss_sum / count, "accuracy": correct / count if task.has_accuracy else None,
-            "samples": int(count)}
+    loss_sum, correct, labels, samples = totals
+    metrics = {"loss": loss_sum / labels, "accuracy": correct / labels if task.has_accuracy else None,
+               "samples": int(samples)}
+    if task.per_position:
+        metrics["bits_per_char"] = metrics["loss"] / math.log(2)
+    return metrics

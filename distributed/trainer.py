@@ -165,8 +165,11 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
 
                 # forward and backward on this rank's shard of the global batch, gradients reduced
+                # (random layers such as dropout draw from the step and each sample's place in the
+                # global batch, so any number of ranks draws the same)
                 step_started = time.perf_counter()
                 x, y = dataset.train.batch(batch.indices, config.dtype)
+                net.start_batch(position.global_step, batch.offset)
                 loss = float(dp(x, task.targets(y)))
                 dp.backward(global_batch_size=batch.global_batch_size)
                 dp.synchronize()
@@ -399,6 +402,7 @@ def _summary(comm: Communicator, config: TrainConfig, position: Position, resume
         "train_loss": train_loss,
         "test_loss": float(last_eval["loss"]),
         "test_accuracy": last_eval["accuracy"],
+        **({"test_bits_per_char": last_eval["bits_per_char"]} if "bits_per_char" in last_eval else {}),
         **rates,
     }
 

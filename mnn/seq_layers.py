@@ -334,4 +334,6 @@ class Residual(Layer):
 def _trace(direction, index, layer, before, after):
     """One line of the debug trace: a layer's shapes and the sum of what it produced."""
     shape_before = "" if before is None else f"{np.shape(before)} => "
-    print(f"{direction} {index} {layer.name} {shape_before}{np.shape(after)} sum: {np.sum(after):.6g}", flush=True)
+    # An embedding's backward gives no input gradient (token ids are not differentiable).
+    produced = "None" if after is None else f"{np.shape(after)} sum: {np.sum(after):.6g}"
+    print(f"{direction} {index} {layer.name} {shape_before}{produced}", flush=True)
