@@ -33,7 +33,8 @@ from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_thread
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
 
-__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "RESUME_MUST_MATCH", "ARRAYS_DATASET"]
+__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "RESUME_MUST_MATCH", "ARRAYS_DATASET",
+           "TEXT_DATASET"]
 
 # A checkpoint resumes exactly only if these settings are unchanged: they define
 # the parameters' shapes, the optimizer state and the sequence of global batches.
@@ -276,11 +277,12 @@ def _load_data(config: TrainConfig, data: Any, comm: Communicator) -> Dataset:
     # "digits" comes from scikit-learn with no cache to build: all load at once.
     loaded_by_root = None
     if config.dataset != "digits":
-        loaded_by_root = _on_rank0(comm, lambda: _load_named(config))
-    return run_all(comm, lambda: loaded_by_root or _load_named(config))
+        loaded_by_root = _on_rank0(comm, lambda: load_job_dataset(config))
+    return run_all(comm, lambda: loaded_by_root or load_job_dataset(config))
 
 
-def _load_named(config: TrainConfig) -> Dataset:
+def load_job_dataset(config: TrainConfig) -> Dataset:
+    """The dataset ``config.dataset`` names (a text cut into windows of the model's context)."""
     spec = config.dataset
     if spec == ARRAYS_DATASET:
         raise ValueError(f"dataset {ARRAYS_DATASET!r}: the run was given its data as arrays from Python "

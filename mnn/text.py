@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mnn.checks import check_int
+from mnn.checks import as_generator, check_int
 from mnn.datasets import Dataset, cached_arrays
 
-__all__ = ["CharVocab", "TextSplit", "TextDataset", "load_text", "stdlib_sources", "TRAIN_FRACTION",
+__all__ = ["CharVocab", "TextSplit", "TextDataset", "load_text", "stdlib_sources", "generate", "TRAIN_FRACTION",
            "VALIDATION_WINDOWS"]
 
 #: The share of the text, from its start, that trains; the rest validates.
@@ -183,3 +183,30 @@ def _read(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"text file {file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def generate(net, vocab: CharVocab, prompt: str, tokens: int, context: int, temperature: float = 1.0,
+             rng=None) -> str:
+    r"""``prompt`` continued by ``tokens`` characters sampled from ``net``, one at a time.
+
+    The net (a language model ending in a loss layer, e.g. a ``gpt``) sees the
+    last ``context`` characters; its output at the last position are the logits
+    :math:`z` of the next character, drawn from :math:`\operatorname{softmax}(z / \tau)`
+    with temperature :math:`\tau` (below 1: safer, above: more varied). Dropout
+    is off while sampling.
+    """
+    if not prompt:
+        raise ValueError("generate: the prompt must hold at least one character")
+    if not temperature > 0:
+        raise ValueError(f"generate: expected a temperature > 0, got {temperature}")
+    rng = as_generator(rng)
+    ids = list(vocab.encode(prompt))
+    net.set_training(False)
+    try:
+        for _ in range(check_int("tokens", tokens, minimum=0)):
+            logits = np.asarray(net(np.array([ids[-context:]])), dtype=np.float64)[0, -1] / temperature
+            probabilities = np.exp(logits - logits.max())
+            ids.append(int(rng.choice(len(vocab), p=probabilities / probabilities.sum())))
+    finally:
+        net.set_training(True)
+    return vocab.decode(ids)
