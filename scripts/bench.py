@@ -1,214 +1,61 @@
-"""mnn-bench: time one training step of the MLP 784-256-10, mnn beside PyTorch.
+"""mnn-bench: time one training step of mnn beside PyTorch, of an MLP or of a GPT.
 
-A step is forward + backward + SGD update with ``CrossEntropyLossLayer``, in
-float32, on random data, with one BLAS thread per process. One JSON line is
-printed per measurement (keys ``impl``, ``ranks``, ``batch_per_rank``,
-``ms_per_step``, ``samples_per_s``, ...), and one ``compare`` line per batch
-size with the throughput ratio when PyTorch is importable. The two
-implementations are timed in alternating rounds within one run, so a noisy
-machine slows both alike; each figure is the median over rounds.
+``--model mlp`` (the default): the MLP 784-256-10, a step being forward +
+backward + SGD update with cross entropy on random data. ``--model gpt``: the
+GPT-style character model of ``[model.gpt]`` (2 blocks, d_model 128, 4 heads,
+context 64, float32, the vocabulary of the Python standard library's sources),
+a step being forward + backward + Adam update on drawn windows of that text,
+in PyTorch from the same initial weights (see mnn.distributed.gpt_bench).
+One BLAS thread per process. One JSON line is printed per measurement (keys
+``impl``, ``ranks``, ``batch_per_rank``, ``ms_per_step``, ``ms_min``,
+``ms_max``, ``samples_per_s``, ...), and one ``compare`` line per batch size
+with the throughput ratio when PyTorch is importable. The implementations are
+timed in alternating rounds within one run, so a noisy machine slows them
+alike; each figure is the median over rounds.
 
 Usage::
 
-    mnn-bench                                   # one process: batch 64, 256, 1024
+    mnn-bench                                   # the MLP on one process: batch 64, 256, 1024
     mnn-bench --batch 256 --rounds 9
     mpiexec -n 2 mnn-bench --batch 256,1024     # data parallel; batch is per rank
     mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1, 2, 1, 2, ... ranks
+    mnn-bench --model gpt --rounds 9            # the GPT, batch 32 windows of 64 characters
+    mpiexec -n 2 mnn-bench --model gpt          # ... data parallel, beside PyTorch DDP
+    mnn-bench --model gpt --scaling 1,2 --no-torch
+    mnn-bench --model gpt --quality --steps 2000 --out docs/gpt   # train both, compare the curves
 
 Under mpiexec each step is split into compute, communication and waiting
-(``compute_ms``, ``comm_ms``, ``wait_ms``; waiting includes the time a rank
-waits for a slower one). ``sync_ms`` is the gradient synchronisation alone and
+(``compute_ms``, ``comm_ms``, ``wait_ms``; waiting is the all-reduce time
+that backward did not hide, including the time a rank waits for a slower
+one). For the MLP, ``sync_ms`` is the gradient synchronisation alone and
 ``allreduce_ms`` one plain MPI Allreduce of the same number of bytes, timed
-alike (see ``_sync_and_allreduce_ms``). ``peak_rss_mb`` is the largest peak
-resident memory over the ranks, and PyTorch runs as DistributedDataParallel
-over gloo (``impl`` "torch-ddp").
+alike. ``peak_rss_mb`` is the largest peak resident memory over the ranks,
+and PyTorch runs as DistributedDataParallel over gloo (``impl`` "torch-ddp").
+
+``--quality`` trains the GPT in mnn and in PyTorch for ``--steps`` steps from
+the same weights on the same batches, and writes both curves (curves.csv,
+curves.png), quality.json and report.md into ``--out``.
 """
 
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mnn import CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
+from mnn.distributed.bench import measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms
 from mnn.distributed.comm import get_communicator
+from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 
-__all__ = ["main", "build_mnn_step", "build_torch_step", "measure"]
+__all__ = ["main"]
 
-LAYERS = (784, 256, 10)
-
-
-def _random_batch(batch_size, rank):
-    rng = np.random.default_rng(1000 + rank)
-    inputs = rng.standard_normal((batch_size, LAYERS[0])).astype(np.float32)
-    labels = rng.integers(0, LAYERS[-1], batch_size)
-    return inputs, labels
-
-
-def build_mnn_step(batch_size, comm, overlap=True):
-    """A function running one mnn training step, and the DataParallel (or None)."""
-    rng = np.random.default_rng(0)
-    net = SequentialLayers([LinearLayer(LAYERS[0], LAYERS[1], rng=rng), ReluLayer(),
-                            LinearLayer(LAYERS[1], LAYERS[2], rng=rng), CrossEntropyLossLayer()])
-    inputs, labels = _random_batch(batch_size, comm.rank)
-    if comm.size == 1:
-        def step():
-            net.zero_grads()
-            net(inputs, labels)
-            net.backward()
-            net.step(0.01)
-        return step, None
-
-    from mnn.distributed.data_parallel import DataParallel
-
-    parallel = DataParallel(net, comm=comm, overlap=overlap)
-
-    def step():  # DataParallel.step clears the gradients itself
-        parallel(inputs, labels)
-        parallel.backward(global_batch_size=comm.size * batch_size)
-        parallel.step(0.01)
-    return step, parallel
-
-
-def build_torch_step(batch_size, comm):
-    """A function running one PyTorch step (DDP over gloo on several ranks), or None."""
-    try:
-        import torch
-        import torch.distributed as torch_dist
-    except ImportError:
-        return None
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(LAYERS[0], LAYERS[1]), torch.nn.ReLU(),
-                                torch.nn.Linear(LAYERS[1], LAYERS[2]))
-    if comm.size > 1:
-        if not torch_dist.is_initialized():
-            address = None
-            if comm.rank == 0:
-                with socket.socket() as probe:
-                    probe.bind(("", 0))
-                    address = (socket.gethostname(), probe.getsockname()[1])
-            host, port = comm.broadcast_object(address)
-            same_host = len(set(comm.allgather(socket.gethostname()))) == 1
-            host = "127.0.0.1" if same_host else host
-            torch_dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
-                                          rank=comm.rank, world_size=comm.size)
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    inputs, labels = (torch.from_numpy(array) for array in _random_batch(batch_size, comm.rank))
-
-    def step():
-        optimizer.zero_grad()
-        loss_fn(model(inputs), labels).backward()
-        optimizer.step()
-    return step
-
-
-def _time_steps(step, n_steps, comm):
-    comm.barrier()
-    start = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    comm.barrier()
-    return (time.perf_counter() - start) * 1e3 / n_steps
-
-
-def _sync_and_allreduce_ms(batch_size, comm, repeats=300):
-    """Gradient synchronisation beside one plain Allreduce of the same bytes.
-
-    Both are timed in the same state, interleaved: right after a forward and
-    backward (so caches hold what training leaves there) and after a barrier,
-    either ``DataParallel.synchronize()`` (built with ``overlap=False``, so
-    every reduction happens inside the timed call; for this model, whose
-    gradients fit one bucket, training does the same) or one in-place
-    ``comm.allreduce`` of a float32 buffer as large as all the gradients, just
-    written like the gradients were. Returns the medians in ms and the median
-    of the ratios of adjacent pairs.
-    """
-    step, parallel = build_mnn_step(batch_size, comm, overlap=False)
-    inputs, labels = _random_batch(batch_size, comm.rank)
-    n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
-    buffer = np.empty(n_floats, dtype=np.float32)
-    sync, allreduce = [], []
-    for _ in range(repeats):
-        for times in (sync, allreduce):
-            parallel(inputs, labels)
-            parallel.backward(global_batch_size=comm.size * batch_size)
-            if times is allreduce:
-                buffer.fill(1.0)
-            comm.barrier()
-            start = time.perf_counter()
-            if times is sync:
-                parallel.synchronize()
-            else:
-                comm.allreduce(buffer)
-            times.append(time.perf_counter() - start)
-            parallel.step(0.01)
-    # The ratio of each adjacent pair cancels slow drifts of a shared machine.
-    ratio = statistics.median(mine / plain for mine, plain in zip(sync, allreduce))
-    return statistics.median(sync) * 1e3, statistics.median(allreduce) * 1e3, ratio, n_floats
-
-
-def _peak_rss_mb(comm):
-    # ru_maxrss is in KiB on Linux.
-    return max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-
-
-def measure(batch_size, comm, rounds=5, target_ms=300.0, with_torch=True):
-    """Alternate mnn and PyTorch steps; return one result dict per implementation."""
-    steps = {"mnn": build_mnn_step(batch_size, comm)}
-    torch_step = build_torch_step(batch_size, comm) if with_torch else None
-    if torch_step is not None:
-        steps["torch" if comm.size == 1 else "torch-ddp"] = (torch_step, None)
-
-    # Enough steps per round for about target_ms of work, the same on all ranks.
-    mnn_step, parallel = steps["mnn"]
-    for _ in range(3):
-        mnn_step()
-    probe_ms = _time_steps(mnn_step, 3, comm)
-    n_steps = max(5, int(target_ms / max(probe_ms, 1e-3)))
-    n_steps = comm.broadcast_object(n_steps)
-
-    times = {impl: [] for impl in steps}
-    # DataParallel.timings accumulates seconds under compute_s, comm_s, wait_s.
-    breakdown = {"compute": [], "comm": [], "wait": []}
-    for impl, (step, _) in steps.items():
-        step()
-    for _ in range(rounds):
-        for impl, (step, _) in steps.items():
-            if impl == "mnn" and parallel is not None:
-                parallel.reset_timings()
-            times[impl].append(_time_steps(step, n_steps, comm))
-            if impl == "mnn" and parallel is not None:
-                for key, values in breakdown.items():
-                    values.append(parallel.timings[f"{key}_s"] * 1e3 / n_steps)
-
-    results = []
-    for impl, samples in times.items():
-        ms = statistics.median(samples)
-        result = {"impl": impl, "ranks": comm.size, "batch_per_rank": batch_size,
-                  "ms_per_step": round(ms, 4),
-                  "samples_per_s": round(comm.size * batch_size / ms * 1e3, 1),
-                  "steps_per_round": n_steps, "rounds": rounds}
-        if comm.size > 1 and impl == "mnn":
-            result.update({f"{key}_ms": round(statistics.median(values), 4)
-                           for key, values in breakdown.items()})
-            sync_ms, allreduce_ms, ratio, n_floats = _sync_and_allreduce_ms(batch_size, comm)
-            result.update({"grad_mb": round(n_floats * 4 / 2**20, 3), "sync_ms": round(sync_ms, 4),
-                           "allreduce_ms": round(allreduce_ms, 4), "sync_vs_allreduce": round(ratio, 3)})
-        results.append(result)
-    peak = _peak_rss_mb(comm)
-    for result in results:
-        result["peak_rss_mb"] = round(peak, 1)
-    return results
+MODELS = ("mlp", "gpt")
+DEFAULT_BATCHES = {"mlp": [64, 256, 1024], "gpt": [32]}
 
 
 def _parse_ints(text):
@@ -239,8 +86,10 @@ def _parser():
         prog="mnn-bench", description=__doc__.split("\n\n")[0],
         epilog="Run under 'mpiexec -n N' for the data-parallel figures; see the README for the tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=_parse_ints, default=[64, 256, 1024],
-                        help="per-rank batch sizes, comma-separated (default 64,256,1024)")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="mlp: the MLP 784-256-10; gpt: the GPT-style character model (default mlp)")
+    parser.add_argument("--batch", type=_parse_ints,
+                        help="per-rank batch sizes, comma-separated (default 64,256,1024; gpt: 32 windows)")
     parser.add_argument("--rounds", type=_positive(int), default=5, help="alternating rounds per batch size (default 5)")
     parser.add_argument("--target-ms", type=_positive(float), default=300.0,
                         help="approximate length of one timed round in ms (default 300)")
@@ -249,7 +98,46 @@ def _parser():
                         help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
     parser.add_argument("--repeats", type=_positive(int), default=3,
                         help="with --scaling: turns over the rank counts; the speedup is their median (default 3)")
+    gpt = parser.add_argument_group("the GPT (--model gpt)")
+    gpt.add_argument("--context", type=_positive(int), default=64, help="characters per window (default 64)")
+    gpt.add_argument("--d-model", type=_positive(int), default=128, help="width (default 128)")
+    gpt.add_argument("--heads", type=_positive(int), default=4, help="attention heads (default 4)")
+    gpt.add_argument("--layers", type=_positive(int), default=2, help="blocks (default 2)")
+    gpt.add_argument("--text", metavar="PATH",
+                     help="a text file or a folder of them (default: the Python standard library's sources)")
+    gpt.add_argument("--bucket-kb", type=_positive(int), default=DEFAULT_BUCKET_BYTES // 1024,
+                     help=f"DataParallel's gradient bucket size in KiB (default {DEFAULT_BUCKET_BYTES // 1024}, "
+                          "mnn-train's)")
+    quality = parser.add_argument_group("training quality (--model gpt --quality)")
+    quality.add_argument("--quality", action="store_true",
+                         help="train the GPT in mnn and in PyTorch alike and compare their curves")
+    quality.add_argument("--steps", type=_positive(int), default=2000, help="training steps (default 2000)")
+    quality.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam's learning rate (default 1e-3)")
+    quality.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default 0)")
+    quality.add_argument("--log-every", type=_positive(int), default=10,
+                         help="steps per logged training loss (default 10)")
+    quality.add_argument("--eval-every", type=_positive(int), default=100,
+                         help="steps between validation evaluations (default 100)")
+    quality.add_argument("--out", default="runs/gpt-quality", help="output folder (default runs/gpt-quality)")
     return parser
+
+
+def _gpt_sizes(args, batch_size):
+    from mnn.distributed.gpt_bench import GptSizes
+
+    return GptSizes(batch=batch_size, context=args.context, d_model=args.d_model, n_heads=args.heads,
+                    n_layers=args.layers)
+
+
+def _model_args(args):
+    """The options that choose the model and its batch, to pass on to the runs of --scaling."""
+    passed = ["--model", args.model, "--batch", ",".join(map(str, args.batch))]
+    if args.model == "gpt":
+        passed += ["--context", str(args.context), "--d-model", str(args.d_model), "--heads", str(args.heads),
+                   "--layers", str(args.layers), "--bucket-kb", str(args.bucket_kb)]
+        if args.text:
+            passed += ["--text", args.text]
+    return passed
 
 
 def _run_scaling(args):
@@ -262,7 +150,7 @@ def _run_scaling(args):
     """
     from mnn.distributed.launch import find_mpiexec
 
-    base = [sys.executable, "-m", "mnn.scripts.bench", "--batch", ",".join(map(str, args.batch)),
+    base = [sys.executable, "-m", "mnn.scripts.bench", *_model_args(args),
             "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
     if args.no_torch:
         base.append("--no-torch")
@@ -285,15 +173,79 @@ def _run_scaling(args):
     for (ranks, batch), samples in sorted(throughput.items()):
         reference = throughput[(first, batch)]
         if ranks != first:
-            speedup = statistics.median(mine / theirs for mine, theirs in zip(samples, reference))
-            print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "batch_per_rank": batch,
-                              "speedup": round(speedup, 3), "repeats": len(samples),
+            speedups = [mine / theirs for mine, theirs in zip(samples, reference)]
+            speedup = statistics.median(speedups)
+            print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "model": args.model,
+                              "batch_per_rank": batch, "speedup": round(speedup, 3),
+                              "speedup_min": round(min(speedups), 3), "speedup_max": round(max(speedups), 3),
+                              "repeats": len(samples),
                               "weak_scaling_efficiency": round(speedup * first / ranks, 3)}), flush=True)
     return 0
 
 
+def _steps(args, batch_size, comm, text):
+    """The steps of ``--model`` to time at ``batch_size`` per rank."""
+    if args.model == "mlp":
+        return mlp_steps(batch_size, comm, with_torch=not args.no_torch)
+    from mnn.distributed.gpt_bench import gpt_steps
+
+    return gpt_steps(_gpt_sizes(args, batch_size), comm, text, with_torch=not args.no_torch,
+                     bucket_bytes=args.bucket_kb * 1024)
+
+
+def _mnn_details(args, batch_size, comm, parallel):
+    """What mnn's line adds on several ranks: for the MLP, its synchronisation beside a
+    plain Allreduce (collective); for the GPT, its gradient buckets."""
+    if parallel is None:
+        return {}
+    if args.model == "mlp":
+        return sync_and_allreduce_ms(batch_size, comm)
+    return {"grad_mb": round(sum(bucket.nbytes for bucket in parallel.buckets) / 2**20, 3),
+            "buckets": len(parallel.buckets), "bucket_kb": args.bucket_kb}
+
+
+def _print_results(args, results, details):
+    """Print each implementation's line and the comparison of mnn with PyTorch (rank 0)."""
+    for result in results:
+        if result["impl"] == "mnn":
+            result.update(details)
+        if args.model == "gpt":
+            result["tokens_per_s"] = round(result["samples_per_s"] * args.context, 1)
+        print(json.dumps(result), flush=True)
+    if len(results) == 2:
+        mnn_result, torch_result = results
+        ratios = [theirs / mine for mine, theirs in zip(mnn_result["round_ms"], torch_result["round_ms"])]
+        print(json.dumps({"compare": f"mnn / {torch_result['impl']}", "model": args.model, "ranks": results[0]["ranks"],
+                          "batch_per_rank": mnn_result["batch_per_rank"],
+                          "throughput_ratio": round(mnn_result["samples_per_s"] / torch_result["samples_per_s"], 3),
+                          "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}),
+              flush=True)
+
+
+def _run_quality(args):
+    from mnn.distributed.gpt_quality import QualityRun, compare
+
+    run = QualityRun(sizes=_gpt_sizes(args, args.batch[0]), steps=args.steps, lr=args.lr, seed=args.seed,
+                     log_every=args.log_every, eval_every=args.eval_every, text=args.text)
+    try:
+        summary = compare(run, args.out, log=lambda line: print(f"mnn-bench: {line}", file=sys.stderr, flush=True))
+    except ImportError as error:
+        print(f"mnn-bench: --quality needs PyTorch as its reference ({error})", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps({"quality": "validation bits/char", **summary["final_validation_bits_per_char"],
+                      "relative_difference": summary["relative_difference"], "steps": args.steps,
+                      "wall_s": summary["wall_s"], "out": str(args.out)}), flush=True)
+    return 0
+
+
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.batch = args.batch or DEFAULT_BATCHES[args.model]
+    if args.quality and args.model != "gpt":
+        parser.error("--quality trains the GPT: add --model gpt")
+    if args.quality:
+        return _run_quality(args)
     if args.scaling:
         try:
             return _run_scaling(args)
@@ -301,26 +253,29 @@ def main(argv=None):
             print(f"mnn-bench: --scaling needs MPI: {error}", file=sys.stderr, flush=True)
             return 2
     comm = get_communicator()
+    text = None
+    if args.model == "gpt":
+        from mnn.text import load_text
+
+        text = load_text(args.text, context=args.context)
     with threadpool_limits(limits=1):
         if comm.rank == 0:
             blas = [(info["internal_api"], info.get("architecture"), info["num_threads"])
                     for info in threadpool_info()]
-            print(json.dumps({"machine": socket.gethostname(), "cores": os.cpu_count(), "blas": blas,
-                              "numpy": np.__version__}), flush=True)
+            header = {"machine": socket.gethostname(), "cores": os.cpu_count(), "blas": blas,
+                      "numpy": np.__version__, "model": args.model}
+            if text is not None:
+                header.update({"dataset": text.name, "vocab": len(text.vocab)})
+            print(json.dumps(header), flush=True)
         for batch_size in args.batch:
-            results = measure(batch_size, comm, rounds=args.rounds, target_ms=args.target_ms,
-                              with_torch=not args.no_torch)
-            if comm.rank != 0:
-                continue
-            for result in results:
-                print(json.dumps(result), flush=True)
-            if len(results) == 2:
-                mnn_result, torch_result = results
-                print(json.dumps({"compare": f"mnn / {torch_result['impl']}", "ranks": comm.size,
-                                  "batch_per_rank": batch_size,
-                                  "throughput_ratio": round(mnn_result["samples_per_s"]
-                                                            / torch_result["samples_per_s"], 3)}),
-                      flush=True)
+            steps = _steps(args, batch_size, comm, text)
+            results = measure(steps, comm, batch_size, rounds=args.rounds, target_ms=args.target_ms)
+            details = _mnn_details(args, batch_size, comm, steps["mnn"][1])
+            peak = peak_rss_mb(comm)
+            if comm.rank == 0:
+                for result in results:
+                    result["peak_rss_mb"] = round(peak, 1)
+                _print_results(args, results, details)
     return 0
 
 

@@ -89,3 +89,113 @@ def test_scaling_reports_weak_scaling_efficiency():
     assert [record["batch_per_rank"] for record in compare] == [8, 32]
     for record in compare:
         assert record["weak_scaling_efficiency"] == pytest.approx(record["speedup"] / 2, abs=1e-3)
+
+
+# ------------------------------------------------------------------ --model gpt
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 60
+TINY_GPT = ["--model", "gpt", "--batch", "4", "--context", "8", "--d-model", "16", "--heads", "2", "--layers", "1",
+            "--rounds", "2", "--target-ms", "5"]
+
+
+@pytest.fixture(name="text_file")
+def text_file_fixture(tmp_path):
+    path = tmp_path / "code.py"
+    path.write_text(TEXT)
+    return path
+
+
+def test_gpt_one_process_prints_well_formed_lines(text_file):
+    records = run_bench([*TINY_GPT, "--text", str(text_file), "--no-torch"])
+    header, *rest = records
+    assert header["model"] == "gpt" and header["vocab"] == len(set(TEXT))
+    [mnn] = measurements(records, "mnn")
+    assert BASE_KEYS | {"tokens_per_s", "ms_min", "ms_max", "round_ms"} <= set(mnn)
+    assert mnn["ranks"] == 1 and mnn["batch_per_rank"] == 4 and len(mnn["round_ms"]) == 2
+    assert mnn["ms_min"] <= mnn["ms_per_step"] <= mnn["ms_max"]
+    assert mnn["tokens_per_s"] == pytest.approx(mnn["samples_per_s"] * 8, rel=1e-3)
+    assert not measurements(records, "torch") and not [record for record in records if "compare" in record]
+
+
+def test_gpt_beside_pytorch_when_installed(text_file):
+    pytest.importorskip("torch")
+    records = run_bench([*TINY_GPT, "--text", str(text_file)])
+    [torch_record] = measurements(records, "torch")
+    assert BASE_KEYS | {"tokens_per_s"} <= set(torch_record)
+    [compare] = [record for record in records if "compare" in record]
+    assert compare["model"] == "gpt" and compare["ratio_min"] <= compare["ratio_max"]
+    assert compare["throughput_ratio"] > 0
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+def test_gpt_two_ranks_report_the_unhidden_allreduce(text_file):
+    records = run_bench([*TINY_GPT, "--text", str(text_file), "--no-torch", "--bucket-kb", "4"], ranks=2)
+    [mnn] = measurements(records, "mnn")
+    assert mnn["ranks"] == 2 and mnn["bucket_kb"] == 4 and mnn["buckets"] > 1
+    assert 0 <= mnn["wait_ms"] <= mnn["comm_ms"] < mnn["ms_per_step"]
+    assert mnn["samples_per_s"] == pytest.approx(2 * 4 / mnn["ms_per_step"] * 1e3, rel=1e-3)
+
+
+def test_quality_needs_the_gpt():
+    result = subprocess.run([sys.executable, "-m", "mnn.scripts.bench", "--quality"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--model gpt" in result.stderr
+
+
+def tiny_gpt(text_file, seed=0):
+    from mnn.distributed.gpt_bench import GptSizes, build_gpt
+    from mnn.text import load_text
+
+    sizes = GptSizes(batch=4, context=8, d_model=16, n_heads=2, n_layers=2)
+    text = load_text(text_file, context=sizes.context)
+    return sizes, text, build_gpt(sizes, len(text.vocab), seed)
+
+
+def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
+    torch = pytest.importorskip("torch")
+    from mnn import Adam
+    from mnn.distributed.comm import SingleProcessCommunicator
+    from mnn.distributed.gpt_bench import drawn_windows, torch_gpt
+
+    sizes, text, net = tiny_gpt(text_file)
+    model = torch_gpt(net)
+    mnn_adam, torch_adam = Adam(net, lr=1e-2), torch.optim.Adam(model.parameters(), lr=1e-2)
+    # Equal at step 0, and still after a few Adam steps on the batches mnn-train would draw.
+    for step in range(3):
+        x, y, _ = drawn_windows(text, sizes, SingleProcessCommunicator(), step=step)
+        net.zero_grads()
+        mnn_loss = float(net(x, y))
+        net.backward()
+        mnn_adam.step()
+        torch_adam.zero_grad()
+        torch_loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        torch_loss.backward()
+        torch_adam.step()
+        assert mnn_loss == pytest.approx(torch_loss.item(), rel=1e-5), f"step {step}"
+
+
+def test_only_a_gpt_without_dropout_has_a_pytorch_twin():
+    pytest.importorskip("torch")
+    from mnn.distributed.gpt_bench import torch_gpt
+    from mnn.model import build_net, gpt_description
+
+    with pytest.raises(ValueError, match="gpt_description without dropout"):
+        torch_gpt(build_net(gpt_description(20, n_layers=1, d_model=8, n_heads=2, context=4, dropout=0.1)))
+    with pytest.raises(ValueError, match="gpt_description without dropout"):
+        torch_gpt(build_net({"layers": [{"type": "LinearLayer", "shape": [4, 2]}]}))
+
+
+def test_quality_runs_track_each_other_and_write_their_outputs(text_file, tmp_path):
+    pytest.importorskip("torch")
+    from mnn.distributed.gpt_quality import QualityRun, compare
+    from mnn.distributed.gpt_bench import GptSizes
+
+    run = QualityRun(sizes=GptSizes(batch=4, context=8, d_model=16, n_heads=2, n_layers=1), steps=6,
+                     log_every=2, eval_every=3, text=str(text_file))
+    summary = compare(run, tmp_path / "out", log=lambda line: None)
+    untrained = summary["untrained_validation_bits_per_char"]
+    assert untrained["mnn"] == pytest.approx(untrained["torch"], rel=1e-6)
+    assert abs(summary["relative_difference"]) < 1e-3
+    files = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"curves.csv", "quality.json", "report.md"} <= files
+    rows = (tmp_path / "out" / "curves.csv").read_text().splitlines()
+    # a header, then per implementation 3 training losses (steps 2, 4, 6) and 3 evaluations (0, 3, 6)
+    assert rows[0] == "impl,series,step,loss,bits_per_char" and len(rows) == 1 + 2 * (3 + 3)

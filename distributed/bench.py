@@ -1,0 +1,235 @@
+"""What ``mnn-bench`` measures: training steps of mnn and of PyTorch, timed in alternating rounds.
+
+A benchmark is a set of step functions, one per implementation, each running
+one whole training step (forward, backward, update) on a batch it holds.
+:func:`measure` times them in alternating rounds, so that a machine that slows
+down for a while slows every implementation alike, and gives one result dict
+per implementation: the median over rounds and its spread. This module holds
+that loop and the benchmark of the MLP 784-256-10; the GPT's steps are in
+:mod:`mnn.distributed.gpt_bench`. Usage::
+
+    from mnn.distributed.bench import measure, mlp_steps
+    from mnn.distributed.comm import get_communicator
+    comm = get_communicator()
+    results = measure(mlp_steps(256, comm), comm, batch_size=256)
+
+PyTorch is a reference, never a dependency: builders of PyTorch steps import
+it lazily and return None without it. On several ranks PyTorch runs as
+DistributedDataParallel over gloo (:func:`torch_process_group`).
+"""
+from __future__ import annotations
+
+import resource
+import socket
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from mnn import CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
+from mnn.distributed.comm import Communicator
+from mnn.distributed.data_parallel import DataParallel
+
+__all__ = ["MLP_LAYERS", "Step", "measure", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
+           "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb"]
+
+#: The widths of the MLP that ``mnn-bench`` times by default.
+MLP_LAYERS = (784, 256, 10)
+
+#: One implementation's step: the function running one training step, and the
+#: DataParallel whose ``timings`` split it (None on one process and for PyTorch).
+Step = tuple[Callable[[], None], DataParallel | None]
+
+
+# ------------------------------------------------------------------ timing
+def _time_steps(step: Callable[[], None], n_steps: int, comm: Communicator) -> float:
+    """Milliseconds per step over ``n_steps`` steps, between two barriers."""
+    comm.barrier()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    comm.barrier()
+    return (time.perf_counter() - start) * 1e3 / n_steps
+
+
+def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds: int = 5,
+            target_ms: float = 300.0) -> list[dict[str, Any]]:
+    """Time ``steps`` (implementation name -> :data:`Step`) in alternating rounds.
+
+    1. Warm up the first implementation and time a few of its steps, to choose
+       how many steps a round takes (about ``target_ms`` of its work; the same
+       on every rank).
+    2. Run one untimed step of each, then ``rounds`` rounds of each in turn.
+    3. Per implementation: the median ms per step over the rounds, with the
+       fastest and slowest round and every round's figure (``round_ms``), and
+       samples/s over all ranks. A step run
+       through a DataParallel is split into ``compute_ms``, ``comm_ms`` and
+       ``wait_ms`` (communication that backward did not hide), medians too.
+
+    Collective: every rank calls it with the same implementations.
+    """
+    first_step = next(iter(steps.values()))[0]
+    for _ in range(3):
+        first_step()
+    probe_ms = _time_steps(first_step, 3, comm)
+    n_steps = comm.broadcast_object(max(5, int(target_ms / max(probe_ms, 1e-3))))
+
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    # DataParallel.timings accumulates seconds under compute_s, comm_s, wait_s.
+    breakdowns = {impl: {"compute": [], "comm": [], "wait": []} for impl, (_, parallel) in steps.items()
+                  if parallel is not None}
+    for step, _ in steps.values():
+        step()
+    for _ in range(rounds):
+        for impl, (step, parallel) in steps.items():
+            if parallel is not None:
+                parallel.reset_timings()
+            times[impl].append(_time_steps(step, n_steps, comm))
+            if parallel is not None:
+                for key, values in breakdowns[impl].items():
+                    values.append(parallel.timings[f"{key}_s"] * 1e3 / n_steps)
+
+    results = []
+    for impl, samples in times.items():
+        ms = statistics.median(samples)
+        result = {"impl": impl, "ranks": comm.size, "batch_per_rank": batch_size,
+                  "ms_per_step": round(ms, 4), "ms_min": round(min(samples), 4), "ms_max": round(max(samples), 4),
+                  "samples_per_s": round(comm.size * batch_size / ms * 1e3, 1),
+                  "steps_per_round": n_steps, "rounds": rounds}
+        for key, values in breakdowns.get(impl, {}).items():
+            result[f"{key}_ms"] = round(statistics.median(values), 4)
+        result["round_ms"] = [round(value, 3) for value in samples]
+        results.append(result)
+    return results
+
+
+def peak_rss_mb(comm: Communicator) -> float:
+    """The largest peak resident memory over the ranks, in MB (collective)."""
+    # ru_maxrss is in KiB on Linux.
+    return max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def torch_process_group(comm: Communicator) -> None:
+    """Join every rank to one gloo process group of PyTorch, unless already in one (collective).
+
+    Rank 0 picks a free port and tells the others; ranks that share a host meet
+    on 127.0.0.1.
+    """
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        return
+    address = None
+    if comm.rank == 0:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            address = (socket.gethostname(), probe.getsockname()[1])
+    host, port = comm.broadcast_object(address)
+    same_host = len(set(comm.allgather(socket.gethostname()))) == 1
+    host = "127.0.0.1" if same_host else host
+    torch_dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=comm.rank,
+                                  world_size=comm.size)
+
+
+# ------------------------------------------------------------------ the MLP 784-256-10
+def _random_batch(batch_size: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1000 + rank)
+    inputs = rng.standard_normal((batch_size, MLP_LAYERS[0])).astype(np.float32)
+    labels = rng.integers(0, MLP_LAYERS[-1], batch_size)
+    return inputs, labels
+
+
+def build_mlp_step(batch_size: int, comm: Communicator, overlap: bool = True) -> Step:
+    """One mnn SGD step of the MLP on ``batch_size`` random samples per rank, and the
+    DataParallel (or None on one process)."""
+    rng = np.random.default_rng(0)
+    net = SequentialLayers([LinearLayer(MLP_LAYERS[0], MLP_LAYERS[1], rng=rng), ReluLayer(),
+                            LinearLayer(MLP_LAYERS[1], MLP_LAYERS[2], rng=rng), CrossEntropyLossLayer()])
+    inputs, labels = _random_batch(batch_size, comm.rank)
+    if comm.size == 1:
+        def step() -> None:
+            net.zero_grads()
+            net(inputs, labels)
+            net.backward()
+            net.step(0.01)
+        return step, None
+
+    parallel = DataParallel(net, comm=comm, overlap=overlap)
+
+    def parallel_step() -> None:  # DataParallel.step clears the gradients itself
+        parallel(inputs, labels)
+        parallel.backward(global_batch_size=comm.size * batch_size)
+        parallel.step(0.01)
+    return parallel_step, parallel
+
+
+def build_torch_mlp_step(batch_size: int, comm: Communicator) -> Callable[[], None] | None:
+    """The same step in PyTorch (DDP over gloo on several ranks), or None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(MLP_LAYERS[0], MLP_LAYERS[1]), torch.nn.ReLU(),
+                                torch.nn.Linear(MLP_LAYERS[1], MLP_LAYERS[2]))
+    if comm.size > 1:
+        torch_process_group(comm)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    inputs, labels = (torch.from_numpy(array) for array in _random_batch(batch_size, comm.rank))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(inputs), labels).backward()
+        optimizer.step()
+    return step
+
+
+def mlp_steps(batch_size: int, comm: Communicator, with_torch: bool = True) -> dict[str, Step]:
+    """The MLP's steps: "mnn", and "torch" (one process) or "torch-ddp" when PyTorch is there."""
+    steps = {"mnn": build_mlp_step(batch_size, comm)}
+    torch_step = build_torch_mlp_step(batch_size, comm) if with_torch else None
+    if torch_step is not None:
+        steps["torch" if comm.size == 1 else "torch-ddp"] = (torch_step, None)
+    return steps
+
+
+def sync_and_allreduce_ms(batch_size: int, comm: Communicator, repeats: int = 300) -> dict[str, float]:
+    """The MLP's gradient synchronisation beside one plain Allreduce of the same bytes.
+
+    Both are timed in the same state, interleaved: right after a forward and
+    backward (so caches hold what training leaves there) and after a barrier,
+    either ``DataParallel.synchronize()`` (built with ``overlap=False``, so
+    every reduction happens inside the timed call; for this model, whose
+    gradients fit one bucket, training does the same) or one in-place
+    ``comm.allreduce`` of a float32 buffer as large as all the gradients, just
+    written like the gradients were. Returns the medians in ms (``sync_ms``,
+    ``allreduce_ms``), the median of the ratios of adjacent pairs
+    (``sync_vs_allreduce``) and the gradient's size (``grad_mb``).
+    """
+    _, parallel = build_mlp_step(batch_size, comm, overlap=False)
+    inputs, labels = _random_batch(batch_size, comm.rank)
+    n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
+    buffer = np.empty(n_floats, dtype=np.float32)
+    sync, allreduce = [], []
+    for _ in range(repeats):
+        for times in (sync, allreduce):
+            parallel(inputs, labels)
+            parallel.backward(global_batch_size=comm.size * batch_size)
+            if times is allreduce:
+                buffer.fill(1.0)
+            comm.barrier()
+            start = time.perf_counter()
+            if times is sync:
+                parallel.synchronize()
+            else:
+                comm.allreduce(buffer)
+            times.append(time.perf_counter() - start)
+            parallel.step(0.01)
+    # The ratio of each adjacent pair cancels slow drifts of a shared machine.
+    ratio = statistics.median(mine / plain for mine, plain in zip(sync, allreduce))
+    return {"grad_mb": round(n_floats * 4 / 2**20, 3), "sync_ms": round(statistics.median(sync) * 1e3, 4),
+            "allreduce_ms": round(statistics.median(allreduce) * 1e3, 4), "sync_vs_allreduce": round(ratio, 3)}
