@@ -250,6 +250,7 @@ def assert_interrupt_line(stderr, output, position, epochs):
     """One line from mnn-train on stderr, naming where it stopped and the checkpoint to resume from."""
     assert "Traceback" not in stderr and "BAD TERMINATION" not in stderr
     assert "exited with non-zero status" not in stderr and "PMIX ERROR" not in stderr  # prterun's, dropped
+    assert "[warn] Epoll" not in stderr
     lines = [line for line in stderr.splitlines() if line.startswith("mnn-train:")]
     assert len(lines) == 1, stderr
     steps_per_epoch = -(-1438 // 64)

@@ -5,7 +5,9 @@ After an interrupt every rank exits 130 on purpose, and mnn-train has said so
 in one line. prterun then adds a notice that a process "exited with non-zero
 status, thus causing the job to be terminated" and, about half the time, its
 PMIx server's complaint that a rank it wanted to stop had gone already
-(PMIX_ERR_UNREACH). The copier drops both, and nothing else.
+(PMIX_ERR_UNREACH) or, now and then with three ranks on two cores, its event
+library's warning about a descriptor closed under it ("[warn] Epoll ...").
+The copier drops these, and nothing else.
 
 A process, not a thread: prterun whose stderr is a pipe that nobody reads
 dies before it has stopped its ranks, so the copier must outlive a
@@ -26,7 +28,7 @@ __all__ = ["start_stderr_copier", "tell_interrupted", "wait_for_copier"]
 
 _EXIT_NOTICE = re.compile(rb"detected that one or more processes exited with non-zero status")
 _EXIT_130 = re.compile(rb"Exit code:\s+130\b")
-_GONE_RANK = re.compile(rb"^\[[^\]]*\] PMIX ERROR: PMIX_ERR_UNREACH ")
+_TEARDOWN_NOISE = re.compile(rb"^\[[^\]]*\] PMIX ERROR: PMIX_ERR_UNREACH |^\[warn\] Epoll ")
 _RULE = b"-----"  # Open MPI's notices open and close with a rule of dashes
 
 
@@ -92,7 +94,7 @@ def _copy(fd: int, interrupted: threading.Event) -> None:
 
 def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
     """Write the complete lines of ``text`` but each complete notice of exit status 130 and
-    each complaint about a rank gone, and return what must wait for more (a last incomplete
+    each line of teardown noise, and return what must wait for more (a last incomplete
     line, a notice not yet closed); ``final``: there is no more, write everything."""
     lines = text.split(b"\n")
     tail = lines.pop()  # after the last newline
@@ -101,7 +103,7 @@ def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
         if notice is None:
             if line.startswith(_RULE):
                 notice = [line]
-            elif not _GONE_RANK.match(line):
+            elif not _TEARDOWN_NOISE.match(line):
                 out.append(line)
         elif len(notice) == 1:
             if line.startswith(_RULE):  # the first rule closed something else
