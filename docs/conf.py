@@ -54,7 +54,11 @@ MODULE_PAGES = {
     "mnn.distributed.data_parallel": "DataParallel",
     "mnn.distributed.sampler": "Global batch sampler",
     "mnn.distributed.comm": "Communicators",
+    "mnn.text": "Character-level text",
+    "mnn.distributed.ring": "Ring all-reduce",
+    "mnn.distributed.costmodel": "Cost model",
     "mnn.distributed.trainer": "Trainer",
+    "mnn.distributed.timeline": "Timeline",
     "mnn.distributed.watchdog": "Stall watchdog",
 }
 
