@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
 # The shell's status for a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
-# How long the other ranks leave rank 0 to print its line after an interrupt.
+# How long the other ranks leave rank 0 to print its line after an interrupt or a usage error.
 _INTERRUPT_GRACE_S = 1.0
 
 EXAMPLES = """\
@@ -59,6 +59,13 @@ class _OneRankParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         if launcher_rank() == 0:
             super()._print_message(message, file)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        # Open MPI's mpiexec ends the job when the first rank leaves with an error:
+        # the silent ranks let rank 0's message out first.
+        if status and launcher_rank() != 0:
+            time.sleep(_INTERRUPT_GRACE_S)
+        super().exit(status, message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,37 +67,3 @@ def numerical_gradient_fixture():
 @pytest.fixture(name="assert_layer_gradients")
 def assert_layer_gradients_fixture():
     return assert_layer_gradients
-
-
-# ------------------------------------------------------------------ known limits under Open MPI
-# make test runs the tests that start mpiexec under MPICH and then under Open MPI.
-# These cannot pass under Open MPI as they stand; each still runs (a pass shows as
-# XPASS), with the change that would make it pass as the reason.
-OPEN_MPI_LIMITS = {
-    "tests/test_train_cli.py::test_no_mpi_under_mpiexec_is_a_configuration_error": (
-        "Open MPI's mpiexec stops the other ranks as soon as the first exits non-zero, so the second rank "
-        "prints its line only sometimes: under Open MPI expect the line once or twice"),
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    if not any(item.nodeid in OPEN_MPI_LIMITS for item in items) or _mpiexec_family() != "openmpi":
-        return
-    for item in items:
-        if item.nodeid in OPEN_MPI_LIMITS:
-            item.add_marker(pytest.mark.xfail(reason=OPEN_MPI_LIMITS[item.nodeid], strict=False))
-
-
-def _mpiexec_family():
-    """The MPI family of the mpiexec beside this Python, or None."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from mnn.distributed.launch import mpi_family
-
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        return None
-    version = subprocess.run([str(mpiexec), "--version"], capture_output=True, text=True, timeout=60)
-    return mpi_family(version.stdout + version.stderr)

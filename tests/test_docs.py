@@ -78,6 +78,10 @@ def uncited_module_tags(module):
     return _uncited([(module.__name__, module.__doc__ or "")], inspect.getsource(module))
 
 
+# What the optional extras bring (mpi, plot); the core imports without them.
+OPTIONAL_IMPORTS = ("mpi4py", "matplotlib")
+
+
 def _modules():
     """Every module of the packages ``mnn`` and ``mnn.distributed`` (and their subpackages)."""
     modules = [mnn, mnn.distributed]
@@ -86,8 +90,8 @@ def _modules():
             try:
                 modules.append(importlib.import_module(info.name))
             except ModuleNotFoundError as error:
-                # Nothing here may need MPI to import; should one, it is not ours to check here.
-                if error.name != "mpi4py":
+                # A module of an optional extra (MPI, the plots) is checked where it is installed.
+                if error.name not in OPTIONAL_IMPORTS:
                     raise
     return modules
 

@@ -6,31 +6,12 @@ mismatches its collectives). On more than one rank, a failure is therefore
 printed at once, with its rank, and the whole job is aborted: the run stops
 with a non-zero status instead of hanging.
 
-make test runs this suite under MPICH and under Open MPI; ``OPEN_MPI_AS_ROOT_LIMITS``
-are the tests that cannot pass under Open MPI as root as they stand.
+make test runs this suite under MPICH and under Open MPI.
 """
 
-import os
 import sys
 
-import pytest
 from mpi4py import MPI
-
-# Each still runs (a pass shows as XPASS), with the change that would make it pass as the reason.
-OPEN_MPI_AS_ROOT_LIMITS = {
-    "tests/mpi/test_comm.py::test_failure_on_one_rank_stops_every_rank": (
-        "child_environment() drops OMPI_ALLOW_RUN_AS_ROOT and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM with the other "
-        "OMPI_ variables, and Open MPI's mpiexec refuses to run as root without them: keep those two"),
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.geteuid() != 0 or "open mpi" not in MPI.Get_library_version().lower():
-        return
-    for item in items:
-        reason = OPEN_MPI_AS_ROOT_LIMITS.get(item.nodeid.split("[")[0])
-        if reason:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
 
 
 def pytest_runtest_logreport(report):

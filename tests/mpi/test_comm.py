@@ -158,7 +158,9 @@ def test_get_communicator_choices():
 def child_environment(**extra):
     """This environment without the launcher's variables, so a child is not an MPI rank."""
     launcher_prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCAL", "OMPI_")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(launcher_prefixes)}
+    # Open MPI's permission to run as root is the caller's setting, not the launcher's.
+    kept = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+    env = {key: value for key, value in os.environ.items() if key in kept or not key.startswith(launcher_prefixes)}
     env.pop(NO_MPI_ENV, None)
     env.update(extra)
     return env
