@@ -13,13 +13,12 @@ from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup
+from mnn.distributed.ranks import THREAD_VARIABLES
 from mnn.distributed.reporting import PROGRESS_ENV
 
 __all__ = ["THREAD_VARIABLES", "DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_command", "ssh_options",
            "format_plan"]
 
-#: Thread-count variables of OpenMP, OpenBLAS and MKL, set per rank unless the user set them.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
