@@ -32,7 +32,7 @@ from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DataParallel
 
 __all__ = ["MLP_LAYERS", "Step", "measure", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
-           "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb"]
+           "sync_and_allreduce_ms", "allreduce_ms", "torch_process_group", "peak_rss_mb"]
 
 #: The widths of the MLP that ``mnn-bench`` times by default.
 MLP_LAYERS = (784, 256, 10)
@@ -65,7 +65,9 @@ def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds:
        fastest and slowest round and every round's figure (``round_ms``), and
        samples/s over all ranks. A step run
        through a DataParallel is split into ``compute_ms``, ``comm_ms`` and
-       ``wait_ms`` (communication that backward did not hide), medians too.
+       ``wait_ms`` (communication that backward did not hide, and waiting for
+       a slower rank), medians too, and ``wait_ms_min`` of the round that
+       waited least.
 
     Collective: every rank calls it with the same implementations.
     """
@@ -99,9 +101,26 @@ def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds:
                   "steps_per_round": n_steps, "rounds": rounds}
         for key, values in breakdowns.get(impl, {}).items():
             result[f"{key}_ms"] = round(statistics.median(values), 4)
+        if impl in breakdowns:
+            # The round with the least waiting comes closest to the all-reduce alone, without
+            # the time a rank waits for one that the shared machine slowed down.
+            result["wait_ms_min"] = round(min(breakdowns[impl]["wait"]), 4)
         result["round_ms"] = [round(value, 3) for value in samples]
         results.append(result)
     return results
+
+
+def allreduce_ms(n_floats: int, comm: Communicator, repeats: int = 50) -> float:
+    """The median time of one blocking in-place Allreduce of ``n_floats`` float32, each
+    started right after a barrier: what reducing a whole gradient costs when nothing hides it."""
+    buffer = np.ones(n_floats, dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        comm.barrier()
+        start = time.perf_counter()
+        comm.allreduce(buffer)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def peak_rss_mb(comm: Communicator) -> float:

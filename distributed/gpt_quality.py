@@ -52,6 +52,8 @@ __all__ = ["QualityRun", "train_curve", "compare", "IMPLEMENTATIONS", "TARGET"]
 
 #: The runs compared, in the order they are reported.
 IMPLEMENTATIONS = ("mnn", "torch")
+#: The target of the comparison: mnn's validation figure within this share of PyTorch's.
+TARGET = 0.03
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,9 @@ def _summary(run: QualityRun, curves: dict[str, dict[str, Any]], wall_s: float) 
                      "dropout": 0.0, "dtype": "float32", "log_every": run.log_every, "eval_every": run.eval_every,
                      "text": run.text or "the Python standard library"},
         "final_validation_bits_per_char": {impl: round(bits, 5) for impl, bits in final.items()},
-        "relative_difference": round(final["mnn"] / final["torch"] - 1, 5),
+        "relative_difference": float(f"{final['mnn'] / final['torch'] - 1:.3g}"),
+        "largest_relative_difference": float(f"{_largest_difference(curves, 'validation'):.3g}"),
+        "largest_train_relative_difference": float(f"{_largest_difference(curves, 'train'):.3g}"),
         "untrained_validation_bits_per_char": {impl: round(bits, 6) for impl, bits in untrained.items()},
         "train_s": {impl: round(curve["train_s"], 1) for impl, curve in curves.items()},
         "ms_per_step": {impl: round(curve["train_s"] / run.steps * 1e3, 2) for impl, curve in curves.items()},
@@ -210,6 +214,12 @@ def _summary(run: QualityRun, curves: dict[str, dict[str, Any]], wall_s: float) 
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
         "notes": [],
     }
+
+
+def _largest_difference(curves: dict[str, dict[str, Any]], series: str) -> float:
+    """The largest |mnn / PyTorch - 1| over the points of ``series``, with its sign."""
+    ratios = [mine / theirs - 1 for (_, mine), (_, theirs) in zip(curves["mnn"][series], curves["torch"][series])]
+    return max(ratios, key=abs)
 
 
 def _write_csv(curves: dict[str, dict[str, Any]], path: Path) -> None:
@@ -224,8 +234,6 @@ def _write_csv(curves: dict[str, dict[str, Any]], path: Path) -> None:
 
 _STYLE = {"mnn": {"color": "tab:blue", "label": "mnn", "linestyle": "-", "marker": "o"},
           "torch": {"color": "tab:orange", "label": "PyTorch", "linestyle": "--", "marker": "x"}}
-#: The target of the comparison: mnn's validation figure within this share of PyTorch's.
-TARGET = 0.03
 
 
 def _plot(run: QualityRun, curves: dict[str, dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
@@ -268,7 +276,7 @@ def _plot(run: QualityRun, curves: dict[str, dict[str, Any]], summary: dict[str,
     relative.axhspan(-TARGET * 100, TARGET * 100, color="tab:green", alpha=0.1, label=f"target: within {TARGET:.0%}")
     relative.axhline(0, color="gray", linewidth=0.8)
     relative.plot(steps, percent, color="tab:green", marker="o", markersize=3,
-                  label=f"mnn / PyTorch - 1, validation (largest: {max(percent, key=abs):+.4f} %)")
+                  label=f"mnn / PyTorch - 1, validation (largest: {max(percent, key=abs):+.2g} %)")
     relative.set_ylim(-limit, limit)
     relative.set_ylabel("difference (%)")
     relative.set_xlabel("training step")
@@ -304,8 +312,11 @@ def _report(run: QualityRun, summary: dict[str, Any], has_plot: bool) -> str:
         f"| ms per training step (side by side) | {summary['ms_per_step']['mnn']:.1f} | "
         f"{summary['ms_per_step']['torch']:.1f} |",
         "",
-        f"mnn's final validation figure is {summary['relative_difference']:+.2%} relative to PyTorch's. "
-        f"Both runs took {summary['wall_s'] / 60:.1f} minutes side by side on {summary['machine']['cores']} cores.",
+        f"mnn's final validation figure is {summary['relative_difference']:+.2g} relative to PyTorch's "
+        f"(the target: within {TARGET:.0%}); the largest relative difference over all evaluations is "
+        f"{summary['largest_relative_difference']:+.2g}, over the logged training losses "
+        f"{summary['largest_train_relative_difference']:+.2g}. Both runs took {summary['wall_s'] / 60:.1f} minutes "
+        f"side by side on {summary['machine']['cores']} cores.",
         "",
     ]
     if has_plot:

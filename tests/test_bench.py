@@ -199,3 +199,14 @@ def test_quality_runs_track_each_other_and_write_their_outputs(text_file, tmp_pa
     rows = (tmp_path / "out" / "curves.csv").read_text().splitlines()
     # a header, then per implementation 3 training losses (steps 2, 4, 6) and 3 evaluations (0, 3, 6)
     assert rows[0] == "impl,series,step,loss,bits_per_char" and len(rows) == 1 + 2 * (3 + 3)
+
+
+def test_the_example_job_trains_the_benchmarked_gpt():
+    from mnn.distributed.config import resolve_config
+    from mnn.distributed.gpt_bench import GptSizes
+
+    config = resolve_config(Path(__file__).resolve().parents[1] / "examples" / "gpt.toml")
+    sizes = GptSizes()
+    assert config.dataset == "text" and config.optimizer == "adam"
+    assert {**config.model["gpt"], "vocab": 1} == sizes.model(1)["gpt"]
+    assert config.batch_size == 2 * sizes.batch  # the benchmark's windows per rank, on 2 ranks
