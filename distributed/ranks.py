@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-import mnn
 from mnn.distributed.comm import Communicator
 
 __all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "limit_blas_threads"]

@@ -158,8 +158,10 @@ class Reporter:
     def summary(self, summary: dict[str, Any]) -> None:
         ranks = summary["world_size"]
         epochs = summary["epochs"]
+        metrics = _metrics_text(summary["test_loss"], summary["test_accuracy"], summary.get("test_bits_per_char"),
+                                loss_too=False)
         self._record({"event": "summary", **summary},
-                     f"done: {_metrics_text(summary['test_loss'], summary['test_accuracy'], summary.get('test_bits_per_char'), loss_too=False)} | "
+                     f"done: {metrics} | "
                      f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
                      f"{ranks} rank{'s' if ranks > 1 else ''} | "
                      f"{summary['steps']} steps, {epochs} epoch{'s' if epochs != 1 else ''} done")

@@ -77,7 +77,43 @@ def _shard(epoch: int, step: int, global_indices: np.ndarray, rank: int, world_s
                         global_batch_size=len(global_indices), shard_sizes=sizes, offset=offset)
 
 
-class GlobalBatchSampler:
+class _ShardingSampler:
+    """What both samplers share: their settings, checked, and the sharding of each
+    global batch over the ranks. A subclass says how many global batches an epoch
+    has (``steps_per_epoch``) and which they are (``_global_batches``)."""
+
+    steps_per_epoch: int
+
+    def __init__(self, num_samples: int, global_batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
+        self.seed = check_int("seed", seed, 0)
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[ShardedBatch]:
+        """Yield this rank's part of each global batch of ``epoch``, from ``start_step`` on.
+
+        ``start_step`` resumes within an epoch: the batches are those an
+        uninterrupted epoch would have produced from that step, whatever the
+        world size before and after.
+        """
+        start_step = check_int("start_step", start_step, 0)
+        if start_step > self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        for step, global_indices in self._global_batches(epoch, start_step):
+            yield _shard(epoch, step, global_indices, self.rank, self.world_size)
+
+    def _global_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class GlobalBatchSampler(_ShardingSampler):
     """Per-epoch shuffled global batches of ``global_batch_size``, sharded over ranks.
 
     For training only: evaluation needs no shuffling or batching across ranks,
@@ -86,13 +122,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, drop_last: bool = False):
-        self.num_samples = check_int("num_samples", num_samples, 1)
-        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1)
-        self.world_size = check_int("world_size", world_size, 1)
-        self.rank = check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
-        self.seed = check_int("seed", seed, 0)
+        super().__init__(num_samples, global_batch_size, rank, world_size, seed)
         self.drop_last = bool(drop_last)
         if self.drop_last and self.num_samples < self.global_batch_size:
             raise ValueError(f"drop_last=True with {self.num_samples} samples and global_batch_size="
@@ -119,25 +149,13 @@ class GlobalBatchSampler:
         start = step * self.global_batch_size
         return order[start:start + self.global_batch_size]
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[ShardedBatch]:
-        """Yield this rank's part of each global batch of ``epoch``, from ``start_step`` on.
-
-        ``start_step`` resumes within an epoch: the batches are those an
-        uninterrupted epoch would have produced from that step, whatever the
-        world size before and after.
-        """
-        start_step = check_int("start_step", start_step, 0)
-        if start_step > self.steps_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        order = self.epoch_order(epoch)
+    def _global_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
+        order = self.epoch_order(epoch)  # once per epoch
         for step in range(start_step, self.steps_per_epoch):
-            yield _shard(epoch, step, self.global_batch(epoch, step, order), self.rank, self.world_size)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+            yield step, self.global_batch(epoch, step, order)
 
 
-class DrawnBatchSampler:
+class DrawnBatchSampler(_ShardingSampler):
     """Global batches drawn at random, with replacement, from (seed, global step) alone.
 
     For data too large to shuffle whole, such as the windows of a text (one per
@@ -152,27 +170,14 @@ class DrawnBatchSampler:
 
     def __init__(self, num_samples: int, global_batch_size: int, steps_per_epoch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
-        self.num_samples = check_int("num_samples", num_samples, 1)
-        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1)
+        super().__init__(num_samples, global_batch_size, rank, world_size, seed)
         self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
-        self.world_size = check_int("world_size", world_size, 1)
-        self.rank = check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
-        self.seed = check_int("seed", seed, 0)
 
     def global_batch(self, epoch: int, step: int) -> np.ndarray:
         """Sample indices of global batch ``step`` of ``epoch``, over all ranks."""
         global_step = check_int("epoch", epoch, 0) * self.steps_per_epoch + check_int("step", step, 0)
         return np.random.default_rng((self.seed, global_step)).integers(0, self.num_samples, self.global_batch_size)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[ShardedBatch]:
-        """Yield this rank's part of each global batch of ``epoch``, from ``start_step`` on."""
-        start_step = check_int("start_step", start_step, 0)
-        if start_step > self.steps_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+    def _global_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
         for step in range(start_step, self.steps_per_epoch):
-            yield _shard(epoch, step, self.global_batch(epoch, step), self.rank, self.world_size)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+            yield step, self.global_batch(epoch, step)

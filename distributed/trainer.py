@@ -31,7 +31,6 @@ metrics.jsonl come from the :class:`~mnn.distributed.reporting.Reporter`
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass

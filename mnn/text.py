@@ -28,7 +28,6 @@ text, are used, so that an evaluation costs the same for any corpus.
 """
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from dataclasses import dataclass

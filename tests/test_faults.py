@@ -101,14 +101,14 @@ def test_blas_threads_are_kept_within_the_cores_when_nobody_set_them(tmp_path):
     env = {name: value for name, value in ENV.items()
            if name not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     cores = len(os.sched_getaffinity(0))
-    probe = script(f"""
+    probe = script("""
         import threadpoolctl
         from mnn.distributed import ranks
         limit = ranks.limit_blas_threads
         def report(facts, rank):
             note = limit(facts, rank)
             threads = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
-            print(f"rank {{rank}} blas threads {{threads}}", flush=True)
+            print(f"rank {rank} blas threads {threads}", flush=True)
             return note
         import mnn.distributed.preflight
         mnn.distributed.preflight.limit_blas_threads = report
@@ -125,7 +125,7 @@ def test_blas_threads_are_kept_within_the_cores_when_nobody_set_them(tmp_path):
     warned = subprocess.run(mpiexec(cores) + TRAIN + ["--max-steps", "2", "--output", str(tmp_path / "mine")],
                             capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": str(cores)})
     assert warned.returncode == 0, warned.stderr
-    assert warned.stdout.count(f"set OMP_NUM_THREADS=1 (or use mnn-launch, which does)") == 1
+    assert warned.stdout.count("set OMP_NUM_THREADS=1 (or use mnn-launch, which does)") == 1
 
 
 # --- divergence -------------------------------------------------------------------------------

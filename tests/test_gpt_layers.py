@@ -16,7 +16,6 @@ from mnn import (
     EmbeddingLayer,
     GeluLayer,
     LayerNormLayer,
-    PositionalEmbeddingLayer,
     Residual,
     SequentialLayers,
 )

@@ -5,7 +5,6 @@ N = 1, 2, 3. Every run on N ranks must end with the parameters one process gets
 on the same global batches (float64, up to the order of floating-point sums).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,17 +54,6 @@ DESCRIPTIONS = {
                                   {"type": "NllLossLayer"}],
     "mse_on_one_hot_labels": [*LINEAR_HEAD, {"type": "MSELossLayer"}],
 }
-
-
-@pytest.fixture(name="comm")
-def comm_fixture():
-    return get_communicator(MPI.COMM_WORLD)
-
-
-@pytest.fixture(name="shared_dir")
-def shared_dir_fixture(comm, tmp_path):
-    """One temporary folder for all ranks (rank 0's), so every rank can read the outputs."""
-    return Path(comm.allgather(str(tmp_path) if comm.rank == 0 else None)[0])
 
 
 def assert_same_parameters(got, expected, **tolerance):

@@ -20,11 +20,6 @@ BASE = dict(epochs=2, steps_per_epoch=4, batch_size=7, optimizer="momentum", lr=
             log_every=2, model={"gpt": {"n_layers": 2, "d_model": 16, "n_heads": 2, "context": 8, "dropout": 0.2}})
 
 
-@pytest.fixture(name="comm")
-def comm_fixture():
-    return get_communicator(MPI.COMM_WORLD)
-
-
 @pytest.fixture(name="corpus")
 def corpus_fixture(comm, tmp_path):
     """A small text file in one folder all ranks see (rank 0's)."""

@@ -27,17 +27,6 @@ STEP_SPANS = ["forward", "backward", "wait", "optimizer"]
 SLACK_US = 500.0
 
 
-@pytest.fixture(name="comm")
-def comm_fixture():
-    return get_communicator(MPI.COMM_WORLD)
-
-
-@pytest.fixture(name="shared_dir")
-def shared_dir_fixture(comm, tmp_path):
-    """One temporary folder for all ranks (rank 0's)."""
-    return Path(comm.broadcast_object(str(tmp_path)))
-
-
 def end(event):
     return event["ts"] + event["dur"]
 

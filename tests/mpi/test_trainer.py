@@ -26,17 +26,6 @@ BASE = dict(layers=[64, 32, 10], batch_size=100, epochs=2, lr=0.05, optimizer="m
 STEPS_PER_EPOCH = 15
 
 
-@pytest.fixture(name="comm")
-def comm_fixture():
-    return get_communicator(MPI.COMM_WORLD)
-
-
-@pytest.fixture(name="shared_dir")
-def shared_dir_fixture(comm, tmp_path):
-    """One temporary folder for all ranks (rank 0's), so every rank can read the outputs."""
-    return Path(comm.allgather(str(tmp_path) if comm.rank == 0 else None)[0])
-
-
 def run(comm, **changes):
     summary = train(TrainConfig(**{**BASE, **changes}), comm)
     comm.barrier()  # rank 0's files are complete before anyone reads them
