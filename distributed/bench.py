@@ -32,7 +32,7 @@ from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DataParallel
 
 __all__ = ["MLP_LAYERS", "Step", "measure", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
-           "sync_and_allreduce_ms", "allreduce_ms", "torch_process_group", "peak_rss_mb"]
+           "sync_and_allreduce_ms", "allreduce_ms", "torch_process_group", "peak_rss_mb", "wait_for_idle_cpus"]
 
 #: The widths of the MLP that ``mnn-bench`` times by default.
 MLP_LAYERS = (784, 256, 10)
@@ -121,6 +121,29 @@ def allreduce_ms(n_floats: int, comm: Communicator, repeats: int = 50) -> float:
         comm.allreduce(buffer)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def wait_for_idle_cpus(min_idle: float = 0.95, timeout_s: float = 600.0, sample_s: float = 1.0) -> bool:
+    """Return once the machine's CPUs, all together, were at least ``min_idle`` idle over
+    ``sample_s`` seconds: True then, False after ``timeout_s`` or where Linux's
+    /proc/stat is missing. On a shared machine, a benchmark started so measures
+    itself rather than what others run beside it."""
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle and iowait, of all states
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            idle_before, total_before = idle_and_total()
+            time.sleep(sample_s)
+            idle_after, total_after = idle_and_total()
+            if idle_after - idle_before >= min_idle * max(total_after - total_before, 1):
+                return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
 
 
 def peak_rss_mb(comm: Communicator) -> float:

@@ -54,7 +54,8 @@ import sys
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mnn.distributed.bench import allreduce_ms, measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms
+from mnn.distributed.bench import (allreduce_ms, measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
+                                   wait_for_idle_cpus)
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.distributed.gpt_bench import GptSizes, gpt_steps
@@ -117,6 +118,9 @@ def _parser():
                         help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
     parser.add_argument("--repeats", type=_positive(int), default=3,
                         help="with --scaling: turns over the rank counts; the speedup is their median (default 3)")
+    parser.add_argument("--wait-idle", action="store_true",
+                        help="with --scaling: start each run only once the CPUs were 95%% idle for a second "
+                             "(on a shared machine; at most 10 minutes per run)")
     gpt = parser.add_argument_group("the GPT (--model gpt)")
     gpt.add_argument("--context", type=_positive(int), default=64, help="characters per window (default 64)")
     gpt.add_argument("--d-model", type=_positive(int), default=128, help="width (default 128)")
@@ -164,7 +168,8 @@ def _run_scaling(args):
 
     The rank counts take turns ``--repeats`` times (1, 2, 1, 2, ...), so a
     machine that slows down for a while slows each count alike; the speedup is
-    the median over the turns. Returns the exit status: that of the first run
+    the median over the turns. With ``--wait-idle`` each run starts only once
+    the CPUs are idle, so that another user's job does not count as ours. Returns the exit status: that of the first run
     that failed, else 0.
     """
     from mnn.distributed.launch import find_mpiexec
@@ -178,6 +183,9 @@ def _run_scaling(args):
     for _ in range(args.repeats):
         for ranks in args.scaling:
             command = base if ranks == 1 else [mpiexec, "-n", str(ranks), *base]
+            if args.wait_idle and not wait_for_idle_cpus():
+                print("mnn-bench: the CPUs did not become idle within 10 minutes; running anyway",
+                      file=sys.stderr, flush=True)
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
                 print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",

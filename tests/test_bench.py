@@ -210,3 +210,10 @@ def test_the_example_job_trains_the_benchmarked_gpt():
     assert config.dataset == "text" and config.optimizer == "adam"
     assert {**config.model["gpt"], "vocab": 1} == sizes.model(1)["gpt"]
     assert config.batch_size == 2 * sizes.batch  # the benchmark's windows per rank, on 2 ranks
+
+
+def test_waiting_for_idle_cpus_returns_or_gives_up():
+    from mnn.distributed.bench import wait_for_idle_cpus
+
+    assert wait_for_idle_cpus(min_idle=0.0, timeout_s=5, sample_s=0.05) is (Path("/proc/stat").exists())
+    assert wait_for_idle_cpus(min_idle=1.01, timeout_s=0.2, sample_s=0.05) is False
