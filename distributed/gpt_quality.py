@@ -181,13 +181,14 @@ def compare(run: QualityRun, out: str | os.PathLike, log: Any = print) -> dict[s
         curves = {impl: future.result() for impl, future in futures.items()}
     summary = _summary(run, curves, time.perf_counter() - started)
     _write_csv(curves, out / "curves.csv")
-    (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if plots_available():
+    plotted = plots_available()
+    if plotted:
         _plot(run, curves, summary, out / "curves.png")
     else:
         summary["notes"].append("curves.png skipped: matplotlib is not installed (pip install 'mnn[plot]')")
         log(summary["notes"][-1])
-    (out / "report.md").write_text(_report(run, summary, (out / "curves.png").exists()))
+    (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(_report(run, summary, out, plotted))
     return summary
 
 
@@ -211,7 +212,8 @@ def _summary(run: QualityRun, curves: dict[str, dict[str, Any]], wall_s: float) 
         "ms_per_step": {impl: round(curve["train_s"] / run.steps * 1e3, 2) for impl, curve in curves.items()},
         "eval_s": {impl: round(curve["eval_s"], 1) for impl, curve in curves.items()},
         "wall_s": round(wall_s, 1),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+                    "torch": _torch_version()},
         "notes": [],
     }
 
@@ -287,7 +289,7 @@ def _plot(run: QualityRun, curves: dict[str, dict[str, Any]], summary: dict[str,
     plt.close(figure)
 
 
-def _report(run: QualityRun, summary: dict[str, Any], has_plot: bool) -> str:
+def _report(run: QualityRun, summary: dict[str, Any], out: Path, has_plot: bool) -> str:
     settings, final = summary["settings"], summary["final_validation_bits_per_char"]
     untrained = summary["untrained_validation_bits_per_char"]
     sizes = run.sizes
@@ -296,12 +298,14 @@ def _report(run: QualityRun, summary: dict[str, Any], has_plot: bool) -> str:
         "",
         f"`mnn-bench --model gpt --quality --steps {run.steps} --lr {run.lr:g} --seed {run.seed} "
         f"--log-every {run.log_every} --eval-every {run.eval_every}"
-        + (f" --text {run.text}" if run.text else "") + " --out OUT`",
+        + (f" --batch {sizes.batch} --context {sizes.context} --d-model {sizes.d_model} --heads {sizes.n_heads} "
+           f"--layers {sizes.n_layers}" if sizes != GptSizes() else "")
+        + (f" --text {run.text}" if run.text else "") + f" --out {out}`",
         "",
         f"The GPT of `[model.gpt]` n_layers = {sizes.n_layers}, d_model = {sizes.d_model}, n_heads = "
         f"{sizes.n_heads}, context = {sizes.context}, dropout = 0, float32, trained for {run.steps} steps of "
         f"{sizes.batch} windows by Adam (lr {run.lr:g}, betas 0.9/0.999, eps 1e-8, no weight decay) on "
-        f"{settings['text']}, once in mnn and once in PyTorch {_torch_version()}: the same initial weights "
+        f"{settings['text']}, once in mnn and once in PyTorch {summary['machine']['torch']}: the same initial weights "
         f"(mnn's, drawn from seed {run.seed}, copied into PyTorch), the same batches (global batch k drawn "
         f"from (seed, k), as mnn-train draws them), one thread each.",
         "",
@@ -321,7 +325,8 @@ def _report(run: QualityRun, summary: dict[str, Any], has_plot: bool) -> str:
     ]
     if has_plot:
         lines += ["![training loss and validation bits per character of mnn and PyTorch](curves.png)", ""]
-    lines += [f"- {note}" for note in summary["notes"]]
+    if summary["notes"]:
+        lines += [f"- {note}" for note in summary["notes"]] + [""]
     lines += ["The curves are in `curves.csv` (losses in nats and bits per character), the figures in "
               "`quality.json`.", ""]
     return "\n".join(lines)
