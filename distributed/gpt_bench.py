@@ -158,19 +158,20 @@ def _torch_classes() -> tuple[type, type]:
 
 def torch_gpt(net: SequentialLayers) -> Any:
     """A PyTorch ``nn.Module`` of the same GPT as ``net`` (a net of ``gpt_description``
-    without dropout), holding float32 copies of ``net``'s parameters: ``module(ids,
-    targets)`` is the loss ``net(ids, targets)`` is, up to float32 rounding."""
+    without dropout), holding copies of ``net``'s parameters in its dtype (float32 or
+    float64): ``module(ids, targets)`` is the loss ``net(ids, targets)`` is, up to rounding."""
     import torch
 
     embedding, positions, blocks, final_norm, head = _gpt_layers(net)
     attention = blocks[0][1]
     _, GPT = _torch_classes()
     model = GPT(embedding.vocab, positions.context, attention.d_model, attention.n_heads, len(blocks))
+    model.to({np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(net.dtype)])
 
     def copy(target: torch.Tensor, *arrays: np.ndarray) -> None:
         source = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         assert tuple(target.shape) == source.shape, (target.shape, source.shape)
-        target.copy_(torch.from_numpy(np.asarray(source, dtype=np.float32)))
+        target.copy_(torch.from_numpy(np.ascontiguousarray(source)))
 
     def copy_linear(module: Any, layer: Any) -> None:
         copy(module.weight, layer.params["w"])  # both (out, in)

@@ -1,7 +1,9 @@
-"""mnn-bench runs and reports what it promises: one process and under mpiexec -n 2.
+"""mnn-bench runs and reports what it promises, for the MLP and the GPT: one process and
+under mpiexec -n 2; the GPT's PyTorch twin computes mnn's losses; --quality writes its curves.
 
 These check the JSON lines' keys and that the numbers are sane, never a speed:
-speed is measured by running the benchmark, not asserted in a test.
+speed is measured by running the benchmark, not asserted in a test. The PyTorch
+parts are skipped where PyTorch is not installed.
 """
 
 import json
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -170,6 +173,19 @@ def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
         torch_loss.backward()
         torch_adam.step()
         assert mnn_loss == pytest.approx(torch_loss.item(), rel=1e-5), f"step {step}"
+
+
+def test_a_float64_gpt_has_a_float64_twin(text_file):
+    torch = pytest.importorskip("torch")
+    from mnn.distributed.comm import SingleProcessCommunicator
+    from mnn.distributed.gpt_bench import drawn_windows, torch_gpt
+
+    sizes, text, net = tiny_gpt(text_file)
+    net.astype(np.float64)
+    x, y, _ = drawn_windows(text, sizes, SingleProcessCommunicator())
+    model = torch_gpt(net)
+    assert model.head.weight.dtype == torch.float64
+    assert float(net(x, y)) == pytest.approx(model(torch.from_numpy(x), torch.from_numpy(y)).item(), rel=1e-12)
 
 
 def test_only_a_gpt_without_dropout_has_a_pytorch_twin():
