@@ -21,7 +21,7 @@ Usage::
     mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1, 2, 1, 2, ... ranks
     mnn-bench --model gpt --rounds 9            # the GPT, batch 32 windows of 64 characters
     mpiexec -n 2 mnn-bench --model gpt          # ... data parallel, beside PyTorch DDP
-    mnn-bench --model gpt --scaling 1,2 --no-torch
+    mnn-bench --model gpt --scaling 1,2 --no-torch --wait-idle   # each run on idle cores
     mnn-bench --model gpt --quality --steps 2000 --out docs/gpt   # train both, compare the curves
 
 Under mpiexec each step is split into compute, communication and waiting
