@@ -50,6 +50,7 @@ __all__ = [
     "get_communicator",
     "check_all",
     "run_all",
+    "run_on_root",
     "stop_all_on_error",
     "NO_MPI_ENV",
     "launcher_rank",
@@ -413,6 +414,12 @@ def run_all(comm: Communicator, fn: Callable[..., Result], *args: Any, **kwargs:
         raise AssertionError("check_all returned although this rank failed")  # pragma: no cover
     check_all(comm, True)
     return result
+
+
+def run_on_root(comm: Communicator, fn: Callable[[], Result]) -> Result | None:
+    """``fn()`` on rank 0 only (None elsewhere); if it raised there, every rank raises
+    ``RankFailure``. For work that is rank 0's alone: its files, its checks."""
+    return run_all(comm, lambda: fn() if comm.rank == 0 else None)
 
 
 @contextlib.contextmanager

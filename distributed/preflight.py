@@ -15,7 +15,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from mnn.io import clean_stale_temporaries
 from mnn.model import GPT_KEYS
 from mnn.text import TextDataset, load_text
 from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
-from mnn.distributed.comm import Communicator, RankFailure, run_all
+from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
 from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.position import Position
@@ -102,10 +102,10 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         optimizer = build_optimizer(config, net)
         # Rank 0 alone: the output directory is its own (other hosts may not see it);
         # DataParallel broadcasts the parameters and optimizer state it restores.
-        output = _on_rank0(comm, lambda: _claim_output(config))
+        output = run_on_root(comm, lambda: _claim_output(config))
         lock, output_notes = output if output is not None else (None, [])
-        restored = comm.broadcast_object(_on_rank0(comm, lambda: _restore(config, net, optimizer)))
-        task = comm.broadcast_object(_on_rank0(comm, lambda: _choose_task(config, net, dataset)))
+        restored = comm.broadcast_object(run_on_root(comm, lambda: _restore(config, net, optimizer)))
+        task = comm.broadcast_object(run_on_root(comm, lambda: _choose_task(config, net, dataset)))
         sampler = run_all(comm, _sampler, config, dataset, comm)
     except RankFailure as failure:
         if lock is not None:
@@ -119,11 +119,6 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
                      f"{config.batch_size} rank{'s' if config.batch_size > 1 else ''} would be as fast)")
     return PreparedJob(config, net, optimizer, dataset, task, sampler, position, resumed_from, changed,
                        notes=[*notes, *output_notes, *resume_notes], lock=lock)
-
-
-def _on_rank0(comm: Communicator, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 only (None elsewhere); a failure there stops every rank."""
-    return run_all(comm, lambda: fn() if comm.rank == 0 else None)
 
 
 # ------------------------------------------------------------------ a user's net and arrays
@@ -277,7 +272,7 @@ def _load_data(config: TrainConfig, data: Any, comm: Communicator) -> Dataset:
     # "digits" comes from scikit-learn with no cache to build: all load at once.
     loaded_by_root = None
     if config.dataset != "digits":
-        loaded_by_root = _on_rank0(comm, lambda: load_job_dataset(config))
+        loaded_by_root = run_on_root(comm, lambda: load_job_dataset(config))
     return run_all(comm, lambda: loaded_by_root or load_job_dataset(config))
 
 

@@ -4,22 +4,25 @@ A signal handler runs between two Python bytecodes on whatever the main thread
 is doing; raising there could leave one rank inside a collective that the
 others have left. :class:`StopRequests` therefore only counts signals, and the
 training loop asks all ranks after each step whether any of them was asked to
-stop (:meth:`StopRequests.agreed`, one 8-byte all-reduce), so they all stop
+stop (:meth:`StopRequests.vote`, one 16-byte all-reduce), so they all stop
 after the same step, save a checkpoint there and raise
-:class:`TrainingInterrupted`.
+:class:`TrainingInterrupted`. The same all-reduce carries each rank's verdict
+on its step's numbers (a NaN or infinite loss or gradient), so that every rank
+also agrees on stopping, or skipping the step, for those.
 """
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mnn.distributed.comm import Communicator
 
-__all__ = ["StopRequests", "TrainingInterrupted"]
+__all__ = ["StopRequests", "TrainingInterrupted", "Vote"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -35,6 +38,15 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, ranks_agreed: bool = False):
         super().__init__(message)
         self.ranks_agreed = ranks_agreed
+
+
+@dataclass(frozen=True)
+class Vote:
+    """What all ranks agreed on after a step: ``stop`` (a rank was asked to) and
+    ``nonfinite`` (a rank saw a NaN or infinite loss or gradient)."""
+
+    stop: bool
+    nonfinite: bool
 
 
 class StopRequests:
@@ -54,7 +66,7 @@ class StopRequests:
         self.count = 0
         self._first_at: float | None = None
         self._previous: dict[int, Any] = {}
-        self._votes = np.zeros(1)
+        self._votes = np.zeros(2)  # [stop requests, ranks with non-finite numbers], summed
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -70,11 +82,12 @@ class StopRequests:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def agreed(self, comm: Communicator) -> bool:
-        """Whether any rank was asked to stop (collective: every rank calls it after each step)."""
-        self._votes[0] = self.count
+    def vote(self, comm: Communicator, nonfinite: bool = False) -> Vote:
+        """Whether any rank was asked to stop, and whether any rank's step had a number
+        that is not finite (collective: every rank calls it at the same point of each step)."""
+        self._votes[:] = (self.count, nonfinite)
         comm.allreduce(self._votes)
-        return bool(self._votes[0])
+        return Vote(stop=bool(self._votes[0]), nonfinite=bool(self._votes[1]))
 
     def _request(self, signum: int, frame: object) -> None:
         now = time.monotonic()

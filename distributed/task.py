@@ -16,9 +16,8 @@ and the data (:func:`choose_task`):
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +113,7 @@ def choose_task(net: SequentialLayers, dataset: Dataset, dtype: str) -> Task:
     if net.loss_layer is None:
         raise ValueError(f"model: the last layer must be a loss layer to train, got {net.layers[-1].name}")
     x, y = dataset.train.batch(np.arange(min(_CHECK_SAMPLES, len(dataset.train))), dtype)
-    with _evaluating(net):
+    with net.evaluating():
         return _checked_task(net, dataset, dtype, x, y)
 
 
@@ -135,16 +134,6 @@ def _checked_task(net: SequentialLayers, dataset: Dataset, dtype: str, x: np.nda
     return task
 
 
-@contextmanager
-def _evaluating(net: SequentialLayers) -> Iterator[None]:
-    """Layers that act only in training (dropout) stand aside inside the block."""
-    net.set_training(False)
-    try:
-        yield
-    finally:
-        net.set_training(True)
-
-
 def evaluate(net: SequentialLayers, split: Split, task: Task, comm: Communicator) -> dict[str, Any]:
     """Loss (and accuracy, for class labels) over the whole ``split``, sharded over the ranks (collective).
 
@@ -159,7 +148,7 @@ def evaluate(net: SequentialLayers, split: Split, task: Task, comm: Communicator
     indices = np.arange(start, start + sizes[comm.rank])
     totals = np.zeros(4)  # loss sum, correct predictions, labels, samples
     batch_size = EVAL_WINDOWS if task.per_position else EVAL_BATCH_SIZE
-    with _evaluating(net):
+    with net.evaluating():
         for offset in range(0, len(indices), batch_size):
             x, y = split.batch(indices[offset:offset + batch_size], task.dtype)
             outputs = net(x)  # without targets: the prediction, before the loss layer

@@ -41,7 +41,7 @@ import numpy as np
 
 from mnn import SequentialLayers
 from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
-from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_all
+from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_on_root
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.position import Position
@@ -126,8 +126,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
     dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes, allreduce=config.allreduce,
                       grad_compression=config.grad_compression, timeline=timeline)  # broadcasts rank 0's state
     run = _RunClock(started)
-    votes = _StepVotes()
-    if votes.cast(comm, stop_requests.count).stop:
+    if stop_requests.vote(comm).stop:
         raise TrainingInterrupted("interrupted before training started; nothing was trained", ranks_agreed=True)
 
     # A resumed run with no step left says so, and finishes writing what its run did not.
@@ -137,7 +136,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                            run, dp)
         timeline.close()
         if output is not None:
-            _on_rank0(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
+            run_on_root(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
         return summary
 
     if comm.rank == 0 and output is not None:
@@ -174,7 +173,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 dp.synchronize()
 
                 # every rank agrees on stopping and on non-finite numbers (one small all-reduce)
-                vote = votes.cast(comm, stop_requests.count, not (math.isfinite(loss) and dp.gradients_finite()))
+                vote = stop_requests.vote(comm, nonfinite=not (math.isfinite(loss) and dp.gradients_finite()))
                 stopping = vote.stop
                 if vote.nonfinite:
                     what = _nonfinite_text(comm, loss, dp.gradients_finite())
@@ -236,7 +235,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp)
         timeline.close()
         if output is not None:
-            _on_rank0(comm, lambda: _write_results(output, net.state_dict(), summary))
+            run_on_root(comm, lambda: _write_results(output, net.state_dict(), summary))
     except (TrainingInterrupted, TrainingDiverged):
         timeline.close()  # raised on every rank alike, so the spans can still be gathered
         raise
@@ -302,25 +301,6 @@ class _RunClock:
 
 
 @dataclass(frozen=True)
-class _Vote:
-    stop: bool
-    nonfinite: bool
-
-
-class _StepVotes:
-    """The one small all-reduce of every step: ``[stop requests, ranks with a non-finite
-    loss or gradient]``, summed over the ranks, so all of them act alike."""
-
-    def __init__(self) -> None:
-        self._counts = np.zeros(2)
-
-    def cast(self, comm: Communicator, stop_requests: int, nonfinite: bool = False) -> _Vote:
-        self._counts[:] = (stop_requests, nonfinite)
-        comm.allreduce(self._counts)
-        return _Vote(stop=bool(self._counts[0]), nonfinite=bool(self._counts[1]))
-
-
-@dataclass(frozen=True)
 class _Saved:
     """The last checkpoint this run could continue from: its path and position."""
 
@@ -340,11 +320,6 @@ def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
         return Timeline(comm, config.timeline)
     except RankFailure as failure:
         raise JobConfigError(failure.failures) from failure
-
-
-def _on_rank0(comm: Communicator, fn: Any) -> None:
-    """``fn()`` on rank 0 only; a failure there raises RankFailure on every rank."""
-    run_all(comm, lambda: fn() if comm.rank == 0 else None)
 
 
 def _log_training(reporter: Reporter, losses: _LossSums, comm: Communicator, position: Position,
@@ -373,7 +348,7 @@ def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
     checkpoint = Checkpoint(state, dp.optimizer.state_dict(), position, comm.size, config.to_dict())
     path = output / CHECKPOINT_NAME
-    _on_rank0(comm, lambda: save_checkpoint(path, checkpoint, keep=config.keep_checkpoints))
+    run_on_root(comm, lambda: save_checkpoint(path, checkpoint, keep=config.keep_checkpoints))
     return _Saved(str(path), position)
 
 

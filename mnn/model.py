@@ -34,35 +34,17 @@ from typing import Any
 import numpy as np
 
 from mnn.checks import as_generator, is_int
-from mnn.layer import (
-    CrossEntropyLossLayer,
-    DropoutLayer,
-    EmbeddingLayer,
-    GeluLayer,
-    LayerNormLayer,
-    LinearLayer,
-    LogLayer,
-    LogSoftmaxLayer,
-    LossLayer,
-    MatrixProduct,
-    MSELossLayer,
-    MultiHeadAttention,
-    NllLossLayer,
-    PositionalEmbeddingLayer,
-    ReluLayer,
-    ReshapeLayer,
-    SoftmaxLayer,
-)
+import mnn.layer
+from mnn.layer import Layer, LossLayer
 from mnn.seq_layers import Residual, SequentialLayers
 
 __all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "build_net", "build_layers", "mlp_description",
            "gpt_description", "expand_gpt", "check_fits"]
 
-#: Every layer a description may name, by class name.
-LAYER_TYPES = {cls.__name__: cls for cls in (
-    LinearLayer, ReluLayer, LogLayer, SoftmaxLayer, LogSoftmaxLayer, ReshapeLayer, MatrixProduct,
-    MultiHeadAttention, Residual, CrossEntropyLossLayer, NllLossLayer, MSELossLayer,
-    EmbeddingLayer, PositionalEmbeddingLayer, LayerNormLayer, GeluLayer, DropoutLayer)}
+#: Every layer a description may name, by class name: each concrete layer of the
+#: library (a new one in mnn.layer is nameable at once) and the Residual container.
+LAYER_TYPES = {name: getattr(mnn.layer, name) for name in mnn.layer.__all__
+               if getattr(mnn.layer, name) not in (Layer, LossLayer)} | {"Residual": Residual}
 
 #: The layers that end an MLP for each ``loss`` of the shorthand.
 LOSS_HEADS = {

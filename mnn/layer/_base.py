@@ -34,6 +34,8 @@ The seed library worked on column vectors of shape ``(B, n, 1)``. Layers accept
 that shape too and answer in the same shape; internally everything is rows.
 """
 
+import contextlib
+
 import numpy as np
 
 from mnn.checks import check_float_dtype, check_int
@@ -81,6 +83,16 @@ class Layer:
         the identity in evaluation); containers pass it to every layer inside.
         """
         _check_training_mode(self.name, mode)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """``with net.evaluating():`` — evaluation inside the block (see
+        :meth:`set_training`), training again after it, whatever happens inside."""
+        self.set_training(False)
+        try:
+            yield self
+        finally:
+            self.set_training(True)
 
     def start_batch(self, step, first_sample):
         """Announce the next forward: global ``step`` (0, 1, ...) and the index in
