@@ -97,6 +97,15 @@ def test_empty_or_missing_hostfile(tmp_path):
         parse_hostfile(tmp_path / "absent")
 
 
+def test_a_hostfile_that_is_not_utf8_is_named_with_the_byte(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_bytes(b"node1:2\nn\xffode2:2\n")
+    assert main(["--hostfile", str(hostfile), "--", "mnn-train"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"mnn-launch: error: hostfile {hostfile} is not UTF-8 text: byte 9 is 0xff (invalid start "
+                     "byte); expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI), one per line"]
+
+
 def test_hosts_option():
     assert parse_hosts("a:2,b:2") == [("a", 2), ("b", 2)]
     assert parse_hosts("a, b:3") == [("a", 1), ("b", 3)]

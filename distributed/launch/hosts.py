@@ -23,9 +23,13 @@ def parse_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
     add up their slots. Raises ValueError naming the file and line otherwise.
     """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as error:
         raise ValueError(f"hostfile {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"hostfile {path} is not UTF-8 text: byte {error.start} is "
+                         f"0x{error.object[error.start]:02x} ({error.reason}); "
+                         f"{_HOSTFILE_FORMATS}, one per line") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         tokens = line.split("#", 1)[0].split()
