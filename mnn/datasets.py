@@ -41,11 +41,22 @@ folder cannot be written the data is parsed into memory instead, with a warning.
 
 Scaling. Each feature is standardised, :math:`\hat x_j = (x_j - \mu_j) / \sigma_j`,
 with the mean and standard deviation of the *training* split only, so nothing
-about the test set leaks into training. A feature that is (nearly) constant in
-the training data would divide by (nearly) zero, so :math:`\sigma_j` is floored at
-``STD_FLOOR_FRACTION`` (1 %) of the largest feature standard deviation (at 1.0
-when every feature is constant): such a feature is centred but never amplified
-by more than 100 times what the most varied feature is.
+about the test set leaks into training. Each feature's scale is its own: a
+feature on a scale of 1e6 beside pixels of 0 to 16 changes nothing about the
+pixels. Only a feature that is constant in the training data is left unscaled,
+:math:`\sigma_j = 1` (it is centred, and would otherwise divide by zero); a
+feature counts as constant when
+
+.. math:: \sigma_j \le \epsilon_c \, s_j,
+
+with :math:`s_j` the power of two at least :math:`\max_i |x_{ij}|` (see Large
+values below), so that the test depends on the feature alone, and
+:math:`\epsilon_c` = ``CONSTANT_RELATIVE_STD`` (:math:`2^{-32}`, about 2e-10):
+above the standard deviation that rounding alone leaves in the statistics of
+equal values, and far below any variation a float32 batch can carry (whose
+precision is :math:`2^{-24}` of the value). (An earlier rule floored every
+:math:`\sigma_j` at 1 % of the largest one, so that one feature of 1e6 made
+all the others constant, and training on them learned nothing.)
 
 Large values. The statistics never square a raw value: each feature is first
 divided by a power of two at least its largest magnitude (exact, so ordinary
@@ -94,7 +105,7 @@ __all__ = [
     "cached_arrays",
     "read_idx",
     "IDX_FILES",
-    "STD_FLOOR_FRACTION",
+    "CONSTANT_RELATIVE_STD",
     "DIGITS_TEST_EVERY",
 ]
 
@@ -106,8 +117,8 @@ IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 
-#: A feature's standard deviation is floored at this fraction of the largest one.
-STD_FLOOR_FRACTION = 1e-2
+#: A feature whose standard deviation is at most this fraction of its magnitude is constant (left unscaled).
+CONSTANT_RELATIVE_STD = 2.0 ** -32
 
 #: In "digits", sample i is a test sample when i % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1.
 DIGITS_TEST_EVERY = 5
@@ -118,8 +129,9 @@ _SPLIT_WORDS = {"train": "training", "test": "test"}
 # Magic numbers of the two IDX kinds we read: unsigned bytes, 1-D labels and 3-D images.
 _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
 _IDX_UBYTE = 0x08
-# Bump when the layout of the cached arrays changes, so old caches are rebuilt.
-_CACHE_FORMAT = 1
+# Bump when the layout or meaning of the cached arrays changes, so old caches are rebuilt
+# (2: each feature's std is its own, not floored by the largest one's).
+_CACHE_FORMAT = 2
 # Rows per chunk when computing statistics over a memory-mapped training split.
 _STATS_CHUNK_ROWS = 4096
 
@@ -522,7 +534,7 @@ def _check_same_features(arrays: dict[str, np.ndarray], train_source, test_sourc
 
 
 def _standardisation(x_train: np.ndarray, where: str) -> dict[str, np.ndarray]:
-    r"""Per-feature mean and floored std of the training features, in float64.
+    r"""Per-feature mean and std of the training features, in float64 (1 for a constant feature).
 
     Two passes over chunks, so a memory-mapped split is never converted to
     float64 whole. The first finds each feature's smallest and largest value,
@@ -558,10 +570,9 @@ def _standardisation(x_train: np.ndarray, where: str) -> dict[str, np.ndarray]:
         mean = mean + delta * (len(chunk) / total)
         squares = squares + chunk_squares + delta ** 2 * (count * len(chunk) / total)
         count = total
-    mean, std = mean * scale, np.sqrt(squares / max(count, 1)) * scale
-    largest = std.max(initial=0.0)
-    floor = STD_FLOOR_FRACTION * largest if largest > 0 else 1.0
-    return {"mean": mean, "std": np.maximum(std, floor)}
+    relative_std = np.sqrt(squares / max(count, 1))  # of x_j / s_j: its own scale, whatever the others'
+    constant = relative_std <= CONSTANT_RELATIVE_STD
+    return {"mean": mean * scale, "std": np.where(constant, 1.0, relative_std * scale)}
 
 
 def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
