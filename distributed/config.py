@@ -159,8 +159,14 @@ class TrainConfig:
     )
     on_nonfinite: str = field(
         default="stop",
-        **_help("when a step's loss or gradient is NaN or infinite on any rank: stop (with a "
-                "checkpoint of the step before) or skip the step's update and go on"),
+        **_help("when a step's loss or gradient is NaN or infinite on any rank: stop (the last "
+                "checkpoint is kept as it was; the state before the step goes to OUTPUT/diverged.npz) "
+                "or skip the step's update and go on"),
+    )
+    max_skipped_steps: int = field(
+        default=10,
+        **_help("with --on-nonfinite skip: stop, as diverged, after this many steps in a row were "
+                "skipped (0: no limit)"),
     )
     keep_checkpoints: int = field(
         default=1,
@@ -263,6 +269,7 @@ class TrainConfig:
         if self.steps_per_epoch is not None:
             self.steps_per_epoch = check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        self.max_skipped_steps = check_int("max_skipped_steps", self.max_skipped_steps, minimum=0)
         self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
         if self.stall_timeout < 0:
