@@ -23,12 +23,19 @@ A GPT-style language model has a short form, ``{"gpt": {"vocab": 99, "n_layers":
 in TOML), which :func:`gpt_description` spells out as layers. Every mistake
 is a ``ValueError`` naming the entry (``model.layers[2]``) and saying what was
 expected: an unknown type, an unknown or missing argument, a bad value, a loss
-layer that is not last. Whether the layers fit together (widths that chain)
-depends on the input, so :func:`check_fits` runs a small batch through the net.
+layer that is not last, Residuals nested more than :data:`MAX_NESTING` deep.
+Whether the layers fit together (widths that chain) depends on the input, so
+:func:`check_fits` runs a small batch through the net.
+
+:func:`model_size` counts a description's parameters (and roughly the numbers
+a forward pass keeps for backward) without building it, so that a job can be
+refused before it allocates memory the machine does not have.
 """
 from __future__ import annotations
 
 import inspect
+import reprlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +45,8 @@ import mnn.layer
 from mnn.layer import Layer, LossLayer
 from mnn.seq_layers import Residual, SequentialLayers
 
-__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "build_net", "build_layers", "mlp_description",
-           "gpt_description", "expand_gpt", "check_fits"]
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
+           "model_size", "mlp_description", "gpt_description", "expand_gpt", "check_fits"]
 
 #: Every layer a description may name, by class name: each concrete layer of the
 #: library (a new one in mnn.layer is nameable at once) and the Residual container.
@@ -55,6 +62,20 @@ LOSS_HEADS = {
 
 # Arguments the builder passes itself; a description never gives them.
 _BUILDER_ARGUMENTS = ("dtype", "rng")
+
+#: How deep Residuals may nest inside each other. A real net nests them one deep;
+#: the bound keeps every walk over a description (building it, get_config, writing
+#: config.toml) far from Python's recursion limit, whatever a job file holds.
+MAX_NESTING = 32
+
+# Values in messages: a deeply nested or huge value (from Python, or a damaged
+# file) is shown cut short, never as megabytes of text or a RecursionError.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 4, 8, 8, 60, 60
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
 
 
 def mlp_description(widths: list[int], loss: str = "cross_entropy") -> dict[str, Any]:
@@ -102,39 +123,45 @@ def build_net(description: Any, dtype: Any = np.float32, rng: Any = None,
               where: str = "model") -> SequentialLayers:
     """The ``SequentialLayers`` of ``description``, its parameters drawn from ``rng``
     (a Generator or int seed) layer by layer, so the same seed builds the same net."""
+    entries = _layer_entries(description, where)
+    return SequentialLayers(build_layers(entries, dtype, as_generator(rng), f"{where}.layers"))
+
+
+def _layer_entries(description: Any, where: str) -> Any:
+    """The list of layer entries of a description (a ``gpt`` table spelled out)."""
     if isinstance(description, dict) and set(description) == {"gpt"}:
         description = {"layers": expand_gpt(description["gpt"], f"{where}.gpt")["layers"]}
     if not isinstance(description, dict) or set(description) != {"layers"}:
         raise ValueError(f"{where}: expected a table with one key, 'layers' (a list of layers) or 'gpt' "
-                         f"(a GPT's sizes), got {description!r}")
-    return SequentialLayers(build_layers(description["layers"], dtype, as_generator(rng), f"{where}.layers"))
+                         f"(a GPT's sizes), got {_shown(description)}")
+    return description["layers"]
 
 
 def expand_gpt(sizes: Any, where: str = "model.gpt") -> dict[str, Any]:
     """The layers of a ``gpt`` table (its keys checked: those of :func:`gpt_description`)."""
     if not isinstance(sizes, dict):
-        raise ValueError(f"{where}: expected a table of sizes ({', '.join(GPT_KEYS)}), got {sizes!r}")
+        raise ValueError(f"{where}: expected a table of sizes ({', '.join(GPT_KEYS)}), got {_shown(sizes)}")
     unknown = sorted(set(sizes) - set(GPT_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(GPT_KEYS)}")
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(_shown, unknown))}; expected {', '.join(GPT_KEYS)}")
     if sizes.get("vocab") is None:
         raise ValueError(f"{where}: missing vocab (the number of characters; the trainer takes it from the text)")
     values = {**GPT_KEYS, **sizes}
     for key in ("vocab", "n_layers", "d_model", "n_heads", "context"):
         if not (is_int(values[key]) and values[key] >= 1):
-            raise ValueError(f"{where}: expected {key} a positive integer, got {values[key]!r}")
+            raise ValueError(f"{where}: expected {key} a positive integer, got {_shown(values[key])}")
     if isinstance(values["dropout"], bool) or not isinstance(values["dropout"], (int, float)) \
             or not 0 <= values["dropout"] < 1:
-        raise ValueError(f"{where}: expected dropout a number in [0, 1), got {values['dropout']!r}")
+        raise ValueError(f"{where}: expected dropout a number in [0, 1), got {_shown(values['dropout'])}")
     return gpt_description(**values)
 
 
 def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,
-                 loss_allowed: bool = True) -> list[Any]:
-    """The layers of a list of entries; ``where`` names the list in messages."""
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{where}: expected a non-empty list of layers, got {entries!r}")
-    layers = [_build_layer(entry, dtype, rng, f"{where}[{index}]") for index, entry in enumerate(entries)]
+                 loss_allowed: bool = True, depth: int = 0) -> list[Any]:
+    """The layers of a list of entries; ``where`` names the list in messages, ``depth``
+    the Residuals it is inside."""
+    _check_entries(entries, where)
+    layers = [_build_layer(entry, dtype, rng, f"{where}[{index}]", depth) for index, entry in enumerate(entries)]
     for index, layer in enumerate(layers):
         if isinstance(layer, LossLayer) and not loss_allowed:
             raise ValueError(f"{where}[{index}] ({layer.name}): a loss layer cannot be inside a Residual")
@@ -144,43 +171,144 @@ def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,
     return layers
 
 
-def _build_layer(entry: Any, dtype: Any, rng: np.random.Generator, where: str) -> Any:
+def _check_entries(entries: Any, where: str) -> None:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: expected a non-empty list of layers, got {_shown(entries)}")
+
+
+def _build_layer(entry: Any, dtype: Any, rng: np.random.Generator, where: str, depth: int) -> Any:
+    cls, positional, arguments, where = _resolve(entry, where)
+    if cls is Residual:
+        _check_nesting(depth, where)
+        arguments["layers"] = build_layers(arguments["layers"], dtype, rng, f"{where}.layers",
+                                           loss_allowed=False, depth=depth + 1)
+    builder_arguments = {key: value for key, value in (("dtype", dtype), ("rng", rng))
+                         if key in inspect.signature(cls).parameters}
+    try:
+        return cls(*positional, **arguments, **builder_arguments)
+    except (ValueError, TypeError) as error:
+        message = str(error).removeprefix(f"{cls.__name__}: ")  # the entry already names the type
+        raise ValueError(f"{where}: {message}") from None
+
+
+def _resolve(entry: Any, where: str) -> tuple[type, list[Any], dict[str, Any], str]:
+    """The class an entry names, its positional and keyword arguments (checked against
+    the class's signature), and ``where`` with the type added."""
     if not isinstance(entry, dict) or "type" not in entry:
         raise ValueError(f"{where}: expected a table with a 'type' key (a layer class such as 'LinearLayer'), "
-                         f"got {entry!r}")
+                         f"got {_shown(entry)}")
     name = entry["type"]
-    if name not in LAYER_TYPES:
-        raise ValueError(f"{where}: unknown layer type {name!r}; expected one of {', '.join(LAYER_TYPES)}")
+    if not isinstance(name, str) or name not in LAYER_TYPES:
+        raise ValueError(f"{where}: unknown layer type {_shown(name)}; expected one of {', '.join(LAYER_TYPES)}")
     cls = LAYER_TYPES[name]
     arguments = {key: value for key, value in entry.items() if key != "type"}
     where = f"{where} ({name})"
     if cls is Residual:
-        arguments["layers"] = build_layers(arguments.get("layers"), dtype, rng, f"{where}.layers",
-                                           loss_allowed=False)
+        arguments.setdefault("layers", None)  # checked as a list of layers, where the list is named
     parameters = {key: parameter for key, parameter in inspect.signature(cls).parameters.items()
                   if key not in _BUILDER_ARGUMENTS}
     accepted = ", ".join(parameters) or "no arguments"
     for key in arguments:
         if key not in parameters:
-            raise ValueError(f"{where}: unknown argument {key!r}; {name} takes {accepted}")
+            raise ValueError(f"{where}: unknown argument {_shown(key)}; {name} takes {accepted}")
     positional: list[Any] = []
     for key, parameter in parameters.items():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL and key in arguments:
             # LinearLayer(*shape): the description gives shape = [n_in, n_out].
             value = arguments.pop(key)
             if not isinstance(value, list):
-                raise ValueError(f"{where}: expected {key} as a list, got {value!r}")
+                raise ValueError(f"{where}: expected {key} as a list, got {_shown(value)}")
             positional = value
         elif parameter.default is inspect.Parameter.empty and parameter.kind is not parameter.VAR_POSITIONAL \
                 and key not in arguments:
             raise ValueError(f"{where}: missing argument {key!r}; {name} takes {accepted}")
-    builder_arguments = {key: value for key, value in (("dtype", dtype), ("rng", rng))
-                         if key in inspect.signature(cls).parameters}
-    try:
-        return cls(*positional, **arguments, **builder_arguments)
-    except (ValueError, TypeError) as error:
-        message = str(error).removeprefix(f"{name}: ")  # the entry already names the type
-        raise ValueError(f"{where}: {message}") from None
+    return cls, positional, arguments, where
+
+
+def _check_nesting(depth: int, where: str) -> None:
+    """Refuse a Residual ``depth`` Residuals deep beyond the limit, naming the outermost one."""
+    if depth >= MAX_NESTING:
+        outermost = where[:where.index(" (Residual)") + len(" (Residual)")]
+        raise ValueError(f"{outermost}: Residuals nested more than {MAX_NESTING} deep inside it; a "
+                         f"description may nest them at most {MAX_NESTING} deep")
+
+
+# ------------------------------------------------------------------ size without building
+@dataclass(frozen=True)
+class ModelSize:
+    """What a description costs, counted in numbers (multiply by the dtype's itemsize
+    for bytes): ``parameters``, and ``activations``, a rough bound on the numbers a
+    forward pass of one sample keeps for backward and hands on."""
+
+    parameters: int
+    activations: int
+
+
+def model_size(description: Any, sample_numbers: int = 1, where: str = "model") -> ModelSize:
+    """The size of the net ``description`` describes, without building it.
+
+    Checks what :func:`build_net` checks before any layer allocates (the
+    structure, the types, the arguments' names, the nesting), so a description
+    that passes here and is far too large can be refused before the allocation.
+    A size argument that is not a positive integer counts as 0 here; the layer's
+    constructor refuses it. ``sample_numbers`` is the numbers in one input
+    sample (features, or a text window's positions), from which the activations
+    are counted layer by layer.
+    """
+    entries = _layer_entries(description, where)
+    parameters, activations, _ = _entries_size(entries, sample_numbers, f"{where}.layers", depth=0)
+    return ModelSize(parameters, activations)
+
+
+def _entries_size(entries: Any, numbers: int, where: str, depth: int) -> tuple[int, int, int]:
+    """(parameters, kept numbers, output numbers per sample) of a list of entries."""
+    _check_entries(entries, where)
+    parameters = kept = 0
+    for index, entry in enumerate(entries):
+        cls, positional, arguments, entry_where = _resolve(entry, f"{where}[{index}]")
+        if cls is Residual:
+            _check_nesting(depth, entry_where)
+            inner = _entries_size(arguments["layers"], numbers, f"{entry_where}.layers", depth + 1)
+            layer = (inner[0], inner[1] + numbers, numbers)
+        else:
+            layer = _layer_size(cls.__name__, positional, arguments, numbers)
+        parameters, kept, numbers = parameters + layer[0], kept + layer[1], layer[2]
+    return parameters, kept, numbers
+
+
+def _layer_size(name: str, positional: list[Any], arguments: dict[str, Any],
+                numbers: int) -> tuple[int, int, int]:
+    r"""(parameters, kept numbers, output numbers per sample) of one layer that gets
+    ``numbers`` per sample; the parameter shapes are those the constructors allocate.
+
+    With :math:`N` numbers in, :math:`P = N / n` positions of :math:`n` features:
+    LinearLayer :math:`nm + m` parameters, keeps its input and :math:`Pm` out;
+    MultiHeadAttention :math:`4d^2 + 4d`, keeps about :math:`6N` (q, k, v, the
+    context, its input and output) and :math:`2hP^2` (scores and their softmax);
+    EmbeddingLayer :math:`vd`, :math:`Nd` out; PositionalEmbeddingLayer :math:`Td`;
+    LayerNormLayer :math:`2d`, keeps :math:`2N`; every other layer keeps its output.
+    """
+    def positive(*values: Any) -> bool:  # sizes that are not are the constructor's to refuse
+        return all(is_int(value) and value > 0 for value in values)
+
+    if name == "LinearLayer" and len(positional) == 2 and positive(*positional):
+        n_in, n_out = map(int, positional)
+        positions = max(1, numbers // n_in)
+        bias = n_out if arguments.get("bias", True) else 0
+        return n_in * n_out + bias, numbers + positions * n_out, positions * n_out
+    if name == "MultiHeadAttention" and positive(arguments["d_model"], arguments["n_heads"]):
+        d_model, n_heads = int(arguments["d_model"]), int(arguments["n_heads"])
+        positions = max(1, numbers // d_model)
+        return 4 * d_model * d_model + 4 * d_model, 6 * numbers + 2 * n_heads * positions ** 2, numbers
+    vocab, context, d = (arguments.get(key) for key in ("vocab", "context", "d"))
+    vocab, context, d = (int(size) if is_int(size) else size for size in (vocab, context, d))
+    if name == "EmbeddingLayer" and positive(vocab, d):
+        return vocab * d, numbers * d, numbers * d
+    if name == "PositionalEmbeddingLayer" and positive(context, d):
+        return context * d, numbers, numbers
+    if name == "LayerNormLayer" and positive(d):
+        return 2 * d, 2 * numbers, numbers
+    return 0, numbers, numbers
 
 
 def check_fits(net: SequentialLayers, inputs: np.ndarray, targets: Any = None) -> Any:

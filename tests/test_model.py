@@ -14,7 +14,7 @@ from mnn import (
     SequentialLayers,
     SGD,
 )
-from mnn.model import LAYER_TYPES, build_net, check_fits, mlp_description
+from mnn.model import LAYER_TYPES, MAX_NESTING, build_net, check_fits, mlp_description, model_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -299,3 +299,93 @@ def test_evaluating_turns_dropout_off_inside_and_back_on_after_an_error():
     with pytest.raises(RuntimeError), net.evaluating():
         raise RuntimeError("inside")
     assert not np.array_equal(net(ones), ones)  # training again: dropout draws a mask
+
+
+# --- sizes without building, and nesting ------------------------------------------------------
+
+def _parameter_count(net):
+    return sum(param.size for _, param, _ in net.named_params())
+
+
+SIZED_DESCRIPTIONS = [
+    ATTENTION_CLASSIFIER,
+    mlp_description([64, 128, 10]),
+    {"gpt": {"vocab": 37, "n_layers": 2, "d_model": 16, "n_heads": 4, "context": 8, "dropout": 0.1}},
+    {"layers": [{"type": "LayerNormLayer", "d": 8}, {"type": "LinearLayer", "shape": [8, 3], "bias": False},
+                {"type": "MSELossLayer"}]},
+]
+
+
+@pytest.mark.parametrize("description", SIZED_DESCRIPTIONS)
+def test_model_size_counts_the_parameters_the_built_net_has(description):
+    assert model_size(description).parameters == _parameter_count(build_net(description, rng=0))
+
+
+def test_every_layer_type_with_parameters_is_counted_without_building():
+    # A new layer that allocates parameters must be taught to model_size (mnn.model._layer_size).
+    arguments = {"LinearLayer": {"shape": [3, 5]}, "EmbeddingLayer": {"vocab": 7, "d": 4},
+                 "PositionalEmbeddingLayer": {"context": 6, "d": 4}, "LayerNormLayer": {"d": 4},
+                 "MultiHeadAttention": {"d_model": 4, "n_heads": 2}, "DropoutLayer": {"p": 0.5},
+                 "ReshapeLayer": {"shape": [4]}}
+    for name, cls in LAYER_TYPES.items():
+        if cls is Residual:
+            continue
+        entry = {"type": name, **arguments.get(name, {})}
+        description = {"layers": [entry]}
+        try:
+            net = build_net(description, rng=0)
+        except ValueError as error:
+            pytest.fail(f"{name} needs arguments in this test: {error}")
+        assert model_size(description).parameters == _parameter_count(net), name
+
+
+def test_model_size_does_not_allocate_a_net_far_larger_than_memory():
+    huge = {"gpt": {"vocab": 100, "n_layers": 48, "d_model": 5120, "n_heads": 40, "context": 64}}
+    size = model_size(huge, sample_numbers=64)
+    assert 15e9 < size.parameters < 16e9
+    assert size.activations > 64 * 5120
+    assert model_size({"layers": [{"type": "LinearLayer", "shape": [64, 4 * 10**11]}]}).parameters == 65 * 4 * 10**11
+
+
+def test_model_size_checks_the_description_as_build_net_does():
+    for description, words in [({"layers": []}, "model.layers: expected a non-empty list"),
+                               ({"layers": [{"type": "Nope"}]}, "unknown layer type 'Nope'"),
+                               ({"layers": [{"type": "LinearLayer", "shape": [2, 2], "colour": 1}]},
+                                "unknown argument 'colour'"),
+                               ({"gpt": {"n_layers": 2}}, "missing vocab")]:
+        with pytest.raises(ValueError, match=words):
+            model_size(description)
+        with pytest.raises(ValueError, match=words):
+            build_net(description)
+
+
+def _nested_residuals(depth):
+    entry = {"type": "LinearLayer", "shape": [4, 4]}
+    for _ in range(depth):
+        entry = {"type": "Residual", "layers": [entry]}
+    return {"layers": [entry, {"type": "MSELossLayer"}]}
+
+
+def test_residuals_nest_up_to_the_limit():
+    net = build_net(_nested_residuals(MAX_NESTING), dtype=F64, rng=0)
+    assert _parameter_count(net) == model_size(_nested_residuals(MAX_NESTING)).parameters == 20
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 200, 400, 5000])
+def test_residuals_nested_deeper_than_the_limit_are_one_short_error(depth):
+    for check in (build_net, model_size):
+        with pytest.raises(ValueError) as error:
+            check(_nested_residuals(depth))
+        message = str(error.value)
+        assert message.startswith("model.layers[0] (Residual): Residuals nested more than 32 deep"), message
+        assert len(message) < 300
+
+
+def test_a_deeply_nested_value_is_shown_cut_short():
+    value = []
+    for _ in range(100_000):
+        value = [value]
+    for description in ({"layers": value}, {"layers": [value]}, value):
+        with pytest.raises(ValueError) as error:
+            build_net(description)
+        assert len(str(error.value)) < 400, str(error.value)[:400]
