@@ -26,7 +26,7 @@ import tomli_w
 
 from mnn.checks import check_choice, check_float, check_int, is_int
 from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, COMPRESSIONS, DEFAULT_BUCKET_BYTES
-from mnn.model import LOSS_HEADS, build_net, mlp_description
+from mnn.model import LOSS_HEADS, build_net, mlp_description, model_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +58,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCALINGS = ("none", "linear")
 DTYPES = ("float32", "float64")
 ON_NONFINITE = ("stop", "skip")
+# validate() builds a described net to check the arguments only its layers' constructors
+# check, when that is cheap: up to this many parameters (64 MB in float32).
+_BUILT_TO_CHECK_MAX_PARAMETERS = 1 << 24
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -211,7 +214,11 @@ class TrainConfig:
                 raise ValueError(f"{given[0]}: belongs to the MLP shorthand, but the job describes its model "
                                  f"in [model] (whose last layer is the loss); give one or the other")
             # Every mistake in the description, named; a GPT's vocabulary may come from the text.
-            build_net(_with_placeholder_vocab(self.model))
+            # Counted first, without allocating: a net too large to build here is left for
+            # preflight to measure against the machine's memory and build.
+            described = _with_placeholder_vocab(self.model)
+            if model_size(described).parameters <= _BUILT_TO_CHECK_MAX_PARAMETERS:
+                build_net(described)
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
                 raise ValueError(
@@ -329,16 +336,41 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
 
 
 # ---------------------------------------------------------------- job files
+# Read no further: a job file is a few KB, and --config /dev/zero would never end.
+_MAX_JOB_FILE_BYTES = 16 << 20
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML job file into a dict; a missing or malformed file is a ValueError."""
+    """Read a TOML job file into a dict; a file that cannot be read or parsed is a
+    ValueError naming it and the problem."""
     path = Path(path)
+    where = f"config file {str(path)!r}"
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data = handle.read(_MAX_JOB_FILE_BYTES + 1)
     except FileNotFoundError:
-        raise ValueError(f"config file {str(path)!r} does not exist") from None
+        raise ValueError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where} is a directory, not a TOML job file") from None
+    except OSError as error:
+        raise ValueError(f"{where} cannot be read: {error.strerror or error}") from None
+    if len(data) > _MAX_JOB_FILE_BYTES:
+        raise ValueError(f"{where} is larger than {_MAX_JOB_FILE_BYTES >> 20} MiB, which no job file is "
+                         f"(is it the right file?)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{where} is not UTF-8 text (as TOML must be): byte {data[error.start]:#04x} on line "
+                         f"{line} ({error.reason})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        raise ValueError(f"{where} is not valid TOML: {error}") from None
+    except RecursionError:
+        # The parser recurses once per level of nested arrays and inline tables.
+        raise ValueError(f"{where} nests arrays or inline tables too deeply to read (the TOML parser ran "
+                         f"out of Python's recursion depth); a job file needs a few levels") from None
 
 
 def resolve_config(config_file: str | Path | None = None,

@@ -198,3 +198,41 @@ def test_mistakes_in_a_job_files_model_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers\[4\] \(CrossEntropyLossLayer\): a loss layer must "
                                          r"come last"):
         resolve_config(write(tmp_path / "late.toml", late_loss))
+
+
+# --- job files that cannot be read ------------------------------------------------------------
+
+def test_a_config_that_is_a_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match=f"config file '{tmp_path}' is a directory, not a TOML job file"):
+        load_toml(tmp_path)
+
+
+def test_a_config_that_is_not_utf8_names_the_file_the_byte_and_the_line(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_bytes("epochs = 1\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config file '.*job.toml' is not UTF-8 text \(as TOML must be\): "
+                                         r"byte 0xe9 on line 2 \(invalid continuation byte\)"):
+        load_toml(path)
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000, "{a=" * 2000 + "1" + "}" * 2000])
+def test_toml_nested_too_deeply_to_parse_names_the_file(tmp_path, nested):
+    path = write(tmp_path / "deep.toml", f"x = {nested}\n")
+    with pytest.raises(ValueError, match="config file '.*deep.toml' nests arrays or inline tables too deeply"):
+        load_toml(path)
+
+
+def test_a_config_larger_than_any_job_file_is_refused_without_reading_it_all(tmp_path):
+    path = write(tmp_path / "huge.toml", "# " + "x" * (16 << 20) + "\n")
+    with pytest.raises(ValueError, match="config file '.*huge.toml' is larger than 16 MiB"):
+        load_toml(path)
+
+
+def test_a_model_too_large_to_build_is_checked_without_allocating():
+    # 26 trillion parameters: validate counts them and leaves the net to preflight's memory check.
+    config = TrainConfig(model={"layers": [{"type": "LinearLayer", "shape": [64, 4 * 10**11]},
+                                           {"type": "CrossEntropyLossLayer"}]})
+    assert config.model["layers"][0]["shape"] == [64, 4 * 10**11]
+    with pytest.raises(ValueError, match=r"model.layers\[0\] \(LinearLayer\): expected shape \(n_in, n_out\) of two "
+                                         r"positive ints, got \(64, 400000000000.0\)"):
+        TrainConfig(model={"layers": [{"type": "LinearLayer", "shape": [64, 4e11]}]})
