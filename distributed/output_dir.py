@@ -53,6 +53,7 @@ class OutputLock:
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
+                _check_is_a_file(path, output)
                 holder = _read_holder(path)
                 if not _is_stale(holder):
                     raise ValueError(f"output directory {str(output)!r} is in use by another job ({_who(holder)}, "
@@ -71,6 +72,16 @@ class OutputLock:
         """Remove the lock if it is still this process's (idempotent)."""
         if _read_holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+def _check_is_a_file(path: Path, output: Path) -> None:
+    """Refuse a lock path that holds something else than a lock file (which would
+    neither read nor unlink as one)."""
+    if path.is_symlink() or path.is_file():
+        return  # a file, or a link that unlink removes like one
+    kind = "a directory" if path.is_dir() else "not a regular file"
+    raise ValueError(f"output directory {str(output)!r}: its lock {str(path)!r} is {kind}, not the lock file a job "
+                     f"writes; remove it if no job uses the directory, or give another --output")
 
 
 def _read_holder(path: Path) -> dict:

@@ -12,6 +12,8 @@ of them trains.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from mnn import SequentialLayers
 from mnn.datasets import Dataset, load_dataset
 from mnn.io import clean_stale_temporaries
-from mnn.model import GPT_KEYS
+from mnn.model import GPT_KEYS, model_size
 from mnn.text import TextDataset, load_text
 from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
@@ -98,7 +100,8 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         dataset = _load_data(config, data, comm)
         config = run_all(comm, _with_text_vocab, config, dataset)
         if net is None:
-            net = build_net(config)
+            _check_memory(comm, config, dataset)
+            net = run_all(comm, build_net, config)
         optimizer = build_optimizer(config, net)
         # Rank 0 alone: the output directory is its own (other hosts may not see it);
         # DataParallel broadcasts the parameters and optimizer state it restores.
@@ -152,12 +155,27 @@ def _adopt(config: TrainConfig, net: SequentialLayers | None, data: Any) -> Trai
 def _as_dataset(data: Any) -> Dataset:
     if isinstance(data, Dataset):
         return data
+    expected = ("data: expected a Dataset, or the arrays (x_train, y_train, x_test, y_test) as a tuple or a dict "
+                "with those keys")
     if isinstance(data, dict):
-        data = tuple(data.get(key) for key in ("x_train", "y_train", "x_test", "y_test"))
-    if not isinstance(data, (tuple, list)) or len(data) != 4 or any(part is None for part in data):
-        raise TypeError("data: expected a Dataset, or the arrays (x_train, y_train, x_test, y_test) as a "
-                        f"tuple or a dict with those keys, got {type(data).__name__}")
+        missing = [key for key in _ARRAY_KEYS if key not in data]
+        unknown = sorted(map(repr, set(data) - set(_ARRAY_KEYS)))
+        if missing or unknown:
+            problems = ([f"without {', '.join(missing)}"] if missing else []) + \
+                ([f"with unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            raise TypeError(f"{expected}, got a dict {' and '.join(problems)}")
+        data = tuple(data[key] for key in _ARRAY_KEYS)
+    if not isinstance(data, (tuple, list)):
+        raise TypeError(f"{expected}, got {type(data).__name__}")
+    if len(data) != len(_ARRAY_KEYS):
+        raise TypeError(f"{expected}, got a {type(data).__name__} of {len(data)} item{'s' if len(data) != 1 else ''}")
+    empty = [key for key, part in zip(_ARRAY_KEYS, data) if part is None]
+    if empty:
+        raise TypeError(f"{expected}, got None for {', '.join(empty)}")
     return Dataset.from_arrays(*data, name=ARRAYS_DATASET)
+
+
+_ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 # ------------------------------------------------------------------ the ranks
@@ -170,6 +188,117 @@ def _check_ranks(comm: Communicator, config: TrainConfig) -> list[str]:
         raise RankFailure({0: "the ranks do not run the same thing:\n  " + "\n  ".join(different)})
     note = limit_blas_threads(facts, comm.rank)
     return [note] if note is not None and comm.rank == 0 else []
+
+
+# ------------------------------------------------------------------ memory
+# Numbers each parameter brings besides itself: its gradient, and the optimizer's state.
+_COPIES_PER_PARAMETER = {"sgd": 2, "momentum": 3, "adam": 4}
+
+
+def _check_memory(comm: Communicator, config: TrainConfig, dataset: Dataset) -> None:
+    """Refuse, before anything is allocated, a net that cannot fit in the memory of its
+    ranks' machines (collective). Ranks on one host share its memory."""
+    hosts = comm.allgather(socket.gethostname())
+    run_all(comm, _refuse_what_does_not_fit, config, dataset, comm.size, hosts.count(hosts[comm.rank]))
+
+
+def _refuse_what_does_not_fit(config: TrainConfig, dataset: Dataset, world_size: int, ranks_here: int) -> None:
+    r"""The estimate, in bytes per rank, with :math:`P` parameters, :math:`A` numbers kept
+    per sample (:func:`mnn.model.model_size`), :math:`k` the copies of each parameter
+    (itself, its gradient and the optimizer's slots: 0 for sgd, 1 for momentum, 2 for
+    adam), :math:`b` samples per rank and :math:`s` the dtype's itemsize:
+
+    .. math::
+        \text{bytes} = (k P + 2 b A)\, s
+
+    (the activations twice: kept by forward, and their gradients in backward). It is
+    rough and is compared with all the memory there is, so only a job that clearly
+    cannot fit is refused."""
+    size = model_size(config.model_description(), dataset.n_features)
+    itemsize = np.dtype(config.dtype).itemsize
+    per_rank_batch = -(-config.batch_size // world_size)
+    copies = _COPIES_PER_PARAMETER[config.optimizer]
+    parameter_bytes = copies * size.parameters * itemsize
+    activation_bytes = 2 * size.activations * per_rank_batch * itemsize
+    needed = parameter_bytes + activation_bytes
+    limits = _memory_limits(ranks_here)
+    if not limits or needed <= min(limits.values()):
+        return
+    what = {2: "and their gradients", 3: "their gradients and momentum", 4: "their gradients and Adam's 2 moments"}
+    has = "; ".join(f"{_gigabytes(room)} {source}" for source, room in limits.items())
+    each = f" for each of its {ranks_here} ranks" if ranks_here > 1 else ""
+    raise ValueError(f"model: this job needs about {_gigabytes(needed)} of memory per rank ({size.parameters:,} "
+                     f"parameters x {itemsize} bytes x {copies} for the parameters {what[copies]}: "
+                     f"{_gigabytes(parameter_bytes)}; activations of {per_rank_batch} samples: about "
+                     f"{_gigabytes(activation_bytes)}), more than this machine has{each}: {has}. Describe a "
+                     f"smaller model or batch, or run on machines with more memory")
+
+
+def _memory_limits(ranks_here: int) -> dict[str, int]:
+    """The memory one rank may use, by where the bound comes from: the memory available
+    on this host (and in its cgroup), shared by its ``ranks_here`` ranks, and the
+    address-space limit (``ulimit -v``) of this process. Empty where nothing is known."""
+    limits = {}
+    available = _meminfo_available()
+    if available is not None:
+        limits["available (MemAvailable in /proc/meminfo)"] = available // ranks_here
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        limits["left under this cgroup's memory.max"] = cgroup // ranks_here
+    address_space = _address_space_room()
+    if address_space is not None:
+        limits["left under the address-space limit (ulimit -v, RLIMIT_AS)"] = address_space
+    return limits
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # not Linux: the free physical pages
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """memory.max less memory.current of this process's cgroup (v2), if it has a limit."""
+    try:
+        relative = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                        if line.startswith("0::"))
+        folder = Path("/sys/fs/cgroup") / relative.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _address_space_room() -> int | None:
+    """RLIMIT_AS less the address space this process already maps (VmSize)."""
+    try:
+        import resource  # not on every platform
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        used = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:"))
+        return max(0, limit - used)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
+def _gigabytes(size: int) -> str:
+    """``size`` bytes in GB (or MB, TB, PB when that reads better)."""
+    unit = next((unit for unit in ("PB", "TB", "GB") if size >= _UNITS[unit]), "MB")
+    return f"{size / _UNITS[unit]:.3g} {unit}"
+
+
+_UNITS = {"PB": 1e15, "TB": 1e12, "GB": 1e9, "MB": 1e6}
 
 
 # ------------------------------------------------------------------ output and checkpoint
@@ -197,6 +326,9 @@ def _check_output_dir(output: str) -> None:
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output directory {output!r} is a file, not a directory")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"output directory {output!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+                         f"exist (or cannot be followed); create that directory, or give another --output")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

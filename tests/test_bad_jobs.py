@@ -1,0 +1,167 @@
+"""Bad jobs end as one line: ``mnn-train: error: ...`` and exit 2, never a traceback (issue 13, items 14, 16, 22).
+
+Job files that cannot be read (a directory, not UTF-8, nested too deeply), models
+nested too deeply or far larger than the machine (refused before anything is
+allocated, naming the size and what the machine has), an output lock that is a
+folder, an output that is a dangling symbolic link, and the Python API given
+data of the wrong shape. End-to-end cases start ``mnn-train`` through the fault
+suite's helper; the Python API's run in this process.
+"""
+import sys
+
+import numpy as np
+import pytest
+
+from mnn.distributed.comm import SingleProcessCommunicator
+from mnn.distributed.config import TrainConfig
+from mnn.distributed.output_dir import LOCK_NAME, OutputLock
+from mnn.distributed.preflight import JobConfigError, prepare_job
+from test_faults import needs_mpiexec, run
+
+# A GPT of 15 billion parameters: 121 GB of float32 parameters and gradients.
+HUGE_GPT = "[model.gpt]\nn_layers = 48\nd_model = 5120\nn_heads = 40\ncontext = 16\n"
+# 26 trillion parameters in one layer.
+HUGE_LINEAR = ('[[model.layers]]\ntype = "LinearLayer"\nshape = [64, 400000000000]\n'
+               '[[model.layers]]\ntype = "CrossEntropyLossLayer"\n')
+
+
+def assert_one_error_line(result, *words):
+    """Exit 2, and stderr is one ``mnn-train: error:`` line holding ``words``."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnn-train: error: "), result.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def residuals_as_inline_tables(depth):
+    entry = '{type = "LinearLayer", shape = [64, 64]}'
+    for _ in range(depth):
+        entry = f'{{type = "Residual", layers = [{entry}]}}'
+    return f'[model]\nlayers = [{entry}, {{type = "CrossEntropyLossLayer"}}]\n'
+
+
+def residuals_as_table_headers(depth):
+    lines, table = [], "model.layers"
+    for _ in range(depth):
+        lines += [f"[[{table}]]", 'type = "Residual"']
+        table += ".layers"
+    return "\n".join(lines + [f"[[{table}]]", 'type = "ReluLayer"']) + "\n"
+
+
+# --- job files ----------------------------------------------------------------------------
+
+def test_a_config_that_is_a_directory(tmp_path):
+    assert_one_error_line(run(["--config", str(tmp_path)]), f"config file '{tmp_path}' is a directory")
+
+
+def test_a_config_that_is_not_utf8(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_bytes("# caf\xe9\nepochs = 1\n".encode("latin-1"))
+    assert_one_error_line(run(["--config", str(job)]), str(job), "is not UTF-8 text", "byte 0xe9 on line 1")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", ["nests arrays or inline tables too deeply"]),
+    (residuals_as_inline_tables(200), ["nests arrays or inline tables too deeply"]),
+    (residuals_as_table_headers(400), ["model.layers[0] (Residual): Residuals nested more than 32 deep"]),
+], ids=["array-100k-deep", "residual-200-deep-inline", "residual-400-deep-headers"])
+def test_deep_nesting(tmp_path, text, words):
+    job = tmp_path / "deep.toml"
+    job.write_text(text)
+    assert_one_error_line(run(["--config", str(job)]), *words)
+
+
+def test_a_size_that_is_not_an_integer(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(HUGE_LINEAR.replace("400000000000", "4e11"))
+    assert_one_error_line(run(["--config", str(job)]), "model.layers[0] (LinearLayer): expected shape (n_in, n_out) "
+                                                       "of two positive ints, got (64, 400000000000.0)")
+
+
+# --- a model larger than the machine --------------------------------------------------------
+
+def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(HUGE_LINEAR)
+    result = run(["--config", str(job), "--output", str(tmp_path / "out")])
+    # Before: numpy's MemoryError "Unable to allocate 186. TiB", as a traceback.
+    assert_one_error_line(result, "model: this job needs about 618 TB of memory per rank",
+                          "26,000,000,000,000 parameters", "available (MemAvailable in /proc/meminfo)")
+
+
+def test_a_gpt_larger_than_the_address_space_limit_is_refused(tmp_path):
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    job = tmp_path / "job.toml"
+    job.write_text(f'dataset = "text:{tmp_path / "text.txt"}"\nbatch_size = 4\n' + HUGE_GPT)
+    limit = 6 << 30  # a 6 GB ulimit -v, set in mnn-train's own process
+    command = [sys.executable, "-c", f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, "
+               f"({limit}, {limit})); sys.argv[0] = 'mnn-train'; runpy.run_module('mnn.scripts.train', "
+               f"run_name='__main__')"]
+    result = run(["--config", str(job)], command=command)
+    assert_one_error_line(result, ",068,188 parameters x 4 bytes x 2 for the parameters and their gradients",
+                          "left under the address-space limit (ulimit -v, RLIMIT_AS)")
+
+
+@needs_mpiexec
+def test_two_ranks_are_refused_together_with_one_line(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(HUGE_LINEAR)
+    result = run(["--config", str(job)], ranks=2)
+    assert_one_error_line(result, "ranks 0, 1: ValueError: model: this job needs about",
+                          "more than this machine has for each of its 2 ranks")
+
+
+def test_example_jobs_are_far_from_the_memory_bound():
+    from mnn.distributed.preflight import _memory_limits
+    from mnn.model import model_size
+    gpt = model_size({"gpt": {"vocab": 100, "n_layers": 2, "d_model": 128, "n_heads": 4, "context": 64}}, 64)
+    needed = (4 * gpt.parameters + 2 * 64 * gpt.activations) * 4
+    assert needed < 400e6
+    limits = _memory_limits(ranks_here=1)
+    assert limits and all(room > 0 for room in limits.values())
+
+
+# --- the output directory -------------------------------------------------------------------
+
+def test_an_output_lock_that_is_a_directory(tmp_path):
+    (tmp_path / LOCK_NAME).mkdir()
+    with pytest.raises(ValueError, match=f"its lock '{tmp_path / LOCK_NAME}' is a directory, not the lock file"):
+        OutputLock.acquire(tmp_path)
+    assert (tmp_path / LOCK_NAME).is_dir()
+    result = run(["--max-steps", "1", "--output", str(tmp_path)])
+    assert_one_error_line(result, "is a directory, not the lock file a job writes")
+
+
+def test_an_output_that_is_a_dangling_symbolic_link(tmp_path):
+    output = tmp_path / "out"
+    output.symlink_to(tmp_path / "gone")
+    result = run(["--max-steps", "1", "--output", str(output)])
+    assert_one_error_line(result, f"output directory '{output}' is a symbolic link to '{tmp_path / 'gone'}', "
+                                  f"which does not exist")
+
+
+# --- the Python API -------------------------------------------------------------------------
+
+def arrays():
+    rng = np.random.default_rng(0)
+    return {"x_train": rng.normal(size=(8, 4)), "y_train": rng.integers(0, 2, 8),
+            "x_test": rng.normal(size=(4, 4)), "y_test": rng.integers(0, 2, 4)}
+
+
+@pytest.mark.parametrize("data, words", [
+    ({key: value for key, value in arrays().items() if key != "y_test"}, "got a dict without y_test"),
+    ({**arrays(), "x_val": 1}, "got a dict with unknown key(s) 'x_val'"),
+    ({}, "got a dict without x_train, y_train, x_test, y_test"),
+    (tuple(arrays().values())[:3], "got a tuple of 3 items"),
+    ({**arrays(), "y_train": None}, "got None for y_train"),
+    ("digits", "got str"),
+])
+def test_the_python_api_given_data_of_the_wrong_shape(data, words):
+    config = TrainConfig(layers=[4, 2])
+    with pytest.raises(JobConfigError) as error:
+        prepare_job(config, SingleProcessCommunicator(), data=data)
+    message = str(error.value)
+    assert "data: expected a Dataset, or the arrays (x_train, y_train, x_test, y_test)" in message
+    assert words in message, message
