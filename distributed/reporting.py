@@ -29,7 +29,13 @@ OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
 The file is strict JSON: a number that is not finite is written as ``null``.
 A resumed run first drops the ``train``, ``eval`` and ``nonfinite`` events
 after its checkpoint (the steps it trains again), so the file tells each step
-once.
+once; a line that is not UTF-8 JSON is dropped too (with a note when it is not
+just a last line cut short).
+
+A write to metrics.jsonl that fails (a full disk, a directory turned read-only)
+raises nothing here: the reporter keeps the first failure in
+:attr:`Reporter.write_failure` and writes no more events, and the trainer stops
+every rank at its next collective (see :meth:`Reporter.raise_write_failure`).
 
 ``PROGRESS_ENV`` is how a launcher tells the ranks that a person watches a
 terminal: under ``mpiexec`` a rank's stderr is a pipe, so it cannot see that
@@ -85,6 +91,7 @@ class Reporter:
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.bar: Any = None
+        self.write_failure: str | None = None  # the first write to metrics.jsonl that failed
 
     def where(self, position: Position) -> str:
         return position.text(self.steps_per_epoch, self.epochs)
@@ -96,7 +103,11 @@ class Reporter:
         if not self.active:
             return
         if self.metrics_path is not None:
-            kept = _events_until(self.metrics_path, position.global_step) if resumed else []
+            kept, dropped = _events_until(self.metrics_path, position.global_step) if resumed else ([], [])
+            if dropped:
+                self._show(f"{self.metrics_path}: dropped line{'s' if len(dropped) > 1 else ''} "
+                           f"{', '.join(map(str, dropped))}, which {'are' if len(dropped) > 1 else 'is'} "
+                           "not UTF-8 JSON")
             atomic_write_text(self.metrics_path, "".join(json_text(event) + "\n" for event in kept))
         if progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=min(position.global_step, total_steps), unit="step",
@@ -110,6 +121,12 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def raise_write_failure(self) -> None:
+        """Raise OSError when a write to metrics.jsonl failed (on rank 0, inside a
+        ``run_on_root``, so that every rank stops)."""
+        if self.write_failure is not None:
+            raise OSError(self.write_failure)
 
     # -- events -------------------------------------------------------------------------
 
@@ -158,13 +175,15 @@ class Reporter:
     def summary(self, summary: dict[str, Any]) -> None:
         ranks = summary["world_size"]
         epochs = summary["epochs"]
+        skipped = summary.get("skipped_steps", 0)
         metrics = _metrics_text(summary["test_loss"], summary["test_accuracy"], summary.get("test_bits_per_char"),
                                 loss_too=False)
         self._record({"event": "summary", **summary},
                      f"done: {metrics} | "
                      f"{summary['samples_per_s']:.0f} samples/s | wall {summary['wall_s']:.1f} s | "
                      f"{ranks} rank{'s' if ranks > 1 else ''} | "
-                     f"{summary['steps']} steps, {epochs} epoch{'s' if epochs != 1 else ''} done")
+                     f"{summary['steps']} steps{f' ({skipped} skipped)' if skipped else ''}, "
+                     f"{epochs} epoch{'s' if epochs != 1 else ''} done")
 
     # -- where lines and events go ---------------------------------------------------------
 
@@ -172,8 +191,12 @@ class Reporter:
         if not self.active:
             return
         if self.metrics_path is not None:
-            with self.metrics_path.open("a") as handle:
-                handle.write(json_text(event) + "\n")
+            try:
+                with self.metrics_path.open("a") as handle:
+                    handle.write(json_text(event) + "\n")
+            except OSError as error:
+                self.write_failure = f"cannot write {self.metrics_path}: {error}"
+                self.metrics_path = None
         # With a bar, train events show in it (see train); other lines print above it.
         if self.bar is None or event["event"] != "train":
             self._show(line)
@@ -214,18 +237,22 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _events_until(path: Path, global_step: int) -> list[dict[str, Any]]:
-    """The events of ``path`` without the step events after ``global_step``; a line
-    that does not parse (cut short by a crash) is dropped too."""
+def _events_until(path: Path, global_step: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """The events of ``path`` without the step events after ``global_step``, and the
+    numbers of the lines dropped because they are not UTF-8 JSON. A last line that does
+    not parse (cut short by a crash) is dropped too, without being counted."""
     if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
+        return [], []
+    events, dropped = [], []
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
         try:
-            event = json.loads(line)
-        except ValueError:
+            event = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            if number < len(lines) or line.endswith(b"\n"):
+                dropped.append(number)
             continue
         if isinstance(event, dict) and not (event.get("event") in _STEP_EVENTS
                                             and event.get("global_step", 0) > global_step):
             events.append(event)
-    return events
+    return events, dropped

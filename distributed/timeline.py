@@ -33,6 +33,13 @@ that many steps of spans. Until :meth:`Timeline.close` writes the closing
 ``]`` the file is a JSON array without its end, which both viewers read (the
 format allows it, for traces of runs that crashed); after it, it is plain JSON.
 
+**Never at the run's expense.** The timeline writes only a file that is not
+there yet or that holds a timeline mnn wrote (:func:`check_timeline_path`): any
+other file is refused when it opens. A write that fails later (a full disk)
+costs the timeline, not the run: rank 0 writes one warning line to stderr, and
+from the next flush on every rank records nothing more; the file keeps the
+spans written so far (a JSON array without its end, which the viewers read).
+
 **Off, it costs nothing.** ``Timeline(comm, None)`` is disabled: it makes no
 collective call, records nothing, and the code that would feed it checks one
 attribute (``DataParallel`` holds ``None`` instead of it).
@@ -52,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,7 +69,7 @@ import numpy as np
 from mnn.checks import check_int
 from mnn.distributed.comm import Communicator, get_communicator, run_all
 
-__all__ = ["Timeline", "STEP_TRACK", "DEFAULT_FLUSH_EVERY_STEPS"]
+__all__ = ["Timeline", "STEP_TRACK", "DEFAULT_FLUSH_EVERY_STEPS", "check_timeline_path"]
 
 #: The track (``tid``) of forward, backward, wait and optimizer spans.
 STEP_TRACK = 0
@@ -70,6 +78,8 @@ DEFAULT_FLUSH_EVERY_STEPS = 100
 # Ping-pongs per rank to find its clock offset: the quickest of them counts, so a
 # few slow ones (a rank descheduled on shared cores) do not matter.
 _CLOCK_ROUNDS = 10
+# The first event of every timeline: how a file mnn wrote is told from any other.
+_HEADER_NAME = "timeline"
 
 
 class Timeline:
@@ -80,9 +90,10 @@ class Timeline:
     disabled timeline. ``flush_every_steps``: how many :meth:`next_step` calls
     between two gathers to rank 0.
 
-    Opening is collective (it aligns the clocks; a file rank 0 cannot open
-    raises :class:`~mnn.distributed.comm.RankFailure` on every rank), and so
-    are :meth:`next_step`, :meth:`flush` and :meth:`close`. :meth:`span` and
+    Opening is collective (it aligns the clocks; a file rank 0 cannot open, or
+    must not overwrite, raises :class:`~mnn.distributed.comm.RankFailure` on
+    every rank), and so are :meth:`next_step`, :meth:`flush` and :meth:`close`.
+    A write that fails after opening disables the timeline (one warning line). :meth:`span` and
     :meth:`name_track` are local.
     """
 
@@ -131,7 +142,8 @@ class Timeline:
         self.step = step
 
     def flush(self) -> None:
-        """Gather every rank's spans to rank 0 and append them to the file (collective)."""
+        """Gather every rank's spans to rank 0 and append them to the file (collective).
+        If rank 0 cannot write them, it says so and every rank disables the timeline."""
         if not self.enabled:
             return
         tracks = {track: name for track, name in self._track_names.items() if track not in self._tracks_told}
@@ -141,25 +153,47 @@ class Timeline:
         self._spans = []
         self._steps_since_flush = 0
         everyone = self.comm.gather((tracks, spans), root=0)
-        run_all(self.comm, lambda: self._write(everyone) if self.comm.rank == 0 else None)
+        written = self._on_rank0(lambda: self._write(everyone)) if self.comm.rank == 0 else None
+        if not self.comm.broadcast_object(written):
+            self.enabled = False
 
     def close(self) -> None:
         """Flush, and let rank 0 finish the file as plain JSON (collective); then disabled."""
         if not self.enabled:
             return
         self.flush()
-        run_all(self.comm, lambda: self._finish() if self.comm.rank == 0 else None)
+        if self.enabled and self.comm.rank == 0:
+            self._on_rank0(self._finish)
         self.enabled = False
 
     # -- rank 0's file ----------------------------------------------------------------
 
+    def _on_rank0(self, write: Any) -> bool:
+        """``write()`` on rank 0; whether it worked. A failure closes the file and says so
+        in one line: the run goes on without its timeline."""
+        try:
+            write()
+            return True
+        except (OSError, ValueError) as error:
+            file, self._file = self._file, None
+            try:
+                if file is not None:
+                    file.close()
+            except OSError:
+                pass  # what the buffer held is lost with the rest
+            print(f"mnn: warning: the timeline {self.path} cannot be written ({type(error).__name__}: {error}); "
+                  f"training goes on without it{'' if self.step is None else f' from step {self.step}'}",
+                  file=sys.stderr, flush=True)
+            return False
+
     def _open(self) -> None:
         if self.comm.rank != 0:
             return
+        check_timeline_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w", encoding="utf-8")
         # The first event is written without a comma before it, every later one with.
-        self._file.write("[\n" + _event({"name": "timeline", "ph": "M", "pid": 0,
+        self._file.write("[\n" + _event({"name": _HEADER_NAME, "ph": "M", "pid": 0,
                                           "args": {"clock": "rank 0's perf_counter, microseconds",
                                                    "ranks": self.comm.size}}))
         for rank in range(self.comm.size):
@@ -200,6 +234,30 @@ class Timeline:
 
 def _event(event: dict[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"))
+
+
+def check_timeline_path(path: str | os.PathLike, run_output: str | None = None) -> None:
+    """Raise ValueError, naming ``path``, unless a timeline may be written there: a file
+    that does not exist yet, or a timeline mnn wrote (whose first event is the
+    "timeline" header). ``run_output``: what ``path`` is among the run's own outputs
+    (say a checkpoint), which it must never replace, or None when it is none of them."""
+    path = Path(path)
+    if run_output is not None:
+        raise ValueError(f"timeline: {str(path)!r} is {run_output}, which the timeline must not overwrite; "
+                         "give it a file of its own")
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        raise ValueError(f"timeline: {str(path)!r} is a directory, not a file")
+    header = "[\n" + _event({"name": _HEADER_NAME, "ph": "M"})[:-1] + ","
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(len(header)) if path.is_file() else b""
+    except OSError as error:
+        raise ValueError(f"timeline: {str(path)!r} exists and cannot be read: {error}") from None
+    if start != header.encode():
+        raise ValueError(f"timeline: {str(path)!r} exists and is not a timeline mnn wrote, so it is not "
+                         "overwritten: give another file, or remove it")
 
 
 def _rank0_zero(comm: Communicator) -> float:

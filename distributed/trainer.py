@@ -49,7 +49,8 @@ from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, Prepare
 from mnn.distributed.reporting import Reporter, json_text
 from mnn.distributed.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
-from mnn.distributed.timeline import Timeline
+from mnn.distributed.output_dir import LOCK_NAME, PREVIOUS_RUN, RUN_FILES
+from mnn.distributed.timeline import Timeline, check_timeline_path
 from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
 
@@ -62,7 +63,9 @@ __all__ = [
     "evaluate",
     "JobConfigError",
     "TrainingInterrupted",
+    "TrainingFailed",
     "TrainingDiverged",
+    "DIVERGED_NAME",
     "RESUME_MUST_MATCH",
     "EVAL_BATCH_SIZE",
 ]
@@ -86,7 +89,9 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     SIGTERM before the run is complete: after the same step (with a checkpoint
     of that step in OUTPUT), or at once on a second signal; and
     :class:`TrainingDiverged` on every rank when a step's loss or gradient is
-    not finite and ``on_nonfinite`` is "stop".
+    not finite and ``on_nonfinite`` is "stop" (or ``max_skipped_steps`` steps in
+    a row were skipped, or every step of the run was); :class:`TrainingFailed` on
+    every rank when OUTPUT cannot be written any more.
     A resumed run with no step left to train says so, evaluates the restored
     model and writes only the outputs a previous run did not finish writing.
     """
@@ -99,6 +104,7 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     # job goes through the watchdog's communicator.
     with StopRequests() as stop_requests, StallWatchdog(comm, config.stall_timeout) as watchdog:
         comm = watchdog.watched_comm
+        _check_timeline(comm, config)  # before preflight changes anything in OUTPUT
         job = prepare_job(config, comm, net=net, data=data)
         # NaN and overflow are found and reported by the trainer (on_nonfinite), not as
         # NumPy's warnings from deep inside a layer.
@@ -106,7 +112,10 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return _run(job, comm, stop_requests, watchdog, started)
         finally:
-            job.release()
+            try:
+                job.release()
+            except OSError:
+                pass  # OUTPUT turned read-only: the next job takes the lock over, as a dead job's
 
 
 def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watchdog: StallWatchdog,
@@ -133,25 +142,26 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
     if job.resumed_from is not None and _finished(config, position, total_steps):
         reporter.message(_nothing_left_text(job.resumed_from, config, position, steps_per_epoch))
         summary = _summary(comm, config, position, job.resumed_from, None, evaluate(net, dataset.test, task, comm),
-                           run, dp)
+                           run, dp, _Skips())
         timeline.close()
         if output is not None:
             run_on_root(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
         return summary
 
-    if comm.rank == 0 and output is not None:
-        atomic_write_text(output / "config.toml", config.to_toml())
-    reporter.start(position, total_steps, resumed=job.resumed_from is not None)
-    if job.resumed_from is not None:
-        reporter.resume(job.resumed_from, position, job.changed)
-    elif config.resume is True:
-        reporter.message(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch")
+    saved = _Saved(job.resumed_from, position) if job.resumed_from is not None else None
+    try:
+        _on_root_writing(comm, output, lambda: _start_record(output, config, job, position, total_steps, reporter))
+    except _WriteFailed as failure:
+        reporter.close()
+        timeline.close()
+        raise TrainingFailed(_write_failed_text(reporter, position, failure, saved, output)) from None
 
     losses = _LossSums()
+    skips = _Skips()
+    first_step = position.global_step
     train_loss: float | None = None  # mean over the last epoch (or part of one) trained
     last_eval: dict[str, Any] | None = None
     evaluated_at = -1  # the global step of last_eval
-    saved = _Saved(job.resumed_from, position) if job.resumed_from is not None else None
     try:
         stopping = False
         while not stopping and not _finished(config, position, total_steps):
@@ -178,15 +188,20 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 if vote.nonfinite:
                     what = _nonfinite_text(comm, loss, dp.gradients_finite())
                     failed = position.after_step(batch.global_batch_size)
-                    if config.on_nonfinite == "stop":
+                    if config.on_nonfinite == "skip" and skips.skip() != config.max_skipped_steps:
+                        reporter.nonfinite(failed, what, "skipped")
+                        dp.zero_grads()  # the update is skipped; the batch counts as seen
+                    else:
+                        if config.on_nonfinite == "skip":
+                            what += (f"; {skips.in_a_row} steps in a row were not finite "
+                                     f"(--max-skipped-steps {config.max_skipped_steps})")
                         reporter.nonfinite(failed, what, "stopped")
                         reporter.close()
-                        if output is not None and not _saved_here(saved, output, position):
-                            saved = _save(comm, output, dp, position, config)
-                        raise TrainingDiverged(_diverged_text(reporter, failed, what, saved, output))
-                    reporter.nonfinite(failed, what, "skipped")
-                    dp.zero_grads()  # the update is skipped; the batch counts as seen
+                        raise _diverged(comm, output, dp, position, config, saved, reporter,
+                                        f"training diverged at {reporter.where(failed)}: {what}; its update "
+                                        "was not applied")
                 else:
+                    skips.in_a_row = 0
                     dp.step()
                     losses.add(loss, len(y))
                 run.add_step(time.perf_counter() - step_started, batch.global_batch_size)
@@ -226,39 +241,64 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         # counted, and the last checkpoint, the model and the summary are written)
         _log_training(reporter, losses, comm, position, optimizer.lr)
         reporter.close()
+        if skips.total == position.global_step - first_step:
+            raise _diverged(comm, output, dp, position, config, saved, reporter,
+                            f"training diverged: the loss or gradient of every step of this run "
+                            f"({skips.total}) was not finite, so nothing was trained")
         train_loss = losses.end_epoch() if losses.epoch_samples else train_loss
         if output is not None and (config.checkpoint_every or position.epochs_done < config.epochs) \
                 and not _saved_here(saved, output, position):
             saved = _save(comm, output, dp, position, config)
         if evaluated_at != position.global_step or last_eval is None:
             last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
-        summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp)
+        summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp, skips)
         timeline.close()
-        if output is not None:
-            run_on_root(comm, lambda: _write_results(output, net.state_dict(), summary))
-    except (TrainingInterrupted, TrainingDiverged):
+        _on_root_writing(comm, output, lambda: _finish_record(output, net.state_dict(), summary, reporter))
+    except _WriteFailed as failure:  # raised on every rank alike
+        reporter.close()
+        timeline.close()
+        raise TrainingFailed(_write_failed_text(reporter, position, failure, saved, output)) from None
+    except (TrainingInterrupted, TrainingFailed):
         timeline.close()  # raised on every rank alike, so the spans can still be gathered
         raise
     except KeyboardInterrupt:
         reporter.close()
         raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output)) from None
-    reporter.summary(summary)
     return summary
 
 
-class TrainingDiverged(RuntimeError):
-    """A step's loss or gradient was not finite (``on_nonfinite = "stop"``); raised on every
-    rank alike, before that step's update, with a checkpoint of the state before it."""
+class TrainingFailed(RuntimeError):
+    """Training stopped during the run, on every rank alike (OUTPUT could not be written);
+    the message says why and which checkpoint to continue from."""
+
+
+class TrainingDiverged(TrainingFailed):
+    """A step's loss or gradient was not finite (``on_nonfinite = "stop"``, or too many
+    skipped steps); raised on every rank alike, before that step's update. The last
+    checkpoint is left as it was; the state before the step goes beside it, to
+    OUTPUT/diverged.npz (:data:`DIVERGED_NAME`), for inspection."""
+
+
+class _WriteFailed(Exception):
+    """A file of OUTPUT could not be written (raised on every rank alike)."""
+
+
+#: Where a run that diverged keeps the state before the failed step: beside the
+#: checkpoints, never over one (resuming from it would diverge again at once).
+DIVERGED_NAME = "diverged.npz"
 
 
 # ------------------------------------------------------------------ the loop's small values
 class _LossSums:
     """Training-loss sums, ``[sum over samples of the loss, samples]``, over this rank's
-    shards: since the last train event (the window) and over the current epoch."""
+    shards: since the last train event (the window) and over the current epoch. The
+    window's all-reduce also carries a third number, the ranks that could not write
+    their files (rank 0's metrics.jsonl), so that every rank learns of it at no cost."""
 
     def __init__(self) -> None:
         self.window = np.zeros(2)
         self.epoch = np.zeros(2)
+        self._reduced = np.zeros(3)  # the window and the write failures, all-reduced together
         self.window_started = time.perf_counter()
 
     @property
@@ -268,9 +308,15 @@ class _LossSums:
     def add(self, loss: float, samples: int) -> None:
         self.window += (loss * samples, samples)
 
-    def take_window(self, comm: Communicator) -> tuple[float, float] | None:
-        """The window's mean loss and samples/s over all ranks (collective), then a new window."""
-        comm.allreduce(self.window)
+    def take_window(self, comm: Communicator, write_failed: bool = False) -> tuple[float, float] | None:
+        """The window's mean loss and samples/s over all ranks (collective), then a new window.
+        Raises _WriteFailed on every rank when ``write_failed`` on some rank."""
+        self._reduced[:2] = self.window
+        self._reduced[2] = write_failed
+        comm.allreduce(self._reduced)
+        if self._reduced[2]:
+            raise _WriteFailed("")
+        self.window[:] = self._reduced[:2]
         self.epoch += self.window
         now = time.perf_counter()
         loss_sum, samples = self.window
@@ -300,6 +346,21 @@ class _RunClock:
         self.samples += samples
 
 
+@dataclass
+class _Skips:
+    """Steps whose update was skipped (``on_nonfinite = "skip"``): in all, and in a row
+    up to the last step."""
+
+    total: int = 0
+    in_a_row: int = 0
+
+    def skip(self) -> int:
+        """Count one more skipped step; returns the steps skipped in a row."""
+        self.total += 1
+        self.in_a_row += 1
+        return self.in_a_row
+
+
 @dataclass(frozen=True)
 class _Saved:
     """The last checkpoint this run could continue from: its path and position."""
@@ -313,6 +374,31 @@ def _finished(config: TrainConfig, position: Position, total_steps: int) -> bool
 
 
 # ------------------------------------------------------------------ the loop's steps
+def _check_timeline(comm: Communicator, config: TrainConfig) -> None:
+    """Refuse, as a bad job, a ``--timeline`` that would overwrite a file mnn did not write
+    as a timeline, or one of the run's own outputs (collective; rank 0 checks)."""
+    if config.timeline is None:
+        return
+    try:
+        run_on_root(comm, lambda: check_timeline_path(config.timeline, _run_output(config.timeline, config.output)))
+    except RankFailure as failure:
+        raise JobConfigError(failure.failures) from failure
+
+
+def _run_output(path: str, output: str | None) -> str | None:
+    """What ``path`` is among the files a run writes into ``output`` (None when it is none of them)."""
+    if output is None:
+        return None
+    file, folder = Path(path).absolute(), Path(output).absolute()
+    if file == folder or folder / PREVIOUS_RUN in (file, *file.parents):
+        return f"the output directory {output!r} or its {PREVIOUS_RUN}/"
+    if file.parent == folder and (file.name in (*RUN_FILES, LOCK_NAME, DIVERGED_NAME)
+                                  or (file.name.startswith(Path(CHECKPOINT_NAME).stem)
+                                      and file.suffix == Path(CHECKPOINT_NAME).suffix)):
+        return f"a file of this run's output directory {output!r}"
+    return None
+
+
 def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
     """The run's timeline (collective; disabled without ``config.timeline``); a file rank 0
     cannot create stops every rank before training, as a bad job."""
@@ -324,8 +410,9 @@ def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
 
 def _log_training(reporter: Reporter, losses: _LossSums, comm: Communicator, position: Position,
                   lr: float) -> None:
-    """A train event for the window's loss (collective); nothing when the window is empty."""
-    window = losses.take_window(comm)
+    """A train event for the window's loss (collective); nothing when the window is empty.
+    Raises _WriteFailed on every rank when rank 0 could not write metrics.jsonl."""
+    window = losses.take_window(comm, write_failed=reporter.write_failure is not None)
     if window is not None:
         reporter.train(position, window[0], lr, window[1])
 
@@ -338,18 +425,66 @@ def _evaluate(net: SequentialLayers, dataset: Any, task: Any, comm: Communicator
     return metrics, position.global_step
 
 
-def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position, config: TrainConfig) -> _Saved:
-    """Write OUTPUT/checkpoint.npz on rank 0 (collective: a failure stops every rank).
-    Parameters that are not finite are never written over a checkpoint."""
+def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position, config: TrainConfig,
+          name: str = CHECKPOINT_NAME) -> _Saved:
+    """Write OUTPUT/checkpoint.npz (or OUTPUT/``name``) on rank 0 (collective: a failure,
+    _WriteFailed, stops every rank). Parameters that are not finite are never written over
+    a checkpoint."""
     state = dp.net.state_dict()
-    bad = [name for name, value in state.items() if not np.isfinite(value).all()]
-    if bad:
+    bad = [key for key, value in state.items() if not np.isfinite(value).all()]
+    if bad and name == CHECKPOINT_NAME:
         raise TrainingDiverged(f"the parameters are not finite at {position.global_step} steps ({bad[0]} and "
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
     checkpoint = Checkpoint(state, dp.optimizer.state_dict(), position, comm.size, config.to_dict())
-    path = output / CHECKPOINT_NAME
-    run_on_root(comm, lambda: save_checkpoint(path, checkpoint, keep=config.keep_checkpoints))
+    path = output / name
+    keep = config.keep_checkpoints if name == CHECKPOINT_NAME else 1
+    _on_root_writing(comm, path, lambda: save_checkpoint(path, checkpoint, keep=keep))
     return _Saved(str(path), position)
+
+
+def _diverged(comm: Communicator, output: Path | None, dp: DataParallel, position: Position, config: TrainConfig,
+              saved: _Saved | None, reporter: Reporter, headline: str) -> TrainingDiverged:
+    """The error a run that diverged at ``position``'s next step raises (collective). Its
+    checkpoints are left as they are; the state before the failed step, when no checkpoint
+    holds it, is kept beside them as OUTPUT/diverged.npz, for inspection."""
+    kept, not_kept = None, ""
+    if output is not None and not _saved_here(saved, output, position):
+        try:
+            kept = _save(comm, output, dp, position, config, name=DIVERGED_NAME)
+        except _WriteFailed as failure:
+            not_kept = f"; the state before it could not be kept: {failure}"
+    return TrainingDiverged(_diverged_text(reporter, headline, config, saved, kept, output) + not_kept)
+
+
+def _on_root_writing(comm: Communicator, path: Path | None, write: Any) -> None:
+    """``write()`` on rank 0, which writes ``path`` (a file or OUTPUT; None: no file, only
+    lines); if it raised, _WriteFailed on every rank (collective)."""
+    try:
+        run_on_root(comm, write)
+    except RankFailure as failure:
+        raise _WriteFailed(f"cannot write {path or 'the output'}: {failure.failures[0]}") from None
+
+
+def _start_record(output: Path | None, config: TrainConfig, job: PreparedJob, position: Position,
+                  total_steps: int, reporter: Reporter) -> None:
+    """Rank 0's first lines and files: config.toml, and metrics.jsonl begun."""
+    if output is not None:
+        atomic_write_text(output / "config.toml", config.to_toml())
+    reporter.start(position, total_steps, resumed=job.resumed_from is not None)
+    if job.resumed_from is not None:
+        reporter.resume(job.resumed_from, position, job.changed)
+    elif config.resume is True:
+        reporter.message(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch")
+    reporter.raise_write_failure()
+
+
+def _finish_record(output: Path | None, model_state: dict[str, np.ndarray], summary: dict[str, Any],
+                   reporter: Reporter) -> None:
+    """Rank 0's last files: model.npz, summary.json and the summary event (with its line)."""
+    if output is not None:
+        _write_results(output, model_state, summary)
+    reporter.summary(summary)
+    reporter.raise_write_failure()
 
 
 def _saved_here(saved: _Saved | None, output: Path, position: Position) -> bool:
@@ -358,7 +493,7 @@ def _saved_here(saved: _Saved | None, output: Path, position: Position) -> bool:
 
 def _summary(comm: Communicator, config: TrainConfig, position: Position, resumed_from: str | None,
              train_loss: float | None, last_eval: dict[str, Any], run: _RunClock,
-             dp: DataParallel) -> dict[str, Any]:
+             dp: DataParallel, skips: _Skips) -> dict[str, Any]:
     # Times and rates as rank 0 measured them, so every rank returns the same summary.
     rates = comm.broadcast_object({
         "samples_per_s": run.samples / run.train_s if run.train_s else 0.0,
@@ -371,6 +506,7 @@ def _summary(comm: Communicator, config: TrainConfig, position: Position, resume
         "epochs": position.epochs_done,
         "steps": position.global_step,
         "samples_seen": position.samples_seen,
+        "skipped_steps": skips.total,
         "stopped_early": position.epochs_done < config.epochs,
         "resumed_from": resumed_from,
         "train_loss": train_loss,
@@ -421,13 +557,40 @@ def _nonfinite_text(comm: Communicator, loss: float, gradients_finite: bool) -> 
     return "; ".join(parts)
 
 
-def _diverged_text(reporter: Reporter, position: Position, what: str, saved: _Saved | None,
-                   output: Path | None) -> str:
-    message = f"training diverged at {reporter.where(position)}: {what}; its update was not applied"
+def _diverged_text(reporter: Reporter, headline: str, config: TrainConfig, saved: _Saved | None,
+                   kept: _Saved | None, output: Path | None) -> str:
+    """What diverged, the checkpoint to continue from (left as it was) and where the state
+    before the failed step was kept."""
+    remedy = "a lower --lr" + (", or with --on-nonfinite skip" if config.on_nonfinite == "stop" else "")
     if saved is None:
-        return message + " (no checkpoint was written" + ("" if output is not None else ": no --output") + ")"
-    return (message + f". The state before it is in {saved.path}, at {reporter.where(saved.position)}: continue "
-            "with --resume and a lower --lr, or with --on-nonfinite skip")
+        message = (f"{headline}. No checkpoint was written{'' if output is not None else ' (no --output)'}: "
+                   f"start again with {remedy.replace('with ', '')}")
+    else:
+        message = (f"{headline}. The last checkpoint, {saved.path} at {reporter.where(saved.position)}, is "
+                   f"left as it was: continue with {_resume_option(saved, output)} and {remedy}")
+    if kept is not None:
+        message += (f"; the state before the failed step, at {reporter.where(kept.position)}, is in {kept.path}, "
+                    "for inspection")
+    return message
+
+
+def _write_failed_text(reporter: Reporter, position: Position, failure: _WriteFailed, saved: _Saved | None,
+                       output: Path | None) -> str:
+    """Which file could not be written, where the run stopped and how to continue it."""
+    # rank 0 prints it: its reporter knows the first write that failed
+    what = reporter.write_failure or str(failure) or "cannot write the output files (on rank 0)"
+    message = f"{what}; training stopped at {reporter.where(position)}"
+    if saved is None:
+        return message + "; no checkpoint was written"
+    return (message + f"; the last checkpoint is {saved.path}, at {reporter.where(saved.position)}: continue with "
+            f"{_resume_option(saved, output)} once {output} can be written")
+
+
+def _resume_option(saved: _Saved, output: Path | None) -> str:
+    """``--resume``, or ``--resume PATH`` when the checkpoint is not OUTPUT/checkpoint.npz."""
+    if output is not None and saved.path == str(output / CHECKPOINT_NAME):
+        return "--resume"
+    return f"--resume {saved.path}"
 
 
 def _interrupted_text(reporter: Reporter, position: Position, saved: _Saved | None, output: Path | None) -> str:
@@ -435,8 +598,7 @@ def _interrupted_text(reporter: Reporter, position: Position, saved: _Saved | No
     message = f"interrupted at {reporter.where(position)}; "
     if saved is None:
         return message + "no checkpoint was written" + ("" if output is not None else " (no --output)")
-    again = "--resume" if output is not None and saved.path == str(output / CHECKPOINT_NAME) \
-        else f"--resume {saved.path}"
+    again = _resume_option(saved, output)
     if saved.position == position:
         return message + f"checkpoint saved to {saved.path}; continue with {again}"
     return message + f"the last checkpoint is {saved.path}, at {reporter.where(saved.position)}; continue with {again}"

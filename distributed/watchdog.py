@@ -19,7 +19,14 @@ watches itself:
    and answers the same question from others in the same loop. A rank whose
    main thread computes, sleeps or waits still answers; only a stopped or lost
    process cannot.
-3. After a short grace for the answers, the asking rank writes one report
+3. Work that rank 0 does alone while the others wait for it on purpose
+   (:func:`~mnn.distributed.comm.run_on_root`: building the dataset cache,
+   writing a checkpoint) is no stall: :meth:`StallWatchdog.rank0_alone` marks
+   it, rank 0 answers that it works alone, and the asking rank asks again a
+   timeout later. Rank 0 stopped or lost in that phase does not answer, and is
+   reported as in any other wait. (Below ``MPI_THREAD_MULTIPLE``, where nobody
+   can ask, the others' wait in such a phase is not timed at all.)
+4. After a short grace for the answers, the asking rank writes one report
    to stderr, unless a lower rank answered that it waits too (that one
    reports when its own wait is long enough), such as::
 
@@ -49,6 +56,7 @@ Usage (on every rank; starting is collective, stopping is not)::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
@@ -56,7 +64,7 @@ import threading
 import time
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -87,11 +95,13 @@ _ANSWER_BYTES = 2048
 @dataclass(frozen=True)
 class RankStatus:
     """Where a rank's main thread is: inside the wait ``what`` (None: outside any
-    collective) at ``step`` (None: not told), and for how many seconds (``for_s``)."""
+    collective) at ``step`` (None: not told), and for how many seconds (``for_s``);
+    ``alone``: working alone while the others wait for it on purpose."""
 
     what: str | None
     step: int | None
     for_s: float
+    alone: bool = False
 
     @property
     def waiting(self) -> bool:
@@ -149,6 +159,7 @@ class StallWatchdog:
         self.check_every_s = min(_CHECK_EVERY_MAX_S, self.timeout_s / 4) if self.timeout_s else 0.0
         self.grace_s = min(_GRACE_MAX_S, max(2 * self.check_every_s, (self.timeout_s or 0.0) / 10))
         self._state: tuple[str | None, int | None] = (None, None)  # written by the main thread only
+        self._rank0_alone = False  # inside rank0_alone(); written by the main thread only
         self._seen = (self._state, monotonic())  # the state last seen, and since when
         self._end_wait = _EndWait(self)
         self._stop = threading.Event()
@@ -177,6 +188,18 @@ class StallWatchdog:
         self._state = (what, state[1] if step is None else step)
         return self._end_wait
 
+    @contextlib.contextmanager
+    def rank0_alone(self) -> Iterator[None]:
+        """Mark a phase in which rank 0 works alone and the others wait for it on purpose
+        (every rank enters it: :func:`~mnn.distributed.comm.run_on_root` does, through
+        :attr:`watched_comm`). While rank 0 works outside any collective, the others'
+        wait is not a stall; rank 0's own waits count as always."""
+        outer, self._rank0_alone = self._rank0_alone, True
+        try:
+            yield
+        finally:
+            self._rank0_alone = outer
+
     def status(self) -> RankStatus:
         """Where this rank's main thread is, and for how long the watchdog has seen it there."""
         state = self._state
@@ -185,7 +208,8 @@ class StallWatchdog:
         if state is not seen:
             since = now
             self._seen = (state, now)
-        return RankStatus(state[0], state[1], now - since)
+        alone = self._rank0_alone and self.comm.rank == 0 and state[0] is None
+        return RankStatus(state[0], state[1], now - since, alone)
 
     # -- starting and stopping --------------------------------------------------------
 
@@ -233,11 +257,16 @@ class StallWatchdog:
         status = self.status()
         return status.waiting and status.for_s > self.timeout_s
 
+    def _waits_for_rank0_alone(self) -> bool:
+        """Whether this rank waits in a phase where rank 0 works alone (not timed when
+        nobody can ask rank 0 whether it does)."""
+        return self._rank0_alone and self.comm.rank != 0
+
     def _watch_alone(self, reason: str) -> None:
         """Without MPI in this thread (MPI does not allow it here, or it failed):
         report this rank's own stall and end the process."""
         while not self._stop.wait(self.check_every_s):
-            if self._stalled():
+            if self._stalled() and not self._waits_for_rank0_alone():
                 self._write(stall_report({self.comm.rank: self.status()}, self.timeout_s, self.comm.size,
                                          not_asked_because=reason))
                 time.sleep(_ABORT_GRACE_S)
@@ -254,6 +283,10 @@ class StallWatchdog:
                 statuses = channel.ask_everyone(self.status, self.grace_s, self._stop)
                 if statuses is None or self._state is not state:
                     continue  # stopping, or the wait ended meanwhile
+                if any(status is not None and status.alone for status in statuses.values()):
+                    # Rank 0 works alone on purpose (run_on_root) and answers: no stall; look again later.
+                    ask_after = monotonic() + self.timeout_s
+                    continue
                 lower = [status for rank, status in statuses.items()
                          if rank < self.comm.rank and status is not None and status.waiting]
                 if lower:
@@ -321,7 +354,8 @@ class _SideChannel:
             now = status()
             what = None if now.what is None else str(now.what)[:_WHAT_MAX_CHARS]
             step = None if now.step is None else int(now.step)
-            text = json.dumps({"round": round_id, "what": what, "step": step, "for_s": now.for_s})
+            text = json.dumps({"round": round_id, "what": what, "step": step, "for_s": now.for_s,
+                               "alone": now.alone})
             self._send(bytearray(text.encode()), asker, _ANSWER)
         self._sends = [(request, buffer) for request, buffer in self._sends if not request.Test()]
 
@@ -345,12 +379,13 @@ class _SideChannel:
                 reply = json.loads(bytes(self._answer_buffer[:count]))
                 self._answers = self.comm.Irecv(self._answer_buffer, source=self._MPI.ANY_SOURCE, tag=_ANSWER)
                 if reply["round"] == self._round:
-                    answers[rank] = (RankStatus(reply["what"], reply["step"], reply["for_s"]), monotonic())
+                    answers[rank] = (RankStatus(reply["what"], reply["step"], reply["for_s"], reply["alone"]),
+                                     monotonic())
         # Every rank's time as of now, as if it had answered now and not moved since.
         now = monotonic()
         statuses: dict[int, RankStatus | None] = {rank: None for rank in range(self.size)}
         for rank, (got, came) in answers.items():
-            statuses[rank] = RankStatus(got.what, got.step, got.for_s + now - came)
+            statuses[rank] = RankStatus(got.what, got.step, got.for_s + now - came, got.alone)
         statuses[self.rank] = status()
         return statuses
 
@@ -420,6 +455,9 @@ class _WatchedCommunicator(Communicator):
 
     def abort(self, code: int = 1) -> None:
         self._comm.abort(code)
+
+    def rank0_alone(self) -> contextlib.AbstractContextManager[None]:
+        return self._watchdog.rank0_alone()
 
 
 class _WatchedRequest(Request):
