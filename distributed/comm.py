@@ -205,6 +205,12 @@ class Communicator:
         """Terminate every rank of the job at once with exit status ``code``."""
         raise NotImplementedError
 
+    def rank0_alone(self) -> contextlib.AbstractContextManager[None]:
+        """Mark the enclosed phase as one in which rank 0 works alone while the other ranks
+        wait for it on purpose (:func:`run_on_root`). Nothing here; the stall watchdog's
+        communicator does not count such a wait as a stall (mnn.distributed.watchdog)."""
+        return contextlib.nullcontext()
+
     def _check_root(self, root: int, what: str = "root") -> None:
         if not 0 <= root < self.size:
             raise ValueError(f"{what} must be a rank in [0, {self.size}), got {root}")
@@ -418,8 +424,10 @@ def run_all(comm: Communicator, fn: Callable[..., Result], *args: Any, **kwargs:
 
 def run_on_root(comm: Communicator, fn: Callable[[], Result]) -> Result | None:
     """``fn()`` on rank 0 only (None elsewhere); if it raised there, every rank raises
-    ``RankFailure``. For work that is rank 0's alone: its files, its checks."""
-    return run_all(comm, lambda: fn() if comm.rank == 0 else None)
+    ``RankFailure``. For work that is rank 0's alone: its files, its checks (the others'
+    wait for it is no stall: see :meth:`Communicator.rank0_alone`)."""
+    with comm.rank0_alone():
+        return run_all(comm, lambda: fn() if comm.rank == 0 else None)
 
 
 @contextlib.contextmanager

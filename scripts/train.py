@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
-from mnn.distributed.trainer import JobConfigError, TrainingDiverged, TrainingInterrupted, train
+from mnn.distributed.trainer import JobConfigError, TrainingFailed, TrainingInterrupted, train
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 if comm.rank == 0:
                     print(f"mnn-train: error: {error}", file=sys.stderr)
                 return 2
-            except TrainingDiverged as error:  # raised on every rank alike
+            except TrainingFailed as error:  # diverged, or OUTPUT not writable: raised on every rank alike
                 if comm.rank == 0:
                     print(f"mnn-train: error: {error}", file=sys.stderr)
                 return 1
