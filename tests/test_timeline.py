@@ -2,7 +2,9 @@
 the trainer's --timeline, and a disabled timeline that does nothing at all.
 Several ranks, with their clocks aligned, are in tests/mpi/test_timeline.py.
 """
+import errno
 import json
+import os
 import time
 
 import numpy as np
@@ -12,7 +14,7 @@ from mnn import SGD, CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLa
 from mnn.distributed.comm import Communicator, RankFailure, SingleProcessCommunicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
-from mnn.distributed.timeline import STEP_TRACK, Timeline
+from mnn.distributed.timeline import STEP_TRACK, Timeline, check_timeline_path
 from mnn.distributed.trainer import JobConfigError, train
 
 STEP_SPANS = ["forward", "backward", "wait", "optimizer"]
@@ -156,3 +158,78 @@ def test_train_writes_the_timeline_and_refuses_a_path_it_cannot_write(tmp_path):
     with pytest.raises(JobConfigError, match="a file"):
         train(TrainConfig(layers=[64, 16, 10], epochs=1, timeline=str(tmp_path / "a file" / "t.json")),
               SingleProcessCommunicator())
+
+
+def test_a_timeline_overwrites_only_a_timeline_mnn_wrote(tmp_path):
+    path = tmp_path / "timeline.json"
+    check_timeline_path(path)  # not there yet
+    Timeline(SingleProcessCommunicator(), path).close()
+    check_timeline_path(path)  # a timeline of an earlier run
+    Timeline(SingleProcessCommunicator(), path).close()
+    assert json.loads(path.read_text())[0]["name"] == "timeline"
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('[\n{"name": "mine"}]\n')
+    for other, problem in [(notes, "exists and is not a timeline mnn wrote"), (tmp_path, "is a directory"),
+                           (tmp_path / "empty", "exists and is not a timeline mnn wrote")]:
+        if other.name == "empty":
+            other.write_bytes(b"")
+        with pytest.raises(ValueError, match=f"timeline: '{other}' {problem}"):
+            check_timeline_path(other)
+        with pytest.raises(RankFailure, match=problem):
+            Timeline(SingleProcessCommunicator(), other)
+    assert notes.read_text() == '[\n{"name": "mine"}]\n'
+    if os.path.exists("/dev/full"):
+        with pytest.raises(ValueError, match="is not a timeline mnn wrote"):
+            check_timeline_path("/dev/full")
+    with pytest.raises(ValueError, match="is a checkpoint, which the timeline must not overwrite"):
+        check_timeline_path(tmp_path / "new.json", run_output="a checkpoint")
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "checkpoint-00000046.npz", "metrics.jsonl", "model.npz",
+                                  "summary.json", "config.toml", ".mnn.lock", "diverged.npz", "previous/t.json"])
+def test_train_refuses_a_timeline_over_its_own_outputs_before_touching_them(tmp_path, name):
+    output = tmp_path / "out"
+    config = TrainConfig(layers=[64, 16, 10], epochs=1, output=str(output), timeline=str(output / name))
+    with pytest.raises(JobConfigError, match=f"timeline: '{output / name}' is .*output directory"):
+        train(config, SingleProcessCommunicator())
+    assert not output.exists()
+
+
+class FullDisk:
+    """A file that takes nothing more: every write fails as on a full disk."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
+
+    def close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_timeline_that_cannot_be_written_costs_the_timeline_not_the_run(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "timeline.json"
+    timeline = Timeline(SingleProcessCommunicator(), path, flush_every_steps=2)
+    timeline._file = FullDisk()
+    for step in range(1, 5):
+        timeline.next_step(step)
+        timeline.span("forward", 0.0, 1.0)
+    assert not timeline.enabled and timeline._spans == []
+    timeline.close()
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"mnn: warning: the timeline {path} cannot be written (OSError: [Errno 28] No space left "
+                        f"on device); training goes on without it from step 2"]
+
+    # in a run: the disk fills up at the first flush; the run completes and writes its files
+    opened = Timeline._open
+
+    def open_then_fill_up(self):
+        opened(self)
+        self._file = FullDisk()
+    monkeypatch.setattr(Timeline, "_open", open_then_fill_up)
+    config = TrainConfig(layers=[64, 16, 10], epochs=1, output=str(tmp_path / "out"), timeline=str(path),
+                         eval_every=0)
+    summary = train(config, SingleProcessCommunicator())
+    assert summary["steps"] == 23 and (tmp_path / "out" / "model.npz").exists()
+    assert capsys.readouterr().err.count("mnn: warning: the timeline") == 1

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from mnn.distributed.comm import Communicator, Request, SingleProcessCommunicator
+from mnn.distributed.comm import Communicator, Request, SingleProcessCommunicator, run_on_root
 from mnn.distributed.watchdog import RankStatus, StallWatchdog, stall_report
 
 
@@ -136,6 +136,25 @@ def test_the_watched_communicator_marks_every_blocking_call():
     assert comm.seen == ["all-reduce", "broadcast", "barrier", "all-gather", "broadcast", "all-reduce",
                          "gradient all-reduce"]
     assert not watchdog.status().waiting
+
+
+class PretendRank1(PretendRanks):
+    rank = 1
+
+
+@pytest.mark.parametrize("comm", [PretendRanks(), PretendRank1()], ids=["rank 0", "rank 1"])
+def test_run_on_root_marks_rank_0_working_alone_and_the_others_waiting_on_purpose(comm):
+    watchdog = StallWatchdog(comm, 60)
+    comm.watchdog = watchdog
+    looks = []
+    run_on_root(watchdog.watched_comm, lambda: looks.append((watchdog.status(), watchdog._waits_for_rank0_alone())))
+    # rank 0 works alone outside any collective, then joins the others' wait as usual
+    assert [(status.alone, waits) for status, waits in looks] == ([(True, False)] if comm.rank == 0 else [])
+    assert comm.seen == ["all-gather"]
+    assert not watchdog.status().alone and not watchdog._waits_for_rank0_alone()
+    with watchdog.rank0_alone(), watchdog.waiting("all-gather"):
+        assert not watchdog.status().alone  # a wait of rank 0 counts, alone or not
+        assert watchdog._waits_for_rank0_alone() == (comm.rank != 0)
 
 
 def test_the_watched_communicator_overrides_the_whole_interface():

@@ -70,6 +70,8 @@ def test_a_world_of_one_starts_nothing():
 
 # argv: what the stalled rank does (none, sleep, deadlock, stop), which rank, a folder
 # for each rank's pid and the time of the stall, and optionally mpi4py's thread level.
+# In the modes "alone" and "alone-stop" rank 0 works alone at step 3 while the others
+# wait for it on purpose (run_on_root): for three timeouts, or stopped (SIGSTOP).
 JOB = """
 import os, signal, sys, threading, time
 from pathlib import Path
@@ -79,8 +81,15 @@ mode, stalled_rank, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 if len(sys.argv) > 4:
     import mpi4py
     mpi4py.rc.thread_level = sys.argv[4]
-from mnn.distributed.comm import get_communicator
+from mnn.distributed.comm import get_communicator, run_on_root
 from mnn.distributed.watchdog import StallWatchdog
+
+def work_alone():
+    (folder / "stalled_at").write_text(repr(time.time()))
+    if mode == "alone":
+        time.sleep(3 * %(timeout)r)
+    else:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 comm = get_communicator()
 (folder / f"rank{comm.rank}.pid").write_text(str(os.getpid()))
@@ -90,7 +99,9 @@ with StallWatchdog(comm, %(timeout)r) as watchdog:
     for step in range(8):
         watchdog.progress(step)
         time.sleep(0.01 * comm.rank)  # ranks at different speeds
-        if step == 3 and comm.rank == stalled_rank and mode != "none":
+        if step == 3 and mode.startswith("alone"):
+            run_on_root(watched, work_alone)
+        elif step == 3 and comm.rank == stalled_rank and mode != "none":
             (folder / "stalled_at").write_text(repr(time.time()))
             if mode == "sleep":
                 time.sleep(120)
@@ -217,4 +228,26 @@ def test_below_thread_multiple_a_waiting_rank_reports_itself_and_ends_the_job(tm
         assert " s in the gradient all-reduce of step 3; " in report
         assert "were not asked (MPI runs at MPI_THREAD_SERIALIZED, not MPI_THREAD_MULTIPLE)" in report
     assert TIMEOUT_S < stall_to_end < LATEST_END_S, f"ended {stall_to_end:.1f} s after the stall"
+    assert leftovers == []
+
+
+@one_rank_suite_only
+@pytest.mark.parametrize("ranks, thread_level", [(2, ()), (3, ()), (3, ("serialized",))])
+def test_rank_0_working_alone_while_the_others_wait_on_purpose_is_no_stall(tmp_path, ranks, thread_level):
+    result, _, leftovers = run_job(tmp_path, ranks, "alone", -1, *thread_level)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished") == ranks
+    assert "mnn: stall" not in result.stderr
+    assert leftovers == []
+
+
+@one_rank_suite_only
+def test_rank_0_stopped_while_working_alone_is_still_reported(tmp_path):
+    result, stall_to_end, leftovers = run_job(tmp_path, 3, "alone-stop", -1)
+    assert result.returncode != 0 and "finished" not in result.stdout, result.stderr
+    assert result.stderr.count("mnn: stall:") == 1, result.stderr
+    assert "mnn: stall: ranks 1, 2 have waited " in result.stderr
+    assert "rank 0 did not answer (stopped or lost)" in result.stderr
+    # The first look finds rank 0 working alone; the next, a timeout later, finds it silent.
+    assert TIMEOUT_S < stall_to_end < LATEST_END_S + 2 * TIMEOUT_S, f"ended {stall_to_end:.1f} s after the stall"
     assert leftovers == []
