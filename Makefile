@@ -73,7 +73,7 @@ test-openmpi: setup-openmpi
 	    tests/mpi || exit 1; \
 	done
 	@echo "== Open MPI: mnn-train and mnn-launch under mpiexec"
-	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider tests/test_train_cli.py tests/test_launch.py tests/test_faults.py tests/test_faults_run.py
+	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider tests/test_train_cli.py tests/test_launch.py tests/test_faults.py tests/test_faults_run.py tests/test_faults_data.py tests/test_faults_signals.py
 
 bench: setup
 	$(BIN)/mnn-bench

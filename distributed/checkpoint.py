@@ -156,7 +156,8 @@ def _as_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; ValueError naming the file and
-    the problem if it is not one (missing, damaged, another format, values of the wrong kind)."""
+    the problem if it is not one (missing, damaged, another format, values of the wrong kind,
+    weights that are NaN or infinite)."""
     arrays = load_arrays(path)
     required = (_VERSION_KEY, _CONFIG_KEY, *_POSITION_KEYS.values(), _WORLD_SIZE_KEY)
     missing = [key for key in required if key not in arrays]
@@ -182,6 +183,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     def with_prefix(prefix: str) -> dict[str, np.ndarray]:
         return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
 
+    _check_finite(path, arrays)
     return Checkpoint(
         model_state=with_prefix(_MODEL_PREFIX),
         optimizer_state=with_prefix(_OPTIMIZER_PREFIX),
@@ -190,6 +192,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         world_size=_stored_int(path, arrays, _WORLD_SIZE_KEY, minimum=1),
         config=config,
     )
+
+
+def _check_finite(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """ValueError naming the first state array that holds values a run never saves: NaN or
+    an infinity in the model (the trainer refuses to save such weights), NaN in the
+    optimizer's state (an infinite Adam moment can be real). Such a file is damaged, and
+    would train on as NaN."""
+    for key, value in arrays.items():
+        if value.dtype.kind not in "fc":
+            continue
+        if key.startswith(_MODEL_PREFIX):
+            bad, what = ~np.isfinite(value), "NaN or infinite"
+        elif key.startswith(_OPTIMIZER_PREFIX):
+            bad, what = np.isnan(value), "NaN"
+        else:
+            continue
+        count = int(np.count_nonzero(bad))
+        if count:
+            raise ValueError(f"{str(path)!r} is damaged: {key} holds {count} {what} value{'s' if count > 1 else ''} "
+                             f"of {value.size}, which a run never saves")
 
 
 def find_checkpoints(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:

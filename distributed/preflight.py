@@ -25,18 +25,18 @@ from mnn import SequentialLayers
 from mnn.datasets import Dataset, load_dataset
 from mnn.io import clean_stale_temporaries
 from mnn.model import GPT_KEYS, model_size
-from mnn.text import TextDataset, load_text
+from mnn.text import TextDataset, fingerprint_difference, load_text
 from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
-from mnn.distributed.config import DEFAULT_LAYERS, TrainConfig
+from mnn.distributed.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.position import Position
-from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_threads
+from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_threads, text_disagreements
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
 
-__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "RESUME_MUST_MATCH", "ARRAYS_DATASET",
-           "TEXT_DATASET"]
+__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "text_context", "text_epoch_steps",
+           "RESUME_MUST_MATCH", "ARRAYS_DATASET", "TEXT_DATASET"]
 
 # A checkpoint resumes exactly only if these settings are unchanged: they define
 # the parameters' shapes, the optimizer state and the sequence of global batches.
@@ -98,7 +98,8 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         config = run_all(comm, _adopt, config, net, data)
         notes = _check_ranks(comm, config)
         dataset = _load_data(config, data, comm)
-        config = run_all(comm, _with_text_vocab, config, dataset)
+        _check_same_text(comm, dataset)
+        config = run_all(comm, _with_text_record, config, dataset)
         if net is None:
             _check_memory(comm, config, dataset)
             net = run_all(comm, build_net, config)
@@ -188,6 +189,16 @@ def _check_ranks(comm: Communicator, config: TrainConfig) -> list[str]:
         raise RankFailure({0: "the ranks do not run the same thing:\n  " + "\n  ".join(different)})
     note = limit_blas_threads(facts, comm.rank)
     return [note] if note is not None and comm.rank == 0 else []
+
+
+def _check_same_text(comm: Communicator, dataset: Dataset) -> None:
+    """Stop unless every rank read the same text (collective): ranks that read other copies
+    of it (a file that differs between hosts) would train on other token ids, or crash
+    in mismatched collectives when their vocabularies differ in size."""
+    fingerprint = dataset.fingerprint if isinstance(dataset, TextDataset) else None
+    different = text_disagreements(comm, fingerprint)
+    if different:
+        raise RankFailure({0: "the ranks do not read the same text:\n  " + "\n  ".join(different)})
 
 
 # ------------------------------------------------------------------ memory
@@ -372,15 +383,20 @@ def _restore(config: TrainConfig, net: SequentialLayers,
     except (ValueError, TypeError) as error:
         raise ValueError(f"cannot resume from {str(path)!r}: its stored config is not a valid "
                          f"job: {error}") from None
+    _check_same_text_as(path, saved, config)
     mismatched = [f"{key}: checkpoint has {getattr(saved, key)!r}, this job {getattr(config, key)!r}"
                   for key in RESUME_MUST_MATCH if getattr(saved, key) != getattr(config, key)]
-    if saved.model_description() != config.model_description():
-        mismatched.insert(0, f"model: checkpoint has {_model_text(saved)}, this job {_model_text(config)}")
+    if _comparable_model(saved) != _comparable_model(config):
+        mismatched.insert(0, _model_difference(saved, config))
+    if _is_text(config) and text_epoch_steps(saved) != text_epoch_steps(config):
+        # The position counts steps within epochs of the checkpoint's length.
+        mismatched.append(f"steps_per_epoch: checkpoint has {text_epoch_steps(saved)}, this job "
+                          f"{text_epoch_steps(config)} (its position is counted in epochs of that many steps)")
     if mismatched:
         raise ValueError(f"cannot resume from {str(path)!r}: these settings must match the "
                          f"checkpoint's: " + "; ".join(mismatched))
-    # `resume` itself always differs from the run that wrote the checkpoint.
-    ignored = (*RESUME_MUST_MATCH, *_MODEL_FIELDS, "resume")
+    # `resume` itself always differs from the run that wrote the checkpoint; the text is compared above.
+    ignored = (*RESUME_MUST_MATCH, *_MODEL_FIELDS, "resume", "steps_per_epoch", "text_fingerprint")
     changed = {key: [value, getattr(config, key)] for key, value in saved.to_dict().items()
                if key not in ignored and value != getattr(config, key)}
     net.load_state_dict(checkpoint.model_state)
@@ -388,11 +404,68 @@ def _restore(config: TrainConfig, net: SequentialLayers,
     return checkpoint.position, str(path), changed, notes
 
 
+def _check_same_text_as(path: Path, saved: TrainConfig, config: TrainConfig) -> None:
+    """Refuse to resume on a text other than the one the checkpoint was trained on (a
+    checkpoint written before texts were recorded has nothing to compare)."""
+    if saved.text_fingerprint is None or config.text_fingerprint is None:
+        return
+    difference = fingerprint_difference(saved.text_fingerprint, config.text_fingerprint)
+    if difference is not None:
+        raise ValueError(f"cannot resume from {str(path)!r}: the text of dataset {config.dataset!r} is not the one "
+                         f"the checkpoint was trained on: {difference}; restore that text, or train afresh "
+                         f"(without --resume, or with another --output)")
+
+
+def _comparable_model(config: TrainConfig) -> dict[str, Any]:
+    """The job's model description, a ``gpt`` table with its defaults filled in (so that
+    leaving out a size and giving its default describe the same model)."""
+    description = config.model_description()
+    if isinstance(description.get("gpt"), dict):
+        return {**description, "gpt": {**GPT_KEYS, **description["gpt"]}}
+    return description
+
+
+def _model_difference(saved: TrainConfig, config: TrainConfig) -> str:
+    """How the checkpoint's model and this job's differ: the MLPs' widths and losses, or
+    each setting of the descriptions that differs, by its path (model.gpt.n_layers)."""
+    if saved.model is None or config.model is None:
+        return f"model: checkpoint has {_model_text(saved)}, this job {_model_text(config)}"
+    differences = _differences(_comparable_model(saved), _comparable_model(config), "model")
+    shown = differences[:4] + ([f"and {len(differences) - 4} more differences"] if len(differences) > 4 else [])
+    return "; ".join(shown)
+
+
+def _differences(saved: Any, mine: Any, where: str) -> list[str]:
+    """``"where: checkpoint has X, this job Y"`` for each leaf of two descriptions that differs."""
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        return [line for key in sorted(set(saved) | set(mine), key=str)
+                for line in _differences(saved.get(key), mine.get(key), f"{where}.{key}")]
+    if isinstance(saved, list) and isinstance(mine, list) and len(saved) == len(mine):
+        return [line for index, (first, second) in enumerate(zip(saved, mine))
+                for line in _differences(first, second, f"{where}[{index}]")]
+    if saved == mine:
+        return []
+    return [f"{where}: checkpoint has {_described(saved)}, this job {_described(mine)}"]
+
+
+def _described(value: Any) -> str:
+    """A part of a description, short: a list of layers by their types."""
+    if value is None:
+        return "none"
+    if isinstance(value, list) and all(isinstance(entry, dict) and "type" in entry for entry in value):
+        return f"{len(value)} layers [" + ", ".join(str(entry["type"]) for entry in value) + "]"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _model_text(config: TrainConfig) -> str:
-    """The model as the job gave it: the MLP widths, or the layer types of its description."""
+    """The model as the job gave it: the MLP widths and loss (defaults filled in), or a described model."""
     if config.model is None:
-        return f"the MLP {config.layers} with loss {config.loss}"
-    return "[" + ", ".join(layer["type"] for layer in config.model["layers"]) + "]"
+        widths = ",".join(map(str, config.layers or DEFAULT_LAYERS))
+        return f"the MLP {widths} with loss {config.loss or DEFAULT_LOSS}"
+    if "layers" in config.model:
+        return "a [model] of " + _described(config.model["layers"])
+    return "a [model.gpt]" if "gpt" in config.model else "a [model]"
 
 
 # ------------------------------------------------------------------ data
@@ -414,12 +487,21 @@ def load_job_dataset(config: TrainConfig) -> Dataset:
     if spec == ARRAYS_DATASET:
         raise ValueError(f"dataset {ARRAYS_DATASET!r}: the run was given its data as arrays from Python "
                          f"(train(..., data=...)); pass them again, or name a dataset")
-    if spec == TEXT_DATASET or spec.startswith(TEXT_DATASET + ":"):
-        return load_text(spec.partition(":")[2] or None, context=_text_context(config))
+    if _is_text(config):
+        return load_text(spec.partition(":")[2] or None, context=text_context(config))
     return load_dataset(spec)
 
 
-def _text_context(config: TrainConfig) -> int:
+def _is_text(config: TrainConfig) -> bool:
+    return config.dataset == TEXT_DATASET or config.dataset.startswith(TEXT_DATASET + ":")
+
+
+def text_epoch_steps(config: TrainConfig) -> int:
+    """The steps of an epoch of a text job (whose windows are drawn at random)."""
+    return config.steps_per_epoch or TEXT_EPOCH_STEPS
+
+
+def text_context(config: TrainConfig) -> int:
     """The window a text dataset cuts for the model: a GPT's context, or the context of the
     positional embedding in a layer description."""
     model = config.model or {}
@@ -432,22 +514,27 @@ def _text_context(config: TrainConfig) -> int:
                      f"describe a model with one ([model.gpt] context = 64, or a PositionalEmbeddingLayer)")
 
 
-def _with_text_vocab(config: TrainConfig, dataset: Dataset) -> TrainConfig:
-    """A ``gpt`` model without a vocabulary gets the text's (so config.toml records it)."""
+def _with_text_record(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """The job with what it trains on recorded (so config.toml and the checkpoint say it): a
+    text's fingerprint, and its vocabulary in a ``gpt`` model that gives none."""
+    changes: dict[str, Any] = {}
+    fingerprint = dataset.fingerprint if isinstance(dataset, TextDataset) else None
+    if fingerprint != config.text_fingerprint:
+        changes["text_fingerprint"] = fingerprint
     gpt = (config.model or {}).get("gpt")
-    if gpt is None or gpt.get("vocab") is not None:
-        return config
-    if not isinstance(dataset, TextDataset):
-        raise ValueError(f"model.gpt: missing vocab, and dataset {config.dataset!r} is not a text to take it "
-                         f"from; give vocab, or use dataset = \"text\" or \"text:PATH\"")
-    return dataclasses.replace(config, model={"gpt": {**gpt, "vocab": dataset.n_classes}})
+    if gpt is not None and gpt.get("vocab") is None:
+        if not isinstance(dataset, TextDataset):
+            raise ValueError(f"model.gpt: missing vocab, and dataset {config.dataset!r} is not a text to take it "
+                             f"from; give vocab, or use dataset = \"text\" or \"text:PATH\"")
+        changes["model"] = {"gpt": {**gpt, "vocab": dataset.n_classes}}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _sampler(config: TrainConfig, dataset: Dataset, comm: Communicator) -> Any:
     """The global batches: a shuffle of the samples each epoch, or for a text, windows drawn
     at random (one per character would make an epoch too long to shuffle)."""
     if isinstance(dataset, TextDataset):
-        return DrawnBatchSampler(len(dataset.train), config.batch_size, config.steps_per_epoch or TEXT_EPOCH_STEPS,
+        return DrawnBatchSampler(len(dataset.train), config.batch_size, text_epoch_steps(config),
                                  rank=comm.rank, world_size=comm.size, seed=config.seed)
     if config.steps_per_epoch is not None:
         raise ValueError(f"steps_per_epoch: applies to text data, whose windows are drawn at random; an epoch of "

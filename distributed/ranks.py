@@ -6,7 +6,10 @@ fingerprint of what it runs (a hash of mnn's source files, the versions of
 Python, NumPy and mnn, and its resolved job). :func:`disagreements` names
 the ranks whose fingerprint differs from rank 0's: ranks started from
 different installs, or with a different job file on another host, would
-otherwise train different things or hang in mismatched collectives.
+otherwise train different things or hang in mismatched collectives. Once the
+data is loaded, :func:`text_disagreements` does the same for a text (its
+characters and digest, :attr:`mnn.text.TextDataset.fingerprint`): one job file
+can name a text whose copies differ from host to host.
 
 :func:`limit_blas_threads` keeps BLAS from oversubscribing a host: plain
 ``mpiexec -n 2 mnn-train`` on 2 cores with a BLAS that starts one thread per
@@ -30,9 +33,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from mnn.text import fingerprint_difference
 from mnn.distributed.comm import Communicator
 
-__all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "limit_blas_threads"]
+__all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "text_disagreements",
+           "limit_blas_threads"]
 
 #: Thread-count variables of OpenMP, OpenBLAS and MKL (mnn-launch sets them per rank).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -98,6 +103,23 @@ def disagreements(facts: list[RankFacts]) -> list[str]:
                         if theirs.job.get(key) != reference.job.get(key)]
         if differences:
             lines.append(f"rank {rank} on {theirs.host}: " + "; ".join(differences))
+    return lines
+
+
+def text_disagreements(comm: Communicator, fingerprint: dict[str, str] | None) -> list[str]:
+    """One line per rank whose text (``fingerprint``: None for data that is not a text)
+    differs from rank 0's, naming the rank, its host and how (collective: one small allgather)."""
+    gathered = comm.allgather((socket.gethostname(), fingerprint))
+    reference = gathered[0][1]
+    lines = []
+    for rank, (host, theirs) in enumerate(gathered[1:], start=1):
+        if theirs == reference:
+            continue
+        if theirs is None or reference is None:
+            how = "it reads no text" if theirs is None else "rank 0 reads no text"
+        else:
+            how = fingerprint_difference(reference, theirs, reference_is="rank 0's")
+        lines.append(f"rank {rank} on {host}: its text differs from rank 0's: {how}")
     return lines
 
 

@@ -12,10 +12,18 @@ model of code: about 11 M characters of 222 kinds for Python 3.11. Usage::
     corpus.vocab.decode(x[0])                      # back to text
 
 The vocabulary is the sorted set of characters of the whole corpus; a token is
-a character's index in it. The encoded corpus is cached as a ``.npy`` file
-(beside the text, or in ``~/.cache/mnn`` for the standard library) that every
-rank memory-maps, with the vocabulary in a JSON file beside it; the cache is
+a character's index in it, stored in the smallest unsigned type that holds
+every index (uint8 up to 256 characters, uint16 up to 65,536, else uint32).
+The encoded corpus is cached as ``.npy`` files (beside the text, or in
+``~/.cache/mnn`` for the standard library) that every rank memory-maps: the
+tokens, the vocabulary and the SHA-256 of the text's UTF-8 bytes; the cache is
 rebuilt when a source file changes.
+
+A model learns token ids, so it is bound to the characters in id order: the
+same ids mean other characters once the text gains or loses one. A text's
+:attr:`TextDataset.fingerprint` (its characters in id order and its SHA-256)
+is what a run records (mnn-train keeps it in the job's ``text_fingerprint``),
+and :func:`fingerprint_difference` says how a text differs from a record.
 
 Samples are windows: sample :math:`i` of a split is the tokens
 :math:`t_{s_i}, \dots, t_{s_i + T - 1}` and its targets the next characters
@@ -28,18 +36,24 @@ text, are used, so that an evaluation costs the same for any corpus.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import sysconfig
+from collections import deque
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from mnn.checks import as_generator, check_int
 from mnn.datasets import Dataset, cached_arrays
 
-__all__ = ["CharVocab", "TextSplit", "TextDataset", "load_text", "stdlib_sources", "generate", "TRAIN_FRACTION",
-           "VALIDATION_WINDOWS"]
+__all__ = ["CharVocab", "TextSplit", "TextDataset", "load_text", "stdlib_sources", "generate", "sample_characters",
+           "fingerprint_difference", "TRAIN_FRACTION", "VALIDATION_WINDOWS"]
 
 #: The share of the text, from its start, that trains; the rest validates.
 TRAIN_FRACTION = 0.9
@@ -118,9 +132,36 @@ class TextSplit:
 
 @dataclass(frozen=True)
 class TextDataset(Dataset):
-    """A text's training and validation windows, and its vocabulary."""
+    """A text's training and validation windows, its vocabulary, and the SHA-256 of the text
+    (hex digits of its UTF-8 bytes)."""
 
     vocab: CharVocab = None
+    sha256: str = ""
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """What a model trained on this text is bound to: ``{"chars": the characters in id
+        order, "sha256": the text's digest}``."""
+        return {"chars": self.vocab.chars, "sha256": self.sha256}
+
+
+def fingerprint_difference(reference: dict[str, str], current: dict[str, str],
+                           reference_is: str = "recorded") -> str | None:
+    """How the text of ``current`` differs from that of ``reference`` (both
+    :attr:`TextDataset.fingerprint`), in words that call the reference ``reference_is``;
+    None when they are the same text."""
+    if reference == current:
+        return None
+    old, new = reference["chars"], current["chars"]
+    if old == new:
+        return (f"its {len(new)} characters are the same, but the text is not (SHA-256 "
+                f"{current['sha256'][:12]}..., {reference_is} {reference['sha256'][:12]}...)")
+    parts = [f"{len(new)} characters, {reference_is} {len(old)}"]
+    for word, chars in (("gained", sorted(set(new) - set(old))), ("lost", sorted(set(old) - set(new)))):
+        if chars:
+            shown = ", ".join(map(repr, chars[:5])) + (f" and {len(chars) - 5} more" if len(chars) > 5 else "")
+            parts.append(f"{word} {shown}")
+    return "its characters changed (" + "; ".join(parts) + "), so a token id would mean another character"
 
 
 def stdlib_sources() -> list[Path]:
@@ -154,12 +195,15 @@ def load_text(source: str | os.PathLike | None = None, context: int = 64,
 
     def build() -> dict[str, np.ndarray]:
         text = "".join(_read(file) for file in files)
+        if not text:
+            what = f"text file {files[0]} is" if len(files) == 1 else f"the {len(files)} files of text {name} are"
+            raise ValueError(f"{what} empty: a character model needs text to learn from")
         vocab = CharVocab("".join(sorted(set(text))))
-        dtype = np.uint8 if len(vocab) <= 256 else np.uint16
-        return {"tokens": vocab.encode(text).astype(dtype),
-                "chars": np.frombuffer(vocab.chars.encode("utf-32-le"), dtype=np.uint32)}
+        return {"tokens": vocab.encode(text).astype(_token_dtype(len(vocab))),
+                "chars": np.frombuffer(vocab.chars.encode("utf-32-le"), dtype=np.uint32),
+                "sha256": np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest(), dtype=np.uint8)}
 
-    arrays = cached_arrays(build, files, data_dir, cache_dir, ["tokens", "chars"])
+    arrays = cached_arrays(build, files, data_dir, cache_dir, ["tokens", "chars", "sha256"])
     vocab = CharVocab(np.asarray(arrays["chars"]).tobytes().decode("utf-32-le"))
     tokens = arrays["tokens"]
     cut = int(len(tokens) * TRAIN_FRACTION)
@@ -170,7 +214,15 @@ def load_text(source: str | os.PathLike | None = None, context: int = 64,
     train = TextSplit("train", tokens[:cut], context, f"{name} (the first {TRAIN_FRACTION:.0%})")
     test = TextSplit("validation", validation, context, f"{name} (the last {1 - TRAIN_FRACTION:.0%})", starts)
     return TextDataset(name=f"text {name}", train=train, test=test, n_features=context, n_classes=len(vocab),
-                       vocab=vocab)
+                       vocab=vocab, sha256=np.asarray(arrays["sha256"]).tobytes().hex())
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id of the vocabulary."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise AssertionError(vocab_size)  # Unicode has fewer than 2**32 characters
 
 
 def _hidden(file: Path, root: Path) -> bool:
@@ -186,23 +238,57 @@ def _read(file: Path) -> str:
 
 def generate(net, vocab: CharVocab, prompt: str, tokens: int, context: int, temperature: float = 1.0,
              rng=None) -> str:
-    r"""``prompt`` continued by ``tokens`` characters sampled from ``net``, one at a time.
+    """``prompt`` continued by ``tokens`` characters sampled from ``net`` (see :func:`sample_characters`)."""
+    tokens = check_int("tokens", tokens, minimum=0)
+    with closing(sample_characters(net, vocab, prompt, context, temperature, rng)) as characters:
+        return prompt + "".join(islice(characters, tokens))
+
+
+def sample_characters(net, vocab: CharVocab, prompt: str, context: int, temperature: float = 1.0,
+                      rng=None) -> Iterator[str]:
+    r"""The characters that continue ``prompt``, sampled from ``net`` one at a time, without end
+    (take as many as you want: each costs one forward pass, and memory does not grow).
 
     The net (a language model ending in a loss layer, e.g. a ``gpt``) sees the
     last ``context`` characters; its output at the last position are the logits
-    :math:`z` of the next character, drawn from :math:`\operatorname{softmax}(z / \tau)`
-    with temperature :math:`\tau` (below 1: safer, above: more varied). Dropout
-    is off while sampling.
+    :math:`z` of the next character, drawn from
+
+    .. math:: p = \operatorname{softmax}\big((z - \max_k z_k) / \tau\big) = \operatorname{softmax}(z / \tau) \tag{1}
+
+    with temperature :math:`\tau` (below 1: safer, above: more varied). The
+    shift by the largest logit changes nothing but keeps every exponent
+    :math:`\le 0`: however small :math:`\tau`, nothing overflows, and a
+    :math:`\tau` so small that every other exponent underflows gives the limit
+    :math:`\tau \to 0`, the likeliest character. :math:`\tau = 0` is that
+    limit (greedy decoding). Dropout is off while sampling. ValueError for an
+    empty prompt, a character the vocabulary lacks, a temperature that is
+    negative or not finite, or a net whose output is not one logit per
+    character of ``vocab``.
     """
     if not prompt:
         raise ValueError("generate: the prompt must hold at least one character")
-    if not temperature > 0:
-        raise ValueError(f"generate: expected a temperature > 0, got {temperature}")
-    rng = as_generator(rng)
-    ids = list(vocab.encode(prompt))
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"generate: expected a finite temperature >= 0 (0: always the likeliest character), "
+                         f"got {temperature}")
+    context = check_int("context", context, minimum=1)
+    window = deque(vocab.encode(prompt)[-context:].tolist(), maxlen=context)
+    return _sampled(net, vocab, window, temperature, as_generator(rng))
+
+
+def _sampled(net, vocab: CharVocab, window: deque, temperature: float, rng: np.random.Generator) -> Iterator[str]:
     with net.evaluating():
-        for _ in range(check_int("tokens", tokens, minimum=0)):
-            logits = np.asarray(net(np.array([ids[-context:]])), dtype=np.float64)[0, -1] / temperature
-            probabilities = np.exp(logits - logits.max())
-            ids.append(int(rng.choice(len(vocab), p=probabilities / probabilities.sum())))
-    return vocab.decode(ids)
+        while True:
+            logits = np.asarray(net(np.array([window])), dtype=np.float64)[0, -1]
+            if logits.shape != (len(vocab),):
+                raise ValueError(f"generate: the model predicts {logits.size} characters, but the vocabulary has "
+                                 f"{len(vocab)}: it was trained on another text")
+            if not np.isfinite(logits).all():
+                raise ValueError("generate: the model's output holds NaN or infinite values")
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                with np.errstate(over="ignore"):  # to -inf, for a tiny temperature: exp gives 0
+                    probabilities = np.exp((logits - logits.max()) / temperature)  # Eq. (1)
+                token = int(rng.choice(len(vocab), p=probabilities / probabilities.sum()))
+            window.append(token)
+            yield vocab.chars[token]

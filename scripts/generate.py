@@ -3,23 +3,32 @@
     mnn-generate --checkpoint runs/gpt-example --prompt "def " --tokens 300 --temperature 0.8
 
 ``--checkpoint`` is a run's output directory (its checkpoint.npz) or a
-checkpoint file. The model and the text it learned from are those the
-checkpoint's job names; the text is read again (from its cache) for the
-vocabulary. One process, no MPI. Exit status 2 for a bad checkpoint or prompt.
+checkpoint file. The model is the one the checkpoint's job names, and the
+characters its token ids stand for are those the run recorded
+(``text_fingerprint``), so the text need not be there any more, and a text
+that changed since cannot remap them. A checkpoint written before runs
+recorded their text reads the text again (from its cache) and is refused when
+its vocabulary is not the model's. The characters are printed as they are
+drawn. One process, no MPI. Exit status 2 for a bad checkpoint, prompt or
+option, 130 when interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from itertools import islice
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.config import TrainConfig
-from mnn.distributed.preflight import TEXT_DATASET, load_job_dataset
+from mnn.distributed.preflight import TEXT_DATASET, load_job_dataset, text_context
 from mnn.model import build_net
-from mnn.text import TextDataset, generate
+from mnn.text import CharVocab, TextDataset, generate, sample_characters
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,35 +37,92 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run's output directory or a checkpoint .npz of a model trained on a text")
     parser.add_argument("--prompt", default="def ", help="the text to continue (default: 'def ')")
-    parser.add_argument("--tokens", type=int, default=300, help="characters to generate (default 300)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="below 1: likelier characters, above 1: more varied (default 0.8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument("--tokens", type=_count, default=300, metavar="N",
+                        help="characters to generate, printed as they come (default 300)")
+    parser.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+                        help="below 1: likelier characters, above 1: more varied, 0: always the likeliest "
+                             "(default 0.8)")
+    parser.add_argument("--seed", type=_count, default=0, metavar="N", help="seed of the sampling (default 0)")
     return parser
+
+
+def _at_least_zero(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, >= 0 and (a float) finite; argparse names the option when it refuses."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_count = _at_least_zero(int, "an integer >= 0")
+_temperature = _at_least_zero(float, "a finite number >= 0 (0: always the likeliest character)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    written = 0
     try:
-        print(sample(args.checkpoint, args.prompt, args.tokens, args.temperature, args.seed), flush=True)
+        characters = _characters(args.checkpoint, args.prompt, args.temperature, args.seed)
+        sys.stdout.write(args.prompt)
+        # Each character as it is drawn: a long sample shows from its first character on.
+        # (islice counts to sys.maxsize at most: more than any run will print.)
+        for character in islice(characters, min(args.tokens, sys.maxsize)):
+            sys.stdout.write(character)
+            sys.stdout.flush()
+            written += 1
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     except (ValueError, TypeError) as error:
         print(f"mnn-generate: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nmnn-generate: interrupted after {written} characters", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (| head): nothing more to do. Python
+        # flushes stdout again at exit: let that go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
 def sample(checkpoint: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+    """``prompt`` and ``tokens`` characters sampled from the model of ``checkpoint``."""
+    net, vocab, context = _model_of(checkpoint)
+    return generate(net, vocab, prompt, tokens, context, temperature, rng=seed)
+
+
+def _characters(checkpoint: str, prompt: str, temperature: float, seed: int) -> Iterator[str]:
+    net, vocab, context = _model_of(checkpoint)
+    return sample_characters(net, vocab, prompt, context, temperature, rng=seed)
+
+
+def _model_of(checkpoint: str) -> tuple[object, CharVocab, int]:
+    """The net of the checkpoint, the characters its ids stand for, and its context."""
     path = Path(checkpoint)
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     saved = load_checkpoint(path)
     config = TrainConfig.from_dict(saved.config, source=f"the config in {str(path)!r}")
     if not (config.dataset == TEXT_DATASET or config.dataset.startswith(TEXT_DATASET + ":")):
         raise ValueError(f"{path} is not a character model: its job trained on {config.dataset!r}, not a text")
-    corpus = load_job_dataset(config)
-    assert isinstance(corpus, TextDataset), corpus
     net = build_net(config.model_description(), dtype=config.dtype)
     net.load_state_dict(saved.model_state)
-    return generate(net, corpus.vocab, prompt, tokens, corpus.train.context, temperature, rng=seed)
+    if config.text_fingerprint is not None:
+        return net, CharVocab(config.text_fingerprint["chars"]), text_context(config)
+    # Written before runs recorded their text: the text as it is now must still fit the model.
+    corpus = load_job_dataset(config)
+    assert isinstance(corpus, TextDataset), corpus
+    vocab_size = (config.model or {}).get("gpt", {}).get("vocab")
+    if vocab_size is not None and vocab_size != len(corpus.vocab):
+        raise ValueError(f"{path} holds a model of {vocab_size} characters, but {corpus.name} now has "
+                         f"{len(corpus.vocab)}: the text changed since the model was trained (this checkpoint "
+                         f"predates the record of its characters)")
+    return net, corpus.vocab, corpus.train.context
 
 
 if __name__ == "__main__":

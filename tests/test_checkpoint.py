@@ -217,6 +217,34 @@ def test_newest_that_loads_is_resumed_and_the_skipped_ones_say_why(tmp_path):
         load_newest_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("member, value, message", [
+    ("model/0.LinearLayer.w", np.nan, "model/0.LinearLayer.w holds 1 NaN or infinite value of 12"),
+    ("model/0.LinearLayer.b", np.inf, "model/0.LinearLayer.b holds 1 NaN or infinite value of 4"),
+    ("optimizer/velocity.0.LinearLayer.w", np.nan, "optimizer/velocity.0.LinearLayer.w holds 1 NaN value"),
+])
+def test_weights_that_are_not_finite_are_damage_and_resume_falls_back(tmp_path, member, value, message):
+    """The trial's case: a checkpoint whose weights held NaN loaded, and the run then blamed
+    the learning rate."""
+    path = tmp_path / "checkpoint.npz"
+    for step in (10, 20):
+        save_checkpoint(path, make_checkpoint(global_step=step), keep=2)
+    arrays = load_arrays(path)
+    arrays[member] = arrays[member].copy()
+    arrays[member].flat[1] = value
+    save_arrays(path, arrays)
+    with pytest.raises(ValueError, match=f"{str(path)!r} is damaged: {message}"):
+        load_checkpoint(path)
+    newest = load_newest_checkpoint(tmp_path)
+    assert newest.path == tmp_path / "checkpoint-00000010.npz" and newest.skipped[0][0] == path
+
+
+def test_an_infinite_optimizer_moment_loads(tmp_path):
+    checkpoint = make_checkpoint()
+    checkpoint.optimizer_state["velocity.0.LinearLayer.w"][0, 0] = np.inf  # an Adam moment can overflow
+    save_checkpoint(tmp_path / "checkpoint.npz", checkpoint)
+    assert_same(load_checkpoint(tmp_path / "checkpoint.npz"), checkpoint)
+
+
 def test_save_stopped_between_keeping_and_writing_lists_the_file_once(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.npz"
     for step in (10, 20):

@@ -1,13 +1,21 @@
 """mnn-generate: sampling from a character model that train() wrote, and its errors."""
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
+from mnn.distributed.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.trainer import train
 from mnn.model import build_net
 from mnn.scripts.generate import main
-from mnn.text import CharVocab, generate
+from mnn.text import CharVocab, generate, sample_characters
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 60
 
@@ -57,6 +65,99 @@ def test_a_cold_temperature_picks_the_likeliest_character_and_the_context_slides
     assert generate(net, vocab, "a", 20, context=4, temperature=1e-4, rng=0) == vocab.decode(greedy)
     warm = generate(net, vocab, "a", 200, context=4, temperature=50.0, rng=0)
     assert set(warm) == {"a", "b", "c"}
-    with pytest.raises(ValueError, match="expected a temperature > 0"):
-        generate(net, vocab, "a", 5, context=4, temperature=0.0)
+    # 0 is greedy, and so is a temperature so small that z / T overflows (the trial's 1e-320
+    # said "Probabilities contain NaN").
+    assert generate(net, vocab, "a", 20, context=4, temperature=0.0) == vocab.decode(greedy)
+    assert generate(net, vocab, "a", 20, context=4, temperature=1e-320, rng=0) == vocab.decode(greedy)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="expected a finite temperature >= 0"):
+            generate(net, vocab, "a", 5, context=4, temperature=bad)
     np.testing.assert_equal(generate(net, vocab, "ab", 0, context=4), "ab")
+
+
+def test_a_model_of_another_vocabulary_is_named_not_sampled():
+    net = build_net({"gpt": {"vocab": 3, "n_layers": 1, "d_model": 8, "n_heads": 2, "context": 4}}, rng=0)
+    with pytest.raises(ValueError, match="the model predicts 3 characters, but the vocabulary has 4"):
+        generate(net, CharVocab("abcd"), "a", 5, context=4)
+
+
+def test_characters_come_one_at_a_time_without_end():
+    net = build_net({"gpt": {"vocab": 3, "n_layers": 1, "d_model": 8, "n_heads": 2, "context": 4}}, rng=0)
+    characters = sample_characters(net, CharVocab("abc"), "ab", context=4, rng=0)
+    first = [next(characters) for _ in range(50)]  # as many as wanted, each when asked for
+    assert set(first) <= {"a", "b", "c"}
+    assert "".join(first) == generate(net, CharVocab("abc"), "ab", 50, context=4, rng=0)[2:]
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--tokens", "-5"), ("--tokens", "10**12"),
+                                           ("--temperature", "-0.5"), ("--temperature", "nan")])
+def test_bad_options_are_named(run, capsys, option, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["--checkpoint", str(run), option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected " in err and "Traceback" not in err
+
+
+def test_the_characters_the_run_recorded_are_used_though_the_text_changed(run, tmp_path, capsys):
+    """The trial's case: after the text changed (same number of characters, another mapping),
+    mnn-generate sampled with the new mapping, or said "a and p must have same size"."""
+    assert main(["--checkpoint", str(run), "--tokens", "40", "--seed", "3"]) == 0
+    before = capsys.readouterr().out
+    text_file = run.parent / "code.py"
+    original = text_file.read_text()
+    try:
+        for changed in (original.replace("a", "z"), original + "é§"):  # remapped; more characters
+            text_file.write_text(changed)
+            assert main(["--checkpoint", str(run), "--tokens", "40", "--seed", "3"]) == 0
+            assert capsys.readouterr().out == before
+        text_file.unlink()  # the text is not needed at all
+        assert main(["--checkpoint", str(run), "--tokens", "40", "--seed", "3"]) == 0
+        assert capsys.readouterr().out == before
+    finally:
+        text_file.write_text(original)
+
+
+def test_a_checkpoint_without_a_record_of_its_text_refuses_a_text_that_changed(run, tmp_path, capsys):
+    checkpoint = load_checkpoint(run / "checkpoint.npz")
+    del checkpoint.config["text_fingerprint"]  # as written before runs recorded their text
+    old = tmp_path / "old.npz"
+    save_checkpoint(old, checkpoint)
+    assert main(["--checkpoint", str(old), "--tokens", "5"]) == 0
+    capsys.readouterr()
+    text_file = run.parent / "code.py"
+    original = text_file.read_text()
+    try:
+        text_file.write_text(original + "é")
+        assert main(["--checkpoint", str(old), "--tokens", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "holds a model of 16 characters, but text" in err and "now has 17: the text changed" in err
+    finally:
+        text_file.write_text(original)
+
+
+def test_a_long_sample_is_printed_as_it_is_drawn(run):
+    """The trial's case: --tokens 1000000000000 printed nothing for 30 s (it built the
+    whole string first). The first characters must come at once; then stop it."""
+    process = subprocess.Popen([sys.executable, "-m", "mnn.scripts.generate", "--checkpoint", str(run),
+                                "--prompt", "def ", "--tokens", str(10 ** 12)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        received = b""
+        deadline = time.monotonic() + 120
+        while len(received) < 20 and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(process.stdout.fileno(), 100)
+                if not chunk:
+                    break
+                received += chunk
+        assert received.startswith(b"def ") and len(received) >= 20, (received, process.poll())
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and b"interrupted after" in err and b"Traceback" not in err, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mnn.text import TRAIN_FRACTION, VALIDATION_WINDOWS, CharVocab, load_text, stdlib_sources
+from mnn.text import TRAIN_FRACTION, VALIDATION_WINDOWS, CharVocab, fingerprint_difference, load_text, stdlib_sources
 
 TEXT = "def add(a, b):\n    return a + b\n" * 40
 
@@ -59,3 +59,40 @@ def test_the_default_corpus_is_the_standard_library_code():
     corpus = load_text(context=64)
     assert corpus.n_classes == len(corpus.vocab) > 90 and len(corpus.train) > 1_000_000
     assert "def " in corpus.vocab.decode(corpus.train.batch(np.arange(0, 64 * 50, 64))[0])
+
+
+def test_an_empty_text_is_named_as_empty(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"text file .*empty.txt is empty: a character model needs text"):
+        load_text(tmp_path / "empty.txt", cache_dir=tmp_path / "c")
+    (tmp_path / "folder").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "folder" / name).write_text("")
+    with pytest.raises(ValueError, match=r"the 2 files of text .*folder are empty"):
+        load_text(tmp_path / "folder", cache_dir=tmp_path / "c")
+
+
+def test_more_than_65536_characters_keep_their_ids(tmp_path):
+    """The trial's case: ids were stored as uint16 and wrapped, and the run trained on."""
+    chars = "".join(chr(code) for code in range(0x100, 0x100 + 70_000 + 2048) if not 0xD800 <= code < 0xE000)
+    (tmp_path / "wide.txt").write_text(chars * 2, encoding="utf-8")
+    corpus = load_text(tmp_path / "wide.txt", context=8, cache_dir=tmp_path / "c")
+    assert len(corpus.vocab) == 70_000 and corpus.train.tokens.dtype == np.uint32
+    x, y = corpus.train.batch(np.array([69_990]))
+    assert corpus.vocab.decode(x[0]) == (chars * 2)[69_990:69_998]
+    assert corpus.vocab.decode(corpus.train.tokens) == (chars * 2)[:len(corpus.train.tokens)]
+
+
+def test_the_fingerprint_tells_what_changed(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    first = load_text(tmp_path / "a.txt", context=8, cache_dir=tmp_path / "c").fingerprint
+    assert first["chars"] == "".join(sorted(set(TEXT))) and len(first["sha256"]) == 64
+    assert fingerprint_difference(first, first) is None
+    (tmp_path / "a.txt").write_text(TEXT.replace("add", "dad"))
+    same_chars = load_text(tmp_path / "a.txt", context=8, cache_dir=tmp_path / "c").fingerprint
+    assert "its 16 characters are the same, but the text is not" in fingerprint_difference(first, same_chars)
+    (tmp_path / "a.txt").write_text(TEXT.replace("b", "q") + "é")
+    other = load_text(tmp_path / "a.txt", context=8, cache_dir=tmp_path / "c").fingerprint
+    assert fingerprint_difference(first, other, reference_is="rank 0's") == (
+        "its characters changed (17 characters, rank 0's 16; gained 'q', 'é'; lost 'b'), so a token id would "
+        "mean another character")

@@ -375,8 +375,9 @@ def test_help_lists_options_and_examples():
     for option in ["--layers", "--batch-size", "--lr-scaling", "--warmup-epochs", "--resume",
                    "--checkpoint-every", "--bucket-bytes", "--dtype", "examples:"]:
         assert option in result.stdout
-    # Every setting is an option, but the model description, a table of the job file.
-    assert set(TrainConfig.field_names()) - {"model"} <= {
+    # Every setting is an option, but the model description, a table of the job file, and
+    # the text the run records.
+    assert set(TrainConfig.field_names()) - {"model", "text_fingerprint"} <= {
         word.lstrip("-").replace("-", "_") for word in result.stdout.split() if word.startswith("--")}
     assert "[[model.layers]]" in result.stdout
 
