@@ -197,7 +197,6 @@ class TrainConfig:
                 "as Chrome trace events (open it in https://ui.perfetto.dev or chrome://tracing)",
                 metavar="FILE"),
     )
-
     text_fingerprint: dict[str, str] | None = field(
         default=None,
         **_help("recorded by the run, not set by hand: the text it trains on, as {chars = its characters "
@@ -205,6 +204,7 @@ class TrainConfig:
                 "mnn-generate use it to refuse or decode another text", cli=False),
     )
     def __post_init__(self) -> None:
+
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -296,13 +296,13 @@ class TrainConfig:
             self.timeline = os.fspath(self.timeline)
         if self.timeline is not None and (not isinstance(self.timeline, str) or not self.timeline):
             raise ValueError(f"timeline: expected a file path or None, got {self.timeline!r}")
-
         if self.text_fingerprint is not None and not (
                 isinstance(self.text_fingerprint, dict) and set(self.text_fingerprint) == {"chars", "sha256"}
                 and all(isinstance(value, str) for value in self.text_fingerprint.values())):
             raise ValueError(f"text_fingerprint: expected a table of the strings chars and sha256 (recorded by "
                              f"the run), got {self.text_fingerprint!r}")
     def model_description(self) -> dict[str, Any]:
+
         """The net this job trains: ``model`` if given, else the MLP of the
         shorthand ``layers`` and ``loss`` (with their defaults)."""
         if self.model is not None:
