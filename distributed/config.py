@@ -203,8 +203,8 @@ class TrainConfig:
                 "in token-id order, sha256 = the digest of its UTF-8 bytes} (see mnn.text); --resume and "
                 "mnn-generate use it to refuse or decode another text", cli=False),
     )
-    def __post_init__(self) -> None:
 
+    def __post_init__(self) -> None:
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -301,8 +301,8 @@ class TrainConfig:
                 and all(isinstance(value, str) for value in self.text_fingerprint.values())):
             raise ValueError(f"text_fingerprint: expected a table of the strings chars and sha256 (recorded by "
                              f"the run), got {self.text_fingerprint!r}")
-    def model_description(self) -> dict[str, Any]:
 
+    def model_description(self) -> dict[str, Any]:
         """The net this job trains: ``model`` if given, else the MLP of the
         shorthand ``layers`` and ``loss`` (with their defaults)."""
         if self.model is not None:
