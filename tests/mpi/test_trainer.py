@@ -16,7 +16,8 @@ from mnn.distributed.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.task import choose_task
-from mnn.distributed.trainer import JobConfigError, build_net, evaluate, train
+from mnn.distributed.reporting import Reporter
+from mnn.distributed.trainer import JobConfigError, TrainingDiverged, TrainingFailed, build_net, evaluate, train
 from mnn.io import load_arrays
 
 # 1438 training samples in batches of 100: 15 steps per epoch, the last one of 38
@@ -126,6 +127,42 @@ def test_unwritable_output_stops_every_rank_before_training(comm, shared_dir):
         train(TrainConfig(**BASE, output=str(blocker / "run")), comm)
     with pytest.raises(JobConfigError, match="'.*a_file' is a file, not a directory"):
         train(TrainConfig(**BASE, output=str(blocker)), comm)
+
+
+@pytest.mark.mpi
+def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_after_the_same_step(comm, shared_dir, monkeypatch,
+                                                                                  capsys):
+    output = shared_dir / "metrics_gone"
+    run(comm, output=str(output), epochs=1)
+    log_train = Reporter.train
+
+    def log_then_lose_the_file(self, *args, **kwargs):
+        log_train(self, *args, **kwargs)
+        if self.metrics_path is not None and self.metrics_path.is_file():
+            self.metrics_path.unlink()  # a folder in its place: appending to it fails
+            self.metrics_path.mkdir()
+    monkeypatch.setattr(Reporter, "train", log_then_lose_the_file)
+    with pytest.raises(TrainingFailed) as failed:
+        run(comm, output=str(output), epochs=2, resume=True)
+    assert not isinstance(failed.value, TrainingDiverged)
+    if comm.rank == 0:
+        # train events at global steps 16, 20, 24 (log_every 4): the one of step 20 (epoch 2 step 5)
+        # cannot be written, and every rank learns it at the next one's all-reduce
+        assert str(failed.value).startswith(f"cannot write {output / 'metrics.jsonl'}: [Errno 21] Is a directory")
+        assert f"training stopped at epoch 2/2 step 9/{STEPS_PER_EPOCH}; the last checkpoint is " \
+               f"{output / 'checkpoint.npz'}, at the end of epoch 1/2: continue with --resume once" in str(failed.value)
+    assert load_checkpoint(output / "checkpoint.npz").position.epochs_done == 1
+
+
+@pytest.mark.mpi
+def test_skipped_steps_are_bounded_and_counted(comm, shared_dir):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row were not finite"):
+        run(comm, output=str(shared_dir / "skips"), lr=1e12, on_nonfinite="skip", max_skipped_steps=3)
+    summary = run(comm, output=str(shared_dir / "skips_unbounded"), lr=1e100, on_nonfinite="skip",
+                  max_skipped_steps=0, epochs=1)
+    skipped = [event for event in read_events(shared_dir / "skips_unbounded" / "metrics.jsonl")
+               if event["event"] == "nonfinite"]
+    assert summary["skipped_steps"] == len(skipped) > 0
 
 
 def read_events(path):
