@@ -111,6 +111,7 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         restored = comm.broadcast_object(run_on_root(comm, lambda: _restore(config, net, optimizer)))
         task = comm.broadcast_object(run_on_root(comm, lambda: _choose_task(config, net, dataset)))
         sampler = run_all(comm, _sampler, config, dataset, comm)
+        run_all(comm, _check_position, restored, sampler, dataset)
     except RankFailure as failure:
         if lock is not None:
             lock.release()
@@ -402,6 +403,19 @@ def _restore(config: TrainConfig, net: SequentialLayers,
     net.load_state_dict(checkpoint.model_state)
     optimizer.load_state_dict(checkpoint.optimizer_state)
     return checkpoint.position, str(path), changed, notes
+
+
+def _check_position(restored: tuple[Position, str, Any, Any] | None, sampler: Any, dataset: Dataset) -> None:
+    """A resumed position must lie within this job's epochs: with fewer steps in an epoch
+    than the checkpoint has done of one, the data it was trained on had more samples."""
+    if restored is None:
+        return
+    position, path = restored[0], restored[1]
+    if position.step_in_epoch > sampler.steps_per_epoch:
+        raise ValueError(f"cannot resume from {path!r}: it stopped after step {position.step_in_epoch} of epoch "
+                         f"{position.epochs_done + 1}, but an epoch of this job has {sampler.steps_per_epoch} steps "
+                         f"({len(dataset.train)} training samples of {dataset.name}): the data changed since the "
+                         f"checkpoint was written; restore it, or train afresh (without --resume)")
 
 
 def _check_same_text_as(path: Path, saved: TrainConfig, config: TrainConfig) -> None:

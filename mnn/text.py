@@ -234,6 +234,8 @@ def _read(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"text file {file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"text file {file} cannot be read: {error.strerror or error}") from None
 
 
 def generate(net, vocab: CharVocab, prompt: str, tokens: int, context: int, temperature: float = 1.0,

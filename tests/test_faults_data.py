@@ -186,3 +186,21 @@ def test_ranks_that_read_the_same_text_train(tmp_path):
                               ["--config", str(job), "--output", str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_resume_on_data_that_shrank_below_its_position_is_refused(tmp_path):
+    """An .npz replaced by a smaller one: the checkpoint's step 15 of an epoch of 20 does not
+    exist in epochs of 10 steps (a ValueError traceback from the sampler before)."""
+    def write(samples):
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "d.npz", x_train=rng.random((samples, 6)), y_train=rng.integers(0, 3, samples),
+                 x_test=rng.random((50, 6)), y_test=rng.integers(0, 3, 50))
+    job = ["--dataset", str(tmp_path / "d.npz"), "--layers", "6,8,3", "--batch-size", "32",
+           "--output", str(tmp_path / "out")]
+    write(640)
+    first = run([*job, "--max-steps", "15"])
+    assert first.returncode == 0, first.stderr
+    write(320)
+    error = the_only_error(run([*job, "--resume", "--epochs", "2"]))
+    assert f"cannot resume from {str(tmp_path / 'out' / 'checkpoint.npz')!r}: it stopped after step 15 of epoch 1, " \
+           "but an epoch of this job has 10 steps (320 training samples of d): the data changed" in error

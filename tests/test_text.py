@@ -1,4 +1,6 @@
 """Character-level text data: vocabulary, windows, the split by position, the cache, clear errors."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,16 @@ def test_the_fingerprint_tells_what_changed(tmp_path):
     assert fingerprint_difference(first, other, reference_is="rank 0's") == (
         "its characters changed (17 characters, rank 0's 16; gained 'q', 'é'; lost 'b'), so a token id would "
         "mean another character")
+
+
+def test_a_text_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    (tmp_path / "locked.txt").write_text(TEXT)
+    real_read_text = Path.read_text
+
+    def refuse(path, *args, **kwargs):
+        if path.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real_read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ValueError, match=r"text file .*locked.txt cannot be read: Permission denied"):
+        load_text(tmp_path / "locked.txt", cache_dir=tmp_path / "c")
