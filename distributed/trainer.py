@@ -241,7 +241,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
         # counted, and the last checkpoint, the model and the summary are written)
         _log_training(reporter, losses, comm, position, optimizer.lr)
         reporter.close()
-        if skips.total == position.global_step - first_step:
+        if skips.total and skips.total == position.global_step - first_step:
             raise _diverged(comm, output, dp, position, config, saved, reporter,
                             f"training diverged: the loss or gradient of every step of this run "
                             f"({skips.total}) was not finite, so nothing was trained")
@@ -561,13 +561,13 @@ def _diverged_text(reporter: Reporter, headline: str, config: TrainConfig, saved
                    kept: _Saved | None, output: Path | None) -> str:
     """What diverged, the checkpoint to continue from (left as it was) and where the state
     before the failed step was kept."""
-    remedy = "a lower --lr" + (", or with --on-nonfinite skip" if config.on_nonfinite == "stop" else "")
+    or_skip = ", or with --on-nonfinite skip" if config.on_nonfinite == "stop" else ""
     if saved is None:
         message = (f"{headline}. No checkpoint was written{'' if output is not None else ' (no --output)'}: "
-                   f"start again with {remedy.replace('with ', '')}")
+                   f"start again with a lower --lr{or_skip}")
     else:
         message = (f"{headline}. The last checkpoint, {saved.path} at {reporter.where(saved.position)}, is "
-                   f"left as it was: continue with {_resume_option(saved, output)} and {remedy}")
+                   f"left as it was: continue with {_resume_option(saved, output)} and a lower --lr{or_skip}")
     if kept is not None:
         message += (f"; the state before the failed step, at {reporter.where(kept.position)}, is in {kept.path}, "
                     "for inspection")
