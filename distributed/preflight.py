@@ -12,6 +12,7 @@ of them trains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 import tempfile
@@ -31,7 +32,7 @@ from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
 from mnn.distributed.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.position import Position
-from mnn.distributed.ranks import disagreements, gather_facts, limit_blas_threads, text_disagreements
+from mnn.distributed.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
 
@@ -98,7 +99,7 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         config = run_all(comm, _adopt, config, net, data)
         notes = _check_ranks(comm, config)
         dataset = _load_data(config, data, comm)
-        _check_same_text(comm, dataset)
+        _check_same_data(comm, dataset)
         config = run_all(comm, _with_text_record, config, dataset)
         if net is None:
             _check_memory(comm, config, dataset)
@@ -192,14 +193,30 @@ def _check_ranks(comm: Communicator, config: TrainConfig) -> list[str]:
     return [note] if note is not None and comm.rank == 0 else []
 
 
-def _check_same_text(comm: Communicator, dataset: Dataset) -> None:
-    """Stop unless every rank read the same text (collective): ranks that read other copies
-    of it (a file that differs between hosts) would train on other token ids, or crash
-    in mismatched collectives when their vocabularies differ in size."""
-    fingerprint = dataset.fingerprint if isinstance(dataset, TextDataset) else None
-    different = text_disagreements(comm, fingerprint)
+def _check_same_data(comm: Communicator, dataset: Dataset) -> None:
+    """Stop unless every rank read the same data (collective): ranks that read other copies
+    of a file (one that differs between hosts) would train on other samples or token ids,
+    and with other sizes run other numbers of steps or crash in mismatched collectives."""
+    different = data_disagreements(comm, _data_facts(dataset))
     if different:
-        raise RankFailure({0: "the ranks do not read the same text:\n  " + "\n  ".join(different)})
+        raise RankFailure({0: "the ranks do not read the same data:\n  " + "\n  ".join(different)})
+
+
+def _data_facts(dataset: Dataset) -> dict[str, Any]:
+    """What the ranks compare of their data: its sizes, a digest of the training split's
+    scaling (it changes with any training value), and a text's fingerprint. Cheap: no
+    pass over the samples."""
+    facts: dict[str, Any] = {"training samples": len(dataset.train), "test samples": len(dataset.test),
+                             "classes": dataset.n_classes}
+    if isinstance(dataset, TextDataset):
+        facts["text"] = dataset.fingerprint
+    else:
+        facts["sample shape"] = tuple(dataset.sample_shape)
+        if dataset.train.mean is not None:
+            # In float32: a last bit that another machine's float64 sums may round otherwise is no difference.
+            scaling = np.stack([dataset.train.mean, dataset.train.std]).astype(np.float32)
+            facts["the training features' mean and std (digest)"] = hashlib.sha256(scaling.tobytes()).hexdigest()[:16]
+    return facts
 
 
 # ------------------------------------------------------------------ memory

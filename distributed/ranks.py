@@ -7,9 +7,10 @@ Python, NumPy and mnn, and its resolved job). :func:`disagreements` names
 the ranks whose fingerprint differs from rank 0's: ranks started from
 different installs, or with a different job file on another host, would
 otherwise train different things or hang in mismatched collectives. Once the
-data is loaded, :func:`text_disagreements` does the same for a text (its
-characters and digest, :attr:`mnn.text.TextDataset.fingerprint`): one job file
-can name a text whose copies differ from host to host.
+data is loaded, :func:`data_disagreements` does the same for what each rank
+read (its sizes, a digest of its scaling, a text's characters and digest): one
+job file can name a file whose copies differ from host to host, and ranks with
+different numbers of samples would run different numbers of steps.
 
 :func:`limit_blas_threads` keeps BLAS from oversubscribing a host: plain
 ``mpiexec -n 2 mnn-train`` on 2 cores with a BLAS that starts one thread per
@@ -36,7 +37,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from mnn.text import fingerprint_difference
 from mnn.distributed.comm import Communicator
 
-__all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "text_disagreements",
+__all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "data_disagreements",
            "limit_blas_threads"]
 
 #: Thread-count variables of OpenMP, OpenBLAS and MKL (mnn-launch sets them per rank).
@@ -106,20 +107,26 @@ def disagreements(facts: list[RankFacts]) -> list[str]:
     return lines
 
 
-def text_disagreements(comm: Communicator, fingerprint: dict[str, str] | None) -> list[str]:
-    """One line per rank whose text (``fingerprint``: None for data that is not a text)
-    differs from rank 0's, naming the rank, its host and how (collective: one small allgather)."""
-    gathered = comm.allgather((socket.gethostname(), fingerprint))
+def data_disagreements(comm: Communicator, data: dict[str, Any]) -> list[str]:
+    """One line per rank whose ``data`` (what it read, by name: sizes, digests, and a text's
+    :attr:`~mnn.text.TextDataset.fingerprint` as ``"text"``) differs from rank 0's, naming
+    the rank, its host and each difference (collective: one small allgather)."""
+    gathered = comm.allgather((socket.gethostname(), data))
     reference = gathered[0][1]
     lines = []
     for rank, (host, theirs) in enumerate(gathered[1:], start=1):
-        if theirs == reference:
-            continue
-        if theirs is None or reference is None:
-            how = "it reads no text" if theirs is None else "rank 0 reads no text"
-        else:
-            how = fingerprint_difference(reference, theirs, reference_is="rank 0's")
-        lines.append(f"rank {rank} on {host}: its text differs from rank 0's: {how}")
+        differences = []
+        for name in [*reference, *(name for name in theirs if name not in reference)]:
+            mine, rank0 = theirs.get(name), reference.get(name)
+            if mine == rank0:
+                continue
+            if name == "text" and mine is not None and rank0 is not None:
+                differences.append("its text differs from rank 0's: "
+                                   + fingerprint_difference(rank0, mine, reference_is="rank 0's"))
+            else:
+                differences.append(f"{name} {mine} (rank 0: {rank0})")
+        if differences:
+            lines.append(f"rank {rank} on {host}: " + "; ".join(differences))
     return lines
 
 

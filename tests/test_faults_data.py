@@ -170,9 +170,27 @@ def test_ranks_that_read_different_texts_are_stopped_at_start_up(tmp_path, other
     result = ranks_in_folders(tmp_path / "a", tmp_path / "b",
                               ["--config", str(job), "--output", str(tmp_path / "out")])
     error = the_only_error(result)
-    assert "the ranks do not read the same text" in error
+    assert "the ranks do not read the same data" in error
     assert "rank 1 on " in error and f"its text differs from rank 0's: {how}" in error
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("other_samples, how", [
+    (64, "the training features' mean and std (digest) "),  # as many samples, other values
+    (48, "training samples 48 (rank 0: 64)"),
+])
+def test_ranks_that_read_different_copies_of_an_npz_are_stopped_at_start_up(tmp_path, other_samples, how):
+    """Different values train silently; different sizes run different numbers of steps."""
+    for folder, samples, seed in (("a", 64, 0), ("b", other_samples, 1)):
+        (tmp_path / folder).mkdir()
+        rng = np.random.default_rng(seed)
+        np.savez(tmp_path / folder / "d.npz", x_train=rng.random((samples, 6)), y_train=np.arange(samples) % 3,
+                 x_test=rng.random((20, 6)), y_test=np.arange(20) % 3)
+    result = ranks_in_folders(tmp_path / "a", tmp_path / "b", ["--dataset", "d.npz", "--layers", "6,8,3",
+                                                               "--batch-size", "16", "--output", str(tmp_path / "out")])
+    error = the_only_error(result)
+    assert "the ranks do not read the same data" in error and "rank 1 on " in error and how in error
 
 
 @needs_mpiexec
