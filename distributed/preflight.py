@@ -27,7 +27,8 @@ from mnn.datasets import Dataset, load_dataset
 from mnn.io import clean_stale_temporaries
 from mnn.model import GPT_KEYS, model_size
 from mnn.text import TextDataset, fingerprint_difference, load_text
-from mnn.distributed.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint
+from mnn.distributed.checkpoint import (CHECKPOINT_NAME, Checkpoint, find_checkpoints, load_checkpoint,
+                                        load_newest_checkpoint)
 from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
 from mnn.distributed.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
 from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
@@ -383,6 +384,9 @@ def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, Checkpoint, list[s
         notes = [f"skipped {path}: {reason}" for path, reason in newest.skipped]
         return newest.path, newest.checkpoint, notes
     path = Path(config.resume)
+    if path.is_dir():
+        raise ValueError(f"resume: {config.resume!r} is a directory, not a checkpoint: give its checkpoint "
+                         f"({str(path / CHECKPOINT_NAME)!r}), or --output {config.resume} with --resume alone")
     if not path.is_file():
         raise ValueError(f"resume: checkpoint {config.resume!r} does not exist")
     return path, load_checkpoint(path), []

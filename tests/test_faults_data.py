@@ -222,3 +222,10 @@ def test_a_resume_on_data_that_shrank_below_its_position_is_refused(tmp_path):
     error = the_only_error(run([*job, "--resume", "--epochs", "2"]))
     assert f"cannot resume from {str(tmp_path / 'out' / 'checkpoint.npz')!r}: it stopped after step 15 of epoch 1, " \
            "but an epoch of this job has 10 steps (320 training samples of d): the data changed" in error
+
+
+def test_resume_naming_a_directory_says_so(trained, tmp_path):
+    folder, job = trained
+    error = the_only_error(run(["--config", str(job), "--output", str(tmp_path), "--resume", str(folder / "run")]))
+    assert f"resume: {str(folder / 'run')!r} is a directory, not a checkpoint: give its checkpoint " \
+           f"({str(folder / 'run' / 'checkpoint.npz')!r}), or --output {folder / 'run'} with --resume alone" in error
