@@ -145,7 +145,11 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                            run, dp, _Skips())
         timeline.close()
         if output is not None:
-            run_on_root(comm, lambda: _write_missing_results(output, net.state_dict(), summary, reporter))
+            try:
+                _on_root_writing(comm, output, lambda: _write_missing_results(output, net.state_dict(), summary,
+                                                                              reporter))
+            except _WriteFailed as failure:
+                raise TrainingFailed(f"{failure}; the finished run's checkpoint is {job.resumed_from}") from None
         return summary
 
     saved = _Saved(job.resumed_from, position) if job.resumed_from is not None else None
