@@ -53,10 +53,15 @@ __all__ = [
     "run_on_root",
     "stop_all_on_error",
     "NO_MPI_ENV",
+    "START_DIR_ENV",
     "launcher_rank",
 ]
 
 NO_MPI_ENV = "MNN_NO_MPI"
+#: Set by mnn-launch: a directory where each rank on its machine tells how far its
+#: start-up got (see :func:`get_communicator`), so that a job that never starts is
+#: stopped instead of waiting forever.
+START_DIR_ENV = "MNN_START_DIR"
 _ABORT_GRACE_S = 0.2
 _REDUCE_OPS = ("sum", "mean")
 # Variables that MPI launchers set in every process they start; used to notice
@@ -365,29 +370,61 @@ def get_communicator(comm: Any = None) -> Communicator:
 
     Falling back to one process while a launcher started several would train
     independent copies, so that case raises ``RuntimeError`` instead.
+
+    Started by mnn-launch (``MNN_START_DIR`` set), the first call reports this
+    rank's start-up there: ``rank-N.begun`` before MPI starts, ``rank-N.ready``
+    once MPI has started and a first barrier has joined every rank. mnn-launch
+    stops a job whose ranks are not all ready within ``--start-timeout``, and
+    passes on a signal only to ranks that are ready to take it.
     """
     if isinstance(comm, Communicator):
         return comm
     if comm is not None:
         return MPICommunicator(comm)
     launched_ranks = _launcher_world_size()
+    _report_start("begun")
     if os.environ.get(NO_MPI_ENV, "") not in ("", "0"):
         reason = f"{NO_MPI_ENV}={os.environ[NO_MPI_ENV]}"
         fix = f"unset {NO_MPI_ENV}, or run one process"
     else:
         try:
-            from mpi4py import MPI
+            from mpi4py import MPI  # starts MPI
         except ImportError as error:
             reason = f"mpi4py cannot be imported ({error})"
             fix = "install mpi4py (pip install 'mnn[mpi]'), or run one process"
         else:
             if MPI.COMM_WORLD.Get_size() > 1:
-                return MPICommunicator(MPI.COMM_WORLD)
+                world = MPICommunicator(MPI.COMM_WORLD)
+                _report_start("ready", before=world.barrier)
+                return world
+            _report_start("ready")
             return SingleProcessCommunicator()
     if launched_ranks > 1:
         raise RuntimeError(f"the launcher started {launched_ranks} ranks but {reason}: each rank "
                            f"would train alone; {fix}")
+    _report_start("ready")
     return SingleProcessCommunicator()
+
+
+_start_reported: set[str] = set()
+
+
+def _report_start(stage: str, before: Callable[[], None] | None = None) -> None:
+    """Once per process, and only under mnn-launch: call ``before`` (a first collective),
+    then write ``rank-N.<stage>`` (this process's id) into ``MNN_START_DIR``. A directory
+    that is not there (a rank on another machine) is no error: the launcher learns from
+    the ranks on its own machine, and one rank ready means that every rank started."""
+    directory = os.environ.get(START_DIR_ENV)
+    if not directory or stage in _start_reported:
+        return
+    _start_reported.add(stage)
+    if before is not None:
+        before()
+    try:
+        with open(os.path.join(directory, f"rank-{launcher_rank()}.{stage}"), "w") as marker:
+            marker.write(str(os.getpid()))
+    except OSError:
+        pass
 
 
 def check_all(comm: Communicator, ok: bool, message: str = "") -> None:

@@ -204,8 +204,15 @@ class Reporter:
     def _show(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)  # the stream the bar redraws on
-        else:
+            return
+        try:
             print(line, flush=True)
+        except BrokenPipeError:
+            # Nobody reads stdout any more (`mnn-train ... | head`): the run goes on, and
+            # what it prints from now on (and what was buffered) goes to /dev/null.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _metrics_text(loss: float, accuracy: float | None, bits_per_char: float | None = None,

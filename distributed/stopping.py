@@ -1,4 +1,4 @@
-"""Stopping on request: Ctrl-C or SIGTERM ends training after the same step on every rank.
+"""Stopping on request: Ctrl-C, SIGTERM or SIGHUP ends training after the same step on every rank.
 
 A signal handler runs between two Python bytecodes on whatever the main thread
 is doing; raising there could leave one rank inside a collective that the
@@ -50,37 +50,56 @@ class Vote:
 
 
 class StopRequests:
-    """Catch SIGINT and SIGTERM while in its ``with`` block and only count them.
+    """Catch SIGINT, SIGTERM and SIGHUP while in its ``with`` block and only count them.
 
-    A signal that comes more than ``_REPEAT_AFTER_S`` after the first is taken
-    as a person insisting: the previous handlers come back and it raises
-    KeyboardInterrupt at once. (One Ctrl-C may arrive twice within
-    milliseconds: from the terminal and forwarded by the launcher.) Outside the
-    main thread nothing is installed.
+    SIGHUP (a closed terminal, a dropped ssh session) is a request to stop like
+    the others. A signal that comes more than ``_REPEAT_AFTER_S`` after the
+    first is taken as a person insisting: the previous handlers come back and
+    it raises KeyboardInterrupt at once. (One Ctrl-C may arrive twice within
+    milliseconds: from the terminal and forwarded by the launcher.) A signal
+    ignored when the block starts (``nohup``, a shell's background job) stays
+    ignored. Blocks nest: an inner one starts from the count of the outer one
+    whose handler it replaces, so that a signal that came before training
+    started stops training at its first vote. Outside the main thread nothing
+    is installed.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     _REPEAT_AFTER_S = 1.0
 
     def __init__(self) -> None:
         self.count = 0
         self._first_at: float | None = None
         self._previous: dict[int, Any] = {}
+        self._ignoring = False
         self._votes = np.zeros(2)  # [stop requests, ranks with non-finite numbers], summed
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._request)
+            outer = getattr(next(iter(self._previous.values()), None), "__self__", None)
+            if isinstance(outer, StopRequests):
+                self.count, self._first_at = outer.count, outer._first_at
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.restore()
 
     def restore(self) -> None:
-        """Put the handlers back that were there before (collective-free, idempotent)."""
+        """Put the handlers back that were there before, or leave the signals ignored after
+        :meth:`ignore_from_now` (collective-free, idempotent)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self._ignoring else handler)
         self._previous = {}
+
+    def ignore_from_now(self) -> None:
+        """The process has done its work and only exits: a signal from now on changes
+        nothing, also after the block, so that a late one cannot turn the exit status of a
+        finished run (or of a stop already agreed) into death by that signal while MPI
+        finalises. For a program's entry point only: the signals stay ignored."""
+        self._ignoring = True
 
     def vote(self, comm: Communicator, nonfinite: bool = False) -> Vote:
         """Whether any rank was asked to stop, and whether any rank's step had a number
@@ -93,7 +112,7 @@ class StopRequests:
         now = time.monotonic()
         if self._first_at is None:
             self._first_at = now
-        elif now - self._first_at > self._REPEAT_AFTER_S:
+        elif now - self._first_at > self._REPEAT_AFTER_S and not self._ignoring:
             previous = self._previous.get(signum)
             self.restore()
             if callable(previous):

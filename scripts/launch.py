@@ -33,12 +33,25 @@ Open MPI; ``-n`` defaults to the total of the slots.
 Other hosts. The launcher reaches hosts other than this machine with ssh (or
 ``--ssh PROGRAM``) and would wait forever for one that does not answer. So
 before anything starts, every such host must answer ``ssh HOST true`` within
-``--start-timeout`` seconds (default 60), all at once; mnn-launch names each one
+``--start-timeout`` seconds (default 120), all at once; mnn-launch names each one
 that did not, starts nothing and exits with status 2. The launcher's own ssh
 gets ``-o BatchMode=yes -o ConnectTimeout=S`` too (HYDRA_LAUNCHER_EXTRA_ARGS for
 MPICH, PRTE_MCA_plm_ssh_args for Open MPI, unless set), so that it never waits
 for a password nobody can type; ``--dry-run`` shows these as the launcher
 environment.
+
+Start-up. A host may answer ssh and still never start its ranks (its remote
+shell hangs, its MPI daemon never calls back), and a rank stopped before MPI
+starts leaves the others waiting in MPI's start-up: neither launcher has a
+deadline for that. So every rank must get through MPI's start-up and a first
+collective within ``--start-timeout`` seconds too; otherwise mnn-launch stops
+every process of the job (remote shells included), names the ranks that did
+not start and where they were to run, and exits with status 2. The ranks on
+this machine report their start-up in a directory that mnn-launch names in
+MNN_START_DIR: mnn-train does, as any program that takes its communicator from
+mnn.distributed.get_communicator; other programs, and jobs with no rank on this
+machine, are not bounded. A signal while the job starts is held until its
+ranks can take it (a second one, a second later, stops the job at once).
 
 Environment. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to
 ``max(1, cores per host // ranks per host)`` unless already set (other hosts are
@@ -51,11 +64,17 @@ VIRTUAL_ENV. When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=ba
 (unless set), so that rank 0 draws a progress bar although its own stderr is the
 launcher's pipe.
 
-Signals. SIGINT (Ctrl-C) and SIGTERM reach every rank, and mnn-launch exits with
-the job's exit status (128 + N after signal N; 130 when mnn-train stops after an
-interrupt): MPICH's launcher forwards them; Open MPI's would abort the job
-(exit status 1, the ranks' last output lost), so mnn-launch gives them to the
-ranks on this machine itself and only a third one to the launcher. No job
+Signals. SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal or ssh session,
+passed on as SIGTERM) reach every rank, and mnn-launch exits with the job's exit
+status (128 + N after signal N; 130 when mnn-train stops after an interrupt).
+The launcher runs in a process group of its own, so that the terminal's signals
+reach mnn-launch alone, which passes each on once: MPICH's launcher forwards
+the first to every rank (a second would make it abort the job); Open MPI's
+would abort the job (exit status 1, the ranks' last output lost), so mnn-launch
+gives the first two to the ranks on this machine itself, and only a third one
+to the launcher. The launcher's output passes through mnn-launch: output that
+nobody reads any more (``mnn-launch ... | head``) is dropped, and the job runs
+on. No job
 outlives mnn-launch: if it dies, even by SIGKILL, its launcher is stopped
 (Linux), and with it the ranks. Open MPI refuses to run as root unless told:
 as root mnn-launch adds ``--allow-run-as-root`` (as horovodrun does).
@@ -73,11 +92,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Mapping
 
 from mnn.distributed.launch import (
     DEFAULT_START_TIMEOUT_S,
+    STOP_SIGNALS,
     build_command,
     detect_mpi,
     format_plan,
@@ -89,6 +111,8 @@ from mnn.distributed.launch import (
 )
 
 __all__ = ["build_parser", "parse_args", "main"]
+
+_EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssh", metavar="PROGRAM",
                         help="remote shell for the hosts other than this machine (default: ssh)")
     parser.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT_S, metavar="S",
-                        help="seconds each other host has to answer ssh before the job starts, and --check's "
-                             f"hello to finish (default: {DEFAULT_START_TIMEOUT_S:g})")
+                        help="seconds each other host has to answer ssh before the job starts, every rank to "
+                             "get through MPI's start-up and a first collective (else the job is stopped), and "
+                             f"--check's hello to finish (default: {DEFAULT_START_TIMEOUT_S:g})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and the environment variables it sets, run nothing")
     parser.add_argument("--check", action="store_true",
@@ -175,6 +200,11 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     """
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ if env is None else env)
+    # Until the job runs (and passes signals on), a signal ends mnn-launch with one line.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         args = parse_args(argv)
         mpi = detect_mpi(env, mpiexec=args.mpiexec)
@@ -190,10 +220,20 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             return 0
         if plan.launcher == "mpiexec":
             require_answers(args.hosts, args.ssh, args.start_timeout, env)
-        return run_plan(plan, env)
+        return run_plan(plan, env, args.start_timeout)
     except ValueError as error:
         print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("mnn-launch: interrupted before the job started", file=sys.stderr, flush=True)
+        return _EXIT_INTERRUPTED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

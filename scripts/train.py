@@ -3,7 +3,7 @@
 Every option is a field of :class:`mnn.distributed.config.TrainConfig`; see
 ``mnn-train --help``. Exit status: 0 on success, 2 for usage and configuration
 errors (found before training starts), 1 for failures during training, 130
-when interrupted (Ctrl-C, SIGINT or SIGTERM), on every rank.
+when interrupted (Ctrl-C, SIGINT, SIGTERM or SIGHUP), on every rank.
 
 An interrupt during training stops all ranks after the same step and, with
 --output, saves a checkpoint of that step first: ``--resume`` continues exactly.
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from typing import Any, NoReturn
 
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
+from mnn.distributed.stopping import StopRequests
 from mnn.distributed.trainer import JobConfigError, TrainingFailed, TrainingInterrupted, train
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
@@ -82,25 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run mnn-train with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    The program's entry point: from the parsed arguments to the process's end,
+    SIGINT, SIGTERM and SIGHUP are requests to stop (see
+    :class:`~mnn.distributed.stopping.StopRequests`), and once the run has
+    ended they are ignored, so that a late signal does not change the exit status.
+    """
     args = build_parser().parse_args(argv)  # exits with status 2 on a usage error
+    # Counted from before MPI starts: a signal during start-up stops the job at the
+    # first point every rank can agree on (after start-up), with the line below.
+    with StopRequests() as requests:
+        try:
+            return _main(args)
+        finally:
+            requests.ignore_from_now()
+
+
+def _main(args: argparse.Namespace) -> int:
+    comm = None
     try:
-        comm = get_communicator()
-    except RuntimeError as error:
-        # Started on several ranks that cannot talk to each other: each rank is
-        # its own world, so each one prints; nothing has run, a bad job (2).
-        print(f"mnn-train: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        config = resolve_config(args.config, config_overrides(args))
-    except (ValueError, TypeError) as error:
-        # Every rank reads the same file and options, so every rank fails alike.
-        if comm.rank == 0:
+        try:
+            comm = get_communicator()
+        except RuntimeError as error:
+            # Started on several ranks that cannot talk to each other: each rank is
+            # its own world, so each one prints; nothing has run, a bad job (2).
             print(f"mnn-train: error: {error}", file=sys.stderr)
-        return 2
-    previous_handler = signal.getsignal(signal.SIGINT)
-    if previous_handler is signal.default_int_handler:  # not when started ignoring Ctrl-C
-        signal.signal(signal.SIGINT, _interrupt_once)
-    try:
+            return 2
+        try:
+            config = resolve_config(args.config, config_overrides(args))
+        except (ValueError, TypeError) as error:
+            # Every rank reads the same file and options, so every rank fails alike.
+            if comm.rank == 0:
+                print(f"mnn-train: error: {error}", file=sys.stderr)
+            return 2
         with stop_all_on_error(comm, exit_code=1):
             try:
                 train(config, comm)
@@ -114,37 +129,21 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     except KeyboardInterrupt as interrupt:
         # Every rank got the signal (the launcher forwards it): one line, from rank 0.
-        if comm.rank == 0:
+        rank = comm.rank if comm is not None else launcher_rank()
+        if rank == 0:
             where = str(interrupt) if isinstance(interrupt, TrainingInterrupted) \
                 else "interrupted before training started"
             print(f"mnn-train: {where}", file=sys.stderr, flush=True)
         if isinstance(interrupt, TrainingInterrupted) and interrupt.ranks_agreed:
             # No rank is inside a collective: leave together, after rank 0's
             # line is out (mpiexec may kill the other ranks once one has left).
-            # A late copy of the same Ctrl-C must not cut this short.
-            if previous_handler is signal.default_int_handler:  # restored below
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
             comm.barrier()
             return EXIT_INTERRUPTED
         return _leave_after_interrupt(comm)
-    finally:
-        if previous_handler is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous_handler)
     return 0
 
 
-def _interrupt_once(signum: int, frame: object) -> None:
-    """SIGINT handler: a KeyboardInterrupt the first time, nothing after.
-
-    A Ctrl-C often arrives twice (from the terminal and forwarded by the
-    launcher); a second KeyboardInterrupt would cut the report short with a
-    traceback.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def _leave_after_interrupt(comm: Communicator) -> int:
+def _leave_after_interrupt(comm: Communicator | None) -> int:
     """Exit status 130 on every rank, without waiting for the others.
 
     On several ranks some rank may be blocked in a collective that the others
@@ -152,7 +151,7 @@ def _leave_after_interrupt(comm: Communicator) -> int:
     leaves at once with os._exit, and the launcher stops the ranks still
     running; the others first give rank 0 time to print its line.
     """
-    if comm.size == 1:
+    if comm is None or comm.size == 1:
         return EXIT_INTERRUPTED
     sys.stdout.flush()
     sys.stderr.flush()

@@ -264,7 +264,7 @@ def test_remote_starts_are_bounded_in_the_launchers_environment():
     assert openmpi.launcher_env == {"PRTE_MCA_plm_ssh_args": bounded, "PRTE_MCA_plm_ssh_no_tree_spawn": "1"}
     assert "PRTE_MCA_plm_ssh_args" not in openmpi.argv
     with_ssh = ["--hosts", "node2:2", "--ssh", "/opt/bin/myssh", "--", *COMMAND]
-    assert plan_for(with_ssh).launcher_env == {"HYDRA_LAUNCHER_EXTRA_ARGS": "-o BatchMode=yes -o ConnectTimeout=60",
+    assert plan_for(with_ssh).launcher_env == {"HYDRA_LAUNCHER_EXTRA_ARGS": "-o BatchMode=yes -o ConnectTimeout=120",
                                               "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": "/opt/bin/myssh"}
     assert plan_for(with_ssh, mpi=OPENMPI).launcher_env["PRTE_MCA_plm_ssh_agent"] == "/opt/bin/myssh"
     # The user's own settings win; this machine alone needs none.
@@ -782,7 +782,7 @@ def test_after_an_interrupt_only_open_mpis_noise_is_dropped_from_its_stderr(capf
     """prterun's notice that a rank exited 130, and its complaint about a rank gone, follow
     mnn-train's one line after an interrupt: the copier of prterun's stderr drops them, however
     they are cut into reads, and keeps everything else."""
-    from mnn.distributed.launch.launcher_output import start_stderr_copier, tell_interrupted, wait_for_copier
+    from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
     rule = b"-" * 74
     notice = (rule + b"\nprterun detected that one or more processes exited with non-zero status,\nthus causing the "
               b"job to be terminated. The first process to do so was:\n\n   Process name: [prterun-vm-1@1,0]\n"
@@ -795,8 +795,12 @@ def test_after_an_interrupt_only_open_mpis_noise_is_dropped_from_its_stderr(capf
              + notice % 130 + rule + b"\nAnother notice\n" + rule + b"\n" + notice % 2 + notice % 130
              + b"last words")
     read_fd, write_fd = os.pipe()
-    copier = start_stderr_copier(read_fd)
+    stdout_read, stdout_write = os.pipe()
+    copier = start_output_copier(stdout_read, read_fd, drop_noise=True)
     os.close(read_fd)
+    os.close(stdout_read)
+    os.write(stdout_write, b"the ranks' stdout\n")
+    os.close(stdout_write)
     os.write(write_fd, before)
     time.sleep(0.2)
     tell_interrupted(copier)
@@ -805,6 +809,7 @@ def test_after_an_interrupt_only_open_mpis_noise_is_dropped_from_its_stderr(capf
         os.write(write_fd, after[start:start + 7])
     os.close(write_fd)
     wait_for_copier(copier)
-    err = capfd.readouterr().err.encode()
-    assert err == (before + b"mnn-train: interrupted at epoch 1/30 step 6/23; continue with --resume\n"
+    out, err = capfd.readouterr()
+    assert out == "the ranks' stdout\n"
+    assert err.encode() == (before + b"mnn-train: interrupted at epoch 1/30 step 6/23; continue with --resume\n"
                    + rule + b"\nAnother notice\n" + rule + b"\n" + notice % 2 + b"last words")

@@ -5,8 +5,10 @@
 - ``plan``: the command line and environment of a job (:func:`build_command`);
 - ``remote``: the other hosts, which must answer ssh before a job starts (:func:`require_answers`);
 - ``process``: running a plan with signals passed on, or with a time limit, leaving no process behind;
-- ``tree``: the processes a launcher started (stopping them all; Open MPI's ranks on this machine);
-- ``launcher_output``: Open MPI's launcher's stderr, passed on without its noise after an interrupt;
+- ``startup``: the bound on a job's start-up (every rank through MPI's start-up and a first collective);
+- ``tree``: the processes a launcher started (stopping them all; its ranks on this machine);
+- ``launcher_output``: the launcher's output, passed on whoever reads it, without Open MPI's noise after
+  an interrupt;
 - ``check``: the ``--check`` preflight.
 
 The command line, and the help that explains all of it, is ``mnn.scripts.launch``.
@@ -25,7 +27,7 @@ from mnn.distributed.launch.plan import (
     format_plan,
     ssh_options,
 )
-from mnn.distributed.launch.process import run_plan
+from mnn.distributed.launch.process import STOP_SIGNALS, run_plan
 from mnn.distributed.launch.remote import check_remote_hosts, require_answers
 from mnn.distributed.launch.tree import process_tree, stop_process_tree
 from mnn.distributed.reporting import PROGRESS_ENV
@@ -45,6 +47,7 @@ __all__ = [
     "build_hello_command",
     "format_plan",
     "ssh_options",
+    "STOP_SIGNALS",
     "run_plan",
     "stop_process_tree",
     "process_tree",

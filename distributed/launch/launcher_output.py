@@ -1,5 +1,12 @@
-"""Open MPI's launcher's stderr, passed on by a process of its own: as it comes, and after
-an interrupt without what prterun adds to mnn-train's one line.
+"""The launcher's stdout and stderr, passed on by a process of our own: as they come, after
+an interrupt without what prterun adds to mnn-train's one line, and never back-pressure
+from a reader that went away.
+
+Output that nobody reads any more (``mnn-launch ... | head``) must not stop the
+job: a launcher whose stdout is a closed pipe dies of SIGPIPE (hydra) or aborts
+the job (prterun). So the launcher writes into pipes that the copier drains
+whatever becomes of its own stdout and stderr: what cannot be written is dropped,
+and the job runs to its end.
 
 After an interrupt every rank exits 130 on purpose, and mnn-train has said so
 in one line. prterun then adds a notice that a process "exited with non-zero
@@ -7,24 +14,26 @@ status, thus causing the job to be terminated" and, about half the time, its
 PMIx server's complaint that a rank it wanted to stop had gone already
 (PMIX_ERR_UNREACH) or, now and then with three ranks on two cores, its event
 library's warning about a descriptor closed under it ("[warn] Epoll ...").
-The copier drops these, and nothing else.
+Under Open MPI the copier drops these from stderr, and nothing else.
 
-A process, not a thread: prterun whose stderr is a pipe that nobody reads
+A process, not a thread: a launcher whose output is a pipe that nobody reads
 dies before it has stopped its ranks, so the copier must outlive a
-SIGKILLed mnn-launch; it ends when prterun closes its stderr.
+SIGKILLed mnn-launch; it ends when the launcher (and whatever it left behind)
+has closed both pipes.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import threading
 import time
 
 from mnn.distributed.launch.tree import STOP_GRACE_S
 
-__all__ = ["start_stderr_copier", "tell_interrupted", "wait_for_copier"]
+__all__ = ["start_output_copier", "tell_interrupted", "wait_for_copier"]
 
 _EXIT_NOTICE = re.compile(rb"detected that one or more processes exited with non-zero status")
 _EXIT_130 = re.compile(rb"Exit code:\s+130\b")
@@ -32,9 +41,10 @@ _TEARDOWN_NOISE = re.compile(rb"^\[[^\]]*\] PMIX ERROR: PMIX_ERR_UNREACH |^\[war
 _RULE = b"-----"  # Open MPI's notices open and close with a rule of dashes
 
 
-def start_stderr_copier(read_fd: int) -> int:
-    """Fork the process that copies the launcher's stderr from ``read_fd`` to ours until the
-    launcher closes it; return its pid."""
+def start_output_copier(stdout_fd: int, stderr_fd: int, drop_noise: bool) -> int:
+    """Fork the process that copies the launcher's output from the pipes ``stdout_fd`` and
+    ``stderr_fd`` to our stdout and stderr until the launcher closes them; return its pid.
+    ``drop_noise``: drop Open MPI's notices after an interrupt (see the module docstring)."""
     # Held back until the child's handler is in place: SIGUSR1's default action ends a process.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     pid = os.fork()
@@ -42,15 +52,18 @@ def start_stderr_copier(read_fd: int) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         return pid
     try:
-        # Only the launcher's stderr: a copy of any other pipe's end would keep that pipe open.
-        os.closerange(3, read_fd)
-        os.closerange(read_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        # Only the launcher's output: a copy of any other pipe's end would keep that pipe open.
+        keep = sorted((stdout_fd, stderr_fd))
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
         interrupted = threading.Event()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's signals are mnn-launch's business
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # the terminal's signals are mnn-launch's business
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a reader gone is an error to ignore, not death
         signal.signal(signal.SIGUSR1, lambda signum, frame: interrupted.set())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        _copy(read_fd, interrupted)
+        _copy(stdout_fd, stderr_fd, interrupted if drop_noise else None)
     finally:
         os._exit(0)
 
@@ -78,18 +91,23 @@ def wait_for_copier(pid: int, timeout: float = STOP_GRACE_S) -> None:
     os.waitpid(pid, 0)
 
 
-def _copy(fd: int, interrupted: threading.Event) -> None:
+def _copy(stdout_fd: int, stderr_fd: int, interrupted: threading.Event | None) -> None:
+    """Copy both pipes until both are closed; ``interrupted``, when given, filters stderr."""
     pending = b""
-    while True:
-        chunk = os.read(fd, 65536)
-        if not interrupted.is_set():
-            _write(pending + chunk)
-            pending = b""
-        else:
-            # The job is ending: hold back whole notices, pass on everything else by line.
-            pending = _drop_interrupt_noise(pending + chunk, final=not chunk)
-        if not chunk:
-            break
+    open_fds = [stdout_fd, stderr_fd]
+    while open_fds:
+        for fd in select.select(open_fds, [], [])[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.remove(fd)
+            if fd == stdout_fd:
+                _write(1, chunk)
+            elif interrupted is None or not interrupted.is_set():
+                _write(2, pending + chunk)
+                pending = b""
+            else:
+                # The job is ending: hold back whole notices, pass on everything else by line.
+                pending = _drop_interrupt_noise(pending + chunk, final=not chunk)
 
 
 def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
@@ -124,13 +142,15 @@ def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
     if final:
         out += held
         held = []
-    _write(b"".join(line + b"\n" for line in out) + (tail if final else b""))
+    _write(2, b"".join(line + b"\n" for line in out) + (tail if final else b""))
     return b"" if final else b"".join(line + b"\n" for line in held) + tail
 
 
-def _write(data: bytes) -> None:
-    if data:
+def _write(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (this process's stdout or stderr, whatever sys.stdout was
+    made), or as much as the reader takes: a closed pipe or terminal drops the rest."""
+    while data:
         try:
-            os.write(2, data)  # this process's stderr, whatever sys.stderr was made
+            data = data[os.write(fd, data):]
         except OSError:
-            pass
+            return

@@ -13,6 +13,7 @@ from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup
+from mnn.distributed.launch.startup import rank_hosts, reports_start
 from mnn.distributed.ranks import THREAD_VARIABLES
 from mnn.distributed.reporting import PROGRESS_ENV
 
@@ -22,8 +23,9 @@ __all__ = ["THREAD_VARIABLES", "DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_c
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
-#: Seconds every other host has to answer ssh (and --check's hello to finish), unless --start-timeout says.
-DEFAULT_START_TIMEOUT_S = 60.0
+#: Seconds every other host has to answer ssh, a job to start (every rank through MPI's start-up
+#: and a first collective) and --check's hello to finish, unless --start-timeout says.
+DEFAULT_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class LaunchPlan:
     ``env_updates`` reach the ranks; ``launcher_env`` is for the launcher alone
     (how it starts its remote shells). ``family`` is the MPI family whose
     ``mpiexec`` runs the job (None for srun and for one process without MPI);
-    ``notes`` are what ``--dry-run`` adds below the command.
+    ``notes`` are what ``--dry-run`` adds below the command. ``rank_hosts``
+    and ``reports_start`` are for the start-up bound
+    (:mod:`~mnn.distributed.launch.startup`); an srun plan has none.
     """
 
     argv: list[str]
@@ -45,6 +49,8 @@ class LaunchPlan:
     family: str | None = None
     launcher_env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rank_hosts: list[str | None] = field(default_factory=list)  # of each rank; None for this machine
+    reports_start: bool = False  # the command is known to report its start-up (mnn-train)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -140,7 +146,8 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
     launcher_env = _remote_shell_env(args, env, mpi.launcher_family) \
         if any(host not in local_host_names() for host, _ in hosts or []) else {}
     return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
-                      mpi.launcher_family, launcher_env, notes)
+                      mpi.launcher_family, launcher_env, notes, rank_hosts(hosts, ranks, local_host_names()),
+                      reports_start(command))
 
 
 def ssh_options(timeout: float) -> list[str]:

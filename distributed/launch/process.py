@@ -1,27 +1,35 @@
-"""Running a launch: the job in the foreground with SIGINT and SIGTERM passed on, or a
-short job with its output captured and a time limit (``--check``'s hello); in both, no
-process of the job outlives mnn-launch.
+"""Running a launch: the job in the foreground with SIGINT, SIGTERM and SIGHUP passed on and
+its start-up bounded, or a short job with its output captured and a time limit
+(``--check``'s hello); in both, no process of the job outlives mnn-launch.
 
 What the two launchers do, and so what mnn-launch does about it:
 
-- MPICH's hydra forwards SIGINT and SIGTERM to every rank and waits for them;
-  it shares mnn-launch's process group, so a Ctrl-C in a terminal reaches it
-  directly. If hydra is SIGKILLed its proxies kill the ranks; if it gets
-  SIGTERM it only forwards it, and a rank that ignores SIGTERM runs on.
+- MPICH's hydra forwards SIGINT and SIGTERM to every rank and waits for them,
+  once; a second signal makes it abort the job (exit status 255 and seven
+  lines of its errors), and SIGINT makes it print two lines about Ctrl-C.
+  If hydra is SIGKILLed its proxies kill the ranks.
 - Open MPI's prterun takes SIGINT and SIGTERM as an order to abort: it gives
   each rank SIGCONT, SIGTERM about 0.25 s later and SIGKILL about 0.25 s after
-  that, stops forwarding their output, and exits 1 whatever they return. Its
-  ranks each lead a process group of their own, so a terminal's Ctrl-C never
-  reaches them. If prterun is SIGKILLed its ranks run on with no parent.
-  mnn-launch therefore starts it in a process group of its own (the terminal's
-  signals reach mnn-launch alone) and hands SIGINT and SIGTERM to the ranks on
-  this machine itself: they stop as mnn-train stops on any MPI, after the same
-  step, and prterun passes on their output and their exit status (and its own
-  notices about it, which :mod:`~mnn.distributed.launch.launcher_output`
-  drops). A third signal, or a signal while no rank runs here, goes to prterun.
-- When mnn-launch dies, even by SIGKILL, the launcher gets a signal from the
-  kernel (Linux's parent-death signal): SIGKILL for hydra, SIGTERM for
-  prterun (and srun), which then stop their ranks.
+  that, stops forwarding their output, and exits 1 whatever they return. If
+  prterun is SIGKILLed its ranks run on with no parent.
+- Both die of a closed stdout (SIGPIPE) or abort on it, and neither bounds
+  its start-up (see :mod:`~mnn.distributed.launch.startup`).
+
+mnn-launch therefore starts either in a process group of its own, so that the
+terminal's signals (Ctrl-C, and SIGHUP when the terminal closes) reach
+mnn-launch alone, and passes each signal on itself, SIGHUP as SIGTERM: the
+first to hydra as SIGTERM (hydra passes it to every rank, on every host), or
+under Open MPI to the ranks on this machine (they stop as mnn-train stops on
+any MPI, after the same step, and prterun passes on their output and their exit
+status, and its own notices about it, which
+:mod:`~mnn.distributed.launch.launcher_output` drops); the second to the ranks
+on this machine; a third, or a signal while no rank runs here, to the launcher,
+which aborts the job. A signal while the job starts waits until its ranks can
+take it (:mod:`~mnn.distributed.launch.startup`). The launcher's output goes
+through a copier that keeps reading when nobody reads ours. When mnn-launch
+dies, even by SIGKILL, the launcher gets a signal from the kernel (Linux's
+parent-death signal): SIGKILL for hydra, SIGTERM for prterun (and srun), which
+then stop their ranks.
 """
 
 from __future__ import annotations
@@ -33,76 +41,152 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Callable, Mapping
 
-from mnn.distributed.launch.launcher_output import start_stderr_copier, tell_interrupted, wait_for_copier
-from mnn.distributed.launch.plan import LaunchPlan
+from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
+from mnn.distributed.launch.plan import DEFAULT_START_TIMEOUT_S, LaunchPlan
+from mnn.distributed.launch.startup import START_DIR_ENV, StartWatch
 from mnn.distributed.launch.tree import signal_local_ranks, stop_process_tree
 
-__all__ = ["run_plan", "run_with_timeout"]
+__all__ = ["STOP_SIGNALS", "run_plan", "run_with_timeout"]
 
-# Signals after which mnn-launch stops handing SIGINT/SIGTERM to Open MPI's ranks
-# and lets prterun abort the job: the first stops training after a step, the
-# second stops it at once (mnn-train's "a person insisting"), the third is for a
-# job that no longer listens.
+#: The signals that mnn-launch passes on: the terminal's Ctrl-C, a request to stop, a
+#: closed terminal or ssh session (passed on as SIGTERM).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals after which mnn-launch stops handing them to the ranks and lets the
+# launcher abort the job: the first stops training after a step, the second
+# stops it at once (mnn-train's "a person insisting"), the third is for a job
+# that no longer listens.
 _SIGNALS_TO_RANKS = 2
+# A signal this long after the first is a person insisting, as mnn-train takes it.
+_REPEAT_AFTER_S = 1.0
+_POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1
+_EXIT_INTERRUPTED = 130
 
 
-def run_plan(plan: LaunchPlan, env: Mapping[str, str]) -> int:
-    """Run the plan in the foreground, passing on SIGINT and SIGTERM; return the exit status."""
-    openmpi = plan.family == "openmpi"
-    stderr_read, stderr_write = os.pipe() if openmpi else (None, None)
-    try:
-        process = subprocess.Popen(plan.argv, env={**env, **plan.env_updates, **plan.launcher_env},
-                                   stderr=stderr_write, preexec_fn=_launcher_setup(plan.family, own_group=openmpi))
-    except OSError as error:
-        if stderr_read is not None:
-            os.close(stderr_read)
-        raise ValueError(f"cannot start {plan.argv[0]}: {error.strerror or error}") from None
-    finally:
-        if stderr_write is not None:
-            os.close(stderr_write)
-    copier = None
-    if stderr_read is not None:
-        copier = start_stderr_copier(stderr_read)
-        os.close(stderr_read)
-    relay = _SignalRelay(process, openmpi, copier)
+def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DEFAULT_START_TIMEOUT_S) -> int:
+    """Run the plan in the foreground, passing on SIGINT, SIGTERM and SIGHUP; return the exit
+    status. ValueError, once every process of the job is stopped, when a job that reports
+    its start-up did not start within ``start_timeout`` seconds."""
+    mpi = plan.family in ("mpich", "openmpi")
+    watch = StartWatch.create(start_timeout, plan.rank_hosts, plan.reports_start) if plan.rank_hosts else None
+    job = _Job(plan.family if mpi else None, watch)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, relay) for signum in (signal.SIGINT, signal.SIGTERM)}
+        # From before the launcher starts: a signal in between is held, not lost.
+        previous = {signum: signal.signal(signum, job.relay) for signum in STOP_SIGNALS
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        returncode = process.wait()
-        if copier is not None:
-            wait_for_copier(copier)
+        job.start(plan, env, own_group=mpi)
+        returncode = job.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        job.close()
     return returncode if returncode >= 0 else 128 - returncode
 
 
-class _SignalRelay:
-    """The SIGINT/SIGTERM handler while a job runs: passes each signal on (see the module docstring)."""
+class _Job:
+    """A running job: its launcher, the copier of its output, its signal handler
+    (:meth:`relay`, see the module docstring) and its wait, which watches the start-up."""
 
-    def __init__(self, process: subprocess.Popen, openmpi: bool, copier: int | None):
-        self.process = process
-        self.openmpi = openmpi
-        self.copier = copier
-        self.signals_seen = 0
+    def __init__(self, family: str | None, watch: StartWatch | None):
+        self.family = family  # "mpich" or "openmpi" (the launcher in a group of its own), else None
+        self.watch = watch
+        self.process: subprocess.Popen | None = None
+        self.copier: int | None = None
+        self.held: list[int] = []  # signals held back while the job starts
+        self.held_at = 0.0
+        self.insisted = False
+        self.passed_on = 0
 
-    def __call__(self, signum: int, frame: object) -> None:
-        self.signals_seen += 1
+    def start(self, plan: LaunchPlan, env: Mapping[str, str], own_group: bool) -> None:
+        job_env = {**env, **plan.env_updates, **plan.launcher_env}
+        if self.watch is not None:
+            job_env[START_DIR_ENV] = str(self.watch.directory)
+        stdout_read, stdout_write = os.pipe()
+        stderr_read, stderr_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(plan.argv, env=job_env, stdout=stdout_write, stderr=stderr_write,
+                                            preexec_fn=_launcher_setup(plan.family, own_group))
+        except OSError as error:
+            os.close(stdout_read)
+            os.close(stderr_read)
+            raise ValueError(f"cannot start {plan.argv[0]}: {error.strerror or error}") from None
+        finally:
+            os.close(stdout_write)
+            os.close(stderr_write)
+        self.copier = start_output_copier(stdout_read, stderr_read, drop_noise=plan.family == "openmpi")
+        os.close(stdout_read)
+        os.close(stderr_read)
+
+    def close(self) -> None:
+        if self.copier is not None:
+            wait_for_copier(self.copier)
+        if self.watch is not None:
+            self.watch.remove()
+
+    def starting(self) -> bool:
+        """Whether the launcher is not running yet, or the job reports its start-up and has not
+        yet started."""
+        return self.process is None or (self.watch is not None and self.watch.watched and not self.watch.ready())
+
+    def relay(self, signum: int, frame: object) -> None:
+        """The handler of SIGINT, SIGTERM and SIGHUP while the job runs."""
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM
         if self.copier is not None:
             tell_interrupted(self.copier)
-        if self.process.poll() is not None:
+        if self.process is not None and self.process.poll() is not None:
             return
-        if self.openmpi and self.signals_seen <= _SIGNALS_TO_RANKS and signal_local_ranks(self.process.pid, signum):
+        if self.starting():
+            now = time.monotonic()
+            if not self.held:
+                self.held_at = now
+            elif now - self.held_at > _REPEAT_AFTER_S:
+                self.insisted = True
+            self.held.append(signum)
             return
-        # Ctrl-C in a terminal already reached hydra, which shares our process
-        # group; a second SIGINT would make hydra abort without cleanup.
-        if not self.openmpi and signum == signal.SIGINT and _in_terminal_foreground():
+        self._pass_on(signum)
+
+    def _pass_on(self, signum: int) -> None:
+        self.passed_on += 1
+        if self.family == "mpich" and self.passed_on == 1:
+            self.process.send_signal(signal.SIGTERM)  # SIGINT would add hydra's lines about Ctrl-C
+            return
+        if self.family is not None and self.passed_on <= _SIGNALS_TO_RANKS \
+                and signal_local_ranks(self.process.pid, signum):
+            return
+        # Ctrl-C in a terminal already reached a launcher in our process group.
+        if self.family is None and signum == signal.SIGINT and _in_terminal_foreground():
             return
         self.process.send_signal(signum)
+
+    def wait(self) -> int:
+        """The launcher's exit status, once the job has ended or been stopped."""
+        watching = self.watch is not None
+        while True:
+            if self.held and not self.passed_on and not self.starting():
+                self._pass_on(self.held[0])  # copies of one request within a second count once
+            try:
+                return self.process.wait(timeout=_POLL_S if watching else None)
+            except subprocess.TimeoutExpired:
+                pass
+            if not watching or self.watch.ready():
+                watching = False
+            elif self.insisted:
+                stop_process_tree(self.process, grace=0)
+                print("mnn-launch: interrupted before training started: stopped the job while it was starting",
+                      file=sys.stderr, flush=True)
+                return _EXIT_INTERRUPTED
+            elif self.watch.overdue():
+                if self.watch.watched:
+                    failure = self.watch.failure(self.process.pid)
+                    stop_process_tree(self.process, grace=0)
+                    raise ValueError(failure)
+                watching = False
 
 
 def _launcher_setup(family: str | None, own_group: bool) -> Callable[[], None] | None:

@@ -1,5 +1,5 @@
 """The processes a launcher started, read from /proc (Linux; elsewhere none are seen):
-stopping all of them, and finding the ranks that Open MPI's launcher runs on this machine.
+stopping all of them, and finding the ranks that a launcher runs on this machine.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["STOP_GRACE_S", "process_tree", "stop_process_tree", "signal_local_ranks"]
+__all__ = ["STOP_GRACE_S", "process_tree", "stop_process_tree", "local_ranks", "signal_local_ranks", "process_state"]
 
 #: How long a launcher told to stop (SIGTERM) has to stop its ranks before everything it
 #: started is SIGKILLed; prterun's own abort takes about 0.5 s, hydra's less.
@@ -25,9 +25,11 @@ def stop_process_tree(process: subprocess.Popen, grace: float = STOP_GRACE_S) ->
     ranks in sessions of their own, and those outlive a launcher that exits
     (hydra, told to stop while a host does not answer, leaves its ``ssh``
     running); so the tree is read from /proc before and while it stops.
+    ``grace=0``: SIGKILL at once, so that the launcher says nothing (a job that
+    never started has nothing to save).
     """
     tree = process_tree(process.pid)
-    if process.poll() is None:
+    if process.poll() is None and grace > 0:
         process.terminate()
     deadline = time.monotonic() + grace
     while process.poll() is None and time.monotonic() < deadline:
@@ -59,11 +61,21 @@ def process_tree(pid: int) -> dict[int, int]:
     return tree
 
 
+def local_ranks(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks that the launcher ``launcher_pid`` runs on this machine: its
+    descendants that carry a rank in their environment (the topmost, where a rank's own
+    children inherit it)."""
+    table = _process_table()
+    tree = process_tree(launcher_pid)
+    ranks = {pid: _rank_of(pid) for pid in tree}
+    return {rank: pid for pid, rank in ranks.items()
+            if rank is not None and ranks.get(table.get(pid, (0, 0))[0]) is None}
+
+
 def signal_local_ranks(launcher_pid: int, signum: int) -> bool:
-    """Send ``signum`` to the ranks that Open MPI's launcher started on this machine (its
-    children that carry a rank in their environment); whether there were any."""
-    ranks = [pid for pid, (parent, _) in _process_table().items()
-             if parent == launcher_pid and _is_openmpi_rank(pid)]
+    """Send ``signum`` to the ranks that the launcher started on this machine
+    (:func:`local_ranks`); whether there were any."""
+    ranks = list(local_ranks(launcher_pid).values())
     for pid in ranks:
         try:
             # prterun signals each rank's process group, so that a rank's own children hear it too.
@@ -76,12 +88,22 @@ def signal_local_ranks(launcher_pid: int, signum: int) -> bool:
     return bool(ranks)
 
 
-def _is_openmpi_rank(pid: int) -> bool:
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, T when stopped, ...); None if it is gone."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None else fields[0]
+
+
+def _rank_of(pid: int) -> int | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
-        return False
-    return any(entry.startswith((b"PMIX_RANK=", b"OMPI_COMM_WORLD_RANK=")) for entry in environ.split(b"\0"))
+        return None
+    for entry in environ.split(b"\0"):
+        name, _, value = entry.partition(b"=")
+        if name in (b"PMI_RANK", b"OMPI_COMM_WORLD_RANK", b"PMIX_RANK") and value.isdigit():
+            return int(value)
+    return None
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
