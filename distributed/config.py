@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,14 +387,25 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < job file < overrides (e.g. command-line options), then validate."""
+    """Defaults < job file < overrides (e.g. command-line options), then validate.
+
+    A mistake in a value that the job file gave (and no override replaced) is
+    named with the file: ``config file 'job.toml': epochs: expected ...``."""
     values: dict[str, Any] = {}
     source = "config"
     if config_file is not None:
         values = load_toml(config_file)
         source = f"config file {str(config_file)!r}"
+    from_file = set(values) - set(overrides or {})
     values.update(overrides or {})
-    return TrainConfig.from_dict(values, source=source)
+    try:
+        return TrainConfig.from_dict(values, source=source)
+    except (ValueError, TypeError) as error:
+        # Messages start with the field they are about ("model.layers[2] (...): ...").
+        field_named = re.match(r"[a-z_]*", str(error)).group()
+        if field_named not in from_file:
+            raise
+        raise type(error)(f"{source}: {error}") from None
 
 
 # ------------------------------------------------------------ command line

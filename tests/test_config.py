@@ -236,3 +236,11 @@ def test_a_model_too_large_to_build_is_checked_without_allocating():
     with pytest.raises(ValueError, match=r"model.layers\[0\] \(LinearLayer\): expected shape \(n_in, n_out\) of two "
                                          r"positive ints, got \(64, 400000000000.0\)"):
         TrainConfig(model={"layers": [{"type": "LinearLayer", "shape": [64, 4e11]}]})
+
+
+def test_a_mistake_in_the_job_file_names_the_file_and_one_on_the_command_line_does_not(tmp_path):
+    path = write(tmp_path / "job.toml", "epochs = 0\nlr = 0.1\n")
+    with pytest.raises(ValueError, match=r"^config file '.*job.toml': epochs: expected an integer >= 1, got 0$"):
+        resolve_config(path)
+    with pytest.raises(ValueError, match=r"^lr: expected a positive number, got -1.0$"):
+        resolve_config(path, {"epochs": 1, "lr": -1.0})

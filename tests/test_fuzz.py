@@ -1,0 +1,340 @@
+"""Property-based tests (Hypothesis) of everything a job reads: model descriptions, job files,
+hostfiles and checkpoints, generated bad in many ways, in this process.
+
+The contract (the README's "What happens when..."): whatever comes, the reader
+returns a valid value or raises ``ValueError``/``TypeError`` whose one-line
+message names the place (the file, the field, the layer) and the problem;
+never another exception type, never a file written. Every test runs a fixed,
+derandomised set of examples, so a run is repeatable and quick; raise
+``max_examples`` locally to search harder (``HYPOTHESIS_EXAMPLES=2000``).
+"""
+import inspect
+import os
+
+import numpy as np
+import pytest
+import tomli_w
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from mnn import SGD
+from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, load_newest_checkpoint, save_checkpoint
+from mnn.distributed.config import TrainConfig, resolve_config
+from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
+from mnn.distributed.position import Position
+from mnn.model import GPT_KEYS, LAYER_TYPES, build_net, mlp_description, model_size
+
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "0"))
+
+
+def fuzz(examples):
+    """Fixed seed, ``examples`` examples (or $HYPOTHESIS_EXAMPLES), no deadline, no example database."""
+    return settings(derandomize=True, max_examples=EXAMPLES or examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
+
+
+def assert_clear_error(error, *places):
+    """A ValueError/TypeError on one line that names one of ``places``."""
+    assert isinstance(error, (ValueError, TypeError)), f"{type(error).__name__}: {error}"
+    message = str(error)
+    assert message and "\n" not in message, message[:500]
+    assert any(place in message for place in places), message[:500]
+    return message
+
+
+def outcome(call, *args):
+    """What ``call(*args)`` gave: its value, or the exception (any type: the test judges it)."""
+    try:
+        return call(*args)
+    except RecursionError as error:  # a subclass of RuntimeError: always a defect here
+        return error
+    except Exception as error:
+        return error
+
+
+# --- model descriptions ---------------------------------------------------------------------
+
+LAYER_NAMES = sorted(LAYER_TYPES)
+ARGUMENT_NAMES = sorted({name for cls in LAYER_TYPES.values() for name in inspect.signature(cls).parameters
+                         if name not in ("dtype", "rng")} | {"colour"})
+# Sizes: small and valid, zero and negative, far too large to allocate, and not integers at all.
+SIZES = st.one_of(st.integers(1, 6), st.integers(-3, 0), st.integers(10**9, 10**15),
+                  st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=3), st.none())
+JUNK = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=8)
+
+
+def layer_entries(layer_lists):
+    """A layer entry: mostly a real type with arguments of every kind; Residuals hold ``layer_lists``."""
+    arguments = st.dictionaries(st.sampled_from(ARGUMENT_NAMES),
+                                st.one_of(SIZES, st.lists(SIZES, max_size=3), JUNK), max_size=3)
+    plain = st.builds(lambda name, values: {"type": name, **values},
+                      st.sampled_from(LAYER_NAMES) | JUNK, arguments)
+    residual = st.builds(lambda layers: {"type": "Residual", "layers": layers}, layer_lists)
+    return plain | residual | JUNK
+
+
+LAYER_LISTS = st.recursive(st.lists(layer_entries(st.nothing()), max_size=4),
+                           lambda inner: st.lists(layer_entries(inner), max_size=4), max_leaves=12)
+GPT_TABLES = st.dictionaries(st.sampled_from([*GPT_KEYS, "colour"]), SIZES, max_size=6)
+
+
+def nested_residuals(depth):
+    entry = {"type": "LinearLayer", "shape": [4, 4]}
+    for _ in range(depth):
+        entry = {"type": "Residual", "layers": [entry]}
+    return {"layers": [entry, {"type": "MSELossLayer"}]}
+
+
+SHALLOW_DESCRIPTIONS = st.one_of(
+    st.builds(lambda layers: {"layers": layers}, LAYER_LISTS),
+    st.builds(lambda layers, loss: {"layers": layers + [{"type": loss}]}, LAYER_LISTS,
+              st.sampled_from(["CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer"])),
+    st.builds(lambda sizes: {"gpt": sizes}, GPT_TABLES),
+)
+DESCRIPTIONS = SHALLOW_DESCRIPTIONS | st.builds(nested_residuals, st.integers(0, 3000)) | JUNK
+
+
+@fuzz(300)
+@given(DESCRIPTIONS)
+def test_a_model_description_is_valid_or_one_error_naming_the_entry(description):
+    config = outcome(lambda: TrainConfig(model=description))
+    if isinstance(config, TrainConfig):
+        # Valid: the description reads back the same and its size is counted without building.
+        assert TrainConfig.from_dict(config.to_dict()) == config
+        return
+    assert_clear_error(config, "model")
+
+
+@fuzz(200)
+@given(DESCRIPTIONS, st.integers(1, 10**6))
+def test_a_description_is_sized_without_building_or_one_error_naming_the_entry(description, numbers):
+    size = outcome(model_size, description, numbers)
+    if isinstance(size, Exception):
+        assert_clear_error(size, "model")
+        return
+    assert size.parameters >= 0 and size.activations >= 0
+    if size.parameters <= 1 << 16:
+        net = outcome(build_net, description)
+        if not isinstance(net, Exception):
+            assert size.parameters == sum(param.size for _, param, _ in net.named_params())
+
+
+# --- job files ------------------------------------------------------------------------------
+
+FIELDS = TrainConfig.field_names()
+TOML_VALUES = st.recursive(
+    st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=8),
+              st.sampled_from(["digits", "text", "adam", "sgd", "mpi", "ring", "fp16", "float64", "skip"]),
+              st.datetimes()),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+TOML_TABLES = st.one_of(
+    st.dictionaries(st.sampled_from([*FIELDS, "learning_rate"]), TOML_VALUES, max_size=5),
+    st.builds(lambda model: {"model": model}, SHALLOW_DESCRIPTIONS),
+)
+
+
+def toml_bytes(table, encoding="utf-8"):
+    """``table`` as TOML text (None, which TOML lacks, written as "none")."""
+    def storable(value):
+        if isinstance(value, dict):
+            return {str(key): storable(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [storable(item) for item in value]
+        return "none" if value is None else value
+    return tomli_w.dumps(storable(table)).encode(encoding)
+
+
+def deep_toml(depth, kind, field):
+    """``field`` holding arrays or inline tables nested ``depth`` deep, or Residuals as table headers."""
+    if kind == "headers":
+        lines, table = [], "model.layers"
+        for _ in range(depth):
+            lines += [f"[[{table}]]", 'type = "Residual"']
+            table += ".layers"
+        return "\n".join(lines + [f"[[{table}]]", 'type = "ReluLayer"', ""]).encode()
+    opening, closing = {"array": ("[", "]"), "table": ("{a = ", "}"),
+                        "residual": ('{type = "Residual", layers = [', "]}")}[kind]
+    return f"{field} = {opening * depth}1{closing * depth}\n".encode()
+
+
+with open(os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml"), "rb") as _example:
+    EXAMPLE_JOB = _example.read()
+
+
+def mutated(data, edits):
+    """``data`` with bytes replaced, removed or inserted at the given places."""
+    data = bytearray(data)
+    for position, value, how in edits:
+        position %= len(data) + 1
+        if how == "replace" and position < len(data):
+            data[position] = value
+        elif how == "delete":
+            del data[position:position + 1 + value % 8]
+        else:
+            data.insert(position, value)
+    return bytes(data)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["replace", "delete", "insert"])),
+                 min_size=1, max_size=6)
+JOB_FILES = st.one_of(
+    st.binary(max_size=300),
+    TOML_TABLES.map(toml_bytes),
+    TOML_TABLES.map(lambda table: toml_bytes(table, "utf-16")),
+    st.builds(deep_toml, st.integers(1, 200_000), st.sampled_from(["array", "table"]), st.sampled_from(FIELDS)),
+    st.builds(deep_toml, st.integers(1, 600), st.sampled_from(["residual", "headers"]), st.just("model")),
+    st.builds(mutated, st.just(EXAMPLE_JOB), EDITS),
+)
+
+
+@fuzz(300)
+@given(JOB_FILES)
+def test_a_job_file_is_valid_or_one_error_naming_the_file(tmp_path_factory, data):
+    job = tmp_path_factory.getbasetemp() / "fuzz-job.toml"
+    job.write_bytes(data)
+    before = sorted(os.listdir(job.parent))
+    config = outcome(resolve_config, job)
+    assert sorted(os.listdir(job.parent)) == before  # reading writes nothing
+    if isinstance(config, TrainConfig):
+        # What validates is written back out (config.toml) and reads back the same.
+        job.write_text(config.to_toml())
+        assert resolve_config(job) == config
+        return
+    assert_clear_error(config, f"config file {str(job)!r}")
+
+
+# --- hostfiles (mnn-launch) -----------------------------------------------------------------
+
+HOST_LINES = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda host, slots, comment: f"{host}{slots}{comment}",
+              st.sampled_from(["127.0.0.1", "127.0.0.2", "localhost", "node-1", "a_b", "", "::1", "[::1]"]),
+              st.one_of(st.just(""), st.integers(-2, 10**6).map(lambda n: f":{n}"),
+                        st.integers(-2, 64).map(lambda n: f" slots={n}"), st.just(" max_slots=4 slots=2"),
+                        st.integers(4000, 6000).map(lambda n: ":" + "9" * n)),
+              st.sampled_from(["", " # a comment", "\t", " slots=1 slots=2"])),
+)
+HOSTFILES = st.one_of(
+    st.lists(HOST_LINES, max_size=6).map(lambda lines: "\n".join(lines).encode()),
+    st.lists(HOST_LINES, max_size=6).map(lambda lines: "\n".join(lines).encode("latin-1", "replace")),
+    st.binary(max_size=200),
+)
+
+
+def check_hostfile(tmp_path_factory, data):
+    hostfile = tmp_path_factory.getbasetemp() / "fuzz-hosts"
+    hostfile.write_bytes(data)
+    hosts = outcome(parse_hostfile, hostfile)
+    if isinstance(hosts, Exception):
+        assert_clear_error(hosts, f"hostfile {hostfile}")
+        return
+    assert hosts and all(isinstance(host, str) and host and isinstance(slots, int) and slots >= 1
+                         for host, slots in hosts)
+
+
+@fuzz(300)
+@given(HOSTFILES.filter(lambda data: b":" + b"9" * 4000 not in data))
+def test_a_hostfile_is_hosts_or_one_error_naming_the_file(tmp_path_factory, data):
+    check_hostfile(tmp_path_factory, data)
+
+
+@pytest.mark.xfail(strict=False, reason="mnn.distributed.launch.hosts (launcher engineer): slots of more than "
+                   "4300 digits raise Python's bare 'Exceeds the limit (4300 digits) for integer string "
+                   "conversion', which names neither the hostfile nor the line")
+@fuzz(20)
+@given(st.integers(4300, 6000))
+def test_an_absurd_slot_count_names_the_hostfile_or_option(tmp_path_factory, digits):
+    check_hostfile(tmp_path_factory, b"127.0.0.1:" + b"9" * digits + b"\n")
+    check_hosts("127.0.0.1:" + "9" * digits)
+
+
+def check_hosts(text):
+    hosts = outcome(parse_hosts, text)
+    if isinstance(hosts, Exception):
+        assert_clear_error(hosts, "--hosts")
+
+
+@fuzz(200)
+@given((st.text(max_size=60) | HOST_LINES).filter(lambda text: ":" + "9" * 4000 not in text))
+def test_hosts_on_the_command_line_are_hosts_or_one_error_naming_the_option(text):
+    check_hosts(text)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory):
+    """A real checkpoint of a small MLP with momentum, written by the project's own save_checkpoint."""
+    config = TrainConfig(layers=[4, 3, 2], optimizer="momentum")
+    net = build_net(mlp_description([4, 3, 2]), rng=0)
+    optimizer = SGD(net, lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    for _, _, grad in net.named_params():
+        grad[...] = rng.normal(size=grad.shape)
+    optimizer.step()
+    path = tmp_path_factory.mktemp("checkpoint") / "checkpoint.npz"
+    save_checkpoint(path, Checkpoint(net.state_dict(), optimizer.state_dict(),
+                                     Position(epochs_done=1, step_in_epoch=2, global_step=7, samples_seen=448),
+                                     world_size=2, config=config.to_dict()))
+    return path.read_bytes(), load_checkpoint(path)
+
+
+def damaged(data, cut, flips):
+    data = bytearray(data[:cut] if cut is not None else data)
+    for position, mask in flips:
+        if data:
+            data[position % len(data)] ^= mask
+    return bytes(data)
+
+
+DAMAGE = st.tuples(st.one_of(st.none(), st.integers(0, 10**5)),
+                   st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4))
+
+
+def same_checkpoint(first, second):
+    return (first.position == second.position and first.world_size == second.world_size
+            and first.config == second.config
+            and all(state_a.keys() == state_b.keys() and all(np.array_equal(state_a[key], state_b[key])
+                                                             for key in state_a)
+                    for state_a, state_b in ((first.model_state, second.model_state),
+                                             (first.optimizer_state, second.optimizer_state))))
+
+
+@fuzz(300)
+@given(DAMAGE)
+def test_a_damaged_checkpoint_loads_unchanged_or_is_one_error_naming_the_file(tmp_path_factory, checkpoint_bytes,
+                                                                            damage):
+    original, loaded = checkpoint_bytes
+    data = damaged(original, *damage)
+    assume(data != original)
+    path = tmp_path_factory.getbasetemp() / "fuzz-checkpoint.npz"
+    path.write_bytes(data)
+    before = sorted(os.listdir(path.parent))
+    checkpoint = outcome(load_checkpoint, path)
+    assert path.read_bytes() == data and sorted(os.listdir(path.parent)) == before  # nothing written
+    if isinstance(checkpoint, Exception):
+        assert_clear_error(checkpoint, repr(str(path)))
+        return
+    # Only bytes no reader uses (a zip timestamp, say) may change and still load: never other values.
+    assert same_checkpoint(checkpoint, loaded)
+
+
+@fuzz(60)
+@given(DAMAGE)
+def test_resume_falls_back_from_a_damaged_checkpoint_to_the_one_before(tmp_path_factory, checkpoint_bytes, damage):
+    original, loaded = checkpoint_bytes
+    data = damaged(original, *damage)
+    assume(data != original)
+    output = tmp_path_factory.getbasetemp() / "fuzz-resume"
+    output.mkdir(exist_ok=True)
+    (output / "checkpoint.npz").write_bytes(data)
+    (output / "checkpoint-00000003.npz").write_bytes(original)
+    newest = outcome(load_newest_checkpoint, output)
+    assert not isinstance(newest, Exception), f"{type(newest).__name__}: {newest}"
+    assert same_checkpoint(newest.checkpoint, loaded)
+    for skipped, reason in newest.skipped:
+        assert skipped.name == "checkpoint.npz" and str(skipped) in reason
