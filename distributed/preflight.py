@@ -257,7 +257,8 @@ def _refuse_what_does_not_fit(config: TrainConfig, dataset: Dataset, world_size:
     what = {2: "and their gradients", 3: "their gradients and momentum", 4: "their gradients and Adam's 2 moments"}
     has = "; ".join(f"{_gigabytes(room)} {source}" for source, room in limits.items())
     each = f" for each of its {ranks_here} ranks" if ranks_here > 1 else ""
-    raise ValueError(f"model: this job needs about {_gigabytes(needed)} of memory per rank ({size.parameters:,} "
+    given_as = "model" if config.model is not None else "layers"
+    raise ValueError(f"{given_as}: this job needs about {_gigabytes(needed)} of memory per rank ({size.parameters:,} "
                      f"parameters x {itemsize} bytes x {copies} for the parameters {what[copies]}: "
                      f"{_gigabytes(parameter_bytes)}; activations of {per_rank_batch} samples: about "
                      f"{_gigabytes(activation_bytes)}), more than this machine has{each}: {has}. Describe a "

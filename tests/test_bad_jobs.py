@@ -91,6 +91,11 @@ def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(tmp_path):
                           "26,000,000,000,000 parameters", "available (MemAvailable in /proc/meminfo)")
 
 
+def test_an_mlp_shorthand_larger_than_memory_is_refused_naming_layers():
+    assert_one_error_line(run(["--layers", "64,400000000000,10"]),
+                          "layers: this job needs about 854 TB of memory per rank", "30,000,000,000,010 parameters")
+
+
 def test_a_gpt_larger_than_the_address_space_limit_is_refused(tmp_path):
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     job = tmp_path / "job.toml"
