@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.launch.startup import rank_hosts, reports_start
+from mnn.distributed.stopping import StopRequests
 from test_faults import ENV, TRAIN, script
 from test_launch import OTHER_HOSTS, launcher_command, marked_processes, needs_mpi, write_remote_shell
 
-pytestmark = [needs_mpi, pytest.mark.skipif(not Path("/proc").is_dir(), reason="watches processes through /proc")]
+needs_proc = pytest.mark.skipif(not Path("/proc").is_dir(), reason="watches processes through /proc")
 
 JOB = ["--epochs", "30", "--log-every", "5"]
 
@@ -90,6 +92,8 @@ def slow_start_env(tmp_path):
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
+@needs_mpi
+@needs_proc
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_ranks_start_stops_the_job_with_one_line(tmp_path, signum):
@@ -107,6 +111,8 @@ def test_a_signal_while_the_ranks_start_stops_the_job_with_one_line(tmp_path, si
 
 # --- a job that never starts --------------------------------------------------------------------
 
+@needs_mpi
+@needs_proc
 @pytest.mark.slow
 def test_a_host_that_answers_but_never_starts_its_ranks_is_named_and_the_job_stopped(tmp_path):
     """The host answers ``ssh HOST true``, but the launcher's remote start there hangs: both
@@ -130,6 +136,8 @@ def test_a_host_that_answers_but_never_starts_its_ranks_is_named_and_the_job_sto
     assert marked_processes(marker, wait=10) == []  # the remote shell and the rank here included
 
 
+@needs_mpi
+@needs_proc
 @pytest.mark.slow
 def test_a_rank_stopped_before_mpi_starts_is_named_and_the_job_stopped(tmp_path):
     """Rank 1 is stopped (SIGSTOP) before it reaches MPI: rank 0 would wait in MPI's start-up
@@ -153,6 +161,8 @@ def test_a_rank_stopped_before_mpi_starts_is_named_and_the_job_stopped(tmp_path)
 
 # --- signals while training -----------------------------------------------------------------------
 
+@needs_mpi
+@needs_proc
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
 def test_two_signals_close_together_or_a_hang_up_stop_training_with_one_line(tmp_path, signum):
@@ -180,6 +190,8 @@ def test_sighup_stops_a_run_without_a_launcher_as_sigterm_does(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.npz").position.global_step >= 5
 
 
+@needs_mpi
+@needs_proc
 @pytest.mark.slow
 def test_sigterm_after_training_while_the_ranks_exit_still_exits_0(tmp_path):
     """The README: a signal while the last outputs are written changes nothing. Here it comes
@@ -205,6 +217,8 @@ def test_sigterm_after_training_while_the_ranks_exit_still_exits_0(tmp_path):
 
 # --- output nobody reads ------------------------------------------------------------------------------
 
+@needs_mpi
+@needs_proc
 @pytest.mark.parametrize("launched", [True, False], ids=["mnn-launch", "one-process"])
 def test_a_closed_stdout_does_not_stop_training(tmp_path, launched):
     """``mnn-launch ... | head -3``: hydra died of SIGPIPE (exit 141) and prterun aborted the
@@ -222,3 +236,38 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path, launched):
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "Broken pipe" not in stderr
     assert {"model.npz", "summary.json"} <= {path.name for path in tmp_path.iterdir()}
+
+
+# --- the pieces, in this process --------------------------------------------------------------------
+
+def test_stop_requests_nest_keep_ignored_signals_ignored_and_can_stay_ignored():
+    """mnn-train counts signals from before MPI starts (an outer block) and hands the count to
+    the trainer's block; ``nohup`` (SIGHUP ignored) stays in force; once the run has ended a
+    signal changes nothing, to the process's end."""
+    saved = {signum: signal.getsignal(signum) for signum in StopRequests.SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopRequests() as outer:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for(lambda: outer.count == 1, "the signal to be counted", timeout=10)
+            with StopRequests() as inner:
+                assert inner.count == 1
+            assert signal.getsignal(signal.SIGTERM) == outer._request
+            outer.ignore_from_now()
+            os.kill(os.getpid(), signal.SIGINT)  # long after the first: no KeyboardInterrupt now
+            wait_for(lambda: outer.count == 2, "the signal to be counted", timeout=10)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_which_jobs_report_their_start_and_where_each_rank_runs():
+    assert reports_start(["mnn-train", "--epochs", "2"]) and reports_start(["/venv/bin/mnn-train"])
+    assert reports_start([sys.executable, "-m", "mnn.scripts.train", "--epochs", "2"])
+    assert not reports_start([sys.executable, "-c", "print(1)"]) and not reports_start(["mnn-generate"])
+    assert rank_hosts(None, 3, {"localhost"}) == [None, None, None]
+    assert rank_hosts([("localhost", 1), ("127.0.0.2", 2)], 5, {"localhost"}) == [
+        None, "127.0.0.2", "127.0.0.2", None, "127.0.0.2"]
