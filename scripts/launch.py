@@ -68,16 +68,16 @@ Signals. SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal or ssh session,
 passed on as SIGTERM) reach every rank, and mnn-launch exits with the job's exit
 status (128 + N after signal N; 130 when mnn-train stops after an interrupt).
 The launcher runs in a process group of its own, so that the terminal's signals
-reach mnn-launch alone, which passes each on once: MPICH's launcher forwards
-the first to every rank (a second would make it abort the job); Open MPI's
-would abort the job (exit status 1, the ranks' last output lost), so mnn-launch
-gives the first two to the ranks on this machine itself, and only a third one
-to the launcher. The launcher's output passes through mnn-launch: output that
-nobody reads any more (``mnn-launch ... | head``) is dropped, and the job runs
-on. No job
-outlives mnn-launch: if it dies, even by SIGKILL, its launcher is stopped
-(Linux), and with it the ranks. Open MPI refuses to run as root unless told:
-as root mnn-launch adds ``--allow-run-as-root`` (as horovodrun does).
+reach mnn-launch alone, and mnn-launch passes each on: MPICH's launcher gets
+the first and forwards it to every rank (a second one would make it abort the
+job); Open MPI's would abort the job (exit status 1, the ranks' last output
+lost), so there mnn-launch gives the first to the ranks on this machine itself.
+The second goes to the ranks on this machine, a third to the launcher. The
+launcher's output passes through mnn-launch: output that nobody reads any more
+(``mnn-launch ... | head``) is dropped, and the job runs on. No job outlives
+mnn-launch: if it dies, even by SIGKILL, its launcher is stopped (Linux), and
+with it the ranks. Open MPI refuses to run as root unless told: as root
+mnn-launch adds ``--allow-run-as-root`` (as horovodrun does).
 
 Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
 answer ssh, and the threads per rank, and starts a hello job: two ranks on this
