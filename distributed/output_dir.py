@@ -119,6 +119,11 @@ def set_aside_earlier_run(output: Path) -> str | None:
     if not checkpoints:
         return None
     previous = output / PREVIOUS_RUN
+    if previous.is_symlink() or (previous.exists() and not previous.is_dir()):
+        # Not a folder this module made: never removed on the way.
+        raise ValueError(f"output directory {str(output)!r} holds an earlier run, whose files go into "
+                         f"{str(previous)!r}, but that is {'a symbolic link' if previous.is_symlink() else 'a file'}; "
+                         f"move it away, or give another --output")
     replaced = previous.exists()
     if replaced:
         shutil.rmtree(previous)

@@ -14,7 +14,7 @@ import pytest
 
 from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.config import TrainConfig
-from mnn.distributed.output_dir import LOCK_NAME, OutputLock
+from mnn.distributed.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
 from mnn.distributed.preflight import JobConfigError, prepare_job
 from test_faults import needs_mpiexec, run
 
@@ -174,3 +174,17 @@ def test_the_python_api_given_data_of_the_wrong_shape(data, words):
     message = str(error.value)
     assert "data: expected a Dataset, or the arrays (x_train, y_train, x_test, y_test)" in message
     assert words in message, message
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_an_earlier_runs_folder_that_is_not_a_folder(tmp_path, kind):
+    (tmp_path / "checkpoint.npz").write_bytes(b"an earlier run")
+    if kind == "file":
+        (tmp_path / "previous").write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "previous").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=f"whose files go into '{tmp_path / 'previous'}', but that is a "):
+        set_aside_earlier_run(tmp_path)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == b"an earlier run"
+    assert (tmp_path / "previous").exists()
