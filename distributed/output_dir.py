@@ -36,6 +36,8 @@ LOCK_NAME = ".mnn.lock"
 PREVIOUS_RUN = "previous"
 # The files a run writes into OUTPUT (checkpoints also as checkpoint-*.npz).
 RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+# Process ids are C ints (Linux's pid_max is at most 2**22).
+_PID_LIMIT = 2**31
 
 
 @dataclass
@@ -98,13 +100,17 @@ def _who(holder: dict) -> str:
 
 def _is_stale(holder: dict) -> bool:
     """Whether the lock's process is known to be gone: it ran on this host and no longer exists.
-    A lock without a readable holder is stale too (a job killed while writing it)."""
+    A lock without a readable holder is stale too (a job killed while writing it), and so is
+    one of this host that names no possible process (a job writes its own id, a positive int)."""
     if not holder:
         return True
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    if holder.get("host") != socket.gethostname():
         return False
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < _PID_LIMIT:
+        return True
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:

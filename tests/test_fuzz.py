@@ -9,7 +9,9 @@ derandomised set of examples, so a run is repeatable and quick; raise
 ``max_examples`` locally to search harder (``HYPOTHESIS_EXAMPLES=2000``).
 """
 import inspect
+import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from mnn import SGD
 from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, load_newest_checkpoint, save_checkpoint
 from mnn.distributed.config import TrainConfig, resolve_config
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
+from mnn.distributed.output_dir import LOCK_NAME, OutputLock
 from mnn.distributed.position import Position
 from mnn.model import GPT_KEYS, LAYER_TYPES, build_net, mlp_description, model_size
 
@@ -338,3 +341,30 @@ def test_resume_falls_back_from_a_damaged_checkpoint_to_the_one_before(tmp_path_
     assert same_checkpoint(newest.checkpoint, loaded)
     for skipped, reason in newest.skipped:
         assert skipped.name == "checkpoint.npz" and str(skipped) in reason
+
+
+# --- the output directory's lock ------------------------------------------------------------
+
+LOCK_HOLDERS = st.one_of(
+    st.binary(max_size=100),
+    st.fixed_dictionaries({"host": st.sampled_from([socket.gethostname(), "elsewhere"])},
+                          optional={"pid": st.sampled_from([0, -1, 1, True, 2**31, 2**63, 10**30]) | st.integers()
+                                    | JUNK, "started": JUNK}).map(lambda holder: json.dumps(holder).encode()),
+    JUNK.map(lambda value: json.dumps(value).encode()),
+)
+
+
+@fuzz(200)
+@given(LOCK_HOLDERS)
+def test_an_output_lock_of_any_content_is_taken_over_or_one_error_naming_the_directory(tmp_path_factory, holder):
+    output = tmp_path_factory.getbasetemp() / "fuzz-output"
+    output.mkdir(exist_ok=True)
+    (output / LOCK_NAME).write_bytes(holder)
+    lock = outcome(OutputLock.acquire, output)
+    if isinstance(lock, Exception):
+        assert_clear_error(lock, f"output directory {str(output)!r}")
+        assert (output / LOCK_NAME).read_bytes() == holder  # another job's lock is left alone
+        return
+    assert json.loads((output / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (output / LOCK_NAME).exists()
