@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from mnn import SGD
 from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, load_newest_checkpoint, save_checkpoint
+from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.config import TrainConfig, resolve_config
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.output_dir import LOCK_NAME, OutputLock
 from mnn.distributed.position import Position
+from mnn.distributed.preflight import JobConfigError, PreparedJob, prepare_job
 from mnn.model import GPT_KEYS, LAYER_TYPES, build_net, mlp_description, model_size
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "0"))
@@ -368,3 +370,68 @@ def test_an_output_lock_of_any_content_is_taken_over_or_one_error_naming_the_dir
     assert json.loads((output / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (output / LOCK_NAME).exists()
+
+
+# --- arrays given to the Python API (train(config, data=...)) -----------------------------------
+
+ARRAYS = st.one_of(
+    st.builds(lambda shape, kind: np.zeros(shape, dtype=kind), st.lists(st.integers(0, 5), max_size=3),
+              st.sampled_from(["float32", "float64", "int64", "uint8", "bool", "complex64", "U3", "object"])),
+    st.builds(lambda values: np.array(values), st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=6)),
+    st.lists(st.integers(-2, 5), max_size=4),
+    JUNK,
+)
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+def _with_value(array, value):
+    array = array.astype(float)
+    array.flat[0] = value
+    return array
+
+
+# What may be wrong with one array given to train(data=...).
+DEFECTS = {
+    "nan": lambda a: _with_value(a, np.nan), "infinite": lambda a: _with_value(a, -np.inf),
+    "huge": lambda a: _with_value(a, 1e300), "negative label": lambda a: _with_value(a, -1),
+    "fraction": lambda a: _with_value(a, 0.5), "bool": lambda a: a.astype(bool), "float16": lambda a: a.astype(np.float16),
+    "int8": lambda a: a.astype(np.int8), "complex": lambda a: a.astype(complex), "object": lambda a: a.astype(object),
+    "text": lambda a: a.astype(str), "a row short": lambda a: a[1:], "empty": lambda a: a[:0],
+    "an axis more": lambda a: a[..., None], "flattened": lambda a: a.reshape(-1), "scalar": lambda a: a.flat[0],
+    "list": lambda a: a.tolist(), "none": lambda a: None,
+}
+
+
+@st.composite
+def nearly_right_arrays(draw):
+    """(x_train, y_train, x_test, y_test) for the test's net (2 features, 2 classes), with 0 to 2 defects."""
+    rng = np.random.default_rng(draw(st.integers(0, 3)))
+    n_train, n_test = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    parts = {"x_train": rng.normal(size=(n_train, 2)), "y_train": rng.integers(0, 2, n_train),
+             "x_test": rng.normal(size=(n_test, 2)), "y_test": rng.integers(0, 2, n_test)}
+    for _ in range(draw(st.integers(0, 2))):
+        key, defect = draw(st.sampled_from(ARRAY_KEYS)), draw(st.sampled_from(sorted(DEFECTS)))
+        if parts[key] is not None and np.ndim(parts[key]) and np.size(parts[key]):
+            parts[key] = DEFECTS[defect](np.asarray(parts[key]))
+    return tuple(parts.values())
+
+
+DATA = st.one_of(
+    nearly_right_arrays(),
+    nearly_right_arrays().map(lambda parts: dict(zip(ARRAY_KEYS, parts))),
+    st.dictionaries(st.sampled_from([*ARRAY_KEYS, "x_val"]), ARRAYS, max_size=5),
+    st.lists(ARRAYS, max_size=5).map(tuple),
+    st.lists(ARRAYS, max_size=5),
+    JUNK,
+)
+
+
+@fuzz(150)
+@given(DATA)
+def test_data_from_python_is_used_or_one_error_naming_it(data):
+    job = outcome(prepare_job, TrainConfig(layers=[2, 2], max_steps=1), SingleProcessCommunicator(), None, data)
+    if isinstance(job, PreparedJob):
+        return
+    assert isinstance(job, JobConfigError), f"{type(job).__name__}: {job}"
+    message = str(job)
+    assert message.startswith("rank 0: ") and "\n" not in message, message
+    assert any(place in message for place in ("data", "arrays", "layers", "x_train", "y_train", "x_test", "y_test")), \
+        message
