@@ -51,7 +51,8 @@ this machine report their start-up in a directory that mnn-launch names in
 MNN_START_DIR: mnn-train does, as any program that takes its communicator from
 mnn.distributed.get_communicator; other programs, and jobs with no rank on this
 machine, are not bounded. A signal while the job starts is held until its
-ranks can take it (a second one, a second later, stops the job at once).
+ranks can take it; if they cannot within 5 s, or a second signal comes a second
+later, mnn-launch stops the job at once (exit status 130).
 
 Environment. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to
 ``max(1, cores per host // ranks per host)`` unless already set (other hosts are

@@ -69,8 +69,8 @@ def assert_one_interrupt_line(stderr, starting):
     """mnn-train's one line (and nothing from the launcher, no traceback)."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
-    if starting:
-        assert lines[0].startswith("mnn-train: interrupted before training started"), stderr
+    if starting:  # mnn-train's, or mnn-launch's when the ranks took more than 5 s to be ready
+        assert re.match(r"mnn-(train|launch): interrupted before training started", lines[0]), stderr
     else:
         assert re.match(r"mnn-train: interrupted at (epoch \d+/\d+ step \d+/\d+|the end of epoch \d+/\d+); "
                         r"checkpoint saved to .*; continue with --resume$", lines[0]), stderr
@@ -134,6 +134,26 @@ def test_a_host_that_answers_but_never_starts_its_ranks_is_named_and_the_job_sto
     assert "mnn-launch ended every process of the job" in lines[0]
     assert elapsed < 60
     assert marked_processes(marker, wait=10) == []  # the remote shell and the rank here included
+
+
+@needs_mpi
+@needs_proc
+@pytest.mark.slow
+def test_sigterm_while_a_host_hangs_in_its_start_stops_everything_with_one_line(tmp_path):
+    """A batch system's SIGTERM to a job whose start hangs: hydra used to leave the remote
+    shell running; mnn-launch stops every process of the job within seconds, not at the
+    start timeout."""
+    ssh, marker = write_remote_shell(tmp_path, answers=True)
+    process = start([*launcher_command(), "--hosts", f"localhost:1,{OTHER_HOSTS[0]}:1", "--ssh", str(ssh),
+                     "--start-timeout", "600", "--", *TRAIN, *JOB, "--output", str(tmp_path / "out")],
+                    env={"MNN_TEST_MARK": marker})
+    wait_for(lambda: any("time.sleep(1e6)" in line for line in marked_processes(marker)), "the remote shell to hang")
+    process.send_signal(signal.SIGTERM)
+    status, _, stderr = finish(process, timeout=60)
+    assert status == 130, stderr
+    assert_one_interrupt_line("\n".join(line for line in stderr.splitlines()
+                                        if "plm:ssh: Warning: setpgid" not in line), starting=True)
+    assert marked_processes(marker, wait=10) == []
 
 
 @needs_mpi

@@ -25,7 +25,7 @@ status, and its own notices about it, which
 :mod:`~mnn.distributed.launch.launcher_output` drops); the second to the ranks
 on this machine; a third, or a signal while no rank runs here, to the launcher,
 which aborts the job. A signal while the job starts waits until its ranks can
-take it (:mod:`~mnn.distributed.launch.startup`). The launcher's output goes
+take it (:mod:`~mnn.distributed.launch.startup`), for a few seconds at most. The launcher's output goes
 through a copier that keeps reading when nobody reads ours. When mnn-launch
 dies, even by SIGKILL, the launcher gets a signal from the kernel (Linux's
 parent-death signal): SIGKILL for hydra, SIGTERM for prterun (and srun), which
@@ -61,6 +61,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _SIGNALS_TO_RANKS = 2
 # A signal this long after the first is a person insisting, as mnn-train takes it.
 _REPEAT_AFTER_S = 1.0
+# How long a signal is held while the ranks start, before mnn-launch stops the job itself
+# (a job that hangs in its start would otherwise keep it until --start-timeout). Nothing is
+# lost either way: a rank writes nothing before it is ready.
+_HOLD_S = 5.0
 _POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1
 _EXIT_INTERRUPTED = 130
@@ -176,7 +180,7 @@ class _Job:
                 pass
             if not watching or self.watch.ready():
                 watching = False
-            elif self.insisted:
+            elif self.insisted or (self.held and time.monotonic() - self.held_at > _HOLD_S):
                 stop_process_tree(self.process, grace=0)
                 print("mnn-launch: interrupted before training started: stopped the job while it was starting",
                       file=sys.stderr, flush=True)

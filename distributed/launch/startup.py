@@ -19,8 +19,10 @@ here can report: a job with no rank here is not watched.
 Until the job is ready, a signal to mnn-launch is held back: a rank that is
 still importing Python has no handler yet, and would die of it, or print a
 traceback. Once ready, the held signal is passed on and mnn-train stops before
-training with its one line; a signal repeated more than a second later (a
-person insisting) stops the job at once.
+training with its one line. A job that is not ready within a few seconds of the
+signal, or a signal repeated more than a second later (a person insisting), is
+stopped at once, every process with it: a rank writes nothing before it is
+ready, so nothing is lost.
 """
 
 from __future__ import annotations
