@@ -275,7 +275,7 @@ def _memory_limits(ranks_here: int) -> dict[str, int]:
         limits["available (MemAvailable in /proc/meminfo)"] = available // ranks_here
     cgroup = _cgroup_room()
     if cgroup is not None:
-        limits["left under this cgroup's memory.max"] = cgroup // ranks_here
+        limits["left under this cgroup's memory limit"] = cgroup // ranks_here
     address_space = _address_space_room()
     if address_space is not None:
         limits["left under the address-space limit (ulimit -v, RLIMIT_AS)"] = address_space
@@ -295,18 +295,39 @@ def _meminfo_available() -> int | None:
         return None
 
 
+# Where a cgroup keeps its memory limit and use: (the controller named in /proc/self/cgroup,
+# the hierarchy's folder, limit file, usage file) for cgroup v2 (no name) and v1.
+_CGROUP_MEMORY = (("", Path("/sys/fs/cgroup"), "memory.max", "memory.current"),
+                  ("memory", Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"))
+_PROC_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 writes "no limit" as a number near 2**63 (v2 writes "max").
+_NO_CGROUP_LIMIT = 1 << 60
+
+
 def _cgroup_room() -> int | None:
-    """memory.max less memory.current of this process's cgroup (v2), if it has a limit."""
+    """The limit less the use of this process's cgroup's memory (v2 or v1), if it has a limit.
+    The cgroup's folder is looked for under its path, then at the root (as a container sees it)."""
     try:
-        relative = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
-                        if line.startswith("0::"))
-        folder = Path("/sys/fs/cgroup") / relative.lstrip("/")
-        limit = (folder / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int((folder / "memory.current").read_text()))
-    except (OSError, ValueError, StopIteration):
+        lines = _PROC_CGROUP.read_text().splitlines()
+    except OSError:
         return None
+    rooms = []
+    for line in lines:  # "hierarchy-id:controllers:path"
+        _, controllers, relative = (line.split(":", 2) + ["", ""])[:3]
+        for named, root, limit_file, usage_file in _CGROUP_MEMORY:
+            if named not in controllers.split(","):
+                continue
+            for folder in (root / relative.lstrip("/"), root):
+                try:
+                    limit = (folder / limit_file).read_text().strip()
+                    limit = _NO_CGROUP_LIMIT if limit == "max" else int(limit)
+                    used = int((folder / usage_file).read_text())
+                except (OSError, ValueError):
+                    continue
+                if limit < _NO_CGROUP_LIMIT:
+                    rooms.append(max(0, limit - used))
+                break
+    return min(rooms, default=None)
 
 
 def _address_space_room() -> int | None:

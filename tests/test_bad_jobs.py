@@ -188,3 +188,25 @@ def test_an_earlier_runs_folder_that_is_not_a_folder(tmp_path, kind):
         set_aside_earlier_run(tmp_path)
     assert (tmp_path / "checkpoint.npz").read_bytes() == b"an earlier run"
     assert (tmp_path / "previous").exists()
+
+
+@pytest.mark.parametrize("version, files, room", [
+    ("v1", {"memory.limit_in_bytes": "6000000000", "memory.usage_in_bytes": "1000000000"}, 5_000_000_000),
+    ("v1", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "1000"}, None),
+    ("v2", {"memory.max": "4000000000\n", "memory.current": "500000000\n"}, 3_500_000_000),
+    ("v2", {"memory.max": "max\n", "memory.current": "500000000\n"}, None),
+])
+def test_a_cgroups_memory_limit_bounds_what_a_job_may_use(tmp_path, monkeypatch, version, files, room):
+    from mnn.distributed import preflight
+    v2, v1 = tmp_path / "unified", tmp_path / "memory"
+    folder = (v2 if version == "v2" else v1) / "job" / "42"
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    (tmp_path / "cgroup").write_text("12:cpu,cpuacct:/job/42\n4:memory:/job/42\n1:name=systemd:/\n0::/job/42\n")
+    monkeypatch.setattr(preflight, "_PROC_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(preflight, "_CGROUP_MEMORY", (
+        ("", v2, "memory.max", "memory.current"), ("memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes")))
+    assert preflight._cgroup_room() == room
+    if room is not None:
+        assert preflight._memory_limits(ranks_here=2)["left under this cgroup's memory limit"] == room // 2
