@@ -246,7 +246,8 @@ def _refuse_what_does_not_fit(config: TrainConfig, dataset: Dataset, world_size:
     cannot fit is refused."""
     size = model_size(config.model_description(), dataset.n_features)
     itemsize = np.dtype(config.dtype).itemsize
-    per_rank_batch = -(-config.batch_size // world_size)
+    # A global batch larger than the training split is the whole split.
+    per_rank_batch = -(-min(config.batch_size, len(dataset.train)) // world_size)
     copies = _COPIES_PER_PARAMETER[config.optimizer]
     parameter_bytes = copies * size.parameters * itemsize
     activation_bytes = 2 * size.activations * per_rank_batch * itemsize

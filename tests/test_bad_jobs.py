@@ -210,3 +210,9 @@ def test_a_cgroups_memory_limit_bounds_what_a_job_may_use(tmp_path, monkeypatch,
     assert preflight._cgroup_room() == room
     if room is not None:
         assert preflight._memory_limits(ranks_here=2)["left under this cgroup's memory limit"] == room // 2
+
+
+def test_a_global_batch_larger_than_the_data_is_not_counted_beyond_the_data(tmp_path):
+    # The batch is the whole training split: its activations fit, whatever --batch-size says.
+    result = run(["--batch-size", str(10**21), "--max-steps", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
