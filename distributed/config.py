@@ -333,7 +333,8 @@ class TrainConfig:
 
 def _with_placeholder_vocab(model: Any) -> Any:
     """``model``, with a vocabulary of 1 where a ``gpt`` table leaves it to the text."""
-    if isinstance(model, dict) and isinstance(model.get("gpt"), dict) and model["gpt"].get("vocab") is None:
+    if isinstance(model, dict) and set(model) == {"gpt"} and isinstance(model["gpt"], dict) \
+            and model["gpt"].get("vocab") is None:
         return {**model, "gpt": {**model["gpt"], "vocab": 1}}
     return model
 

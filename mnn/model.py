@@ -150,6 +150,9 @@ def expand_gpt(sizes: Any, where: str = "model.gpt") -> dict[str, Any]:
     for key in ("vocab", "n_layers", "d_model", "n_heads", "context"):
         if not (is_int(values[key]) and values[key] >= 1):
             raise ValueError(f"{where}: expected {key} a positive integer, got {_shown(values[key])}")
+    if values["d_model"] % values["n_heads"]:
+        raise ValueError(f"{where}: expected d_model divisible by n_heads (each head gets d_model / n_heads "
+                         f"features), got d_model={values['d_model']}, n_heads={values['n_heads']}")
     if isinstance(values["dropout"], bool) or not isinstance(values["dropout"], (int, float)) \
             or not 0 <= values["dropout"] < 1:
         raise ValueError(f"{where}: expected dropout a number in [0, 1), got {_shown(values['dropout'])}")

@@ -244,3 +244,9 @@ def test_a_mistake_in_the_job_file_names_the_file_and_one_on_the_command_line_do
         resolve_config(path)
     with pytest.raises(ValueError, match=r"^lr: expected a positive number, got -1.0$"):
         resolve_config(path, {"epochs": 1, "lr": -1.0})
+
+
+def test_a_model_with_gpt_and_layers_is_shown_as_written():
+    with pytest.raises(ValueError, match=r"^model: expected a table with one key, .*, got \{'gpt': \{'n_layers': 1\}, "
+                                         r"'layers': \[\]\}$"):
+        TrainConfig(model={"gpt": {"n_layers": 1}, "layers": []})

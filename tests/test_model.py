@@ -389,3 +389,9 @@ def test_a_deeply_nested_value_is_shown_cut_short():
         with pytest.raises(ValueError) as error:
             build_net(description)
         assert len(str(error.value)) < 400, str(error.value)[:400]
+
+
+def test_a_gpt_whose_heads_do_not_divide_d_model_is_named_as_written():
+    with pytest.raises(ValueError, match=r"^model.gpt: expected d_model divisible by n_heads \(each head gets "
+                                         r"d_model / n_heads features\), got d_model=4, n_heads=3$"):
+        build_net({"gpt": {"vocab": 5, "d_model": 4, "n_heads": 3}})
