@@ -1,5 +1,6 @@
 """Property-based tests (Hypothesis) of everything a job reads: model descriptions, job files,
-hostfiles and checkpoints, generated bad in many ways, in this process.
+hostfiles and --hosts, checkpoints (and .npz members whose CRC is right), output locks and
+the arrays given to the Python API, generated bad in many ways, in this process.
 
 The contract (the README's "What happens when..."): whatever comes, the reader
 returns a valid value or raises ``ValueError``/``TypeError`` whose one-line
@@ -9,9 +10,11 @@ derandomised set of examples, so a run is repeatable and quick; raise
 ``max_examples`` locally to search harder (``HYPOTHESIS_EXAMPLES=2000``).
 """
 import inspect
+import io
 import json
 import os
 import socket
+import zipfile
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.output_dir import LOCK_NAME, OutputLock
 from mnn.distributed.position import Position
 from mnn.distributed.preflight import JobConfigError, PreparedJob, prepare_job
+from mnn.io import load_arrays
 from mnn.model import GPT_KEYS, LAYER_TYPES, build_net, mlp_description, model_size
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "0"))
@@ -435,3 +439,41 @@ def test_data_from_python_is_used_or_one_error_naming_it(data):
     assert message.startswith("rank 0: ") and "\n" not in message, message
     assert any(place in message for place in ("data", "arrays", "layers", "x_train", "y_train", "x_test", "y_test")), \
         message
+
+
+# --- .npy members with a correct CRC (only mnn.io's reader can tell) -----------------------------
+
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+NPY_MEMBERS = st.one_of(
+    st.builds(mutated, st.sampled_from([npy_bytes(np.arange(6.0).reshape(2, 3)), npy_bytes(np.zeros(0, np.int8)),
+                                        npy_bytes(np.ones((2, 2), np.float32).T)]), EDITS),
+    st.builds(lambda header, data: b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data,
+              st.one_of(st.binary(max_size=60), st.text(max_size=60).map(str.encode),
+                        st.fixed_dictionaries({"descr": st.sampled_from(["<f8", "|u1", "|O", "V0", "<U2", "(2,)f8"])
+                                                        | JUNK,
+                                               "fortran_order": st.booleans() | JUNK,
+                                               "shape": st.lists(st.integers(-1, 10**12), max_size=3).map(tuple)
+                                                        | JUNK}).map(lambda header: repr(header).encode())),
+              st.binary(max_size=64)),
+)
+
+
+@fuzz(300)
+@given(st.lists(NPY_MEMBERS, min_size=1, max_size=2))
+def test_npz_members_of_any_bytes_load_or_are_one_error_naming_file_and_member(tmp_path_factory, members):
+    path = tmp_path_factory.getbasetemp() / "fuzz-arrays.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, member in enumerate(members):
+            archive.writestr(f"a{index}.npy", member)
+    arrays = outcome(load_arrays, path)
+    if isinstance(arrays, Exception):
+        message = assert_clear_error(arrays, repr(str(path)))
+        assert "member 'a" in message, message
+        return
+    assert sorted(arrays) == [f"a{index}" for index in range(len(members))]
+    assert all(isinstance(array, np.ndarray) and not array.dtype.hasobject for array in arrays.values())
