@@ -89,6 +89,7 @@ def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(tmp_path):
     # Before: numpy's MemoryError "Unable to allocate 186. TiB", as a traceback.
     assert_one_error_line(result, "model: this job needs about 618 TB of memory per rank",
                           "26,000,000,000,000 parameters", "available (MemAvailable in /proc/meminfo)")
+    assert not (tmp_path / "out").exists()  # refused before the output directory is touched
 
 
 def test_an_mlp_shorthand_larger_than_memory_is_refused_naming_layers():
