@@ -165,18 +165,23 @@ def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,
     the Residuals it is inside."""
     _check_entries(entries, where)
     layers = [_build_layer(entry, dtype, rng, f"{where}[{index}]", depth) for index, entry in enumerate(entries)]
-    for index, layer in enumerate(layers):
-        if isinstance(layer, LossLayer) and not loss_allowed:
-            raise ValueError(f"{where}[{index}] ({layer.name}): a loss layer cannot be inside a Residual")
-        if isinstance(layer, LossLayer) and index != len(layers) - 1:
-            raise ValueError(f"{where}[{index}] ({layer.name}): a loss layer must come last, but "
-                             f"{len(layers) - 1 - index} more layer(s) follow it")
+    _check_losses([type(layer) for layer in layers], where, loss_allowed)
     return layers
 
 
 def _check_entries(entries: Any, where: str) -> None:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: expected a non-empty list of layers, got {_shown(entries)}")
+
+
+def _check_losses(classes: list[type], where: str, loss_allowed: bool) -> None:
+    """A loss layer comes last, and never inside a Residual (``loss_allowed`` False)."""
+    for index, cls in enumerate(classes):
+        if issubclass(cls, LossLayer) and not loss_allowed:
+            raise ValueError(f"{where}[{index}] ({cls.__name__}): a loss layer cannot be inside a Residual")
+        if issubclass(cls, LossLayer) and index != len(classes) - 1:
+            raise ValueError(f"{where}[{index}] ({cls.__name__}): a loss layer must come last, but "
+                             f"{len(classes) - 1 - index} more layer(s) follow it")
 
 
 def _build_layer(entry: Any, dtype: Any, rng: np.random.Generator, where: str, depth: int) -> Any:
@@ -250,8 +255,8 @@ class ModelSize:
 def model_size(description: Any, sample_numbers: int = 1, where: str = "model") -> ModelSize:
     """The size of the net ``description`` describes, without building it.
 
-    Checks what :func:`build_net` checks before any layer allocates (the
-    structure, the types, the arguments' names, the nesting), so a description
+    Checks what :func:`build_net` checks without a layer's constructor (the
+    structure, the types, the arguments' names, where the loss is, the nesting), so a description
     that passes here and is far too large can be refused before the allocation.
     A size argument that is not a positive integer counts as 0 here; the layer's
     constructor refuses it. ``sample_numbers`` is the numbers in one input
@@ -267,6 +272,7 @@ def _entries_size(entries: Any, numbers: int, where: str, depth: int) -> tuple[i
     """(parameters, kept numbers, output numbers per sample) of a list of entries."""
     _check_entries(entries, where)
     parameters = kept = 0
+    classes = []
     for index, entry in enumerate(entries):
         cls, positional, arguments, entry_where = _resolve(entry, f"{where}[{index}]")
         if cls is Residual:
@@ -276,6 +282,8 @@ def _entries_size(entries: Any, numbers: int, where: str, depth: int) -> tuple[i
         else:
             layer = _layer_size(cls.__name__, positional, arguments, numbers)
         parameters, kept, numbers = parameters + layer[0], kept + layer[1], layer[2]
+        classes.append(cls)
+    _check_losses(classes, where, loss_allowed=depth == 0)
     return parameters, kept, numbers
 
 

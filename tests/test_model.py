@@ -352,7 +352,11 @@ def test_model_size_checks_the_description_as_build_net_does():
                                ({"layers": [{"type": "Nope"}]}, "unknown layer type 'Nope'"),
                                ({"layers": [{"type": "LinearLayer", "shape": [2, 2], "colour": 1}]},
                                 "unknown argument 'colour'"),
-                               ({"gpt": {"n_layers": 2}}, "missing vocab")]:
+                               ({"gpt": {"n_layers": 2}}, "missing vocab"),
+                               ({"layers": [{"type": "MSELossLayer"}, {"type": "LinearLayer", "shape": [2, 3]}]},
+                                r"model.layers\[0\] \(MSELossLayer\): a loss layer must come last"),
+                               ({"layers": [{"type": "Residual", "layers": [{"type": "MSELossLayer"}]}]},
+                                r"\(Residual\).layers\[0\] \(MSELossLayer\): a loss layer cannot be inside")]:
         with pytest.raises(ValueError, match=words):
             model_size(description)
         with pytest.raises(ValueError, match=words):
