@@ -188,7 +188,8 @@ def mutated(data, edits):
     return bytes(data)
 
 
-EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["replace", "delete", "insert"])),
+EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255),
+                           st.sampled_from(["replace", "delete", "insert"])),
                  min_size=1, max_size=6)
 JOB_FILES = st.one_of(
     st.binary(max_size=300),
@@ -396,7 +397,8 @@ def _with_value(array, value):
 DEFECTS = {
     "nan": lambda a: _with_value(a, np.nan), "infinite": lambda a: _with_value(a, -np.inf),
     "huge": lambda a: _with_value(a, 1e300), "negative label": lambda a: _with_value(a, -1),
-    "fraction": lambda a: _with_value(a, 0.5), "bool": lambda a: a.astype(bool), "float16": lambda a: a.astype(np.float16),
+    "fraction": lambda a: _with_value(a, 0.5), "bool": lambda a: a.astype(bool),
+    "float16": lambda a: a.astype(np.float16),
     "int8": lambda a: a.astype(np.int8), "complex": lambda a: a.astype(complex), "object": lambda a: a.astype(object),
     "text": lambda a: a.astype(str), "a row short": lambda a: a[1:], "empty": lambda a: a[:0],
     "an axis more": lambda a: a[..., None], "flattened": lambda a: a.reshape(-1), "scalar": lambda a: a.flat[0],
