@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         mpi = detect_mpi(env, mpiexec=args.mpiexec)
         if args.check:
             lines, ok = run_check(args, env, mpi)
-            print("\n".join(lines), flush=True)
+            _say("\n".join(lines))
             return 0 if ok else 1
         plan = build_command(args, env, mpi, terminal=sys.stderr.isatty())
         for warning in plan.warnings:
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
         if args.dry_run:
-            print(format_plan(plan), flush=True)
+            _say(format_plan(plan))
             return 0
         if plan.launcher == "mpiexec":
             require_answers(args.hosts, args.ssh, args.start_timeout, env)
@@ -235,6 +235,16 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _say(text: str) -> None:
+    """Print ``text`` on stdout; a reader that went away (``| head -1``) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # where the rest of what was buffered goes
+        os.close(devnull)
 
 
 if __name__ == "__main__":

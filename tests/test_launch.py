@@ -334,6 +334,16 @@ def test_dry_run_on_a_terminal_shows_the_progress_bar(tmp_path):
         assert f"-genv {PROGRESS_ENV} bar" in command
 
 
+def test_dry_run_whose_reader_went_away_is_no_error():
+    """``mnn-launch --dry-run ... | head -0``: a BrokenPipeError traceback and exit status 1."""
+    process = subprocess.Popen([*launcher_command(), "-n", "2", "--dry-run", "--", *COMMAND],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before mnn-launch has printed anything
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
 def test_main_reports_usage_errors(capsys):
     assert main(["-n", "2"]) == 2
     assert "mnn-launch: error: no command to run" in capsys.readouterr().err
