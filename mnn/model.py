@@ -45,7 +45,7 @@ import mnn.layer
 from mnn.layer import Layer, LossLayer
 from mnn.seq_layers import Residual, SequentialLayers
 
-__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_GPT_BLOCKS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
            "model_size", "mlp_description", "gpt_description", "expand_gpt", "check_fits"]
 
 #: Every layer a description may name, by class name: each concrete layer of the
@@ -91,6 +91,9 @@ def mlp_description(widths: list[int], loss: str = "cross_entropy") -> dict[str,
 
 
 GPT_KEYS = {"vocab": None, "n_layers": 2, "d_model": 128, "n_heads": 4, "context": 64, "dropout": 0.0}
+#: The most blocks a ``gpt`` table may ask for (GPT-3 has 96): its description lists every
+#: block's layers, so n_layers = 10**9 would take all the memory before any size is checked.
+MAX_GPT_BLOCKS = 1000
 
 
 def gpt_description(vocab: int, n_layers: int = 2, d_model: int = 128, n_heads: int = 4, context: int = 64,
@@ -150,6 +153,8 @@ def expand_gpt(sizes: Any, where: str = "model.gpt") -> dict[str, Any]:
     for key in ("vocab", "n_layers", "d_model", "n_heads", "context"):
         if not (is_int(values[key]) and values[key] >= 1):
             raise ValueError(f"{where}: expected {key} a positive integer, got {_shown(values[key])}")
+    if values["n_layers"] > MAX_GPT_BLOCKS:
+        raise ValueError(f"{where}: expected n_layers at most {MAX_GPT_BLOCKS}, got {values['n_layers']}")
     if values["d_model"] % values["n_heads"]:
         raise ValueError(f"{where}: expected d_model divisible by n_heads (each head gets d_model / n_heads "
                          f"features), got d_model={values['d_model']}, n_heads={values['n_heads']}")

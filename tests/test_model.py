@@ -399,3 +399,10 @@ def test_a_gpt_whose_heads_do_not_divide_d_model_is_named_as_written():
     with pytest.raises(ValueError, match=r"^model.gpt: expected d_model divisible by n_heads \(each head gets "
                                          r"d_model / n_heads features\), got d_model=4, n_heads=3$"):
         build_net({"gpt": {"vocab": 5, "d_model": 4, "n_heads": 3}})
+
+
+def test_a_gpt_of_absurdly_many_blocks_is_refused_before_its_layers_are_listed():
+    # Found by tests/test_fuzz.py: n_layers = 28248975686 listed blocks until memory ran out.
+    with pytest.raises(ValueError, match=r"^model.gpt: expected n_layers at most 1000, got 28248975686$"):
+        model_size({"gpt": {"vocab": 5, "n_layers": 28248975686}})
+    assert model_size({"gpt": {"vocab": 5, "n_layers": 1000, "d_model": 4, "n_heads": 1}}).parameters > 1000
