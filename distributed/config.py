@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import re
+import reprlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import tomli_w
 
 from mnn.checks import check_choice, check_float, check_int, is_int
 from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, COMPRESSIONS, DEFAULT_BUCKET_BYTES
-from mnn.model import LOSS_HEADS, build_net, mlp_description, model_size
+from mnn.model import LOSS_HEADS, MAX_LAYERS, build_net, mlp_description, model_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -230,9 +231,11 @@ class TrainConfig:
             if not isinstance(self.layers, (list, tuple)) or len(self.layers) < 2:
                 raise ValueError(
                     f"layers: expected a list of at least 2 widths (input, ..., classes), "
-                    f"got {self.layers!r}")
+                    f"got {reprlib.repr(self.layers)}")
+            if len(self.layers) > MAX_LAYERS:
+                raise ValueError(f"layers: expected at most {MAX_LAYERS:,} widths, got {len(self.layers):,}")
             if not all(is_int(width) and width >= 1 for width in self.layers):
-                raise ValueError(f"layers: expected positive integers, got {self.layers!r}")
+                raise ValueError(f"layers: expected positive integers, got {reprlib.repr(self.layers)}")
             self.layers = [int(width) for width in self.layers]
         if self.loss is not None:
             check_choice("loss", self.loss, LOSSES)

@@ -45,7 +45,7 @@ import mnn.layer
 from mnn.layer import Layer, LossLayer
 from mnn.seq_layers import Residual, SequentialLayers
 
-__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_GPT_BLOCKS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_GPT_BLOCKS", "MAX_LAYERS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
            "model_size", "mlp_description", "gpt_description", "expand_gpt", "check_fits"]
 
 #: Every layer a description may name, by class name: each concrete layer of the
@@ -62,6 +62,10 @@ LOSS_HEADS = {
 
 # Arguments the builder passes itself; a description never gives them.
 _BUILDER_ARGUMENTS = ("dtype", "rng")
+
+#: The most layers one list of a description may hold: far more than any net, and a
+#: bound on the memory and time a description can cost before its size is checked.
+MAX_LAYERS = 100_000
 
 #: How deep Residuals may nest inside each other. A real net nests them one deep;
 #: the bound keeps every walk over a description (building it, get_config, writing
@@ -177,6 +181,8 @@ def build_layers(entries: Any, dtype: Any, rng: np.random.Generator, where: str,
 def _check_entries(entries: Any, where: str) -> None:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: expected a non-empty list of layers, got {_shown(entries)}")
+    if len(entries) > MAX_LAYERS:
+        raise ValueError(f"{where}: expected at most {MAX_LAYERS:,} layers, got {len(entries):,}")
 
 
 def _check_losses(classes: list[type], where: str, loss_allowed: bool) -> None:

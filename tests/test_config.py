@@ -250,3 +250,10 @@ def test_a_model_with_gpt_and_layers_is_shown_as_written():
     with pytest.raises(ValueError, match=r"^model: expected a table with one key, .*, got \{'gpt': \{'n_layers': 1\}, "
                                          r"'layers': \[\]\}$"):
         TrainConfig(model={"gpt": {"n_layers": 1}, "layers": []})
+
+
+def test_an_mlp_of_more_widths_than_any_net_is_refused_and_shown_short():
+    with pytest.raises(ValueError, match=r"^layers: expected at most 100,000 widths, got 200,000$"):
+        TrainConfig(layers=[1] * 200_000)
+    with pytest.raises(ValueError, match=r"^layers: expected positive integers, got \[1, 'x', 1, 'x', 1, 'x', \.\.\.\]$"):
+        TrainConfig(layers=[1, "x"] * 3000)

@@ -406,3 +406,8 @@ def test_a_gpt_of_absurdly_many_blocks_is_refused_before_its_layers_are_listed()
     with pytest.raises(ValueError, match=r"^model.gpt: expected n_layers at most 1000, got 28248975686$"):
         model_size({"gpt": {"vocab": 5, "n_layers": 28248975686}})
     assert model_size({"gpt": {"vocab": 5, "n_layers": 1000, "d_model": 4, "n_heads": 1}}).parameters > 1000
+
+
+def test_a_list_of_more_layers_than_any_net_is_refused_before_it_is_built():
+    with pytest.raises(ValueError, match=r"^model.layers: expected at most 100,000 layers, got 100,001$"):
+        model_size({"layers": [{"type": "ReluLayer"}] * 100_001})
