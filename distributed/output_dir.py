@@ -30,12 +30,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
+__all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
 
 LOCK_NAME = ".mnn.lock"
 PREVIOUS_RUN = "previous"
+#: Where a run that diverged keeps the state before the failed step: beside the
+#: checkpoints, never over one (resuming from it would diverge again at once).
+DIVERGED_NAME = "diverged.npz"
 # The files a run writes into OUTPUT (checkpoints also as checkpoint-*.npz).
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json", DIVERGED_NAME)
 # Process ids are C ints (Linux's pid_max is at most 2**22).
 _PID_LIMIT = 2**31
 

@@ -49,7 +49,7 @@ from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, Prepare
 from mnn.distributed.reporting import Reporter, json_text
 from mnn.distributed.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
-from mnn.distributed.output_dir import LOCK_NAME, PREVIOUS_RUN, RUN_FILES
+from mnn.distributed.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
 from mnn.distributed.timeline import Timeline, check_timeline_path
 from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
@@ -287,11 +287,6 @@ class _WriteFailed(Exception):
     """A file of OUTPUT could not be written (raised on every rank alike)."""
 
 
-#: Where a run that diverged keeps the state before the failed step: beside the
-#: checkpoints, never over one (resuming from it would diverge again at once).
-DIVERGED_NAME = "diverged.npz"
-
-
 # ------------------------------------------------------------------ the loop's small values
 class _LossSums:
     """Training-loss sums, ``[sum over samples of the loss, samples]``, over this rank's
@@ -396,7 +391,7 @@ def _run_output(path: str, output: str | None) -> str | None:
     file, folder = Path(path).absolute(), Path(output).absolute()
     if file == folder or folder / PREVIOUS_RUN in (file, *file.parents):
         return f"the output directory {output!r} or its {PREVIOUS_RUN}/"
-    if file.parent == folder and (file.name in (*RUN_FILES, LOCK_NAME, DIVERGED_NAME)
+    if file.parent == folder and (file.name in (*RUN_FILES, LOCK_NAME)
                                   or (file.name.startswith(Path(CHECKPOINT_NAME).stem)
                                       and file.suffix == Path(CHECKPOINT_NAME).suffix)):
         return f"a file of this run's output directory {output!r}"

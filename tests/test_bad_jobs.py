@@ -191,6 +191,14 @@ def test_an_earlier_runs_folder_that_is_not_a_folder(tmp_path, kind):
     assert (tmp_path / "previous").exists()
 
 
+def test_an_earlier_runs_diverged_state_goes_with_its_checkpoints(tmp_path):
+    for name in ("checkpoint.npz", "checkpoint-00000023.npz", "diverged.npz", "summary.json"):
+        (tmp_path / name).write_bytes(name.encode())
+    set_aside_earlier_run(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["previous"]
+    assert (tmp_path / "previous" / "diverged.npz").read_bytes() == b"diverged.npz"
+
+
 @pytest.mark.parametrize("version, files, room", [
     ("v1", {"memory.limit_in_bytes": "6000000000", "memory.usage_in_bytes": "1000000000"}, 5_000_000_000),
     ("v1", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "1000"}, None),

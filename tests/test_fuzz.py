@@ -250,9 +250,6 @@ def test_a_hostfile_is_hosts_or_one_error_naming_the_file(tmp_path_factory, data
     check_hostfile(tmp_path_factory, data)
 
 
-@pytest.mark.xfail(strict=False, reason="mnn.distributed.launch.hosts (launcher engineer): slots of more than "
-                   "4300 digits raise Python's bare 'Exceeds the limit (4300 digits) for integer string "
-                   "conversion', which names neither the hostfile nor the line")
 @fuzz(20)
 @given(st.integers(4300, 6000))
 def test_an_absurd_slot_count_names_the_hostfile_or_option(tmp_path_factory, digits):

@@ -14,6 +14,8 @@ __all__ = ["parse_hostfile", "parse_hosts", "usable_cores", "local_host_names", 
 
 _HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HOSTFILE_FORMATS = "expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI)"
+# More slots than any host has: a typo, refused before Python turns thousands of digits into an int.
+_MAX_SLOTS = 10**6
 
 
 def parse_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -66,9 +68,13 @@ def _parse_host_entry(tokens: list[str], where: str) -> tuple[str, int]:
             if slots is not None:
                 raise ValueError(f"{where}: gives the slots twice; {_HOSTFILE_FORMATS}")
             slots = option.group(2)
+    if slots is not None and len(slots.lstrip("0")) > len(str(_MAX_SLOTS)):
+        raise ValueError(f"{where}: slots must be at most {_MAX_SLOTS:,}, got a number of {len(slots)} digits")
     slots = 1 if slots is None else int(slots)
     if slots < 1:
         raise ValueError(f"{where}: slots must be at least 1, got {slots}")
+    if slots > _MAX_SLOTS:
+        raise ValueError(f"{where}: slots must be at most {_MAX_SLOTS:,}, got {slots:,}")
     return host, slots
 
 
