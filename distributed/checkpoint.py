@@ -184,6 +184,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
 
     _check_finite(path, arrays)
+    _check_model_dtype(path, arrays, config)
     return Checkpoint(
         model_state=with_prefix(_MODEL_PREFIX),
         optimizer_state=with_prefix(_OPTIMIZER_PREFIX),
@@ -192,6 +193,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         world_size=_stored_int(path, arrays, _WORLD_SIZE_KEY, minimum=1),
         config=config,
     )
+
+
+def _check_model_dtype(path: str | Path, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    """ValueError naming the first model array that is not in the dtype its run trained in
+    (``dtype`` of the stored config): a run saves its weights as they are, and loading
+    would cast int8 or float16 values to the training dtype without a word."""
+    name = config.get("dtype")
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind != "f":
+        return  # left out (the default) or not a training dtype: TrainConfig.from_dict names it
+    for key, value in arrays.items():
+        if key.startswith(_MODEL_PREFIX) and value.dtype != dtype:
+            raise ValueError(f"{str(path)!r} is damaged: {key} holds {value.dtype} values, but its run trained in "
+                             f"{dtype} (dtype in {_CONFIG_KEY}), which a run saves its weights in")
 
 
 def _check_finite(path: str | Path, arrays: dict[str, np.ndarray]) -> None:

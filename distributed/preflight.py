@@ -214,8 +214,10 @@ def _data_facts(dataset: Dataset) -> dict[str, Any]:
     else:
         facts["sample shape"] = tuple(dataset.sample_shape)
         if dataset.train.mean is not None:
-            # In float32: a last bit that another machine's float64 sums may round otherwise is no difference.
-            scaling = np.stack([dataset.train.mean, dataset.train.std]).astype(np.float32)
+            # In float32: a last bit that another machine's float64 sums may round otherwise is no difference
+            # (and a scale beyond float32's range, inf on every rank alike, no warning).
+            with np.errstate(over="ignore"):
+                scaling = np.stack([dataset.train.mean, dataset.train.std]).astype(np.float32)
             facts["the training features' mean and std (digest)"] = hashlib.sha256(scaling.tobytes()).hexdigest()[:16]
     return facts
 
@@ -246,8 +248,10 @@ def _refuse_what_does_not_fit(config: TrainConfig, dataset: Dataset, world_size:
     cannot fit is refused."""
     size = model_size(config.model_description(), dataset.n_features)
     itemsize = np.dtype(config.dtype).itemsize
-    # A global batch larger than the training split is the whole split.
-    per_rank_batch = -(-min(config.batch_size, len(dataset.train)) // world_size)
+    # A global batch larger than the training split is the whole split; a text's
+    # windows are drawn with replacement, so its batch is as large as it says.
+    batch = config.batch_size if isinstance(dataset, TextDataset) else min(config.batch_size, len(dataset.train))
+    per_rank_batch = -(-batch // world_size)
     copies = _COPIES_PER_PARAMETER[config.optimizer]
     parameter_bytes = copies * size.parameters * itemsize
     activation_bytes = 2 * size.activations * per_rank_batch * itemsize

@@ -197,6 +197,10 @@ def load_arrays(path: str | os.PathLike, names: tuple[str, ...] | None = None) -
     more memory than the file's own bytes.
     """
     path = Path(path)
+    # A pipe would block the open until a writer comes, and a device has no end: only
+    # a regular file (or a link to one) can be an archive.
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a regular file (a pipe, socket or device), so not an .npz file")
     # The archive is opened as a zip and each member read as .npy, the mirror of
     # save_arrays: np.load would guess the format from the first bytes and hand
     # back a bare array for a .npy file that merely carries an .npz name.

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.preflight import TEXT_DATASET, load_job_dataset, text_context
-from mnn.model import build_net
+from mnn.model import build_net, model_size
 from mnn.text import CharVocab, TextDataset, generate, sample_characters
 
 __all__ = ["main", "build_parser", "sample"]
@@ -110,6 +110,12 @@ def _model_of(checkpoint: str) -> tuple[object, CharVocab, int]:
     config = TrainConfig.from_dict(saved.config, source=f"the config in {str(path)!r}")
     if not (config.dataset == TEXT_DATASET or config.dataset.startswith(TEXT_DATASET + ":")):
         raise ValueError(f"{path} is not a character model: its job trained on {config.dataset!r}, not a text")
+    # Counted before it is built: an edited config must not allocate a model the file does not hold.
+    described = model_size(config.model_description()).parameters
+    stored = sum(array.size for array in saved.model_state.values())
+    if described != stored:
+        raise ValueError(f"{path} does not hold the model its config describes: {described:,} parameters "
+                         f"described, {stored:,} stored (the file was edited or damaged)")
     net = build_net(config.model_description(), dtype=config.dtype)
     net.load_state_dict(saved.model_state)
     if config.text_fingerprint is not None:

@@ -7,6 +7,9 @@ folder, an output that is a dangling symbolic link, and the Python API given
 data of the wrong shape. End-to-end cases start ``mnn-train`` through the fault
 suite's helper; the Python API's run in this process.
 """
+import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +19,7 @@ from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.config import TrainConfig
 from mnn.distributed.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
 from mnn.distributed.preflight import JobConfigError, prepare_job
-from test_faults import needs_mpiexec, run
+from test_faults import ENV, needs_mpiexec, run
 
 # A GPT of 15 billion parameters: 121 GB of float32 parameters and gradients.
 HUGE_GPT = "[model.gpt]\nn_layers = 48\nd_model = 5120\nn_heads = 40\ncontext = 16\n"
@@ -225,3 +228,80 @@ def test_a_global_batch_larger_than_the_data_is_not_counted_beyond_the_data(tmp_
     # The batch is the whole training split: its activations fit, whatever --batch-size says.
     result = run(["--batch-size", str(10**21), "--max-steps", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- the second trial's cases (issue 13: "cases that are not listed here") -----------------
+
+GENERATE = [sys.executable, "-m", "mnn.scripts.generate"]
+TINY_GPT = "[model.gpt]\nn_layers = 1\nd_model = 8\nn_heads = 2\ncontext = 8\n"
+
+
+def tiny_text_job(tmp_path):
+    """A job file of a tiny GPT on a short text, and the text."""
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    job = tmp_path / "gpt.toml"
+    job.write_text(f'dataset = "text:{tmp_path / "text.txt"}"\nsteps_per_epoch = 2\n' + TINY_GPT)
+    return job
+
+
+def test_a_checkpoint_whose_weights_are_not_in_the_runs_dtype_is_damaged(tmp_path):
+    from mnn.distributed.checkpoint import load_checkpoint
+    from mnn.io import load_arrays, save_arrays
+    assert run(["--max-steps", "1", "--output", str(tmp_path)]).returncode == 0
+    path = tmp_path / "checkpoint.npz"
+    arrays = load_arrays(path)
+    save_arrays(path, {key: value.astype(np.int8) if key.startswith("model/") else value
+                       for key, value in arrays.items()})
+    # Before: load_state_dict cast the int8 values back to float32, and the run trained on.
+    with pytest.raises(ValueError, match=r"is damaged: model/0\.LinearLayer\.w holds int8 values, but its run "
+                                         r"trained in float32"):
+        load_checkpoint(path)
+    result = run(["--max-steps", "2", "--output", str(tmp_path), "--resume"])
+    assert_one_error_line(result, "is damaged: model/0.LinearLayer.w holds int8 values")
+
+
+def test_a_checkpoint_that_is_a_pipe_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "checkpoint.npz"
+    os.mkfifo(fifo)
+    # Before: mnn-generate opened the pipe and waited for a writer, forever.
+    result = subprocess.run(GENERATE + ["--checkpoint", str(fifo)], capture_output=True, text=True,
+                            timeout=60, env=ENV)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"mnn-generate: error: {str(fifo)!r} is not a regular file (a pipe, socket or "
+                                     f"device), so not an .npz file"), result.stderr
+
+
+def test_a_text_jobs_batch_is_counted_whole(tmp_path):
+    # A text's windows are drawn with replacement: a batch larger than the text is that large.
+    result = run(["--config", str(tiny_text_job(tmp_path)), "--batch-size", str(10**12), "--max-steps", "1"])
+    # Before: the estimate counted 1,576 windows, and the sampler's allocation failed in a traceback.
+    assert_one_error_line(result, "model: this job needs about", "activations of 1000000000000 samples")
+
+
+def test_data_beyond_float32s_range_standardises_without_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "huge.npz"
+    np.savez(data, x_train=rng.normal(size=(40, 64)) * 1e300, y_train=rng.integers(0, 10, 40),
+             x_test=rng.normal(size=(10, 64)) * 1e300, y_test=rng.integers(0, 10, 10))
+    result = run(["--dataset", str(data), "--max-steps", "1"])
+    # Before: "RuntimeWarning: overflow encountered in cast" and its source line, from the
+    # digest the ranks compare of the features' mean and standard deviation.
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+
+
+def test_generate_refuses_a_checkpoint_whose_config_describes_another_model(tmp_path):
+    from mnn.io import load_arrays, save_arrays
+    assert run(["--config", str(tiny_text_job(tmp_path)), "--max-steps", "1", "--output", str(tmp_path / "run")]
+               ).returncode == 0
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays = load_arrays(path)
+    config = json.loads(arrays["config_json"].tobytes())
+    config["model"]["gpt"]["context"] = 10**12
+    arrays["config_json"] = np.frombuffer(json.dumps(config).encode(), dtype=np.uint8)
+    save_arrays(path, arrays)
+    result = subprocess.run(GENERATE + ["--checkpoint", str(path), "--tokens", "3"], capture_output=True,
+                            text=True, timeout=60, env=ENV)
+    # Before: build_net allocated the described positional embedding: a MemoryError traceback.
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"mnn-generate: error: {path} does not hold the model its config describes: "
+                                    f"8,000,000,001,364 parameters described, 1,428 stored"), result.stderr
