@@ -380,6 +380,8 @@ def get_communicator(comm: Any = None) -> Communicator:
     if isinstance(comm, Communicator):
         return comm
     if comm is not None:
+        if not hasattr(comm, "Get_rank"):
+            raise TypeError(f"comm: expected a Communicator, an mpi4py communicator or None, got {type(comm).__name__}")
         return MPICommunicator(comm)
     launched_ranks = _launcher_world_size()
     _report_start("begun")

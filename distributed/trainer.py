@@ -96,6 +96,10 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     model and writes only the outputs a previous run did not finish writing.
     """
     started = time.perf_counter()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig (TrainConfig.from_dict makes one of a dict, "
+                        f"resolve_config of a job file), got {type(config).__name__}")
+    config.validate()  # again: a field may have been set after the config was made
     comm = get_communicator(comm)
     # Signals are counted from here on and acted on where every rank can agree:
     # after start-up and after each step (see mnn.distributed.stopping). A rank that

@@ -305,3 +305,29 @@ def test_generate_refuses_a_checkpoint_whose_config_describes_another_model(tmp_
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.startswith(f"mnn-generate: error: {path} does not hold the model its config describes: "
                                     f"8,000,000,001,364 parameters described, 1,428 stored"), result.stderr
+
+
+@pytest.mark.parametrize("config, got", [({"epochs": 1}, "dict"), (None, "NoneType"), ("job.toml", "str")])
+def test_the_python_api_given_a_config_that_is_not_a_trainconfig(config, got):
+    from mnn.distributed.trainer import train
+    # Before: AttributeError: 'dict' object has no attribute 'stall_timeout'.
+    with pytest.raises(TypeError, match=f"config: expected a TrainConfig .*, got {got}$"):
+        train(config, SingleProcessCommunicator())
+
+
+def test_the_python_api_checks_a_config_changed_after_it_was_made():
+    from mnn.distributed.trainer import train
+    config = TrainConfig(max_steps=1)
+    config.epochs = -5
+    # Before: it trained, with -5 epochs.
+    with pytest.raises(ValueError, match="epochs: expected an integer >= 1, got -5"):
+        train(config, SingleProcessCommunicator())
+
+
+@pytest.mark.parametrize("comm", ["world", 3])
+def test_the_python_api_given_a_comm_that_is_not_one(comm):
+    from mnn.distributed.trainer import train
+    # Before: AttributeError: 'str' object has no attribute 'Get_rank'.
+    with pytest.raises(TypeError, match=f"comm: expected a Communicator, an mpi4py communicator or None, "
+                                        f"got {type(comm).__name__}"):
+        train(TrainConfig(max_steps=1), comm)
