@@ -381,6 +381,12 @@ def _claim_output(config: TrainConfig) -> tuple[OutputLock, list[str]] | None:
 
 def _check_output_dir(output: str) -> None:
     path = Path(output)
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):  # not there (yet): checked as it is made
+        pass
+    except OSError as error:  # a name too long, a loop of links
+        raise ValueError(f"output directory {output!r} cannot be used: {error.strerror}") from None
     if path.exists() and not path.is_dir():
         raise ValueError(f"output directory {output!r} is a file, not a directory")
     if path.is_symlink() and not path.exists():

@@ -245,8 +245,12 @@ def check_timeline_path(path: str | os.PathLike, run_output: str | None = None) 
     if run_output is not None:
         raise ValueError(f"timeline: {str(path)!r} is {run_output}, which the timeline must not overwrite; "
                          "give it a file of its own")
-    if not os.path.lexists(path):
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):  # not there (yet): checked as it is made
         return
+    except OSError as error:  # a name too long, a loop of links
+        raise ValueError(f"timeline: {str(path)!r} cannot be written: {error.strerror}") from None
     if path.is_dir():
         raise ValueError(f"timeline: {str(path)!r} is a directory, not a file")
     header = "[\n" + _event({"name": _HEADER_NAME, "ph": "M"})[:-1] + ","

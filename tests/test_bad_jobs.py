@@ -331,3 +331,14 @@ def test_the_python_api_given_a_comm_that_is_not_one(comm):
     with pytest.raises(TypeError, match=f"comm: expected a Communicator, an mpi4py communicator or None, "
                                         f"got {type(comm).__name__}"):
         train(TrainConfig(max_steps=1), comm)
+
+
+@pytest.mark.parametrize("option, words", [
+    ("--output", "output directory '{name}' cannot be used: File name too long"),
+    ("--timeline", "timeline: '{name}' cannot be written: File name too long"),
+])
+def test_a_file_name_too_long_is_named_with_its_option(tmp_path, option, words):
+    name = str(tmp_path / ("n" * 300))
+    result = run([option, name, "--max-steps", "1"])
+    # Before: "rank 0: OSError: [Errno 36] File name too long: '…'", naming no option.
+    assert_one_error_line(result, words.format(name=name))
