@@ -24,7 +24,7 @@ import numpy as np
 
 from mnn import SequentialLayers
 from mnn.datasets import Dataset, load_dataset
-from mnn.io import clean_stale_temporaries
+from mnn.io import clean_stale_temporaries, unusable_path
 from mnn.model import GPT_KEYS, model_size
 from mnn.text import TextDataset, fingerprint_difference, load_text
 from mnn.distributed.checkpoint import (CHECKPOINT_NAME, Checkpoint, find_checkpoints, load_checkpoint,
@@ -381,12 +381,9 @@ def _claim_output(config: TrainConfig) -> tuple[OutputLock, list[str]] | None:
 
 def _check_output_dir(output: str) -> None:
     path = Path(output)
-    try:
-        path.lstat()
-    except (FileNotFoundError, NotADirectoryError):  # not there (yet): checked as it is made
-        pass
-    except OSError as error:  # a name too long, a loop of links
-        raise ValueError(f"output directory {output!r} cannot be used: {error.strerror}") from None
+    problem = unusable_path(path)
+    if problem is not None:
+        raise ValueError(f"output directory {output!r} cannot be used: {problem}")
     if path.exists() and not path.is_dir():
         raise ValueError(f"output directory {output!r} is a file, not a directory")
     if path.is_symlink() and not path.exists():

@@ -68,6 +68,7 @@ import numpy as np
 
 from mnn.checks import check_int
 from mnn.distributed.comm import Communicator, get_communicator, run_all
+from mnn.io import unusable_path
 
 __all__ = ["Timeline", "STEP_TRACK", "DEFAULT_FLUSH_EVERY_STEPS", "check_timeline_path"]
 
@@ -245,12 +246,11 @@ def check_timeline_path(path: str | os.PathLike, run_output: str | None = None) 
     if run_output is not None:
         raise ValueError(f"timeline: {str(path)!r} is {run_output}, which the timeline must not overwrite; "
                          "give it a file of its own")
-    try:
-        path.lstat()
-    except (FileNotFoundError, NotADirectoryError):  # not there (yet): checked as it is made
+    problem = unusable_path(path)
+    if problem is not None:
+        raise ValueError(f"timeline: {str(path)!r} cannot be written: {problem}")
+    if not os.path.lexists(path):
         return
-    except OSError as error:  # a name too long, a loop of links
-        raise ValueError(f"timeline: {str(path)!r} cannot be written: {error.strerror}") from None
     if path.is_dir():
         raise ValueError(f"timeline: {str(path)!r} is a directory, not a file")
     header = "[\n" + _event({"name": _HEADER_NAME, "ph": "M"})[:-1] + ","

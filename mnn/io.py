@@ -50,7 +50,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_copy", "clean_stale_temporaries", "save_arrays",
-           "load_arrays"]
+           "load_arrays", "unusable_path"]
 
 _MEMBER_SUFFIX = ".npy"
 # What atomic_write names its temporary files: ".NAME.<uuid4 hex>.tmp".
@@ -145,6 +145,19 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
         # already is a link to the same file: then the new link is left over.
         temporary.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def unusable_path(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot name a file at all (a name too long, a loop of links), as the
+    system says it; None for a path that is there, or not there yet (or below a file),
+    which whoever makes it checks with a message of its own."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def clean_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
