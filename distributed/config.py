@@ -407,7 +407,8 @@ def resolve_config(config_file: str | Path | None = None,
     except (ValueError, TypeError) as error:
         # Messages start with the field they are about ("model.layers[2] (...): ...").
         field_named = re.match(r"[a-z_]*", str(error)).group()
-        if field_named not in from_file:
+        # (An unknown key is named with the file already: a key `config` is no field.)
+        if field_named not in from_file or str(error).startswith(source):
             raise
         raise type(error)(f"{source}: {error}") from None
 

@@ -342,3 +342,11 @@ def test_a_file_name_too_long_is_named_with_its_option(tmp_path, option, words):
     result = run([option, name, "--max-steps", "1"])
     # Before: "rank 0: OSError: [Errno 36] File name too long: '…'", naming no option.
     assert_one_error_line(result, words.format(name=name))
+
+
+def test_a_job_file_with_a_config_key_is_named_once(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('config = "other.toml"\n')
+    result = run(["--config", str(job)])
+    # Before: "config file '…': config file '…': unknown key(s) 'config'" (the key looked like the prefix).
+    assert_one_error_line(result, f"mnn-train: error: config file '{job}': unknown key(s) 'config'; valid keys are")
