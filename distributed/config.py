@@ -300,6 +300,14 @@ class TrainConfig:
             self.timeline = os.fspath(self.timeline)
         if self.timeline is not None and (not isinstance(self.timeline, str) or not self.timeline):
             raise ValueError(f"timeline: expected a file path or None, got {self.timeline!r}")
+        for name in ("dataset", "output", "resume", "timeline"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # a name in another encoding, as the shell passed its bytes
+                    raise ValueError(f"{name}: expected a path that is UTF-8 text (the run records it in config.toml "
+                                     f"and its checkpoints), got {value!r}") from None
         if self.text_fingerprint is not None and not (
                 isinstance(self.text_fingerprint, dict) and set(self.text_fingerprint) == {"chars", "sha256"}
                 and all(isinstance(value, str) for value in self.text_fingerprint.values())):

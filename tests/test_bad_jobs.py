@@ -350,3 +350,19 @@ def test_a_job_file_with_a_config_key_is_named_once(tmp_path):
     result = run(["--config", str(job)])
     # Before: "config file '…': config file '…': unknown key(s) 'config'" (the key looked like the prefix).
     assert_one_error_line(result, f"mnn-train: error: config file '{job}': unknown key(s) 'config'; valid keys are")
+
+
+@pytest.mark.parametrize("option", ["--output", "--dataset", "--timeline"])
+def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option):
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")  # a Latin-1 name, as a shell passes it
+    output = [] if option == "--output" else ["--output", str(tmp_path / "out")]
+    if option == "--dataset":
+        rng = np.random.default_rng(0)
+        name += ".npz"
+        np.savez(os.fsdecode(os.fsencode(name)), x_train=rng.normal(size=(8, 64)), y_train=rng.integers(0, 10, 8),
+                 x_test=rng.normal(size=(4, 64)), y_test=rng.integers(0, 10, 4))
+    result = run([option, name, "--max-steps", "1", *output])
+    # Before (--output): exit 1 once training had started, "cannot write …: UnicodeEncodeError" from config.toml.
+    assert_one_error_line(result, f"{option[2:]}: expected a path that is UTF-8 text (the run records it in "
+                                  f"config.toml and its checkpoints), got {name!r}")
+    assert not (tmp_path / "out").exists()
