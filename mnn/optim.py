@@ -73,7 +73,15 @@ class Optimizer:
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: {key} expected shape "
                         f"{params[name].shape}, got {value.shape}")
+                # Cast from the other float type only: int8 or bool state is no run's.
+                if value.dtype.kind != "f":
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {key}: expected floating-point "
+                                     f"values, got {value.dtype}")
                 value = value.astype(params[name].dtype)
+            elif value.shape != () or value.dtype.kind not in "iu" or value < 0:
+                # The scalars are counts (Adam's step): a negative or fractional one is damage.
+                raise ValueError(f"{type(self).__name__}.load_state_dict: {key}: expected a count of steps "
+                                 f"(an integer scalar >= 0), got {value if value.size < 4 else value.shape}")
             loaded[key] = value.copy()
         self.state = loaded
 

@@ -366,3 +366,20 @@ def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option):
     assert_one_error_line(result, f"{option[2:]}: expected a path that is UTF-8 text (the run records it in "
                                   f"config.toml and its checkpoints), got {name!r}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("optimizer, key, value, words", [
+    ("adam", "step", np.array(-5), "step: expected a count of steps (an integer scalar >= 0), got -5"),
+    ("adam", "step", np.array(2.5), "step: expected a count of steps (an integer scalar >= 0), got 2.5"),
+    ("momentum", "momentum.0.LinearLayer.w", np.ones((128, 64), np.int8),
+     "momentum.0.LinearLayer.w: expected floating-point values, got int8"),
+])
+def test_an_optimizer_state_a_run_never_saves_is_refused(tmp_path, optimizer, key, value, words):
+    from mnn.io import load_arrays, save_arrays
+    args = ["--optimizer", optimizer, "--lr", "0.001", "--output", str(tmp_path)]
+    assert run([*args, "--max-steps", "2"]).returncode == 0
+    arrays = load_arrays(tmp_path / "checkpoint.npz")
+    arrays["optimizer/" + key] = value
+    save_arrays(tmp_path / "checkpoint.npz", arrays)
+    # Before: loaded as it was; a negative Adam step trained into NaN and blamed the learning rate.
+    assert_one_error_line(run([*args, "--max-steps", "4", "--resume"]), words)
