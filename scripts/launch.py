@@ -114,6 +114,8 @@ from mnn.distributed.launch import (
 __all__ = ["build_parser", "parse_args", "main"]
 
 _EXIT_INTERRUPTED = 130
+# More ranks than any job of a NumPy trainer: a typo, refused before the plan lists a host per rank.
+_MAX_RANKS = 10**6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,12 +177,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _positive_int(text: str) -> int:
+    """A rank count: a positive integer, at most :data:`_MAX_RANKS` (checked by its digits
+    first, so that thousands of them are neither converted nor echoed back)."""
+    digits = text.strip().lstrip("+").lstrip("0")
+    if digits.isdigit() and len(digits) > len(str(_MAX_RANKS)):
+        raise argparse.ArgumentTypeError(f"expected at most {_MAX_RANKS:,} ranks, got a number of {len(digits)} "
+                                         "digits")
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > _MAX_RANKS:
+        raise argparse.ArgumentTypeError(f"expected at most {_MAX_RANKS:,} ranks, got {value:,}")
     return value
 
 

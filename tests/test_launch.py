@@ -823,3 +823,36 @@ def test_after_an_interrupt_only_open_mpis_noise_is_dropped_from_its_stderr(capf
     assert out == "the ranks' stdout\n"
     assert err.encode() == (before + b"mnn-train: interrupted at epoch 1/30 step 6/23; continue with --resume\n"
                    + rule + b"\nAnother notice\n" + rule + b"\n" + notice % 2 + b"last words")
+
+
+# ------------------------------------------------------------------ trial, round 3: odd input, one line each
+@pytest.mark.parametrize("ranks", ["99999999999999999999", "1000001", "9" * 5000])
+def test_a_rank_count_no_machine_runs_is_one_line(capsys, ranks):
+    """-n beyond any job (and beyond Python's index size) was an OverflowError traceback from the
+    start-up watch's list of rank hosts; thousands of digits echoed them all back."""
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["-n", ranks, "--dry-run", "--", "true"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("mnn-launch: error: argument -n/--ranks: expected at most 1,000,000 ranks, got ")
+    assert len(err[-1]) < 200 and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_hostfile_with_no_end_is_refused_not_read_forever(tmp_path):
+    """--hostfile /dev/zero read without bound: all the memory there was, then a MemoryError traceback."""
+    with pytest.raises(ValueError, match=r"hostfile /dev/zero is larger than 16 MiB, which no hostfile is"):
+        parse_hostfile("/dev/zero")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1:2\n" * 100_000)  # large, but a hostfile
+    assert parse_hostfile(hostfile) == [("node1", 200_000)]
+
+
+def test_a_remote_shell_killed_by_a_signal_is_named_by_the_signal(tmp_path):
+    """A remote shell that died of a signal was reported as 'exit status -11'."""
+    from mnn.distributed.launch.remote import check_remote_hosts
+    shell = tmp_path / "remote-shell"
+    shell.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    shell.chmod(0o755)
+    answers = check_remote_hosts(["127.0.0.2"], str(shell), 30, os.environ)
+    assert answers == {"127.0.0.2": "ssh was killed by signal 11 (SIGSEGV)"}

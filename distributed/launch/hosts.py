@@ -16,6 +16,8 @@ _HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HOSTFILE_FORMATS = "expected 'host', 'host:slots' (MPICH) or 'host slots=N' (Open MPI)"
 # More slots than any host has: a typo, refused before Python turns thousands of digits into an int.
 _MAX_SLOTS = 10**6
+# Read no further: a hostfile of a million hosts is 16 MB, and --hostfile /dev/zero would never end.
+_MAX_HOSTFILE_BYTES = 16 << 20
 
 
 def parse_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -25,9 +27,15 @@ def parse_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
     add up their slots. Raises ValueError naming the file and line otherwise.
     """
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_HOSTFILE_BYTES + 1)
     except OSError as error:
         raise ValueError(f"hostfile {path} cannot be read: {error.strerror or error}") from None
+    if len(data) > _MAX_HOSTFILE_BYTES:
+        raise ValueError(f"hostfile {path} is larger than {_MAX_HOSTFILE_BYTES >> 20} MiB, which no hostfile is "
+                         "(is it the right file?)")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"hostfile {path} is not UTF-8 text: byte {error.start} is "
                          f"0x{error.object[error.start]:02x} ({error.reason}); "

@@ -12,6 +12,7 @@ ssh is left running.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -61,7 +62,10 @@ def check_remote_hosts(hosts: list[str], ssh: str, timeout: float,
             elif process.returncode != 0:
                 output.seek(0)
                 said = output.read().decode(errors="replace").strip().splitlines()
-                answers[host] = f"ssh failed with exit status {process.returncode}" + (f": {said[-1]}" if said else "")
+                status = process.returncode
+                failed = (f"ssh failed with exit status {status}" if status > 0 else
+                          f"ssh was killed by signal {-status} ({_signal_name(-status)})")
+                answers[host] = failed + (f": {said[-1]}" if said else "")
             else:
                 answers[host] = None
         return answers
@@ -71,6 +75,13 @@ def check_remote_hosts(hosts: list[str], ssh: str, timeout: float,
                 stop_process_tree(process, grace=0.5)
         for output in outputs:
             output.close()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "an unknown signal"
 
 
 def describe_unanswered(answers: Mapping[str, str | None], ssh: str) -> str:
