@@ -207,9 +207,17 @@ class Reporter:
             return
         try:
             print(line, flush=True)
-        except BrokenPipeError:
-            # Nobody reads stdout any more (`mnn-train ... | head`): the run goes on, and
-            # what it prints from now on (and what was buffered) goes to /dev/null.
+        except OSError as error:
+            # Nobody reads stdout any more (`mnn-train ... | head`), or it cannot be written
+            # (a full disk): the run goes on, and what it prints from now on (and what was
+            # buffered) goes to /dev/null. Only the second is news to whoever reads stderr.
+            if not isinstance(error, BrokenPipeError):
+                kept = f", and {self.metrics_path} keeps every event" if self.metrics_path is not None else ""
+                try:
+                    print(f"mnn: warning: the output cannot be printed ({error}); training goes on{kept}",
+                          file=sys.stderr, flush=True)
+                except OSError:
+                    pass
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)

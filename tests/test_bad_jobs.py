@@ -383,3 +383,17 @@ def test_an_optimizer_state_a_run_never_saves_is_refused(tmp_path, optimizer, ke
     save_arrays(tmp_path / "checkpoint.npz", arrays)
     # Before: loaded as it was; a negative Adam step trained into NaN and blamed the learning rate.
     assert_one_error_line(run([*args, "--max-steps", "4", "--resume"]), words)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_stdout_that_cannot_be_written_does_not_stop_training(tmp_path):
+    from test_faults import TRAIN
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(TRAIN + ["--max-steps", "30", "--log-every", "1", "--output", str(tmp_path)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=ENV)
+    # Before: an OSError traceback from the first printed line ([Errno 28] No space left on device).
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"mnn: warning: the output cannot be printed ([Errno 28] No space left on "
+                                     f"device); training goes on, and {tmp_path / 'metrics.jsonl'} keeps every event"
+                                     ), result.stderr
+    assert (tmp_path / "model.npz").exists() and (tmp_path / "summary.json").exists()
