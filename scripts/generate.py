@@ -10,7 +10,8 @@ that changed since cannot remap them. A checkpoint written before runs
 recorded their text reads the text again (from its cache) and is refused when
 its vocabulary is not the model's. The characters are printed as they are
 drawn. One process, no MPI. Exit status 2 for a bad checkpoint, prompt or
-option, 130 when interrupted.
+option, 1 when stdout cannot take the text (a full disk, stdout closed), 130
+when interrupted.
 """
 from __future__ import annotations
 
@@ -65,9 +66,13 @@ _temperature = _at_least_zero(float, "a finite number >= 0 (0: always the likeli
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    written = 0
+    written, printing = 0, False
     try:
         characters = _characters(args.checkpoint, args.prompt, args.temperature, args.seed)
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            print("mnn-generate: error: cannot print the text: stdout is closed", file=sys.stderr)
+            return 1
+        printing = True
         sys.stdout.write(args.prompt)
         # Each character as it is drawn: a long sample shows from its first character on.
         # (islice counts to sys.maxsize at most: more than any run will print.)
@@ -88,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         # flushes stdout again at exit: let that go nowhere instead of failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:
+        if not printing:  # the checkpoint or its text could not be read
+            print(f"mnn-generate: error: {error}", file=sys.stderr)
+            return 2
+        # stdout cannot take the text (a full disk): say so, and let Python's flush at exit go nowhere.
+        print(f"mnn-generate: error: cannot print the text: {error}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

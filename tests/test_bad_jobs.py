@@ -397,3 +397,21 @@ def test_a_stdout_that_cannot_be_written_does_not_stop_training(tmp_path):
                                      f"device); training goes on, and {tmp_path / 'metrics.jsonl'} keeps every event"
                                      ), result.stderr
     assert (tmp_path / "model.npz").exists() and (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("stdout, words", [
+    ("/dev/full", "mnn-generate: error: cannot print the text: [Errno 28] No space left on device"),
+    (None, "mnn-generate: error: cannot print the text: stdout is closed"),
+])
+def test_generate_with_a_stdout_that_cannot_be_written(tmp_path, stdout, words):
+    assert run(["--config", str(tiny_text_job(tmp_path)), "--max-steps", "1", "--output", str(tmp_path / "run")]
+               ).returncode == 0
+    code = "import sys, runpy; sys.stdout = None; sys.argv[0] = 'mnn-generate'; " \
+           "runpy.run_module('mnn.scripts.generate', run_name='__main__')"
+    command = GENERATE if stdout else [sys.executable, "-c", code]
+    with open(stdout or os.devnull, "w") as out:
+        result = subprocess.run(command + ["--checkpoint", str(tmp_path / "run"), "--tokens", "50"], stdout=out,
+                                stderr=subprocess.PIPE, text=True, timeout=60, env=ENV)
+    # Before: an OSError traceback (/dev/full); "AttributeError: 'NoneType' object has no attribute 'write'".
+    assert result.returncode == 1 and result.stderr.strip() == words, result.stderr[-3000:]
