@@ -651,6 +651,9 @@ def cached_arrays(build: Callable[[], dict[str, np.ndarray]], sources: list[Path
 
 
 def _read_cache(meta_path: Path, meta: dict, array_paths: dict[str, Path]) -> dict[str, np.ndarray] | None:
+    # A pipe would block the read until a writer comes: only regular files are a cache.
+    if not all(path.is_file() for path in (meta_path, *array_paths.values())):
+        return None
     try:
         if json.loads(meta_path.read_text()) != meta:
             return None

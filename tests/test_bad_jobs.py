@@ -415,3 +415,18 @@ def test_generate_with_a_stdout_that_cannot_be_written(tmp_path, stdout, words):
                                 stderr=subprocess.PIPE, text=True, timeout=60, env=ENV)
     # Before: an OSError traceback (/dev/full); "AttributeError: 'NoneType' object has no attribute 'write'".
     assert result.returncode == 1 and result.stderr.strip() == words, result.stderr[-3000:]
+
+
+def test_a_dataset_cache_file_that_is_a_pipe_is_rebuilt(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.normal(size=(8, 64)), y_train=rng.integers(0, 10, 8),
+             x_test=rng.normal(size=(4, 64)), y_test=rng.integers(0, 10, 4))
+    assert run(["--dataset", str(data), "--max-steps", "1"]).returncode == 0
+    for cached in (tmp_path / ".cache").iterdir():
+        cached.unlink()
+        os.mkfifo(cached)
+    # Before: reading the cache opened a pipe and waited for a writer, forever.
+    result = run(["--dataset", str(data), "--max-steps", "1"], timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert all(cached.is_file() for cached in (tmp_path / ".cache").iterdir())
