@@ -342,13 +342,16 @@ def check_fits(net: SequentialLayers, inputs: np.ndarray, targets: Any = None) -
     ``targets`` the loss layer is not run.
     """
     outputs = inputs
-    for index, layer in enumerate(net.layers):
-        if layer is net.loss_layer and targets is None:
-            break
-        received = np.shape(outputs)
-        try:
-            outputs = layer.forward(outputs, targets if layer is net.loss_layer else None)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"layer {index} ({layer.name}) does not fit its input of shape {received[1:]} "
-                             f"per sample: {error}") from None
+    # The shapes are checked, not the values: weights that overflow (a diverged state
+    # resumed) are the trainer's to report, not a warning from here.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for index, layer in enumerate(net.layers):
+            if layer is net.loss_layer and targets is None:
+                break
+            received = np.shape(outputs)
+            try:
+                outputs = layer.forward(outputs, targets if layer is net.loss_layer else None)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"layer {index} ({layer.name}) does not fit its input of shape {received[1:]} "
+                                 f"per sample: {error}") from None
     return outputs

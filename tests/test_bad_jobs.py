@@ -430,3 +430,13 @@ def test_a_dataset_cache_file_that_is_a_pipe_is_rebuilt(tmp_path):
     result = run(["--dataset", str(data), "--max-steps", "1"], timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
     assert all(cached.is_file() for cached in (tmp_path / ".cache").iterdir())
+
+
+def test_resuming_the_diverged_state_warns_of_nothing_but_the_divergence(tmp_path):
+    assert run(["--lr", "1e6", "--max-steps", "50", "--output", str(tmp_path / "a")]).returncode == 1
+    result = run(["--lr", "1e6", "--max-steps", "50", "--output", str(tmp_path / "b"),
+                  "--resume", str(tmp_path / "a" / "diverged.npz")])
+    # Before: NumPy's "RuntimeWarning: overflow encountered in matmul" (twice, with its source line)
+    # from preflight's trial batch through the restored, exploded weights, before the line.
+    assert result.returncode == 1 and "Warning" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith("mnn-train: error: training diverged at") and result.stderr.count("\n") == 1
