@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     """
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ if env is None else env)
+    _reopen_closed_streams()
     # Until the job runs (and passes signals on), a signal ends mnn-launch with one line.
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -221,14 +222,12 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         mpi = detect_mpi(env, mpiexec=args.mpiexec)
         if args.check:
             lines, ok = run_check(args, env, mpi)
-            _say("\n".join(lines))
-            return 0 if ok else 1
+            return 0 if _say("\n".join(lines)) and ok else 1
         plan = build_command(args, env, mpi, terminal=sys.stderr.isatty())
         for warning in plan.warnings:
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
         if args.dry_run:
-            _say(format_plan(plan))
-            return 0
+            return 0 if _say(format_plan(plan)) else 1
         if plan.launcher == "mpiexec":
             require_answers(args.hosts, args.ssh, args.start_timeout, env)
         return run_plan(plan, env, args.start_timeout)
@@ -247,14 +246,36 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _say(text: str) -> None:
-    """Print ``text`` on stdout; a reader that went away (``| head -1``) is no error."""
+def _say(text: str) -> bool:
+    """Print ``text`` on stdout; whether it could be written. A reader that went away
+    (``| head -1``) is no error; a stdout that cannot take it (a full disk) is one line on stderr."""
     try:
         print(text, flush=True)
-    except BrokenPipeError:
+    except OSError as error:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # where the rest of what was buffered goes
         os.close(devnull)
+        if not isinstance(error, BrokenPipeError):
+            print(f"mnn-launch: error: cannot write to stdout: {error.strerror or error}", file=sys.stderr,
+                  flush=True)
+            return False
+    return True
+
+
+def _reopen_closed_streams() -> None:
+    """Put /dev/null where stdin, stdout or stderr was closed (``<&-``, ``2>&-``). Otherwise the
+    job's pipes take those numbers (the launcher reads its own output as its input: a hang under
+    Open MPI, SIGPIPE under MPICH) and sys.stderr is None (an AttributeError before the job starts)."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if devnull != fd:  # the lowest free number, so fd itself unless a lower one was closed
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
 
 if __name__ == "__main__":

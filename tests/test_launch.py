@@ -856,3 +856,31 @@ def test_a_remote_shell_killed_by_a_signal_is_named_by_the_signal(tmp_path):
     shell.chmod(0o755)
     answers = check_remote_hosts(["127.0.0.2"], str(shell), 30, os.environ)
     assert answers == {"127.0.0.2": "ssh was killed by signal 11 (SIGSEGV)"}
+
+
+@needs_mpi
+@pytest.mark.parametrize("closed", [0, 2], ids=["stdin", "stderr"])
+def test_a_closed_stdin_or_stderr_does_not_stop_the_job(tmp_path, closed):
+    """Started with `<&-` or `2>&-`: the job's pipes took the free numbers, so a closed stdin made
+    the launcher read its own output (MPICH: SIGPIPE, exit 141; Open MPI: a hang), and a closed
+    stderr left sys.stderr None (an AttributeError before anything started, exit 1, no word)."""
+    code = ("import os, sys; from mpi4py import MPI; rank = MPI.COMM_WORLD.Get_rank(); "
+            "print(f'rank {rank} says hello', flush=True); open(os.path.join(sys.argv[1], f'rank{rank}'), 'w').close()")
+    result = subprocess.run([*launcher_command(), "-n", "2", "--", sys.executable, "-c", code, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(closed))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("says hello") == 2  # (hydra may interleave the two lines)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("option", ["--dry-run", "--check"])
+def test_a_stdout_that_cannot_be_written_is_one_line(option):
+    """--dry-run or --check into a full disk: an OSError traceback (only a gone reader was handled)."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*launcher_command(), "-n", "2", option, "--", "true"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=180)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "mnn-launch: error: cannot write to stdout: No space left on device"
+    assert "Traceback" not in result.stderr
