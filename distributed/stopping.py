@@ -59,8 +59,9 @@ class StopRequests:
     milliseconds: from the terminal and forwarded by the launcher.) A signal
     ignored when the block starts (``nohup``, a shell's background job) stays
     ignored. Blocks nest: an inner one starts from the count of the outer one
-    whose handler it replaces, so that a signal that came before training
-    started stops training at its first vote. Outside the main thread nothing
+    whose handler it replaces (or of the console script's, which counted the
+    signals while the program loaded), so that a signal that came before
+    training started stops training at its first vote. Outside the main thread nothing
     is installed.
     """
 
@@ -69,7 +70,7 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.count = 0
-        self._first_at: float | None = None
+        self.first_at: float | None = None
         self._previous: dict[int, Any] = {}
         self._ignoring = False
         self._votes = np.zeros(2)  # [stop requests, ranks with non-finite numbers], summed
@@ -79,9 +80,11 @@ class StopRequests:
             for signum in self.SIGNALS:
                 if signal.getsignal(signum) is not signal.SIG_IGN:
                     self._previous[signum] = signal.signal(signum, self._request)
+            # The holder of the count this one replaces: an outer StopRequests, or the
+            # console script's (mnn.scripts.entry.HeldSignals) while the program loaded.
             outer = getattr(next(iter(self._previous.values()), None), "__self__", None)
-            if isinstance(outer, StopRequests):
-                self.count, self._first_at = outer.count, outer._first_at
+            if hasattr(outer, "count") and hasattr(outer, "first_at"):
+                self.count, self.first_at = outer.count, outer.first_at
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -110,9 +113,9 @@ class StopRequests:
 
     def _request(self, signum: int, frame: object) -> None:
         now = time.monotonic()
-        if self._first_at is None:
-            self._first_at = now
-        elif now - self._first_at > self._REPEAT_AFTER_S and not self._ignoring:
+        if self.first_at is None:
+            self.first_at = now
+        elif now - self.first_at > self._REPEAT_AFTER_S and not self._ignoring:
             previous = self._previous.get(signum)
             self.restore()
             if callable(previous):

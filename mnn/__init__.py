@@ -4,33 +4,31 @@ NumPy layers whose backward passes are derived by hand (the math is in each
 docstring), a ``SequentialLayers`` container and optimizers. The data-parallel
 trainer lives in ``mnn.distributed``; this package never imports MPI.
 """
+import importlib
 
-from mnn.layer import (
-    CrossEntropyLossLayer,
-    DropoutLayer,
-    EmbeddingLayer,
-    GeluLayer,
-    Layer,
-    LayerNormLayer,
-    LinearLayer,
-    LogLayer,
-    LogSoftmaxLayer,
-    LossLayer,
-    MatrixProduct,
-    MSELossLayer,
-    MultiHeadAttention,
-    NllLossLayer,
-    PositionalEmbeddingLayer,
-    ReluLayer,
-    ReshapeLayer,
-    SoftmaxLayer,
-)
-from mnn.optim import SGD, Adam, Optimizer
-from mnn.seq_layers import Residual, SequentialLayers
+# The names are loaded on first use (PEP 562), not when ``mnn`` is imported: the
+# console scripts live in this package (``mnn.scripts``) and hold Ctrl-C, SIGTERM
+# and SIGHUP before NumPy and the layers load (mnn.scripts.entry), so that a
+# signal in the first tenths of a second is handled like any other.
+_SOURCES = {
+    **dict.fromkeys(["Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer",
+                     "LogSoftmaxLayer", "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct",
+                     "MultiHeadAttention", "ReshapeLayer", "EmbeddingLayer", "PositionalEmbeddingLayer",
+                     "LayerNormLayer", "GeluLayer", "DropoutLayer"], "mnn.layer"),
+    **dict.fromkeys(["SequentialLayers", "Residual"], "mnn.seq_layers"),
+    **dict.fromkeys(["Optimizer", "SGD", "Adam"], "mnn.optim"),
+}
 
-__all__ = [
-    "Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer", "LogSoftmaxLayer",
-    "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention", "ReshapeLayer",
-    "EmbeddingLayer", "PositionalEmbeddingLayer", "LayerNormLayer", "GeluLayer", "DropoutLayer",
-    "SequentialLayers", "Residual", "Optimizer", "SGD", "Adam",
-]
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'mnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -107,7 +107,7 @@ def test_stop_requests_count_signals_and_all_ranks_agree():
 def test_a_signal_long_after_the_first_stops_at_once():
     with StopRequests() as requests:
         os.kill(os.getpid(), signal.SIGINT)
-        requests._first_at -= 2 * StopRequests._REPEAT_AFTER_S  # the first came two seconds ago
+        requests.first_at -= 2 * StopRequests._REPEAT_AFTER_S  # the first came two seconds ago
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
