@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ __all__ = [
     "NewestCheckpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_files",
     "find_checkpoints",
     "load_newest_checkpoint",
 ]
@@ -232,11 +234,32 @@ def _check_finite(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
                              f"of {value.size}, which a run never saves")
 
 
-def find_checkpoints(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
-    """The checkpoints in ``output_dir``, newest first: ``name`` itself, then the rotated
-    ``NAME-<step>.npz`` by descending step. A rotated file that is the same file as
-    ``name`` (a save stopped between keeping the old one and writing the new) is listed once."""
+def checkpoint_files(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Every entry of ``output_dir`` named as a checkpoint: ``name`` and the rotated
+    ``NAME-<step>.npz``, unordered. The one rule for what counts as a checkpoint, so that
+    resuming and setting an earlier run aside agree on whether there is one.
+
+    Raises ValueError naming an entry with such a name that is not a regular file (or a
+    link to one): a folder or a pipe is no checkpoint, yet not nothing either, and a
+    pipe would make a reader wait for a writer forever.
+    """
     path = Path(output_dir) / name
+    entries = ([path] if os.path.lexists(path) else []) + list(_rotated_checkpoints(path, any_kind=True).values())
+    for entry in entries:
+        kind = _kind_of_non_file(entry)
+        if kind is not None:
+            raise ValueError(f"{str(entry)!r} is {kind}, not a checkpoint (a regular file); move it away, "
+                             f"or give another --output")
+    return entries
+
+
+def find_checkpoints(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """The checkpoints in ``output_dir`` (see :func:`checkpoint_files`), newest first: ``name``
+    itself, then the rotated ``NAME-<step>.npz`` by descending step. A rotated file that is
+    the same file as ``name`` (a save stopped between keeping the old one and writing the
+    new) is listed once."""
+    path = Path(output_dir) / name
+    checkpoint_files(output_dir, name)  # refuses a folder or a pipe with a checkpoint's name
     rotated = _rotated_checkpoints(path)
     candidates = [path] if path.is_file() else []
     for step in sorted(rotated, reverse=True):
@@ -287,8 +310,9 @@ def _rotated_path(path: Path, global_step: int) -> Path:
     return path.with_name(f"{path.stem}-{global_step:0{_STEP_DIGITS}d}{path.suffix}")
 
 
-def _rotated_checkpoints(path: Path) -> dict[int, Path]:
-    """The rotated checkpoints of ``path`` by global step."""
+def _rotated_checkpoints(path: Path, any_kind: bool = False) -> dict[int, Path]:
+    """The rotated checkpoints of ``path`` by global step (with ``any_kind``, every entry so
+    named, whatever it is)."""
     # Only names this module writes: at least _STEP_DIGITS digits.
     pattern = re.compile(re.escape(path.stem) + rf"-(\d{{{_STEP_DIGITS},}})" + re.escape(path.suffix))
     try:
@@ -298,9 +322,20 @@ def _rotated_checkpoints(path: Path) -> dict[int, Path]:
     rotated = {}
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match and entry.is_file():
+        if match and (any_kind or entry.is_file()):
             rotated[int(match.group(1))] = entry
     return rotated
+
+
+def _kind_of_non_file(path: Path) -> str | None:
+    """What ``path`` is, in words, when it is not a regular file (or a link to one); None when it is."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), "a device, not a regular file")
 
 
 def _same_file(first: Path, second: Path) -> bool:

@@ -367,6 +367,8 @@ _MAX_JOB_FILE_BYTES = 16 << 20
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML job file into a dict; a file that cannot be read or parsed is a
     ValueError naming it and the problem."""
+    if os.fspath(path) == "":  # Path("") is ".", the current directory
+        raise ValueError("config file: the option is empty (--config ''); give the path of a TOML job file")
     path = Path(path)
     where = f"config file {str(path)!r}"
     try:

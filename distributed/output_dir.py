@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnn.distributed.checkpoint import checkpoint_files
+
 __all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
 
 LOCK_NAME = ".mnn.lock"
@@ -124,7 +126,7 @@ def _is_stale(holder: dict) -> bool:
 def set_aside_earlier_run(output: Path) -> str | None:
     """Move an earlier run's files into OUTPUT/previous/ when the directory holds its
     checkpoints; return what was done, or None when there was no earlier run."""
-    checkpoints = sorted(output.glob("checkpoint*.npz"))
+    checkpoints = sorted(checkpoint_files(output))  # ValueError for one that is a folder or a pipe
     if not checkpoints:
         return None
     previous = output / PREVIOUS_RUN

@@ -101,7 +101,9 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         notes = _check_ranks(comm, config)
         dataset = _load_data(config, data, comm)
         _check_same_data(comm, dataset)
+        recorded = config
         config = run_all(comm, _with_text_record, config, dataset)
+        notes += _text_change_note(recorded, config) if comm.rank == 0 else []
         if net is None:
             _check_memory(comm, config, dataset)
             net = run_all(comm, build_net, config)
@@ -581,18 +583,47 @@ def text_context(config: TrainConfig) -> int:
 
 def _with_text_record(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     """The job with what it trains on recorded (so config.toml and the checkpoint say it): a
-    text's fingerprint, and its vocabulary in a ``gpt`` model that gives none."""
+    text's fingerprint, and its vocabulary in a ``gpt`` model that gives none.
+
+    A job file that recorded another text (a run's config.toml, reused after its text
+    changed) trains on the text as it is now: a vocab that was the recorded text's is
+    taken from this one. (Resuming on a changed text is refused when the checkpoint is
+    compared.)"""
     changes: dict[str, Any] = {}
     fingerprint = dataset.fingerprint if isinstance(dataset, TextDataset) else None
     if fingerprint != config.text_fingerprint:
         changes["text_fingerprint"] = fingerprint
     gpt = (config.model or {}).get("gpt")
-    if gpt is not None and gpt.get("vocab") is None:
-        if not isinstance(dataset, TextDataset):
+    if gpt is None:
+        return dataclasses.replace(config, **changes) if changes else config
+    if not isinstance(dataset, TextDataset):
+        if gpt.get("vocab") is None:
             raise ValueError(f"model.gpt: missing vocab, and dataset {config.dataset!r} is not a text to take it "
                              f"from; give vocab, or use dataset = \"text\" or \"text:PATH\"")
+    elif gpt.get("vocab") is None or _vocab_of_another_text(gpt["vocab"], config.text_fingerprint, fingerprint):
         changes["model"] = {"gpt": {**gpt, "vocab": dataset.n_classes}}
+    elif gpt["vocab"] < dataset.n_classes:
+        raise ValueError(f"model.gpt: vocab = {gpt['vocab']}, fewer than the {dataset.n_classes} characters of the "
+                         f"text of dataset {config.dataset!r}; give vocab = {dataset.n_classes}, or leave it out "
+                         f"to take it from the text")
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _vocab_of_another_text(vocab: int, recorded: dict[str, str] | None, fingerprint: dict[str, str]) -> bool:
+    """Whether ``vocab`` is the size of a recorded text that is not this one (so it was taken from that text)."""
+    return recorded is not None and recorded != fingerprint and vocab == len(recorded["chars"])
+
+
+def _text_change_note(recorded: TrainConfig, config: TrainConfig) -> list[str]:
+    """A note when the job file recorded another text than the one this job trains on."""
+    if recorded.text_fingerprint is None or config.text_fingerprint is None:
+        return []
+    difference = fingerprint_difference(recorded.text_fingerprint, config.text_fingerprint)
+    if difference is None:
+        return []
+    vocab = ((config.model or {}).get("gpt") or {}).get("vocab")
+    return [f"the text of dataset {config.dataset!r} differs from the one the job file recorded ({difference}): "
+            f"training on it as it is now" + (f", with a vocab of {vocab}" if vocab is not None else "")]
 
 
 def _sampler(config: TrainConfig, dataset: Dataset, comm: Communicator) -> Any:

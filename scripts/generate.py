@@ -11,13 +11,15 @@ recorded their text reads the text again (from its cache) and is refused when
 its vocabulary is not the model's. The characters are printed as they are
 drawn. One process, no MPI. Exit status 2 for a bad checkpoint, prompt or
 option, 1 when stdout cannot take the text (a full disk, stdout closed), 130
-when interrupted.
+when interrupted (Ctrl-C, SIGTERM or SIGHUP, each with a line saying how many
+characters it printed).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import signal
 import sys
 from itertools import islice
 from pathlib import Path
@@ -67,6 +69,10 @@ _temperature = _at_least_zero(float, "a finite number >= 0 (0: always the likeli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     written, printing = 0, False
+    # SIGTERM and SIGHUP (a closed terminal) stop it as Ctrl-C does: with the line that says how far it
+    # got. One ignored before (nohup) stays ignored.
+    previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in _STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         characters = _characters(args.checkpoint, args.prompt, args.temperature, args.seed)
         if sys.stdout is None:  # started with stdout closed (`>&-`)
@@ -101,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnn-generate: error: cannot print the text: {error}", file=sys.stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def sample(checkpoint: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:

@@ -440,3 +440,74 @@ def test_resuming_the_diverged_state_warns_of_nothing_but_the_divergence(tmp_pat
     # from preflight's trial batch through the restored, exploded weights, before the line.
     assert result.returncode == 1 and "Warning" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.startswith("mnn-train: error: training diverged at") and result.stderr.count("\n") == 1
+
+
+# --- the second trial's cases, part 2 ------------------------------------------------------
+
+@pytest.mark.parametrize("kind, words", [("fifo", "a named pipe (FIFO)"), ("folder", "a directory")])
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_checkpoint_that_is_a_pipe_or_a_folder_in_the_output_is_named(tmp_path, kind, words, resume):
+    checkpoint = tmp_path / "checkpoint.npz"
+    os.mkfifo(checkpoint) if kind == "fifo" else checkpoint.mkdir()
+    result = run(["--max-steps", "1", "--output", str(tmp_path)] + (["--resume"] if resume else []), timeout=60)
+    # Before: --resume found no checkpoint ("starting from scratch") while setting the earlier run's aside
+    # found one and moved it into previous/ (saying "to continue a run, use --resume"), exit 0.
+    assert_one_error_line(result, str(checkpoint), words, "not a checkpoint")
+    assert checkpoint.exists() and not (tmp_path / "previous").exists()
+
+
+def test_a_runs_config_reused_after_its_text_changed_trains_on_the_text_as_it_is(tmp_path):
+    assert run(["--config", str(tiny_text_job(tmp_path)), "--max-steps", "1", "--output", str(tmp_path / "a")]
+               ).returncode == 0
+    with open(tmp_path / "text.txt", "a") as text:
+        text.write("THE QUICK BROWN FOX\n")
+    result = run(["--config", str(tmp_path / "a" / "config.toml"), "--max-steps", "1",
+                  "--output", str(tmp_path / "b")])
+    # Before: the recorded vocab (28) made the model, and the first step failed on a new character:
+    # "EmbeddingLayer: expected token ids in [0, 28), got id ...".
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "differs from the one" in said and "gained 'B'" in said, said[-3000:]
+    from mnn.distributed.config import load_toml
+    old, new = (TrainConfig.from_dict(load_toml(tmp_path / run / "config.toml")) for run in ("a", "b"))
+    assert new.model["gpt"]["vocab"] == len(new.text_fingerprint["chars"]) == old.model["gpt"]["vocab"] + 15
+    # Resuming the first run on the changed text still says the text changed.
+    resumed = run(["--config", str(tmp_path / "a" / "config.toml"), "--max-steps", "2",
+                   "--output", str(tmp_path / "a"), "--resume"])
+    assert_one_error_line(resumed, "is not the one the checkpoint was trained on")
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_generate_stopped_by_a_signal_says_how_far_it_got(tmp_path, signum):
+    import select
+    import signal
+    import time
+    assert run(["--config", str(tiny_text_job(tmp_path)), "--max-steps", "1", "--output", str(tmp_path / "run")]
+               ).returncode == 0
+    process = subprocess.Popen(GENERATE + ["--checkpoint", str(tmp_path / "run"), "--tokens", str(10**9)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not select.select([process.stdout], [], [], 1)[0]:  # it is printing
+            assert time.monotonic() < deadline and process.poll() is None, "mnn-generate printed nothing"
+        process.send_signal(getattr(signal, signum))
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    # Before: SIGTERM and SIGHUP ended it with 143 and 129 and no word.
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.decode().strip().startswith("mnn-generate: interrupted after "), stderr[-3000:]
+
+
+def test_an_empty_config_option_is_named_as_empty(tmp_path):
+    result = run(["--config", "", "--max-steps", "1"])
+    # Before: "config file '.' is a directory, not a TOML job file".
+    assert_one_error_line(result, "config file", "empty")
+
+
+def test_a_gpt_vocab_smaller_than_the_texts_characters_is_a_bad_job(tmp_path):
+    job = tiny_text_job(tmp_path)
+    job.write_text(job.read_text() + "vocab = 5\n")
+    result = run(["--config", str(job), "--max-steps", "1"])
+    # Before: the first step failed in training: "EmbeddingLayer: expected token ids in [0, 5), got id 27".
+    assert_one_error_line(result, "model.gpt: vocab = 5, fewer than the 28 characters of the text")
