@@ -452,8 +452,12 @@ def run_all(comm: Communicator, fn: Callable[..., Result], *args: Any, **kwargs:
     try:
         result = fn(*args, **kwargs)
     except Exception as error:
+        # A plain ValueError or TypeError is a bad job told in words (what was expected,
+        # what came): its type adds nothing. Any other exception is named by its type.
+        told = str(error) if type(error) in (ValueError, TypeError) and str(error) \
+            else f"{type(error).__name__}: {error}"
         try:
-            check_all(comm, False, f"{type(error).__name__}: {error}")
+            check_all(comm, False, told)
         except RankFailure as failure:
             raise failure from error
         raise AssertionError("check_all returned although this rank failed")  # pragma: no cover
