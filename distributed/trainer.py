@@ -299,9 +299,10 @@ class _LossSums:
     their files (rank 0's metrics.jsonl), so that every rank learns of it at no cost."""
 
     def __init__(self) -> None:
-        self.window = np.zeros(2)
+        # The window and the ranks whose writes failed, all-reduced together in place.
+        self._reduced = np.zeros(3)
+        self.window = self._reduced[:2]  # a view: adding to it fills the buffer
         self.epoch = np.zeros(2)
-        self._reduced = np.zeros(3)  # the window and the write failures, all-reduced together
         self.window_started = time.perf_counter()
 
     @property
@@ -314,12 +315,10 @@ class _LossSums:
     def take_window(self, comm: Communicator, write_failed: bool = False) -> tuple[float, float] | None:
         """The window's mean loss and samples/s over all ranks (collective), then a new window.
         Raises _WriteFailed on every rank when ``write_failed`` on some rank."""
-        self._reduced[:2] = self.window
         self._reduced[2] = write_failed
         comm.allreduce(self._reduced)
         if self._reduced[2]:
             raise _WriteFailed("")
-        self.window[:] = self._reduced[:2]
         self.epoch += self.window
         now = time.perf_counter()
         loss_sum, samples = self.window
