@@ -1,29 +1,44 @@
-"""mnn.distributed: everything that knows about ranks.
+"""mnn.distributed: everything that knows about ranks, in four parts.
 
-Communicators (``comm``), the world-size-independent batch sampler
-(``sampler``) and the ``DataParallel`` wrapper (``data_parallel``) are
-re-exported here; the trainer, checkpoints, job configuration and launcher
-live in their own modules (``mnn.distributed.trainer`` and so on). Importing
-this package never imports mpi4py: ``get_communicator()`` does, when needed.
+- this folder, the data-parallel core: communicators (``comm``), the global batch
+  sampler (``sampler``), the ``DataParallel`` wrapper (``data_parallel``) and its ring
+  all-reduce (``ring``), the timeline of a step (``timeline``), the stall watchdog
+  (``watchdog``) and the environment variables a launcher sets (``environment``).
+  The core imports only the layer library ``mnn``.
+- ``training/``: the mnn-train service (the loop, its job file, checkpoints, reports).
+  It imports the core and ``mnn``.
+- ``launch/``: what mnn-launch does (hosts, MPI, the job's command, its processes).
+  It imports nothing of mnn but the core's ``environment``, so it starts without NumPy.
+- ``experiments/``: benchmarks, scaling runs, the cost model and their reports. They
+  import all of the above.
+
+Imports point one way, ``experiments -> training -> core -> mnn`` and
+``launch -> environment``; ``tests/test_imports.py`` keeps it so.
+
+The core's public names are importable from here, loaded on first use (PEP 562),
+so that importing a subpackage (the launcher) does not load NumPy. Importing this
+package never imports mpi4py: ``get_communicator()`` does, when needed.
 """
+import importlib
 
-from mnn.distributed.comm import (
-    Communicator,
-    MPICommunicator,
-    RankFailure,
-    Request,
-    SingleProcessCommunicator,
-    check_all,
-    get_communicator,
-    run_all,
-    stop_all_on_error,
-)
-from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES, DataParallel, GradientBucket
-from mnn.distributed.sampler import GlobalBatchSampler, ShardedBatch, shard_sizes
+_SOURCES = {
+    **dict.fromkeys(["Communicator", "MPICommunicator", "SingleProcessCommunicator", "Request",
+                     "RankFailure", "get_communicator", "check_all", "run_all", "stop_all_on_error"],
+                    "mnn.distributed.comm"),
+    **dict.fromkeys(["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES"], "mnn.distributed.data_parallel"),
+    **dict.fromkeys(["GlobalBatchSampler", "ShardedBatch", "shard_sizes"], "mnn.distributed.sampler"),
+}
 
-__all__ = [
-    "Communicator", "MPICommunicator", "SingleProcessCommunicator", "Request", "RankFailure",
-    "get_communicator", "check_all", "run_all", "stop_all_on_error",
-    "DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES",
-    "GlobalBatchSampler", "ShardedBatch", "shard_sizes",
-]
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'mnn.distributed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from mnn.distributed.environment import NO_MPI_ENV, START_DIR_ENV
+
 __all__ = [
     "Communicator",
     "MPICommunicator",
@@ -52,16 +54,9 @@ __all__ = [
     "run_all",
     "run_on_root",
     "stop_all_on_error",
-    "NO_MPI_ENV",
-    "START_DIR_ENV",
     "launcher_rank",
 ]
 
-NO_MPI_ENV = "MNN_NO_MPI"
-#: Set by mnn-launch: a directory where each rank on its machine tells how far its
-#: start-up got (see :func:`get_communicator`), so that a job that never starts is
-#: stopped instead of waiting forever.
-START_DIR_ENV = "MNN_START_DIR"
 _ABORT_GRACE_S = 0.2
 _REDUCE_OPS = ("sum", "mean")
 # Variables that MPI launchers set in every process they start; used to notice

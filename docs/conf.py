@@ -56,8 +56,8 @@ MODULE_PAGES = {
     "mnn.distributed.comm": "Communicators",
     "mnn.text": "Character-level text",
     "mnn.distributed.ring": "Ring all-reduce",
-    "mnn.distributed.costmodel": "Cost model",
-    "mnn.distributed.trainer": "Trainer",
+    "mnn.distributed.experiments.costmodel": "Cost model",
+    "mnn.distributed.training.trainer": "Trainer",
     "mnn.distributed.timeline": "Timeline",
     "mnn.distributed.watchdog": "Stall watchdog",
 }

@@ -5,7 +5,7 @@ backward + SGD update with cross entropy on random data. ``--model gpt``: the
 GPT-style character model of ``[model.gpt]`` (2 blocks, d_model 128, 4 heads,
 context 64, float32, the vocabulary of the Python standard library's sources),
 a step being forward + backward + Adam update on drawn windows of that text,
-in PyTorch from the same initial weights (see mnn.distributed.gpt_bench).
+in PyTorch from the same initial weights (see mnn.distributed.experiments.gpt_bench).
 One BLAS thread per process. One JSON line is printed per measurement (keys
 ``impl``, ``ranks``, ``batch_per_rank``, ``ms_per_step``, ``ms_min``,
 ``ms_max``, ``samples_per_s``, ...), and one ``compare`` line per batch size
@@ -54,12 +54,12 @@ import sys
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mnn.distributed.bench import (allreduce_ms, measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
+from mnn.distributed.experiments.bench import (allreduce_ms, measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
                                    wait_for_idle_cpus)
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
-from mnn.distributed.gpt_bench import GptSizes, gpt_steps
-from mnn.distributed.gpt_quality import QualityRun, compare
+from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_steps
+from mnn.distributed.experiments.gpt_quality import QualityRun, compare
 from mnn.text import load_text
 
 __all__ = ["main"]

@@ -9,7 +9,7 @@ where nothing heavy is loaded yet (``mnn`` loads its layers on first use):
 imported, then
 
 * mnn-train takes the count over: its
-  :class:`~mnn.distributed.stopping.StopRequests` starts from it, so every rank
+  :class:`~mnn.distributed.training.stopping.StopRequests` starts from it, so every rank
   stops at the first point they can agree on, with "interrupted before training
   started" from rank 0 and exit 130;
 * every other program gets its own handlers back; if a signal came, it has
@@ -36,7 +36,7 @@ class HeldSignals:
     """While installed, SIGINT, SIGTERM and SIGHUP are only counted (``count``, and
     ``first_at`` on the monotonic clock); signals ignored before (``nohup``) stay ignored.
 
-    It has the two attributes a :class:`~mnn.distributed.stopping.StopRequests`
+    It has the two attributes a :class:`~mnn.distributed.training.stopping.StopRequests`
     takes over from the handler it replaces.
     """
 

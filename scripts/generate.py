@@ -25,9 +25,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mnn.distributed.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.preflight import TEXT_DATASET, load_job_dataset, text_context
+from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.preflight import TEXT_DATASET, load_job_dataset, text_context
 from mnn.model import build_net, model_size
 from mnn.text import CharVocab, TextDataset, generate, sample_characters
 

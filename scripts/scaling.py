@@ -30,10 +30,10 @@ import os
 import sys
 from pathlib import Path
 
-from mnn.distributed.costmodel import NETWORKS, Network
+from mnn.distributed.experiments.costmodel import NETWORKS, Network
 from mnn.distributed.launch import DEFAULT_START_TIMEOUT_S, parse_hostfile, parse_hosts
-from mnn.distributed.scaling import MODES, ScalingSettings, load_experiment, run_experiment
-from mnn.distributed.scaling_report import write_outputs
+from mnn.distributed.experiments.scaling import MODES, ScalingSettings, load_experiment, run_experiment
+from mnn.distributed.experiments.scaling_report import write_outputs
 
 __all__ = ["build_parser", "parse_settings", "main"]
 

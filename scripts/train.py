@@ -1,6 +1,6 @@
 """mnn-train: train an mnn layer stack data-parallel over MPI ranks (``main`` is the console script).
 
-Every option is a field of :class:`mnn.distributed.config.TrainConfig`; see
+Every option is a field of :class:`mnn.distributed.training.config.TrainConfig`; see
 ``mnn-train --help``. Exit status: 0 on success, 2 for usage and configuration
 errors (found before training starts), 1 for failures during training, 130
 when interrupted (Ctrl-C, SIGINT, SIGTERM or SIGHUP), on every rank.
@@ -17,9 +17,9 @@ import time
 from typing import Any, NoReturn
 
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
-from mnn.distributed.config import add_config_arguments, config_overrides, resolve_config
-from mnn.distributed.stopping import StopRequests
-from mnn.distributed.trainer import JobConfigError, TrainingFailed, TrainingInterrupted, train
+from mnn.distributed.training.config import add_config_arguments, config_overrides, resolve_config
+from mnn.distributed.training.stopping import StopRequests
+from mnn.distributed.training.trainer import JobConfigError, TrainingFailed, TrainingInterrupted, train
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     The program's entry point: from the parsed arguments to the process's end,
     SIGINT, SIGTERM and SIGHUP are requests to stop (see
-    :class:`~mnn.distributed.stopping.StopRequests`), and once the run has
+    :class:`~mnn.distributed.training.stopping.StopRequests`), and once the run has
     ended they are ignored, so that a late signal does not change the exit status.
     """
     args = build_parser().parse_args(argv)  # exits with status 2 on a usage error

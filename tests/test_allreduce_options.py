@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mnn.distributed.config import TrainConfig, resolve_config
+from mnn.distributed.training.config import TrainConfig, resolve_config
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TRAIN = [sys.executable, "-m", "mnn.scripts.train"]

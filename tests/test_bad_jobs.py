@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
-from mnn.distributed.preflight import JobConfigError, prepare_job
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
+from mnn.distributed.training.preflight import JobConfigError, prepare_job
 from test_faults import ENV, needs_mpiexec, run
 
 # A GPT of 15 billion parameters: 121 GB of float32 parameters and gradients.
@@ -127,7 +127,7 @@ def test_two_ranks_are_refused_together_with_one_line(tmp_path):
 
 
 def test_example_jobs_are_far_from_the_memory_bound():
-    from mnn.distributed.preflight import _memory_limits
+    from mnn.distributed.training.preflight import _memory_limits
     from mnn.model import model_size
     gpt = model_size({"gpt": {"vocab": 100, "n_layers": 2, "d_model": 128, "n_heads": 4, "context": 64}}, 64)
     needed = (4 * gpt.parameters + 2 * 64 * gpt.activations) * 4
@@ -209,7 +209,7 @@ def test_an_earlier_runs_diverged_state_goes_with_its_checkpoints(tmp_path):
     ("v2", {"memory.max": "max\n", "memory.current": "500000000\n"}, None),
 ])
 def test_a_cgroups_memory_limit_bounds_what_a_job_may_use(tmp_path, monkeypatch, version, files, room):
-    from mnn.distributed import preflight
+    from mnn.distributed.training import preflight
     v2, v1 = tmp_path / "unified", tmp_path / "memory"
     folder = (v2 if version == "v2" else v1) / "job" / "42"
     folder.mkdir(parents=True)
@@ -245,7 +245,7 @@ def tiny_text_job(tmp_path):
 
 
 def test_a_checkpoint_whose_weights_are_not_in_the_runs_dtype_is_damaged(tmp_path):
-    from mnn.distributed.checkpoint import load_checkpoint
+    from mnn.distributed.training.checkpoint import load_checkpoint
     from mnn.io import load_arrays, save_arrays
     assert run(["--max-steps", "1", "--output", str(tmp_path)]).returncode == 0
     path = tmp_path / "checkpoint.npz"
@@ -309,14 +309,14 @@ def test_generate_refuses_a_checkpoint_whose_config_describes_another_model(tmp_
 
 @pytest.mark.parametrize("config, got", [({"epochs": 1}, "dict"), (None, "NoneType"), ("job.toml", "str")])
 def test_the_python_api_given_a_config_that_is_not_a_trainconfig(config, got):
-    from mnn.distributed.trainer import train
+    from mnn.distributed.training.trainer import train
     # Before: AttributeError: 'dict' object has no attribute 'stall_timeout'.
     with pytest.raises(TypeError, match=f"config: expected a TrainConfig .*, got {got}$"):
         train(config, SingleProcessCommunicator())
 
 
 def test_the_python_api_checks_a_config_changed_after_it_was_made():
-    from mnn.distributed.trainer import train
+    from mnn.distributed.training.trainer import train
     config = TrainConfig(max_steps=1)
     config.epochs = -5
     # Before: it trained, with -5 epochs.
@@ -326,7 +326,7 @@ def test_the_python_api_checks_a_config_changed_after_it_was_made():
 
 @pytest.mark.parametrize("comm", ["world", 3])
 def test_the_python_api_given_a_comm_that_is_not_one(comm):
-    from mnn.distributed.trainer import train
+    from mnn.distributed.training.trainer import train
     # Before: AttributeError: 'str' object has no attribute 'Get_rank'.
     with pytest.raises(TypeError, match=f"comm: expected a Communicator, an mpi4py communicator or None, "
                                         f"got {type(comm).__name__}"):
@@ -468,7 +468,7 @@ def test_a_runs_config_reused_after_its_text_changed_trains_on_the_text_as_it_is
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
     assert "differs from the one" in said and "gained 'B'" in said, said[-3000:]
-    from mnn.distributed.config import load_toml
+    from mnn.distributed.training.config import load_toml
     old, new = (TrainConfig.from_dict(load_toml(tmp_path / run / "config.toml")) for run in ("a", "b"))
     assert new.model["gpt"]["vocab"] == len(new.text_fingerprint["chars"]) == old.model["gpt"]["vocab"] + 15
     # Resuming the first run on the changed text still says the text changed.

@@ -144,7 +144,7 @@ def test_quality_needs_the_gpt():
 
 
 def tiny_gpt(text_file, seed=0):
-    from mnn.distributed.gpt_bench import GptSizes, build_gpt
+    from mnn.distributed.experiments.gpt_bench import GptSizes, build_gpt
     from mnn.text import load_text
 
     sizes = GptSizes(batch=4, context=8, d_model=16, n_heads=2, n_layers=2)
@@ -156,7 +156,7 @@ def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
     torch = pytest.importorskip("torch")
     from mnn import Adam
     from mnn.distributed.comm import SingleProcessCommunicator
-    from mnn.distributed.gpt_bench import drawn_windows, torch_gpt
+    from mnn.distributed.experiments.gpt_bench import drawn_windows, torch_gpt
 
     sizes, text, net = tiny_gpt(text_file)
     model = torch_gpt(net)
@@ -178,7 +178,7 @@ def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
 def test_a_float64_gpt_has_a_float64_twin(text_file):
     torch = pytest.importorskip("torch")
     from mnn.distributed.comm import SingleProcessCommunicator
-    from mnn.distributed.gpt_bench import drawn_windows, torch_gpt
+    from mnn.distributed.experiments.gpt_bench import drawn_windows, torch_gpt
 
     sizes, text, net = tiny_gpt(text_file)
     net.astype(np.float64)
@@ -190,7 +190,7 @@ def test_a_float64_gpt_has_a_float64_twin(text_file):
 
 def test_only_a_gpt_without_dropout_has_a_pytorch_twin():
     pytest.importorskip("torch")
-    from mnn.distributed.gpt_bench import torch_gpt
+    from mnn.distributed.experiments.gpt_bench import torch_gpt
     from mnn.model import build_net, gpt_description
 
     with pytest.raises(ValueError, match="gpt_description without dropout"):
@@ -201,8 +201,8 @@ def test_only_a_gpt_without_dropout_has_a_pytorch_twin():
 
 def test_quality_runs_track_each_other_and_write_their_outputs(text_file, tmp_path):
     pytest.importorskip("torch")
-    from mnn.distributed.gpt_quality import QualityRun, compare
-    from mnn.distributed.gpt_bench import GptSizes
+    from mnn.distributed.experiments.gpt_quality import QualityRun, compare
+    from mnn.distributed.experiments.gpt_bench import GptSizes
 
     run = QualityRun(sizes=GptSizes(batch=4, context=8, d_model=16, n_heads=2, n_layers=1), steps=6,
                      log_every=2, eval_every=3, text=str(text_file))
@@ -218,8 +218,8 @@ def test_quality_runs_track_each_other_and_write_their_outputs(text_file, tmp_pa
 
 
 def test_the_example_job_trains_the_benchmarked_gpt():
-    from mnn.distributed.config import resolve_config
-    from mnn.distributed.gpt_bench import GptSizes
+    from mnn.distributed.training.config import resolve_config
+    from mnn.distributed.experiments.gpt_bench import GptSizes
 
     config = resolve_config(Path(__file__).resolve().parents[1] / "examples" / "gpt.toml")
     sizes = GptSizes()
@@ -229,7 +229,7 @@ def test_the_example_job_trains_the_benchmarked_gpt():
 
 
 def test_waiting_for_idle_cpus_returns_or_gives_up():
-    from mnn.distributed.bench import wait_for_idle_cpus
+    from mnn.distributed.experiments.bench import wait_for_idle_cpus
 
     assert wait_for_idle_cpus(min_idle=0.0, timeout_s=5, sample_s=0.05) is (Path("/proc/stat").exists())
     assert wait_for_idle_cpus(min_idle=1.01, timeout_s=0.2, sample_s=0.05) is False

@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from mnn.distributed import checkpoint as checkpoint_module
-from mnn.distributed.checkpoint import (Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint,
+from mnn.distributed.training import checkpoint as checkpoint_module
+from mnn.distributed.training.checkpoint import (Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint,
                                         save_checkpoint)
-from mnn.distributed.position import Position
+from mnn.distributed.training.position import Position
 from mnn.io import clean_stale_temporaries, load_arrays, save_arrays
 
 
@@ -78,8 +78,8 @@ def test_process_killed_mid_write_keeps_old_checkpoint(tmp_path):
     child = textwrap.dedent(f"""
         import os
         import numpy as np
-        from mnn.distributed import checkpoint
-        from mnn.distributed.position import Position
+        from mnn.distributed.training import checkpoint
+        from mnn.distributed.training.position import Position
         os.fsync = lambda fd: os._exit(9)
         state = {{"0.LinearLayer.w": np.full((4, 3), 7.0, np.float32)}}
         checkpoint.save_checkpoint({str(path)!r}, checkpoint.Checkpoint(

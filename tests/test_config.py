@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mnn.distributed.config import (
+from mnn.distributed.training.config import (
     TrainConfig,
     add_config_arguments,
     config_overrides,

@@ -20,8 +20,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from mnn.distributed.position import Position
+from mnn.distributed.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from mnn.distributed.training.position import Position
 from mnn.io import load_arrays
 
 SEED = 8

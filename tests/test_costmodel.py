@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mnn.distributed import costmodel
-from mnn.distributed.costmodel import (
+from mnn.distributed.experiments import costmodel
+from mnn.distributed.experiments.costmodel import (
     NETWORKS,
     Network,
     Workload,

@@ -356,8 +356,8 @@ def test_digits_beside_a_column_of_n_0_1e6_still_train(tmp_path):
     """The trial's case: one column on a large scale beside the digits made every pixel
     "constant", and the MLP learned nothing (accuracy 0.10 instead of 0.88)."""
     from mnn.distributed.comm import SingleProcessCommunicator
-    from mnn.distributed.config import TrainConfig
-    from mnn.distributed.trainer import train
+    from mnn.distributed.training.config import TrainConfig
+    from mnn.distributed.training.trainer import train
     digits = load_dataset("digits")
     rng = np.random.default_rng(0)
     arrays = {}

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.launch import mpi_family
-from mnn.distributed.output_dir import LOCK_NAME
+from mnn.distributed.training.output_dir import LOCK_NAME
 from mnn.io import load_arrays
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -111,15 +111,15 @@ def test_blas_threads_are_kept_within_the_cores_when_nobody_set_them(tmp_path):
     cores = len(os.sched_getaffinity(0))
     probe = script("""
         import threadpoolctl
-        from mnn.distributed import ranks
+        from mnn.distributed.training import ranks
         limit = ranks.limit_blas_threads
         def report(facts, rank):
             note = limit(facts, rank)
             threads = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
             print(f"rank {rank} blas threads {threads}", flush=True)
             return note
-        import mnn.distributed.preflight
-        mnn.distributed.preflight.limit_blas_threads = report
+        import mnn.distributed.training.preflight
+        mnn.distributed.training.preflight.limit_blas_threads = report
     """)
     result = subprocess.run(mpiexec(cores) + probe + ["--max-steps", "2", "--output", str(tmp_path)],
                             capture_output=True, text=True, timeout=120, env=env)
@@ -184,7 +184,7 @@ def test_sigterm_during_start_up_stops_every_rank_with_one_line(tmp_path, ranks)
     # Each rank sends itself SIGTERM while preflight loads the data.
     probe = script("""
         import os, signal
-        import mnn.distributed.preflight as preflight
+        import mnn.distributed.training.preflight as preflight
         load = preflight.load_dataset
         def load_and_get_terminated(spec):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -203,7 +203,7 @@ def test_sigterm_during_start_up_stops_every_rank_with_one_line(tmp_path, ranks)
 def test_sigterm_while_the_final_outputs_are_written_still_completes_the_run(tmp_path):
     probe = script("""
         import os, signal
-        import mnn.distributed.trainer as trainer
+        import mnn.distributed.training.trainer as trainer
         write = trainer._write_results
         def terminated_while_writing(*args):
             os.kill(os.getpid(), signal.SIGTERM)

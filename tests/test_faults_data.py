@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tomli_w
 
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.trainer import train
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.trainer import train
 from mnn.io import load_arrays, save_arrays
 from tests.test_faults import ENV, TRAIN, mpiexec, needs_mpiexec, run
 

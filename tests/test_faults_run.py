@@ -20,7 +20,7 @@ import pytest
 
 from test_faults import ENV, STEPS_PER_EPOCH, TRAIN, mpiexec, needs_mpiexec, run, script, strict_events
 
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.io import load_arrays
 
 
@@ -210,7 +210,7 @@ def test_rank_0_building_the_dataset_cache_alone_is_no_stall(tmp_path):
              y_test=digits.test.y)
     probe = script("""
         import os, time
-        import mnn.distributed.preflight as preflight
+        import mnn.distributed.training.preflight as preflight
         load = preflight.load_dataset
         def slow_load(spec):
             if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "0":

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.launch.startup import rank_hosts, reports_start
-from mnn.distributed.stopping import StopRequests
+from mnn.distributed.training.stopping import StopRequests
 from test_faults import ENV, TRAIN, script
 from test_launch import OTHER_HOSTS, launcher_command, marked_processes, needs_mpi, write_remote_shell
 

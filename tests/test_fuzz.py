@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mnn import SGD
-from mnn.distributed.checkpoint import Checkpoint, load_checkpoint, load_newest_checkpoint, save_checkpoint
+from mnn.distributed.training.checkpoint import Checkpoint, load_checkpoint, load_newest_checkpoint, save_checkpoint
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig, resolve_config
+from mnn.distributed.training.config import TrainConfig, resolve_config
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
-from mnn.distributed.output_dir import LOCK_NAME, OutputLock
-from mnn.distributed.position import Position
-from mnn.distributed.preflight import JobConfigError, PreparedJob, prepare_job
+from mnn.distributed.training.output_dir import LOCK_NAME, OutputLock
+from mnn.distributed.training.position import Position
+from mnn.distributed.training.preflight import JobConfigError, PreparedJob, prepare_job
 from mnn.io import load_arrays
 from mnn.model import GPT_KEYS, LAYER_TYPES, build_net, mlp_description, model_size
 

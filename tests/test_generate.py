@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from mnn.distributed.checkpoint import load_checkpoint, save_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.trainer import train
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.trainer import train
 from mnn.model import build_net
 from mnn.scripts.generate import main
 from mnn.text import CharVocab, generate, sample_characters

@@ -1,4 +1,8 @@
-"""Imports point one way: scripts/ -> distributed/ -> mnn/, and nobody imports another package's privates.
+"""Imports point one way, and nobody imports another package's privates.
+
+scripts/ -> distributed/ -> mnn/, and inside distributed/ its four parts:
+experiments -> training -> the core -> mnn, and launch -> the core's ``environment``
+only. No two modules import each other, directly or round a longer circle.
 
 The source folders install as ``mnn``, ``mnn.distributed`` and ``mnn.scripts``.
 Every ``import`` and ``from ... import`` of every module is read with ``ast``
@@ -6,6 +10,8 @@ Every ``import`` and ``from ... import`` of every module is read with ``ast``
 function, fails here.
 """
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,17 +47,47 @@ def imported_modules(path):
             yield from (f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
 
 
+def within(name, package):
+    return name == package or name.startswith(package + ".")
+
+
+# The parts of mnn.distributed, as (importer's part, the parts it may import). A part
+# is a package; the core is mnn.distributed's own modules. The layer library ``mnn``
+# may be imported by every part but the launcher.
+CORE = "mnn.distributed"
+PARTS = {
+    "mnn.distributed.experiments": {"mnn.distributed.training", "mnn.distributed.launch", CORE},
+    "mnn.distributed.training": {CORE},
+    "mnn.distributed.launch": {"mnn.distributed.environment"},
+    CORE: {CORE},
+}
+
+
+def part_of(name):
+    """The part of mnn.distributed that ``name`` belongs to, or None outside it."""
+    for part in PARTS:
+        if part != CORE and within(name, part):
+            return part
+    return CORE if within(name, CORE) else None
+
+
 def import_problems(importer, imported):
     """Why ``importer`` may not import ``imported`` (a list, empty when it may)."""
     problems = []
-    within = lambda name, package: name == package or name.startswith(package + ".")  # noqa: E731
-    in_library = within(importer, "mnn") and not within(importer, "mnn.distributed") \
-        and not within(importer, "mnn.scripts")
+    in_library = within(importer, "mnn") and part_of(importer) is None and not within(importer, "mnn.scripts")
     if in_library and (within(imported, "mnn.distributed") or within(imported, "mnn.scripts")
                        or within(imported, "mpi4py")):
         problems.append("the layer library mnn/ must not know about ranks or entry points")
-    if within(importer, "mnn.distributed") and within(imported, "mnn.scripts"):
+    importer_part, imported_part = part_of(importer), part_of(imported)
+    if importer_part and within(imported, "mnn.scripts"):
         problems.append("distributed/ must not import the entry points in scripts/")
+    allowed = PARTS.get(importer_part, ())
+    # An entry of PARTS that is not itself a part is a single module (the launcher's environment).
+    may = imported_part in allowed or any(within(imported, module) for module in allowed if module not in PARTS)
+    if importer_part and imported_part and imported_part != importer_part and not may:
+        problems.append(f"{importer_part} may import only {sorted(PARTS[importer_part])}")
+    if importer_part == "mnn.distributed.launch" and within(imported, "mnn") and imported_part is None:
+        problems.append("the launcher must not load the layer library (nor NumPy with it)")
     parts = imported.split(".")
     for depth, part in enumerate(parts):
         if part.startswith("_") and not part.startswith("__"):
@@ -67,7 +103,7 @@ def import_problems(importer, imported):
 
 def test_every_import_points_the_right_way():
     modules = dict(source_modules())
-    assert {"mnn.layer._base", "mnn.distributed.trainer", "mnn.scripts.train"} <= set(modules)
+    assert {"mnn.layer._base", "mnn.distributed.training.trainer", "mnn.scripts.train"} <= set(modules)
     found = [f"{importer} imports {imported}: {problem}"
              for importer, path in modules.items()
              for imported in imported_modules(path)
@@ -75,13 +111,64 @@ def test_every_import_points_the_right_way():
     assert not found, "\n".join(found)
 
 
+def import_graph():
+    """Each source module -> the source modules it imports (submodules, not the names in them)."""
+    modules = dict(source_modules())
+    return {importer: {imported for imported in imported_modules(path)
+                       if imported in modules and imported != importer}
+            for importer, path in modules.items()}
+
+
+def find_cycle(graph):
+    """One circle of imports in ``graph`` as a list of modules, or None."""
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported):
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module))), None)
+
+
+def test_no_module_imports_round_a_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_launcher_starts_without_numpy():
+    # The launcher must come up fast and hold signals early: it needs no array library.
+    code = "import sys, mnn.distributed.launch, mnn.scripts.launch; print(sorted({'numpy', 'tqdm', 'threadpoolctl'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
 @pytest.mark.parametrize("importer, imported, problem", [
     ("mnn.seq_layers", "mnn.distributed.comm", "must not know about ranks"),
     ("mnn.layer.linear", "mpi4py.MPI", "must not know about ranks"),
-    ("mnn.distributed.trainer", "mnn.scripts.launch", "must not import the entry points"),
-    ("mnn.distributed.config", "mnn.layer._base", "mnn.layer._base is private to mnn.layer"),
+    ("mnn.distributed.training.trainer", "mnn.scripts.launch", "must not import the entry points"),
+    ("mnn.distributed.training.config", "mnn.layer._base", "mnn.layer._base is private to mnn.layer"),
     ("mnn.scripts.bench", "mnn.distributed.launch._hidden", "private to mnn.distributed.launch"),
-    ("mnn.distributed.trainer", "mnn.layer.softmax._check_axis", "private to mnn.layer"),
+    ("mnn.distributed.training.trainer", "mnn.layer.softmax._check_axis", "private to mnn.layer"),
+    ("mnn.distributed.launch.plan", "mnn.distributed.training.ranks", "may import only"),
+    ("mnn.distributed.launch.plan", "mnn.distributed.comm", "may import only"),
+    ("mnn.distributed.launch.plan", "mnn.text", "must not load the layer library"),
+    ("mnn.distributed.comm", "mnn.distributed.training.position", "may import only"),
+    ("mnn.distributed.training.config", "mnn.distributed.experiments.bench", "may import only"),
+    ("mnn.distributed.training.trainer", "mnn.distributed.launch.plan", "may import only"),
 ])
 def test_the_checker_finds_wrong_imports(importer, imported, problem):
     assert any(problem in found for found in import_problems(importer, imported))
@@ -89,9 +176,14 @@ def test_the_checker_finds_wrong_imports(importer, imported, problem):
 
 @pytest.mark.parametrize("importer, imported", [
     ("mnn.layer.linear", "mnn.layer._base"),       # a package's own private module
-    ("mnn.distributed.trainer", "mnn.checks"),
-    ("mnn.scripts.train", "mnn.distributed.trainer"),
+    ("mnn.distributed.training.trainer", "mnn.checks"),
+    ("mnn.scripts.train", "mnn.distributed.training.trainer"),
     ("mnn.distributed.launch.plan", "mnn.distributed.launch.hosts"),
+    ("mnn.distributed.launch.plan", "mnn.distributed.environment"),
+    ("mnn.distributed.training.config", "mnn.distributed.data_parallel"),
+    ("mnn.distributed.experiments.scaling", "mnn.distributed.launch.plan"),
+    ("mnn.distributed.experiments.bench", "mnn.distributed.training.task"),
+    ("mnn.distributed.comm", "mnn.checks"),
     ("mnn.layer.loss", "mnn.layer.softmax._check_axis"),  # a private name of a sibling module
 ])
 def test_the_checker_allows_right_imports(importer, imported):

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mnn.distributed.environment import PROGRESS_ENV, THREAD_VARIABLES
 from mnn.distributed.launch import (
-    PROGRESS_ENV,
-    THREAD_VARIABLES,
     MpiSetup,
     build_command,
     build_hello_command,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mnn.distributed.collectives import available_allreduces
-from mnn.distributed.costmodel import NETWORKS
+from mnn.distributed.experiments.collectives import available_allreduces
+from mnn.distributed.experiments.costmodel import NETWORKS
 from mnn.distributed.launch import MpiSetup
-from mnn.distributed.scaling import (
+from mnn.distributed.experiments.scaling import (
     Experiment,
     Point,
     ScalingSettings,
@@ -28,7 +28,7 @@ from mnn.distributed.scaling import (
     summarise,
     worker_command,
 )
-from mnn.distributed import scaling_report
+from mnn.distributed.experiments import scaling_report
 from mnn.scripts.scaling import main, parse_settings
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -133,7 +133,7 @@ def _experiment(tmp_path):
                "mpi_library": "MPICH", "mpi4py": "4", "mpiexec": "mpiexec", "blas": "openblas", "python": "3",
                "numpy": "2", "mnn": "0.1", "platform": "linux", "command": "mnn-scaling"}
     experiment = Experiment(settings, machine, points)
-    from mnn.distributed.scaling import _build_workload
+    from mnn.distributed.experiments.scaling import _build_workload
 
     _build_workload(experiment)
     return experiment
@@ -171,7 +171,7 @@ def test_each_run_is_the_plan_mnn_launch_would_make_under_slurm():
     mpi = MpiSetup("4.1", "MPICH", "mpich", "/usr/bin/mpiexec")
     plan = launch_plan(settings, 4, worker_command("point", {"a": 1}), env, mpi)
     assert plan.argv[:3] == ["srun", "-n", "4"]
-    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.scaling"]
+    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling"]
     assert capacity(settings, env) == 8
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from mnn import SGD, CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
 from mnn.distributed.comm import Communicator, RankFailure, SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig
+from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.timeline import STEP_TRACK, Timeline, check_timeline_path
-from mnn.distributed.trainer import JobConfigError, train
+from mnn.distributed.training.trainer import JobConfigError, train
 
 STEP_SPANS = ["forward", "backward", "wait", "optimizer"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnn.distributed.checkpoint import load_checkpoint
-from mnn.distributed.config import TrainConfig, resolve_config
+from mnn.distributed.training.checkpoint import load_checkpoint
+from mnn.distributed.training.config import TrainConfig, resolve_config
 from mnn.io import load_arrays
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

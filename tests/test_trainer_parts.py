@@ -10,13 +10,14 @@ import pytest
 from mnn import CrossEntropyLossLayer, LinearLayer, MSELossLayer, ReluLayer, SequentialLayers
 from mnn.datasets import Dataset, load_dataset
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.position import Position
-from mnn.distributed.preflight import JobConfigError, prepare_job
-from mnn.distributed.reporting import PROGRESS_ENV, Reporter
-from mnn.distributed.stopping import StopRequests
-from mnn.distributed.task import build_net, choose_task, evaluate, learning_rate
-from mnn.distributed.trainer import train
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.position import Position
+from mnn.distributed.training.preflight import JobConfigError, prepare_job
+from mnn.distributed.environment import PROGRESS_ENV
+from mnn.distributed.training.reporting import Reporter
+from mnn.distributed.training.stopping import StopRequests
+from mnn.distributed.training.task import build_net, choose_task, evaluate, learning_rate
+from mnn.distributed.training.trainer import train
 
 COMM = SingleProcessCommunicator()
 

@@ -21,7 +21,6 @@ from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.launch.mpi import MpiSetup, detect_mpi, find_mpiexec, mpi_family
 from mnn.distributed.launch.plan import (
     DEFAULT_START_TIMEOUT_S,
-    THREAD_VARIABLES,
     LaunchPlan,
     build_command,
     format_plan,
@@ -30,12 +29,9 @@ from mnn.distributed.launch.plan import (
 from mnn.distributed.launch.process import STOP_SIGNALS, run_plan
 from mnn.distributed.launch.remote import check_remote_hosts, require_answers
 from mnn.distributed.launch.tree import process_tree, stop_process_tree
-from mnn.distributed.reporting import PROGRESS_ENV
 
 __all__ = [
-    "THREAD_VARIABLES",
     "DEFAULT_START_TIMEOUT_S",
-    "PROGRESS_ENV",
     "MpiSetup",
     "LaunchPlan",
     "parse_hostfile",

@@ -15,7 +15,8 @@ from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, remote_hosts, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup, family_name
-from mnn.distributed.launch.plan import THREAD_VARIABLES, LaunchPlan, build_command
+from mnn.distributed.environment import THREAD_VARIABLES
+from mnn.distributed.launch.plan import LaunchPlan, build_command
 from mnn.distributed.launch.process import run_with_timeout
 from mnn.distributed.launch.remote import check_remote_hosts, find_ssh
 

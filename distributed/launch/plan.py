@@ -14,10 +14,9 @@ from typing import Mapping
 from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup
 from mnn.distributed.launch.startup import rank_hosts, reports_start
-from mnn.distributed.ranks import THREAD_VARIABLES
-from mnn.distributed.reporting import PROGRESS_ENV
+from mnn.distributed.environment import PROGRESS_ENV, THREAD_VARIABLES
 
-__all__ = ["THREAD_VARIABLES", "DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_command", "ssh_options",
+__all__ = ["DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_command", "ssh_options",
            "format_plan"]
 
 # Open MPI hands remote ranks only the variables named with -x; these make a

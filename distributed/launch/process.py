@@ -46,7 +46,8 @@ from typing import Callable, Mapping
 
 from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
 from mnn.distributed.launch.plan import DEFAULT_START_TIMEOUT_S, LaunchPlan
-from mnn.distributed.launch.startup import START_DIR_ENV, StartWatch
+from mnn.distributed.environment import START_DIR_ENV
+from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import signal_local_ranks, stop_process_tree
 
 __all__ = ["STOP_SIGNALS", "run_plan", "run_with_timeout"]

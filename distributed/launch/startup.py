@@ -34,10 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnn.distributed.comm import START_DIR_ENV
+from mnn.distributed.environment import START_DIR_ENV
 from mnn.distributed.launch.tree import local_ranks, process_state
 
-__all__ = ["START_DIR_ENV", "StartWatch", "reports_start", "rank_hosts"]
+__all__ = ["StartWatch", "reports_start", "rank_hosts"]
 
 #: Commands known to report their start-up before a rank has said so.
 _REPORTING_PROGRAMS = ("mnn-train",)

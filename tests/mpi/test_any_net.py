@@ -20,10 +20,10 @@ from mnn import (
     Residual,
     SequentialLayers,
 )
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.comm import get_communicator
-from mnn.distributed.config import TrainConfig, load_toml
-from mnn.distributed.trainer import JobConfigError, train
+from mnn.distributed.training.config import TrainConfig, load_toml
+from mnn.distributed.training.trainer import JobConfigError, train
 from mnn.io import load_arrays
 
 # Digits: 1438 training samples in global batches of 100, so uneven shards. SGD

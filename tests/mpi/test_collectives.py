@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mnn.distributed.collectives import (
+from mnn.distributed.experiments.collectives import (
     allreduce_functions,
     available_allreduces,
     format_table,
@@ -16,7 +16,7 @@ from mnn.distributed.collectives import (
     run_collectives,
 )
 from mnn.distributed.comm import get_communicator
-from mnn.distributed.scaling import measure_point
+from mnn.distributed.experiments.scaling import measure_point
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mnn.distributed.environment import NO_MPI_ENV
 from mnn.distributed.comm import (
-    NO_MPI_ENV,
     MPICommunicator,
     RankFailure,
     Request,

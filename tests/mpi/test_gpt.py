@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mnn.distributed.checkpoint import load_checkpoint
+from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.comm import get_communicator
-from mnn.distributed.config import TrainConfig
-from mnn.distributed.trainer import train
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.trainer import train
 from mnn.io import load_arrays
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300))

@@ -12,11 +12,11 @@ from mpi4py import MPI
 
 from mnn import SGD, CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
 from mnn.distributed.comm import Communicator, SingleProcessCommunicator, get_communicator
-from mnn.distributed.config import TrainConfig
+from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.ring import RingAllreduce, ring_chunk_bounds
 from mnn.distributed.sampler import GlobalBatchSampler
-from mnn.distributed.trainer import train
+from mnn.distributed.training.trainer import train
 from mnn.io import load_arrays
 
 # Lengths that 2 and 3 divide (6, 600), that they do not (5, 7, 1001), and below 3 ranks (1, 2).

@@ -15,10 +15,10 @@ from mpi4py import MPI
 
 from mnn import SGD, CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
 from mnn.distributed.comm import SingleProcessCommunicator, get_communicator
-from mnn.distributed.config import TrainConfig
+from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.timeline import STEP_TRACK, Timeline
-from mnn.distributed.trainer import train
+from mnn.distributed.training.trainer import train
 
 STEP_SPANS = ["forward", "backward", "wait", "optimizer"]
 # Microseconds of disagreement allowed between the ranks' aligned clocks and between the

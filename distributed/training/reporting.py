@@ -2,7 +2,7 @@
 
 :class:`Reporter` has one method per event; each writes the event's line for
 a person and its JSON object for programs, so the two never disagree. Positions
-are told as :class:`~mnn.distributed.position.Position` tells them: ``epoch`` is
+are told as :class:`~mnn.distributed.training.position.Position` tells them: ``epoch`` is
 the 1-based epoch trained in and ``step_in_epoch`` the global batches of it done.
 
 OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
@@ -52,18 +52,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mnn.distributed.position import Position
+from mnn.distributed.environment import PROGRESS_ENV
+from mnn.distributed.training.position import Position
 from mnn.io import atomic_write_text
 
-__all__ = ["PROGRESS_ENV", "progress_bar_wanted", "Reporter", "json_text"]
+__all__ = ["progress_bar_wanted", "Reporter", "json_text"]
 
 # Events of a step, dropped on resume when they come after the checkpoint.
 _STEP_EVENTS = ("train", "eval", "nonfinite")
 
-# Ranks' output reaches the terminal through the launcher's pipes, so a rank
-# cannot tell that a person is watching: mnn-launch says so in this variable
-# ("bar" or "lines"), which the trainer reads to choose a progress bar.
-PROGRESS_ENV = "MNN_PROGRESS"
 
 
 def progress_bar_wanted() -> bool:

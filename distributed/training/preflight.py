@@ -27,15 +27,15 @@ from mnn.datasets import Dataset, load_dataset
 from mnn.io import clean_stale_temporaries, unusable_path
 from mnn.model import GPT_KEYS, model_size
 from mnn.text import TextDataset, fingerprint_difference, load_text
-from mnn.distributed.checkpoint import (CHECKPOINT_NAME, Checkpoint, find_checkpoints, load_checkpoint,
+from mnn.distributed.training.checkpoint import (CHECKPOINT_NAME, Checkpoint, find_checkpoints, load_checkpoint,
                                         load_newest_checkpoint)
 from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
-from mnn.distributed.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
-from mnn.distributed.output_dir import OutputLock, set_aside_earlier_run
-from mnn.distributed.position import Position
-from mnn.distributed.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
+from mnn.distributed.training.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
+from mnn.distributed.training.output_dir import OutputLock, set_aside_earlier_run
+from mnn.distributed.training.position import Position
+from mnn.distributed.training.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
-from mnn.distributed.task import Task, build_net, build_optimizer, choose_task
+from mnn.distributed.training.task import Task, build_net, build_optimizer, choose_task
 
 __all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "text_context", "text_epoch_steps",
            "RESUME_MUST_MATCH", "ARRAYS_DATASET", "TEXT_DATASET"]

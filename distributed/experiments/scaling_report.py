@@ -24,14 +24,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mnn.distributed.costmodel import (
+from mnn.distributed.experiments.costmodel import (
     NETWORKS,
     Workload,
     bandwidth_bound_efficiency,
     describe_algorithm,
 )
 from mnn.distributed.launch import MpiSetup
-from mnn.distributed.scaling import (
+from mnn.distributed.experiments.scaling import (
     Experiment,
     model_networks,
     predict_points,
@@ -107,7 +107,7 @@ def write_outputs(experiment: Experiment, log: Callable[[str], None] = print) ->
         experiment.notes.append("plots skipped: matplotlib is not installed (pip install 'mnn[plot]')")
         log(experiment.notes[-1])
         return [_write_report(experiment, predictions, projections, out / "report.md", written)] + written
-    from mnn.distributed import scaling_plots
+    from mnn.distributed.experiments import scaling_plots
 
     try:
         written += scaling_plots.draw_all(experiment, predictions, projections, out)
@@ -219,7 +219,7 @@ def _model_lines(experiment: Experiment, predictions: list[dict], projections: l
     settings, workload = experiment.settings, experiment.workload
     batch = (f"{settings.per_rank_batch} samples per rank (weak scaling)" if settings.mode == "weak"
              else f"a global batch of {settings.global_batch} split over the ranks (strong scaling)")
-    lines = ["Every assumption of the numbers below (the math: `mnn.distributed.costmodel`):", "",
+    lines = ["Every assumption of the numbers below (the math: `mnn.distributed.experiments.costmodel`):", "",
              f"- step time T(p) = b·t_s + t_o + Σ_k T_allreduce(p, n_k), with {batch};",
              f"- t_s = {workload.compute_s_per_sample * 1e6:.3f} µs compute per sample and t_o = "
              f"{workload.optimizer_s * 1e3:.3f} ms optimizer per step, from the median 1-rank run (everything "
@@ -274,7 +274,7 @@ def _two_kinds_lines(experiment: Experiment, workload: Workload) -> list[str]:
              "| workload | gradient bytes per compute second | " + " | ".join(
                  f"{name}: E({largest}) / E∞" for name in NETWORKS) + " |",
              "| --- | ---: |" + " ---: |" * len(NETWORKS)]
-    from mnn.distributed.costmodel import efficiency
+    from mnn.distributed.experiments.costmodel import efficiency
 
     for kind in (workload, large):
         compute = batch * kind.compute_s_per_sample

@@ -24,7 +24,7 @@ import numpy as np
 from mnn import SGD, Adam, CrossEntropyLossLayer, MSELossLayer, NllLossLayer, SequentialLayers
 from mnn.datasets import Dataset, Split
 from mnn.distributed.comm import Communicator
-from mnn.distributed.config import TrainConfig
+from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.sampler import shard_sizes
 from mnn.model import build_net as build_described_net, check_fits
 

@@ -7,18 +7,18 @@
    (:func:`mnn.distributed.launch.build_command`, as ``mnn-launch`` starts jobs:
    ``srun`` inside a SLURM allocation, else the ``mpiexec`` that belongs to
    mpi4py, with ``--hosts``/``--hostfile`` when given). The job runs
-   ``python -m mnn.distributed.scaling WORKER SPEC`` on every rank, which
+   ``python -m mnn.distributed.experiments.scaling WORKER SPEC`` on every rank, which
    trains the MLP for a fixed number of steps and prints one result line on
    rank 0 (:func:`measure_point`);
 2. rank counts take turns, ``--repeats`` times (1, 2, 1, 2, ...), so a machine
    that slows down for a while slows every count alike; each point is the
    median over the turns, with the minimum and maximum beside it, and the
    speed-up of each turn is taken against the baseline of the *same* turn;
-3. the all-reduce micro-benchmark (:mod:`mnn.distributed.collectives`) runs on
+3. the all-reduce micro-benchmark (:mod:`mnn.distributed.experiments.collectives`) runs on
    the largest rank count that fits the cores, α and β are fitted to it, and
-   the cost model (:mod:`mnn.distributed.costmodel`) predicts the measured
+   the cost model (:mod:`mnn.distributed.experiments.costmodel`) predicts the measured
    points and projects them to 1024 ranks;
-4. :mod:`mnn.distributed.scaling_report` writes ``results.csv``,
+4. :mod:`mnn.distributed.experiments.scaling_report` writes ``results.csv``,
    ``results.jsonl``, ``report.md`` and the plots into the output folder.
 
 A rank count larger than the cores available (or the slots of the hosts) is
@@ -44,9 +44,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mnn.distributed.collectives import ALLREDUCE_NAMES, available_allreduces, message_sizes, run_collectives
+from mnn.distributed.experiments.collectives import ALLREDUCE_NAMES, available_allreduces, message_sizes, run_collectives
 from mnn.distributed.comm import Communicator, get_communicator, stop_all_on_error
-from mnn.distributed.costmodel import (
+from mnn.distributed.experiments.costmodel import (
     ALGORITHMS,
     NETWORKS,
     AlphaBetaFit,
@@ -57,8 +57,8 @@ from mnn.distributed.costmodel import (
     projection_ranks,
     step_time,
 )
+from mnn.distributed.environment import THREAD_VARIABLES
 from mnn.distributed.launch import (
-    THREAD_VARIABLES,
     LaunchPlan,
     MpiSetup,
     build_command,
@@ -193,7 +193,7 @@ def _join(values: Sequence[int]) -> str:
 
 def worker_command(kind: str, spec: Mapping[str, Any]) -> list[str]:
     """The command every rank of a child job runs: this module, ``kind`` ("point" or "collectives")."""
-    return [sys.executable, "-m", "mnn.distributed.scaling", kind, json.dumps(dict(spec), separators=(",", ":"))]
+    return [sys.executable, "-m", "mnn.distributed.experiments.scaling", kind, json.dumps(dict(spec), separators=(",", ":"))]
 
 
 def capacity(settings: ScalingSettings, env: Mapping[str, str], cores: int | None = None) -> int:
@@ -424,7 +424,7 @@ def run_experiment(settings: ScalingSettings, env: Mapping[str, str],
 
     ``log`` gets one progress line per run. Nothing is written here.
     """
-    from mnn.distributed.scaling_report import machine_description
+    from mnn.distributed.experiments.scaling_report import machine_description
 
     env = child_environment(settings, env)
     mpi = detect_mpi(env, mpiexec=settings.mpiexec)

@@ -13,8 +13,8 @@ characters are the vocabulary), drawn as ``mnn-train`` draws them
 A step is forward, backward and an Adam update (the same Adam in both:
 :class:`mnn.optim.Adam` is PyTorch's formula), in float32. Usage::
 
-    from mnn.distributed.bench import measure
-    from mnn.distributed.gpt_bench import GptSizes, gpt_steps
+    from mnn.distributed.experiments.bench import measure
+    from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_steps
     sizes = GptSizes(batch=32)
     results = measure(gpt_steps(sizes, comm, load_text(context=sizes.context)), comm, batch_size=32)
 
@@ -34,7 +34,7 @@ from mnn.layer import (CrossEntropyLossLayer, EmbeddingLayer, GeluLayer, LayerNo
 from mnn.model import build_net
 from mnn.seq_layers import Residual
 from mnn.text import TextDataset
-from mnn.distributed.bench import Step, torch_process_group
+from mnn.distributed.experiments.bench import Step, torch_process_group
 from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES, DataParallel
 from mnn.distributed.sampler import DrawnBatchSampler

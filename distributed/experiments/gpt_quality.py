@@ -1,7 +1,7 @@
 """How well the GPT trains in mnn beside PyTorch: the same run twice, and both curves.
 
 ``mnn-bench --model gpt --quality --steps 2000 --out docs/gpt`` trains the GPT
-of :mod:`mnn.distributed.gpt_bench` once in mnn and once in PyTorch, from the
+of :mod:`mnn.distributed.experiments.gpt_bench` once in mnn and once in PyTorch, from the
 same initial weights (drawn by mnn from the seed and copied), on the same
 batches (global batch :math:`k` drawn from ``(seed, k)`` by
 :class:`~mnn.distributed.sampler.DrawnBatchSampler`, as ``mnn-train`` draws
@@ -9,7 +9,7 @@ them), with the same Adam, learning rate and step count, without dropout
 (PyTorch's dropout masks could not be mnn's counter-based ones). The two runs
 go in two processes side by side, one thread each.
 
-mnn is evaluated by the trainer's own :func:`~mnn.distributed.task.evaluate`
+mnn is evaluated by the trainer's own :func:`~mnn.distributed.training.task.evaluate`
 (bits per character on the validation windows, what ``mnn-train`` reports);
 PyTorch on the same windows in the same batches. Both evaluate the untrained
 model too, where their weights are equal, so the first point of the two
@@ -20,7 +20,7 @@ loss and per evaluation), ``quality.json`` (the settings, the final figures,
 the times), ``curves.png`` (with matplotlib, the optional extra ``plot``) and
 ``report.md``. Usage::
 
-    from mnn.distributed.gpt_quality import QualityRun, compare
+    from mnn.distributed.experiments.gpt_quality import QualityRun, compare
     summary = compare(QualityRun(steps=2000), "docs/gpt")
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ from threadpoolctl import threadpool_limits
 from mnn import Adam
 from mnn.text import TextDataset, load_text
 from mnn.distributed.comm import SingleProcessCommunicator
-from mnn.distributed.gpt_bench import GptSizes, build_gpt, torch_gpt
+from mnn.distributed.experiments.gpt_bench import GptSizes, build_gpt, torch_gpt
 from mnn.distributed.sampler import DrawnBatchSampler
-from mnn.distributed.scaling_report import plots_available
-from mnn.distributed.task import EVAL_WINDOWS, choose_task, evaluate
+from mnn.distributed.experiments.scaling_report import plots_available
+from mnn.distributed.training.task import EVAL_WINDOWS, choose_task, evaluate
 
 __all__ = ["QualityRun", "train_curve", "compare", "IMPLEMENTATIONS", "TARGET"]
 

@@ -6,9 +6,9 @@ one whole training step (forward, backward, update) on a batch it holds.
 down for a while slows every implementation alike, and gives one result dict
 per implementation: the median over rounds and its spread. This module holds
 that loop and the benchmark of the MLP 784-256-10; the GPT's steps are in
-:mod:`mnn.distributed.gpt_bench`. Usage::
+:mod:`mnn.distributed.experiments.gpt_bench`. Usage::
 
-    from mnn.distributed.bench import measure, mlp_steps
+    from mnn.distributed.experiments.bench import measure, mlp_steps
     from mnn.distributed.comm import get_communicator
     comm = get_communicator()
     results = measure(mlp_steps(256, comm), comm, batch_size=256)

@@ -2,7 +2,7 @@
 
 A checkpoint holds everything needed to continue a run exactly where it stopped:
 the model's state dict, the optimizer's state arrays (momentum, Adam moments,
-step counts), the run's :class:`~mnn.distributed.position.Position` (epochs done,
+step counts), the run's :class:`~mnn.distributed.training.position.Position` (epochs done,
 steps done in the next epoch, total steps, samples seen) and the resolved job config (``TrainConfig.to_dict()``) as
 JSON text stored as a uint8 array; the trainer reads it back with
 ``TrainConfig.from_dict``, which validates it. There is no RNG state to save: the order of global batches is a function
@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mnn.checks import check_int
-from mnn.distributed.position import Position
+from mnn.distributed.training.position import Position
 from mnn.io import atomic_copy, load_arrays, save_arrays
 
 __all__ = [

@@ -36,12 +36,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from mnn.text import fingerprint_difference
 from mnn.distributed.comm import Communicator
+from mnn.distributed.environment import THREAD_VARIABLES
 
-__all__ = ["RankFacts", "THREAD_VARIABLES", "gather_facts", "disagreements", "data_disagreements",
+__all__ = ["RankFacts", "gather_facts", "disagreements", "data_disagreements",
            "limit_blas_threads"]
 
-#: Thread-count variables of OpenMP, OpenBLAS and MKL (mnn-launch sets them per rank).
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The packages whose source is part of the fingerprint (the folders they install from).
 _SOURCE_PACKAGES = ("mnn", "mnn.distributed", "mnn.scripts")
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnn.distributed.checkpoint import checkpoint_files
+from mnn.distributed.training.checkpoint import checkpoint_files
 
 __all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
 

@@ -2,7 +2,7 @@
 
 The Python API mirrors the ``mnn-train`` command line::
 
-    from mnn.distributed.trainer import TrainConfig, train
+    from mnn.distributed.training import TrainConfig, train
     summary = train(TrainConfig(layers=[64, 128, 10], optimizer="momentum", epochs=5))
 
 and trains a net and arrays of your own the same way, with the same
@@ -20,13 +20,13 @@ batch size), so the run computes the same updates on any number of ranks, up
 to the order of floating-point sums.
 
 The pieces, each in its module: preflight checks everything before the first
-step (:mod:`~mnn.distributed.preflight`); the net, optimizer, learning rate,
-targets and evaluation sit beside the loss choice (:mod:`~mnn.distributed.task`);
-the run's :class:`~mnn.distributed.position.Position` is the value the loop
+step (:mod:`~mnn.distributed.training.preflight`); the net, optimizer, learning rate,
+targets and evaluation sit beside the loss choice (:mod:`~mnn.distributed.training.task`);
+the run's :class:`~mnn.distributed.training.position.Position` is the value the loop
 advances and the checkpoint stores; rank 0's lines, progress bar and
-metrics.jsonl come from the :class:`~mnn.distributed.reporting.Reporter`
+metrics.jsonl come from the :class:`~mnn.distributed.training.reporting.Reporter`
 (whose docstring gives the metrics schema); Ctrl-C and SIGTERM are handled by
-:mod:`~mnn.distributed.stopping`; ``--timeline`` spans are recorded by
+:mod:`~mnn.distributed.training.stopping`; ``--timeline`` spans are recorded by
 :class:`~mnn.distributed.timeline.Timeline`.
 """
 from __future__ import annotations
@@ -40,16 +40,16 @@ from typing import Any
 import numpy as np
 
 from mnn import SequentialLayers
-from mnn.distributed.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_on_root
-from mnn.distributed.config import TrainConfig
+from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
-from mnn.distributed.position import Position
-from mnn.distributed.preflight import RESUME_MUST_MATCH, JobConfigError, PreparedJob, prepare_job
-from mnn.distributed.reporting import Reporter, json_text
-from mnn.distributed.stopping import StopRequests, TrainingInterrupted
-from mnn.distributed.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
-from mnn.distributed.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
+from mnn.distributed.training.position import Position
+from mnn.distributed.training.preflight import RESUME_MUST_MATCH, JobConfigError, PreparedJob, prepare_job
+from mnn.distributed.training.reporting import Reporter, json_text
+from mnn.distributed.training.stopping import StopRequests, TrainingInterrupted
+from mnn.distributed.training.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
+from mnn.distributed.training.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
 from mnn.distributed.timeline import Timeline, check_timeline_path
 from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
@@ -102,7 +102,7 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
     config.validate()  # again: a field may have been set after the config was made
     comm = get_communicator(comm)
     # Signals are counted from here on and acted on where every rank can agree:
-    # after start-up and after each step (see mnn.distributed.stopping). A rank that
+    # after start-up and after each step (see mnn.distributed.training.stopping). A rank that
     # waits for the others longer than the stall timeout ends the job with a report
     # of who did not arrive (see mnn.distributed.watchdog): every collective of the
     # job goes through the watchdog's communicator.
