@@ -17,18 +17,18 @@ characters it printed).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.preflight import TEXT_DATASET, load_job_dataset, text_context
 from mnn.model import build_net, model_size
+from mnn.scripts.arguments import at_least
 from mnn.text import CharVocab, TextDataset, generate, sample_characters
 
 __all__ = ["main", "build_parser", "sample"]
@@ -40,30 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a run's output directory or a checkpoint .npz of a model trained on a text")
     parser.add_argument("--prompt", default="def ", help="the text to continue (default: 'def ')")
-    parser.add_argument("--tokens", type=_count, default=300, metavar="N",
+    parser.add_argument("--tokens", type=at_least(0), default=300, metavar="N",
                         help="characters to generate, printed as they come (default 300)")
-    parser.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+    parser.add_argument("--temperature", type=at_least(0, float), default=0.8, metavar="T",
                         help="below 1: likelier characters, above 1: more varied, 0: always the likeliest "
                              "(default 0.8)")
-    parser.add_argument("--seed", type=_count, default=0, metavar="N", help="seed of the sampling (default 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, metavar="N",
+                        help="seed of the sampling (default 0)")
     return parser
-
-
-def _at_least_zero(kind: type, what: str) -> Callable[[str], Any]:
-    """An argparse type: ``kind(text)``, >= 0 and (a float) finite; argparse names the option when it refuses."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-_count = _at_least_zero(int, "an integer >= 0")
-_temperature = _at_least_zero(float, "a finite number >= 0 (0: always the likeliest character)")
 
 
 def main(argv: list[str] | None = None) -> int:

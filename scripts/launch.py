@@ -110,6 +110,7 @@ from mnn.distributed.launch import (
     run_check,
     run_plan,
 )
+from mnn.scripts.arguments import positive
 
 __all__ = ["build_parser", "parse_args", "main"]
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         # The module docstring, without its title, is the help.
         epilog=__doc__.split("\n\n", 1)[1].replace("::\n", ":\n"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--ranks", type=_positive_int, metavar="N",
+    parser.add_argument("-n", "--ranks", type=positive(int, at_most=_MAX_RANKS, unit="ranks"), metavar="N",
                         help="number of ranks (default: SLURM_NTASKS inside SLURM, else the total slots "
                              "of --hosts/--hostfile; required otherwise)")
     hosts = parser.add_mutually_exclusive_group()
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use this mpiexec (also inside SLURM) instead of the one found for mpi4py")
     parser.add_argument("--ssh", metavar="PROGRAM",
                         help="remote shell for the hosts other than this machine (default: ssh)")
-    parser.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT_S, metavar="S",
+    parser.add_argument("--start-timeout", type=positive(float, unit="seconds"), default=DEFAULT_START_TIMEOUT_S,
+                        metavar="S",
                         help="seconds each other host has to answer ssh before the job starts, every rank to "
                              "get through MPI's start-up and a first collective (else the job is stopped), and "
                              f"--check's hello to finish (default: {DEFAULT_START_TIMEOUT_S:g})")
@@ -174,34 +176,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     elif args.hosts is not None:
         args.hosts = parse_hosts(args.hosts)
     return args
-
-
-def _positive_int(text: str) -> int:
-    """A rank count: a positive integer, at most :data:`_MAX_RANKS` (checked by its digits
-    first, so that thousands of them are neither converted nor echoed back)."""
-    digits = text.strip().lstrip("+").lstrip("0")
-    if digits.isdigit() and len(digits) > len(str(_MAX_RANKS)):
-        raise argparse.ArgumentTypeError(f"expected at most {_MAX_RANKS:,} ranks, got a number of {len(digits)} "
-                                         "digits")
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    if value > _MAX_RANKS:
-        raise argparse.ArgumentTypeError(f"expected at most {_MAX_RANKS:,} ranks, got {value:,}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
