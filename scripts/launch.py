@@ -101,6 +101,7 @@ from typing import Mapping
 from mnn.distributed.launch import (
     DEFAULT_START_TIMEOUT_S,
     STOP_SIGNALS,
+    LaunchSettings,
     build_command,
     detect_mpi,
     format_plan,
@@ -112,7 +113,7 @@ from mnn.distributed.launch import (
 )
 from mnn.scripts.arguments import positive
 
-__all__ = ["build_parser", "parse_args", "main"]
+__all__ = ["build_parser", "parse_args", "launch_settings", "main"]
 
 _EXIT_INTERRUPTED = 130
 # More ranks than any job of a NumPy trainer: a typo, refused before the plan lists a host per rank.
@@ -158,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse mnn-launch's arguments; everything after the first ``--`` is the command.
 
-    ``hosts`` in the result is a list of ``(host, slots)`` read from ``--hosts``
-    or ``--hostfile``, or None. Raises ValueError for a bad host list.
+    :func:`launch_settings` makes the job of the result.
     """
     argv = list(argv)
     command = []
@@ -171,11 +171,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.command and command:
         parser.error(f"unexpected {' '.join(args.command)!r} before '--'")
     args.command = args.command + command
-    if args.hostfile is not None:
-        args.hosts = parse_hostfile(args.hostfile)
-    elif args.hosts is not None:
-        args.hosts = parse_hosts(args.hosts)
     return args
+
+
+def launch_settings(args: argparse.Namespace) -> LaunchSettings:
+    """The job that :func:`parse_args`'s ``args`` ask for, with ``--hosts`` or ``--hostfile`` read
+    into ``(host, slots)`` pairs. Raises ValueError for a bad host list."""
+    if args.hostfile is not None:
+        hosts = parse_hostfile(args.hostfile)
+    else:
+        hosts = parse_hosts(args.hosts) if args.hosts is not None else None
+    return LaunchSettings(command=args.command, ranks=args.ranks, hosts=hosts, mpiexec=args.mpiexec, ssh=args.ssh,
+                          start_timeout=args.start_timeout)
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -193,18 +200,19 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
                     if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         args = parse_args(argv)
-        mpi = detect_mpi(env, mpiexec=args.mpiexec)
+        settings = launch_settings(args)
+        mpi = detect_mpi(env, mpiexec=settings.mpiexec)
         if args.check:
-            lines, ok = run_check(args, env, mpi)
+            lines, ok = run_check(settings, env, mpi)
             return 0 if _say("\n".join(lines)) and ok else 1
-        plan = build_command(args, env, mpi, terminal=sys.stderr.isatty())
+        plan = build_command(settings, env, mpi, terminal=sys.stderr.isatty())
         for warning in plan.warnings:
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
         if args.dry_run:
             return 0 if _say(format_plan(plan)) else 1
         if plan.launcher == "mpiexec":
-            require_answers(args.hosts, args.ssh, args.start_timeout, env)
-        return run_plan(plan, env, args.start_timeout)
+            require_answers(settings.hosts, settings.ssh, settings.start_timeout, env)
+        return run_plan(plan, env, settings.start_timeout)
     except ValueError as error:
         print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -25,7 +25,7 @@ from mnn.distributed.launch import (
     parse_hosts,
     process_tree,
 )
-from mnn.scripts.launch import main, parse_args
+from mnn.scripts.launch import launch_settings, main, parse_args
 
 MPICH = MpiSetup("4.1", "MPICH Version: 5.0.2", "mpich", "/opt/mpich/bin/mpiexec")
 OPENMPI = MpiSetup("4.1", "Open MPI v5.0.3", "openmpi", "/opt/openmpi/bin/mpiexec")
@@ -49,8 +49,13 @@ def without_thread_variables(env):
     return {name: value for name, value in env.items() if name not in (*THREAD_VARIABLES, PROGRESS_ENV)}
 
 
+def settings_of(argv):
+    """The LaunchSettings of mnn-launch's command line ``argv``."""
+    return launch_settings(parse_args(argv))
+
+
 def plan_for(argv, env=None, mpi=MPICH, cores=8, terminal=False, as_root=False):
-    return build_command(parse_args(argv), {} if env is None else env, mpi, cores=cores, terminal=terminal,
+    return build_command(settings_of(argv), {} if env is None else env, mpi, cores=cores, terminal=terminal,
                          as_root=as_root)
 
 
@@ -245,7 +250,7 @@ def test_open_mpi_as_root_is_allowed_and_dry_run_says_so():
     assert "--allow-run-as-root" not in plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI).argv
     mpich = plan_for(["-n", "2", "--", *COMMAND], as_root=True)
     assert "--allow-run-as-root" not in mpich.argv and mpich.notes == []
-    hello = build_hello_command(parse_args(["--check"]), {}, OPENMPI, cores=8, as_root=True)
+    hello = build_hello_command(settings_of(["--check"]), {}, OPENMPI, cores=8, as_root=True)
     assert "--allow-run-as-root" in hello.argv
 
 
@@ -360,7 +365,7 @@ def test_help_explains_formats_and_examples(capsys):
 
 # ------------------------------------------------------------------ the --check hello
 def hello_plan(argv, mpi=MPICH):
-    return build_hello_command(parse_args([*argv, "--check"]), {}, mpi, cores=8, as_root=False)
+    return build_hello_command(settings_of([*argv, "--check"]), {}, mpi, cores=8, as_root=False)
 
 
 @pytest.mark.parametrize("mpi, host_option", [(MPICH, "-hosts"), (OPENMPI, "--host")], ids=["mpich", "openmpi"])

@@ -2,6 +2,7 @@
 
 - ``hosts``: ``--hosts`` and hostfiles, how ranks fill the hosts, this machine's names and cores;
 - ``mpi``: mpi4py's MPI library and the ``mpiexec`` that belongs to it (:func:`detect_mpi`);
+- ``settings``: what a job is asked to be (:class:`LaunchSettings`: command, ranks, hosts, launcher, timeout);
 - ``plan``: the command line and environment of a job (:func:`build_command`);
 - ``remote``: the other hosts, which must answer ssh before a job starts (:func:`require_answers`);
 - ``process``: running a plan with signals passed on, or with a time limit, leaving no process behind;
@@ -12,26 +13,22 @@
 - ``check``: the ``--check`` preflight.
 
 The command line, and the help that explains all of it, is ``mnn.scripts.launch``.
-Tests build commands with :func:`build_command`, a pure function of the parsed
-arguments, the environment and the detected :class:`MpiSetup`.
+Tests build commands with :func:`build_command`, a pure function of the
+:class:`LaunchSettings`, the environment and the detected :class:`MpiSetup`.
 """
 
 from mnn.distributed.launch.check import build_hello_command, run_check
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.launch.mpi import MpiSetup, detect_mpi, find_mpiexec, mpi_family
-from mnn.distributed.launch.plan import (
-    DEFAULT_START_TIMEOUT_S,
-    LaunchPlan,
-    build_command,
-    format_plan,
-    ssh_options,
-)
+from mnn.distributed.launch.plan import LaunchPlan, build_command, format_plan, ssh_options
 from mnn.distributed.launch.process import STOP_SIGNALS, run_plan
 from mnn.distributed.launch.remote import check_remote_hosts, require_answers
+from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S, LaunchSettings
 from mnn.distributed.launch.tree import process_tree, stop_process_tree
 
 __all__ = [
     "DEFAULT_START_TIMEOUT_S",
+    "LaunchSettings",
     "MpiSetup",
     "LaunchPlan",
     "parse_hostfile",

@@ -5,12 +5,12 @@ across them and the threads per rank.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 import shutil
 import socket
 import sys
+from dataclasses import replace
 from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, remote_hosts, usable_cores
@@ -19,6 +19,7 @@ from mnn.distributed.environment import THREAD_VARIABLES
 from mnn.distributed.launch.plan import LaunchPlan, build_command
 from mnn.distributed.launch.process import run_with_timeout
 from mnn.distributed.launch.remote import check_remote_hosts, find_ssh
+from mnn.distributed.launch.settings import LaunchSettings
 
 __all__ = ["run_check", "build_hello_command"]
 
@@ -36,13 +37,14 @@ _HELLO_CODE = ("import os, socket\n"
                "flush=True)\n")
 
 
-def run_check(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+def run_check(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup,
               cores: int | None = None) -> tuple[list[str], bool]:
-    """Preflight lines, each ``"OK ..."`` or ``"FIX: ..."``, and whether all are OK."""
+    """Preflight lines, each ``"OK ..."`` or ``"FIX: ..."``, and whether all are OK: for the
+    hosts, launcher, ssh and start timeout of ``settings`` (its command and ranks are --check's own)."""
     import numpy
 
     cores = usable_cores() if cores is None else cores
-    in_slurm = bool(env.get("SLURM_JOB_ID")) and not args.mpiexec
+    in_slurm = bool(env.get("SLURM_JOB_ID")) and not settings.mpiexec
     lines = [f"OK Python {platform.python_version()} ({sys.executable})", f"OK NumPy {numpy.__version__}"]
     if mpi.mpi4py_version is None:
         lines.append(f"FIX: {mpi.library}: pip install 'mnn[mpi]' (mpi4py with MPICH from PyPI), or on a cluster "
@@ -63,16 +65,16 @@ def run_check(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
         lines.append(f"FIX: {mpi.error or 'no mpiexec beside ' + sys.executable + ' or on PATH'}")
     lines += [f"FIX: {warning}" for warning in mpi.warnings]
 
-    if args.hosts:
-        lines += _check_hosts(args.hosts)
-    ssh_lines, answered = ([], set()) if in_slurm else _check_ssh(args, env)
+    if settings.hosts:
+        lines += _check_hosts(settings.hosts)
+    ssh_lines, answered = ([], set()) if in_slurm else _check_ssh(settings, env)
     lines += ssh_lines
     # A host that does not answer ssh would only keep the hello waiting until its time is up.
     hello_ready = mpi.mpi4py_version is not None and (in_slurm or mpi.mpiexec is not None) \
         and all(line.startswith("OK") for line in ssh_lines)
     if hello_ready:
-        lines += _check_hello(args, env, mpi, cores, answered)
-    lines.append(_check_threads(args, env, mpi, cores))
+        lines += _check_hello(settings, env, mpi, cores, answered)
+    lines.append(_check_threads(settings, env, mpi, cores))
     return lines, all(line.startswith("OK") for line in lines)
 
 
@@ -83,31 +85,31 @@ def _hello_hosts(hosts: list[tuple[str, int]] | None) -> list[tuple[str, int]] |
     return [(host, 1) for host, _ in hosts] if len(hosts) > 1 else [(hosts[0][0], 2)]
 
 
-def build_hello_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+def build_hello_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup,
                         cores: int | None = None, as_root: bool | None = None) -> LaunchPlan:
     """The plan of ``--check``'s hello job: :func:`build_command` for a short Python program.
 
-    With hosts in ``args`` it runs one rank on each of them (two on a single
+    With hosts in ``settings`` it runs one rank on each of them (two on a single
     host), so that ``-n`` is the number of hosts whatever their slots; without
     hosts, two ranks here. Rank ``i`` lands on the ``i``-th host: MPICH and
     Open MPI fill hosts in the order given.
     """
-    hosts = _hello_hosts(args.hosts)
+    hosts = _hello_hosts(settings.hosts)
     ranks = 2 if hosts is None else sum(slots for _, slots in hosts)
-    hello_args = argparse.Namespace(**{**vars(args), "hosts": hosts, "ranks": ranks,
-                                       "command": [sys.executable, "-c", _HELLO_CODE]})
-    return build_command(hello_args, env, mpi, cores, as_root=as_root)
+    hello = replace(settings, hosts=hosts, ranks=ranks, command=(sys.executable, "-c", _HELLO_CODE))
+    return build_command(hello, env, mpi, cores, as_root=as_root)
 
 
-def _check_hello(args, env, mpi, cores, answered: set[str]) -> list[str]:
+def _check_hello(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup, cores: int,
+                 answered: set[str]) -> list[str]:
     try:
-        plan = build_hello_command(args, env, mpi, cores)
+        plan = build_hello_command(settings, env, mpi, cores)
     except ValueError as error:
         return [f"FIX: hello cannot start: {error}"]
     name = f"{plan.ranks}-rank hello"
     try:
         returncode, out, err = run_with_timeout(plan.argv, {**env, **plan.env_updates, **plan.launcher_env},
-                                                args.start_timeout, plan.family)
+                                                settings.start_timeout, plan.family)
     except OSError as error:
         return [f"FIX: {name} cannot start {plan.argv[0]}: {error.strerror or error}"]
     started = dict(re.findall(r"started rank=(\d+) host=([^\s;]+);", out))
@@ -119,12 +121,12 @@ def _check_hello(args, env, mpi, cores, answered: set[str]) -> list[str]:
         return [f"FIX: {name}: every process says it is rank 0 of 1 ({shown}): {plan.argv[0]} belongs to "
                 f"another MPI than mpi4py ({mpi.library}). Use the launcher of that MPI (pass --mpiexec) or "
                 "rebuild mpi4py against this one"]
-    hosts = _hello_hosts(args.hosts)
+    hosts = _hello_hosts(settings.hosts)
     lines = []
     if returncode is None:
         # With hosts, the lines per host below say what to check.
         advice = "" if hosts else ": check that no firewall blocks MPI's ports on this machine"
-        lines.append(f"FIX: {name} did not finish in {args.start_timeout:g} s "
+        lines.append(f"FIX: {name} did not finish in {settings.start_timeout:g} s "
                      f"({shown or 'no rank answered'}){advice}")
     elif returncode != 0:
         last = (err.strip().splitlines() or ["no error output"])[-1]
@@ -175,15 +177,15 @@ def _check_hello(args, env, mpi, cores, answered: set[str]) -> list[str]:
     return lines
 
 
-def _check_ssh(args, env) -> tuple[list[str], set[str]]:
+def _check_ssh(settings: LaunchSettings, env: Mapping[str, str]) -> tuple[list[str], set[str]]:
     """Whether every host other than this machine answers ``ssh HOST true`` in time: the
     lines, and the hosts that answered."""
-    remote = remote_hosts(args.hosts)
+    remote = remote_hosts(settings.hosts)
     if not remote:
         return [], set()
     try:
-        ssh = find_ssh(args.ssh, env)
-        answers = check_remote_hosts(remote, ssh, args.start_timeout, env)
+        ssh = find_ssh(settings.ssh, env)
+        answers = check_remote_hosts(remote, ssh, settings.start_timeout, env)
     except ValueError as error:
         return [f"FIX: {error}"], set()
     failed = {host: problem for host, problem in answers.items() if problem}
@@ -212,11 +214,10 @@ def _check_hosts(hosts: list[tuple[str, int]]) -> list[str]:
     return lines
 
 
-def _check_threads(args, env, mpi, cores) -> str:
-    check_args = argparse.Namespace(**{**vars(args), "command": ["true"],
-                                       "ranks": args.ranks or (None if args.hosts else 2)})
+def _check_threads(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup, cores: int) -> str:
+    job = replace(settings, command=("true",), ranks=settings.ranks or (None if settings.hosts else 2))
     try:
-        plan = build_command(check_args, env, mpi, cores)
+        plan = build_command(job, env, mpi, cores)
     except ValueError as error:
         return f"FIX: threads per rank: {error}"
     settings = []

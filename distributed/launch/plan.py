@@ -1,10 +1,10 @@
 """The launch plan: the exact command line (srun, MPICH's or Open MPI's mpiexec, or none)
-and the environment variables mnn-launch adds, built as a pure function of the arguments.
+and the environment variables mnn-launch adds, built as a pure function of the job's settings
+(:class:`~mnn.distributed.launch.settings.LaunchSettings`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shlex
@@ -13,18 +13,15 @@ from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup
+from mnn.distributed.launch.settings import LaunchSettings
 from mnn.distributed.launch.startup import rank_hosts, reports_start
 from mnn.distributed.environment import PROGRESS_ENV, THREAD_VARIABLES
 
-__all__ = ["DEFAULT_START_TIMEOUT_S", "LaunchPlan", "build_command", "ssh_options",
-           "format_plan"]
+__all__ = ["LaunchPlan", "build_command", "ssh_options", "format_plan"]
 
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there.
 _OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
-#: Seconds every other host has to answer ssh, a job to start (every rank through MPI's start-up
-#: and a first collective) and --check's hello to finish, unless --start-timeout says.
-DEFAULT_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -57,34 +54,33 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetup,
+def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup,
                   cores: int | None = None, terminal: bool = False, as_root: bool | None = None) -> LaunchPlan:
-    """The command line and environment additions for ``args``, mnn-launch's parsed arguments.
+    """The command line and environment additions that start the job of ``settings``.
 
-    ``args`` needs ``command`` (a list), ``ranks`` (int or None), ``hosts``
-    (``[(host, slots), ...]`` or None), ``mpiexec`` (the ``--mpiexec`` given,
-    or None), ``ssh`` (``--ssh``, or None) and ``start_timeout`` (seconds), as
-    ``mnn.scripts.launch.parse_args`` returns them. ``terminal`` says that
-    mnn-launch's stderr is a terminal: the plan then sets ``MNN_PROGRESS=bar``
-    unless ``env`` has it. ``as_root``: whether the job runs as root (default:
-    whether this process does); Open MPI then needs ``--allow-run-as-root``.
-    Pure apart from ``cores`` (default: the cores this process may use) and
-    ``as_root``. Raises ValueError when the arguments do not make a job.
+    ``terminal`` says that mnn-launch's stderr is a terminal: the plan then
+    sets ``MNN_PROGRESS=bar`` unless ``env`` has it. ``as_root``: whether the
+    job runs as root (default: whether this process does); Open MPI then needs
+    ``--allow-run-as-root``. Pure apart from ``cores`` (default: the cores this
+    process may use) and ``as_root``. Raises ValueError when the settings do
+    not make a job here.
     """
+    if not isinstance(settings, LaunchSettings):
+        raise TypeError(f"settings: expected a LaunchSettings, got {type(settings).__name__}")
     cores = usable_cores() if cores is None else cores
     as_root = os.geteuid() == 0 if as_root is None else as_root
-    command = list(args.command)
+    command = list(settings.command)
     if not command:
         raise ValueError("no command to run: put it after '--', e.g. mnn-launch -n 2 -- mnn-train")
-    hosts = args.hosts
+    hosts = settings.hosts
     warnings = list(mpi.warnings)
     job_id = env.get("SLURM_JOB_ID")
 
-    if job_id and not args.mpiexec:
+    if job_id and not settings.mpiexec:
         if hosts is not None:
             raise ValueError(f"--hosts/--hostfile do not apply inside SLURM job {job_id}: srun places ranks on "
                              "the allocation's nodes. Leave them out, or pass --mpiexec to use mpiexec instead")
-        ranks = args.ranks or _env_int(env, "SLURM_NTASKS") or _env_int(env, "SLURM_NPROCS")
+        ranks = settings.ranks or _env_int(env, "SLURM_NTASKS") or _env_int(env, "SLURM_NPROCS")
         if ranks is None:
             raise ValueError(f"inside SLURM job {job_id} SLURM_NTASKS is not set: pass -n N")
         threads = _env_int(env, "SLURM_CPUS_PER_TASK")
@@ -98,18 +94,18 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
     if mpi.mpiexec is None:
         if mpi.error:
             raise ValueError(mpi.error)
-        ignored = f"; -n {args.ranks} is ignored" if args.ranks and args.ranks > 1 else ""
+        ignored = f"; -n {settings.ranks} is ignored" if settings.ranks and settings.ranks > 1 else ""
         warnings.append(f"no MPI ({mpi.library or 'no mpiexec found'}): running one process without MPI{ignored}")
         return LaunchPlan(command, _env_updates(env, cores, terminal), "none", 1, cores, warnings)
     if hosts is not None:
-        ranks = args.ranks or sum(slots for _, slots in hosts)
+        ranks = settings.ranks or sum(slots for _, slots in hosts)
         placement = place_ranks(hosts, ranks)
         local_ranks = sum(count for host, count in placement.items() if host in local_host_names())
         busiest = max(placement.values())
     else:
-        if args.ranks is None:
+        if settings.ranks is None:
             raise ValueError("how many ranks? pass -n N (or --hosts/--hostfile, whose slots give the count)")
-        ranks = local_ranks = busiest = args.ranks
+        ranks = local_ranks = busiest = settings.ranks
     threads = max(1, cores // busiest)
     env_updates = _env_updates(env, threads, terminal)
 
@@ -142,7 +138,7 @@ def build_command(args: argparse.Namespace, env: Mapping[str, str], mpi: MpiSetu
         if mpi.launcher_family == "mpich":
             for name, value in env_updates.items():
                 argv += ["-genv", name, value]
-    launcher_env = _remote_shell_env(args, env, mpi.launcher_family) \
+    launcher_env = _remote_shell_env(settings, env, mpi.launcher_family) \
         if any(host not in local_host_names() for host, _ in hosts or []) else {}
     return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
                       mpi.launcher_family, launcher_env, notes, rank_hosts(hosts, ranks, local_host_names()),
@@ -155,7 +151,7 @@ def ssh_options(timeout: float) -> list[str]:
     return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, math.ceil(timeout))}"]
 
 
-def _remote_shell_env(args: argparse.Namespace, env: Mapping[str, str], family: str | None) -> dict[str, str]:
+def _remote_shell_env(settings: LaunchSettings, env: Mapping[str, str], family: str | None) -> dict[str, str]:
     """How the launcher starts its remote shells: with :func:`ssh_options` and ``--ssh``.
 
     Set in the launcher's environment, where the user has not set them: on the
@@ -163,15 +159,15 @@ def _remote_shell_env(args: argparse.Namespace, env: Mapping[str, str], family: 
     at the first ``=``. Open MPI also starts every daemon from here (no tree
     spawn), through the ssh that mnn-launch checked before the start.
     """
-    options = " ".join(ssh_options(args.start_timeout))
+    options = " ".join(ssh_options(settings.start_timeout))
     if family == "mpich":
         wanted = {"HYDRA_LAUNCHER_EXTRA_ARGS": options}
-        if args.ssh:
-            wanted.update(HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=args.ssh)
+        if settings.ssh:
+            wanted.update(HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=settings.ssh)
     elif family == "openmpi":
         wanted = {"PRTE_MCA_plm_ssh_args": options, "PRTE_MCA_plm_ssh_no_tree_spawn": "1"}
-        if args.ssh:
-            wanted["PRTE_MCA_plm_ssh_agent"] = args.ssh
+        if settings.ssh:
+            wanted["PRTE_MCA_plm_ssh_agent"] = settings.ssh
     else:
         return {}
     return {name: value for name, value in wanted.items() if name not in env}

@@ -45,7 +45,8 @@ import time
 from typing import Callable, Mapping
 
 from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
-from mnn.distributed.launch.plan import DEFAULT_START_TIMEOUT_S, LaunchPlan
+from mnn.distributed.launch.plan import LaunchPlan
+from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
 from mnn.distributed.environment import START_DIR_ENV
 from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import signal_local_ranks, stop_process_tree
