@@ -18,7 +18,7 @@ Usage::
     mnn-bench                                   # the MLP on one process: batch 64, 256, 1024
     mnn-bench --batch 256 --rounds 9
     mpiexec -n 2 mnn-bench --batch 256,1024     # data parallel; batch is per rank
-    mnn-bench --scaling 1,2 --batch 1024        # launches itself on 1, 2, 1, 2, ... ranks
+    mnn-bench --scaling 1,2 --batch 1024        # starts itself on 1, 2, 1, 2, ... ranks, as mnn-launch
     mnn-bench --model gpt --rounds 9            # the GPT, batch 32 windows of 64 characters
     mpiexec -n 2 mnn-bench --model gpt          # ... data parallel, beside PyTorch DDP
     mnn-bench --model gpt --scaling 1,2 --no-torch --wait-idle   # each run on idle cores
@@ -30,13 +30,17 @@ that backward did not hide, including the time a rank waits for a slower
 one; ``wait_ms_min`` is that of the round that waited least). For the MLP,
 ``sync_ms`` is the gradient synchronisation alone and ``allreduce_ms`` one
 plain MPI Allreduce of the same number of bytes, timed alike; for the GPT,
-``allreduce_ms`` is one blocking Allreduce of its whole gradient (what
-``wait_ms`` would be if backward hid nothing), ``buckets`` the number of
-gradient buckets of ``--bucket-kb``. ``peak_rss_mb`` is the largest peak
-resident memory over the ranks, and PyTorch runs as DistributedDataParallel
-over gloo (``impl`` "torch-ddp"). ``--scaling`` gives the weak-scaling
-speedup of each turn's median rounds (median over turns, with its min and
-max) and of each turn's fastest rounds (``speedup_fastest_rounds``).
+``allreduce_ms`` is one blocking Allreduce of its whole gradient, timed as
+the all-reduce micro-benchmark times it (what ``wait_ms`` would be if
+backward hid nothing), ``buckets`` the number of gradient buckets of
+``--bucket-kb``. ``peak_rss_mb`` is the largest peak resident memory over
+the ranks, and PyTorch runs as DistributedDataParallel over gloo (``impl``
+"torch-ddp"). ``--scaling`` starts each run as mnn-scaling starts its jobs
+(through mnn-launch's plan: the mpiexec that belongs to mpi4py, or srun in a
+SLURM allocation) and gives the weak-scaling speedup of each turn's median
+rounds (median over turns, with its min and max) and of each turn's fastest
+rounds (``speedup_fastest_rounds``); mnn-scaling measures the MLP's scaling
+in full (other hosts, strong scaling, the all-reduce and the cost model).
 
 ``--quality`` trains the GPT in mnn and in PyTorch for ``--steps`` steps from
 the same weights on the same batches, and writes both curves (curves.csv,
@@ -47,58 +51,28 @@ import argparse
 import json
 import os
 import socket
-import statistics
-import subprocess
 import sys
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mnn.distributed.experiments.bench import (allreduce_ms, measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
-                                   wait_for_idle_cpus)
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
+from mnn.distributed.experiments.bench import (measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
+                                               wait_for_idle_cpus)
+from mnn.distributed.experiments.collectives import measure_allreduce
 from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_steps
 from mnn.distributed.experiments.gpt_quality import QualityRun, compare
+from mnn.distributed.experiments.scaling_driver import ChildJobs, turns
+from mnn.distributed.experiments.timing import Spread
+from mnn.distributed.launch import LaunchSettings
+from mnn.scripts.arguments import at_least, int_list, positive
 from mnn.text import load_text
 
 __all__ = ["main"]
 
 MODELS = ("mlp", "gpt")
 DEFAULT_BATCHES = {"mlp": [64, 256, 1024], "gpt": [32]}
-
-
-def _parse_ints(text):
-    try:
-        values = [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _positive(kind):
-    """An argparse type: a number of ``kind`` greater than zero."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
-def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _parser():
@@ -108,40 +82,40 @@ def _parser():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="mlp",
                         help="mlp: the MLP 784-256-10; gpt: the GPT-style character model (default mlp)")
-    parser.add_argument("--batch", type=_parse_ints,
+    parser.add_argument("--batch", type=int_list(1, "batch size"),
                         help="per-rank batch sizes, comma-separated (default 64,256,1024; gpt: 32 windows)")
-    parser.add_argument("--rounds", type=_positive(int), default=5, help="alternating rounds per batch size (default 5)")
-    parser.add_argument("--target-ms", type=_positive(float), default=300.0,
+    parser.add_argument("--rounds", type=positive(int), default=5, help="alternating rounds per batch size (default 5)")
+    parser.add_argument("--target-ms", type=positive(float, unit="milliseconds"), default=300.0,
                         help="approximate length of one timed round in ms (default 300)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--scaling", type=_parse_ints, metavar="N,N,...",
+    parser.add_argument("--scaling", type=int_list(1, "rank count"), metavar="N,N,...",
                         help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
-    parser.add_argument("--repeats", type=_positive(int), default=3,
+    parser.add_argument("--repeats", type=positive(int), default=3,
                         help="with --scaling: turns over the rank counts; the speedup is their median (default 3)")
     parser.add_argument("--wait-idle", action="store_true",
                         help="with --scaling: start each run only once the CPUs were 95%% idle for a second "
                              "(on a shared machine; at most 10 minutes per run)")
     gpt = parser.add_argument_group("the GPT (--model gpt)")
-    gpt.add_argument("--context", type=_positive(int), default=64, help="characters per window (default 64)")
-    gpt.add_argument("--d-model", type=_positive(int), default=128, help="width (default 128)")
-    gpt.add_argument("--heads", type=_positive(int), default=4, help="attention heads (default 4)")
-    gpt.add_argument("--layers", type=_positive(int), default=2, help="blocks (default 2)")
+    gpt.add_argument("--context", type=positive(int), default=64, help="characters per window (default 64)")
+    gpt.add_argument("--d-model", type=positive(int), default=128, help="width (default 128)")
+    gpt.add_argument("--heads", type=positive(int), default=4, help="attention heads (default 4)")
+    gpt.add_argument("--layers", type=positive(int), default=2, help="blocks (default 2)")
     gpt.add_argument("--text", metavar="PATH",
                      help="a text file or a folder of them (default: the Python standard library's sources)")
-    gpt.add_argument("--bucket-kb", type=_positive(int), default=DEFAULT_BUCKET_BYTES // 1024,
+    gpt.add_argument("--bucket-kb", type=positive(int), default=DEFAULT_BUCKET_BYTES // 1024,
                      help=f"DataParallel's gradient bucket size in KiB (default {DEFAULT_BUCKET_BYTES // 1024}, "
                           "mnn-train's)")
     quality = parser.add_argument_group("training quality (--model gpt --quality)")
     quality.add_argument("--quality", action="store_true",
                          help="train the GPT in mnn and in PyTorch alike (batch: the first of --batch) and compare "
                               "their curves")
-    quality.add_argument("--steps", type=_positive(int), default=2000, help="training steps (default 2000)")
-    quality.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam's learning rate (default 1e-3)")
-    quality.add_argument("--seed", type=_nonnegative_int, default=0,
+    quality.add_argument("--steps", type=positive(int), default=2000, help="training steps (default 2000)")
+    quality.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's learning rate (default 1e-3)")
+    quality.add_argument("--seed", type=at_least(0), default=0,
                          help="seed of the weights and the batches (default 0)")
-    quality.add_argument("--log-every", type=_positive(int), default=10,
+    quality.add_argument("--log-every", type=positive(int), default=10,
                          help="steps per logged training loss (default 10)")
-    quality.add_argument("--eval-every", type=_positive(int), default=100,
+    quality.add_argument("--eval-every", type=positive(int), default=100,
                          help="steps between validation evaluations (default 100)")
     quality.add_argument("--out", default="runs/gpt-quality", help="output folder (default runs/gpt-quality)")
     return parser
@@ -164,54 +138,53 @@ def _model_args(args):
 
 
 def _run_scaling(args):
-    """Launch the benchmark on each rank count; summarise weak scaling against the first.
+    """Run the benchmark on each rank count in turns; print every run's lines, then the
+    weak-scaling speed-up of each rank count against the first.
 
-    The rank counts take turns ``--repeats`` times (1, 2, 1, 2, ...), so a
-    machine that slows down for a while slows each count alike; the speedup is
-    the median over the turns. With ``--wait-idle`` each run starts only once
-    the CPUs are idle, so that another user's job does not count as ours. Returns the exit status: that of the first run
-    that failed, else 0.
+    The runs start through mnn-scaling's driver
+    (:class:`~mnn.distributed.experiments.scaling_driver.ChildJobs`: the
+    launcher's plan, as ``mnn-launch -n N`` runs), the rank counts taking turns
+    ``--repeats`` times (1, 2, 1, 2, ...), so a machine that slows down for a
+    while slows each count alike. With ``--wait-idle`` each run starts only
+    once the CPUs are idle, so that another user's job does not count as ours.
+    RuntimeError when there is no MPI or a run fails.
     """
-    from mnn.distributed.launch import find_mpiexec
-
-    base = [sys.executable, "-m", "mnn.scripts.bench", *_model_args(args),
-            "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
+    jobs = ChildJobs.prepare(LaunchSettings(), dict(os.environ))
+    command = [sys.executable, "-m", "mnn.scripts.bench", *_model_args(args),
+               "--rounds", str(args.rounds), "--target-ms", str(args.target_ms)]
     if args.no_torch:
-        base.append("--no-torch")
-    mpiexec = find_mpiexec() if max(args.scaling) > 1 else None
+        command.append("--no-torch")
     throughput = {}  # (ranks, batch) -> (samples/s, samples/s of the fastest round) of each turn
-    for _ in range(args.repeats):
-        for ranks in args.scaling:
-            command = base if ranks == 1 else [mpiexec, "-n", str(ranks), *base]
-            if args.wait_idle and not wait_for_idle_cpus():
-                print("mnn-bench: the CPUs did not become idle within 10 minutes; running anyway",
-                      file=sys.stderr, flush=True)
-            run = subprocess.run(command, capture_output=True, text=True)
-            if run.returncode != 0:
-                print(f"mnn-bench: the run on {ranks} rank(s) failed (exit {run.returncode}):\n{run.stderr}",
-                      file=sys.stderr, flush=True)
-                return run.returncode
-            for line in run.stdout.splitlines():
-                print(line, flush=True)
-                record = json.loads(line) if line.startswith("{") else {}
-                if record.get("impl") == "mnn":
-                    best = record["samples_per_s"] * record["ms_per_step"] / record["ms_min"]
-                    throughput.setdefault((ranks, record["batch_per_rank"]), []).append(
-                        (record["samples_per_s"], best))
+    for _, ranks in turns(args.scaling, args.repeats):
+        if args.wait_idle and not wait_for_idle_cpus():
+            print("mnn-bench: the CPUs did not become idle within 10 minutes; running anyway",
+                  file=sys.stderr, flush=True)
+        stdout, _ = jobs.run(ranks, command, "the benchmark")
+        for line in stdout.splitlines():
+            print(line, flush=True)
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("impl") == "mnn":
+                best = record["samples_per_s"] * record["ms_per_step"] / record["ms_min"]
+                throughput.setdefault((ranks, record["batch_per_rank"]), []).append((record["samples_per_s"], best))
+    _print_speedups(args, throughput)
+
+
+def _print_speedups(args, throughput):
+    """One ``compare`` line per rank count after the first and batch size: the speed-up of
+    each turn against the same turn's run on the first rank count, median over the turns."""
     first = args.scaling[0]
-    for (ranks, batch), turns in sorted(throughput.items()):
+    for (ranks, batch), turns_done in sorted(throughput.items()):
         reference = throughput[(first, batch)]
-        if ranks != first:
-            speedups = [mine[0] / theirs[0] for mine, theirs in zip(turns, reference)]
-            speedup = statistics.median(speedups)
-            # On a shared machine the fastest round of a turn is the one the others disturbed least.
-            best = statistics.median(mine[1] / theirs[1] for mine, theirs in zip(turns, reference))
-            print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "model": args.model,
-                              "batch_per_rank": batch, "speedup": round(speedup, 3),
-                              "speedup_min": round(min(speedups), 3), "speedup_max": round(max(speedups), 3),
-                              "speedup_fastest_rounds": round(best, 3), "repeats": len(turns),
-                              "weak_scaling_efficiency": round(speedup * first / ranks, 3)}), flush=True)
-    return 0
+        if ranks == first:
+            continue
+        speedup = Spread.of([mine[0] / theirs[0] for mine, theirs in zip(turns_done, reference)])
+        # On a shared machine the fastest round of a turn is the one the others disturbed least.
+        best = Spread.of([mine[1] / theirs[1] for mine, theirs in zip(turns_done, reference)]).median
+        print(json.dumps({"compare": f"mnn {ranks} ranks / {first} rank(s)", "model": args.model,
+                          "batch_per_rank": batch, "speedup": round(speedup.median, 3),
+                          "speedup_min": round(speedup.minimum, 3), "speedup_max": round(speedup.maximum, 3),
+                          "speedup_fastest_rounds": round(best, 3), "repeats": len(turns_done),
+                          "weak_scaling_efficiency": round(speedup.median * first / ranks, 3)}), flush=True)
 
 
 def _steps(args, batch_size, comm, text):
@@ -231,8 +204,9 @@ def _mnn_details(args, batch_size, comm, parallel):
     if args.model == "mlp":
         return sync_and_allreduce_ms(batch_size, comm)
     n_floats = sum(bucket.buffer.size for bucket in parallel.buckets)
+    allreduce = measure_allreduce(comm, comm.allreduce, n_floats * 4)
     return {"grad_mb": round(n_floats * 4 / 2**20, 3), "buckets": len(parallel.buckets),
-            "bucket_kb": args.bucket_kb, "allreduce_ms": round(allreduce_ms(n_floats, comm), 4)}
+            "bucket_kb": args.bucket_kb, "allreduce_ms": round(allreduce["avg_us"] * 1e-3, 4)}
 
 
 def _print_results(args, results, details):
@@ -279,10 +253,11 @@ def main(argv=None):
         return _run_quality(args)
     if args.scaling:
         try:
-            return _run_scaling(args)
-        except RuntimeError as error:  # no mpiexec to launch the runs with
-            print(f"mnn-bench: --scaling needs MPI: {error}", file=sys.stderr, flush=True)
-            return 2
+            _run_scaling(args)
+        except RuntimeError as error:  # no MPI to start the runs with, or a run that failed
+            print(f"mnn-bench: error: {error}", file=sys.stderr, flush=True)
+            return 1
+        return 0
     comm = get_communicator()
     text = load_text(args.text, context=args.context) if args.model == "gpt" else None
     with threadpool_limits(limits=1):

@@ -31,40 +31,13 @@ import sys
 from pathlib import Path
 
 from mnn.distributed.experiments.costmodel import NETWORKS, Network
-from mnn.distributed.launch import DEFAULT_START_TIMEOUT_S, parse_hostfile, parse_hosts
-from mnn.distributed.experiments.scaling import MODES, ScalingSettings, load_experiment, run_experiment
+from mnn.distributed.experiments.scaling import DEFAULT_RUN_TIMEOUT_S, MODES, ScalingSettings, load_experiment
+from mnn.distributed.experiments.scaling_driver import run_experiment
 from mnn.distributed.experiments.scaling_report import write_outputs
+from mnn.distributed.launch import DEFAULT_START_TIMEOUT_S, parse_hostfile, parse_hosts
+from mnn.scripts.arguments import at_least, int_list, positive
 
 __all__ = ["build_parser", "parse_settings", "main"]
-
-
-def _int_list(minimum: int, what: str):
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-        too_small = [value for value in values if value < minimum]
-        if too_small:
-            raise argparse.ArgumentTypeError(f"every {what} must be at least {minimum}, got {too_small[0]}")
-        return values
-    return parse
-
-
-def _number(kind, minimum: float, strict: bool = True):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or value == float("inf") or value < minimum \
-                or (strict and value == minimum):
-            bound = f"{'greater than' if strict else 'at least'} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} {bound}, got {text!r}")
-        return value
-    return parse
 
 
 def _networks(text: str) -> list[Network]:
@@ -82,32 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1].replace("::\n", ":\n"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     experiment = parser.add_argument_group("the experiment")
-    experiment.add_argument("--ranks", type=_int_list(1, "rank count"), default=[1, 2], metavar="N,N,...",
+    experiment.add_argument("--ranks", type=int_list(1, "rank count"), default=[1, 2], metavar="N,N,...",
                             help="rank counts, comma-separated (default 1,2)")
-    experiment.add_argument("--layers", type=_int_list(1, "layer width"), default=[784, 1024, 1024, 10],
+    experiment.add_argument("--layers", type=int_list(1, "layer width"), default=[784, 1024, 1024, 10],
                             metavar="W,W,...", help="MLP widths, inputs to classes (default 784,1024,1024,10)")
     experiment.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     experiment.add_argument("--mode", choices=MODES, default="weak",
                             help="weak: fixed samples per rank; strong: fixed global batch (default weak)")
-    experiment.add_argument("--batch-per-rank", type=_number(int, 1, strict=False), default=256, metavar="B",
+    experiment.add_argument("--batch-per-rank", type=positive(int), default=256, metavar="B",
                             help="samples per rank and step in weak mode (default 256)")
-    experiment.add_argument("--global-batch", type=_number(int, 1, strict=False), metavar="B",
+    experiment.add_argument("--global-batch", type=positive(int), metavar="B",
                             help="samples per step over all ranks in strong mode (required there)")
     experiment.add_argument("--dataset", metavar="SPEC",
                             help="train on 'digits', an MNIST-format folder or a .npz instead of random data")
-    experiment.add_argument("--repeats", type=_number(int, 1, strict=False), default=3,
+    experiment.add_argument("--repeats", type=positive(int), default=3,
                             help="turns over the rank counts; points are medians over them (default 3)")
-    experiment.add_argument("--steps", type=_number(int, 1, strict=False),
+    experiment.add_argument("--steps", type=positive(int),
                             help="timed steps per run (default: enough for --target-seconds)")
-    experiment.add_argument("--target-seconds", type=_number(float, 0), default=1.0, metavar="S",
+    experiment.add_argument("--target-seconds", type=positive(float, unit="seconds"), default=1.0, metavar="S",
                             help="approximate timed seconds per run when --steps is not given (default 1)")
-    experiment.add_argument("--warmup-steps", type=_number(int, 0, strict=False), default=5,
+    experiment.add_argument("--warmup-steps", type=at_least(0), default=5,
                             help="untimed steps before each run's timing (default 5)")
     experiment.add_argument("--train-allreduce", choices=("mpi", "ring"), default="mpi",
                             help="the all-reduce DataParallel trains with (default mpi)")
     experiment.add_argument("--grad-compression", choices=("none", "fp16"), default="none",
                             help="fp16: float16 on the wire, with --train-allreduce ring (default none)")
-    experiment.add_argument("--threads-per-rank", type=_number(int, 1, strict=False), default=1,
+    experiment.add_argument("--threads-per-rank", type=positive(int), default=1,
                             help="BLAS/OpenMP threads of each rank (default 1)")
     experiment.add_argument("--out", type=Path, help="output folder (default runs/scaling, or --from's folder)")
     experiment.add_argument("--from", dest="from_folder", type=Path, metavar="DIR",
@@ -120,23 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run only the micro-benchmark (and the alpha-beta fit), no training")
     runs.add_argument("--no-collectives", action="store_true",
                       help="skip the micro-benchmark (the cost model then predicts nothing for this machine)")
-    micro.add_argument("--collective-ranks", type=_number(int, 2, strict=False), metavar="N",
+    micro.add_argument("--collective-ranks", type=at_least(2), metavar="N",
                        help="ranks of the micro-benchmark (default: the largest of --ranks that fits the cores)")
     micro.add_argument("--allreduce", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
                        metavar="NAME,...", help="all-reduces to measure: mpi, ring, ring-fp16 (default: all)")
-    micro.add_argument("--min-bytes", type=_number(int, 4, strict=False), default=4)
-    micro.add_argument("--max-bytes", type=_number(int, 4, strict=False), default=64 * 2**20)
-    micro.add_argument("--seconds-per-size", type=_number(float, 0), default=0.5, metavar="S",
+    micro.add_argument("--min-bytes", type=at_least(4), default=4)
+    micro.add_argument("--max-bytes", type=at_least(4), default=64 * 2**20)
+    micro.add_argument("--seconds-per-size", type=positive(float, unit="seconds"), default=0.5, metavar="S",
                        help="time limit of the timed iterations of one size (default 0.5; at least 10 run)")
 
     model = parser.add_argument_group("the cost model's projection")
     model.add_argument("--network", type=_networks, metavar="NAME,...",
                        help=f"network presets to project to: {', '.join(NETWORKS)} (default: all, unless "
                             "--alpha/--beta are given)")
-    model.add_argument("--alpha", type=_number(float, 0), metavar="S", help="latency of your network, seconds")
-    model.add_argument("--beta", type=_number(float, 0), metavar="S_PER_BYTE",
+    model.add_argument("--alpha", type=positive(float, unit="seconds"), metavar="S",
+                       help="latency of your network, seconds")
+    model.add_argument("--beta", type=positive(float), metavar="S_PER_BYTE",
                        help="inverse bandwidth of your network, seconds per byte (1e-10 = 10 GB/s)")
-    model.add_argument("--max-ranks", type=_number(int, 1, strict=False), default=1024,
+    model.add_argument("--max-ranks", type=positive(int), default=1024,
                        help="largest rank count projected to (default 1024)")
 
     launch = parser.add_argument_group("launching (as mnn-launch)")
@@ -145,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--hosts", metavar="H:S,...", help="comma-separated hosts with slots, e.g. a:2,b:2")
     launch.add_argument("--mpiexec", metavar="PATH", help="use this mpiexec (also inside SLURM)")
     launch.add_argument("--ssh", metavar="PROGRAM", help="remote shell for other hosts (default: ssh)")
-    launch.add_argument("--start-timeout", type=_number(float, 0), default=DEFAULT_START_TIMEOUT_S, metavar="S",
+    launch.add_argument("--start-timeout", type=positive(float, unit="seconds"), default=DEFAULT_START_TIMEOUT_S,
+                        metavar="S",
                         help=f"seconds other hosts have to answer ssh (default {DEFAULT_START_TIMEOUT_S:g})")
-    launch.add_argument("--run-timeout", type=_number(float, 0), default=900.0, metavar="S",
-                        help="seconds one run may take before it is stopped (default 900)")
+    launch.add_argument("--run-timeout", type=positive(float, unit="seconds"), default=DEFAULT_RUN_TIMEOUT_S,
+                        metavar="S",
+                        help=f"seconds one run may take before it is stopped (default {DEFAULT_RUN_TIMEOUT_S:g})")
     return parser
 
 

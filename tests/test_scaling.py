@@ -19,15 +19,8 @@ import pytest
 from mnn.distributed.experiments.collectives import available_allreduces
 from mnn.distributed.experiments.costmodel import NETWORKS
 from mnn.distributed.launch import MpiSetup
-from mnn.distributed.experiments.scaling import (
-    Experiment,
-    Point,
-    ScalingSettings,
-    capacity,
-    launch_plan,
-    summarise,
-    worker_command,
-)
+from mnn.distributed.experiments.scaling import Experiment, Point, ScalingSettings, build_workload, summarise
+from mnn.distributed.experiments.scaling_driver import ChildJobs, capacity, worker_command
 from mnn.distributed.experiments import scaling_report
 from mnn.scripts.scaling import main, parse_settings
 
@@ -133,9 +126,7 @@ def _experiment(tmp_path):
                "mpi_library": "MPICH", "mpi4py": "4", "mpiexec": "mpiexec", "blas": "openblas", "python": "3",
                "numpy": "2", "mnn": "0.1", "platform": "linux", "command": "mnn-scaling"}
     experiment = Experiment(settings, machine, points)
-    from mnn.distributed.experiments.scaling import _build_workload
-
-    _build_workload(experiment)
+    build_workload(experiment)
     return experiment
 
 
@@ -169,16 +160,16 @@ def test_each_run_is_the_plan_mnn_launch_would_make_under_slurm():
     settings = ScalingSettings()
     env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "PATH": os.environ.get("PATH", "")}
     mpi = MpiSetup("4.1", "MPICH", "mpich", "/usr/bin/mpiexec")
-    plan = launch_plan(settings, 4, worker_command("point", {"a": 1}), env, mpi)
+    plan = ChildJobs(settings.launch_settings(), env, mpi).plan(4, worker_command("point", {"a": 1}))
     assert plan.argv[:3] == ["srun", "-n", "4"]
-    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling"]
+    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling_worker"]
     assert capacity(settings, env) == 8
 
 
 def test_hosts_go_to_the_launcher_and_set_the_capacity():
     settings = ScalingSettings(hosts=[("localhost", 3)])
     mpi = MpiSetup("4.1", "MPICH", "mpich", "/usr/bin/mpiexec")
-    plan = launch_plan(settings, 3, ["true"], {"PATH": ""}, mpi)
+    plan = ChildJobs(settings.launch_settings(), {"PATH": ""}, mpi).plan(3, ["true"])
     assert plan.argv[:3] == ["/usr/bin/mpiexec", "-n", "3"] and "-hosts" in plan.argv
     assert capacity(settings, {}) == 3
     assert capacity(ScalingSettings(), {}, cores=2) == 2
@@ -188,7 +179,7 @@ def test_hosts_go_to_the_launcher_and_set_the_capacity():
 # -------------------------------------------------------------------- bad arguments: one clear error, exit 2
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ranks", "0"], "every rank count must be at least 1, got 0"),
+    (["--ranks", "0"], "expected every rank count >= 1, got 0"),
     (["--ranks", "1,x"], "expected comma-separated integers"),
     (["--mode", "strong", "--ranks", "1,4", "--global-batch", "2"],
      "--global-batch 2 is smaller than 4 ranks"),

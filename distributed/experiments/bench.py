@@ -1,12 +1,14 @@
 """What ``mnn-bench`` measures: training steps of mnn and of PyTorch, timed in alternating rounds.
 
 A benchmark is a set of step functions, one per implementation, each running
-one whole training step (forward, backward, update) on a batch it holds.
-:func:`measure` times them in alternating rounds, so that a machine that slows
-down for a while slows every implementation alike, and gives one result dict
-per implementation: the median over rounds and its spread. This module holds
-that loop and the benchmark of the MLP 784-256-10; the GPT's steps are in
-:mod:`mnn.distributed.experiments.gpt_bench`. Usage::
+one whole training step (forward, backward, update) on a batch it holds; mnn's
+step, of the MLP as of the GPT, is made by :func:`build_step`. :func:`measure`
+times them in alternating rounds with the timed loop of
+:mod:`mnn.distributed.experiments.timing`, so that a machine that slows down
+for a while slows every implementation alike, and gives one result dict per
+implementation: the median over rounds and its spread. This module holds that
+loop, the step builder and the benchmark of the MLP 784-256-10; the GPT's
+steps are in :mod:`mnn.distributed.experiments.gpt_bench`. Usage::
 
     from mnn.distributed.experiments.bench import measure, mlp_steps
     from mnn.distributed.comm import get_communicator
@@ -19,20 +21,23 @@ DistributedDataParallel over gloo (:func:`torch_process_group`).
 """
 from __future__ import annotations
 
+import itertools
 import resource
 import socket
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mnn import CrossEntropyLossLayer, LinearLayer, ReluLayer, SequentialLayers
+from mnn.optim import SGD, Optimizer
 from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DataParallel
+from mnn.distributed.experiments.timing import Spread, agree_on_count, time_calls
 
-__all__ = ["MLP_LAYERS", "Step", "measure", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
-           "sync_and_allreduce_ms", "allreduce_ms", "torch_process_group", "peak_rss_mb", "wait_for_idle_cpus"]
+__all__ = ["MLP_LAYERS", "Step", "measure", "build_step", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
+           "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb", "wait_for_idle_cpus"]
 
 #: The widths of the MLP that ``mnn-bench`` times by default.
 MLP_LAYERS = (784, 256, 10)
@@ -43,24 +48,15 @@ Step = tuple[Callable[[], None], DataParallel | None]
 
 
 # ------------------------------------------------------------------ timing
-def _time_steps(step: Callable[[], None], n_steps: int, comm: Communicator) -> float:
-    """Milliseconds per step over ``n_steps`` steps, between two barriers."""
-    comm.barrier()
-    start = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    comm.barrier()
-    return (time.perf_counter() - start) * 1e3 / n_steps
-
-
 def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds: int = 5,
             target_ms: float = 300.0) -> list[dict[str, Any]]:
     """Time ``steps`` (implementation name -> :data:`Step`) in alternating rounds.
 
     1. Warm up the first implementation and time a few of its steps, to choose
        how many steps a round takes (about ``target_ms`` of its work; the same
-       on every rank).
-    2. Run one untimed step of each, then ``rounds`` rounds of each in turn.
+       on every rank: :func:`~mnn.distributed.experiments.timing.agree_on_count`).
+    2. Run one untimed step of each, then ``rounds`` rounds of each in turn,
+       each round timed between barriers.
     3. Per implementation: the median ms per step over the rounds, with the
        fastest and slowest round and every round's figure (``round_ms``), and
        samples/s over all ranks. A step run
@@ -72,10 +68,7 @@ def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds:
     Collective: every rank calls it with the same implementations.
     """
     first_step = next(iter(steps.values()))[0]
-    for _ in range(3):
-        first_step()
-    probe_ms = _time_steps(first_step, 3, comm)
-    n_steps = comm.broadcast_object(max(5, int(target_ms / max(probe_ms, 1e-3))))
+    n_steps = agree_on_count(first_step, comm, target_ms * 1e-3, minimum=5)
 
     times: dict[str, list[float]] = {impl: [] for impl in steps}
     # DataParallel.timings accumulates seconds under compute_s, comm_s, wait_s.
@@ -87,17 +80,18 @@ def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds:
         for impl, (step, parallel) in steps.items():
             if parallel is not None:
                 parallel.reset_timings()
-            times[impl].append(_time_steps(step, n_steps, comm))
+            times[impl].append(time_calls(step, n_steps, comm) * 1e3)
             if parallel is not None:
                 for key, values in breakdowns[impl].items():
                     values.append(parallel.timings[f"{key}_s"] * 1e3 / n_steps)
 
     results = []
     for impl, samples in times.items():
-        ms = statistics.median(samples)
+        ms = Spread.of(samples)
         result = {"impl": impl, "ranks": comm.size, "batch_per_rank": batch_size,
-                  "ms_per_step": round(ms, 4), "ms_min": round(min(samples), 4), "ms_max": round(max(samples), 4),
-                  "samples_per_s": round(comm.size * batch_size / ms * 1e3, 1),
+                  "ms_per_step": round(ms.median, 4), "ms_min": round(ms.minimum, 4),
+                  "ms_max": round(ms.maximum, 4),
+                  "samples_per_s": round(comm.size * batch_size / ms.median * 1e3, 1),
                   "steps_per_round": n_steps, "rounds": rounds}
         for key, values in breakdowns.get(impl, {}).items():
             result[f"{key}_ms"] = round(statistics.median(values), 4)
@@ -108,19 +102,6 @@ def measure(steps: dict[str, Step], comm: Communicator, batch_size: int, rounds:
         result["round_ms"] = [round(value, 3) for value in samples]
         results.append(result)
     return results
-
-
-def allreduce_ms(n_floats: int, comm: Communicator, repeats: int = 50) -> float:
-    """The median time of one blocking in-place Allreduce of ``n_floats`` float32, each
-    started right after a barrier: what reducing a whole gradient costs when nothing hides it."""
-    buffer = np.ones(n_floats, dtype=np.float32)
-    times = []
-    for _ in range(repeats):
-        comm.barrier()
-        start = time.perf_counter()
-        comm.allreduce(buffer)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def wait_for_idle_cpus(min_idle: float = 0.95, timeout_s: float = 600.0, sample_s: float = 1.0) -> bool:
@@ -182,28 +163,46 @@ def _random_batch(batch_size: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return inputs, labels
 
 
+def build_step(net: SequentialLayers, optimizer: Optimizer, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+               global_batch_size: int, comm: Communicator, parallel: bool | None = None,
+               **parallel_options: Any) -> Step:
+    """One training step of ``net`` (forward, backward, ``optimizer``'s update) and the
+    DataParallel that runs it, or None: the step of every benchmark here, MLP or GPT.
+
+    Each call takes the next of this rank's ``batches`` (inputs, labels), round
+    and round. ``parallel`` (default: whether ``comm`` has several ranks) runs
+    the step through a DataParallel built with ``parallel_options``, whose
+    ``timings`` split the step; without it the step is the plain loop a
+    single-process user writes.
+    """
+    batch_cycle = itertools.cycle(batches)
+    if not (comm.size > 1 if parallel is None else parallel):
+        def step() -> None:
+            inputs, labels = next(batch_cycle)
+            net.zero_grads()
+            net(inputs, labels)
+            net.backward()
+            optimizer.step()
+        return step, None
+
+    data_parallel = DataParallel(net, optimizer, comm, **parallel_options)
+
+    def parallel_step() -> None:  # DataParallel.step clears the gradients itself
+        inputs, labels = next(batch_cycle)
+        data_parallel(inputs, labels)
+        data_parallel.backward(global_batch_size=global_batch_size)
+        data_parallel.step()
+    return parallel_step, data_parallel
+
+
 def build_mlp_step(batch_size: int, comm: Communicator, overlap: bool = True) -> Step:
     """One mnn SGD step of the MLP on ``batch_size`` random samples per rank, and the
     DataParallel (or None on one process)."""
     rng = np.random.default_rng(0)
     net = SequentialLayers([LinearLayer(MLP_LAYERS[0], MLP_LAYERS[1], rng=rng), ReluLayer(),
                             LinearLayer(MLP_LAYERS[1], MLP_LAYERS[2], rng=rng), CrossEntropyLossLayer()])
-    inputs, labels = _random_batch(batch_size, comm.rank)
-    if comm.size == 1:
-        def step() -> None:
-            net.zero_grads()
-            net(inputs, labels)
-            net.backward()
-            net.step(0.01)
-        return step, None
-
-    parallel = DataParallel(net, comm=comm, overlap=overlap)
-
-    def parallel_step() -> None:  # DataParallel.step clears the gradients itself
-        parallel(inputs, labels)
-        parallel.backward(global_batch_size=comm.size * batch_size)
-        parallel.step(0.01)
-    return parallel_step, parallel
+    return build_step(net, SGD(net, lr=0.01), [_random_batch(batch_size, comm.rank)], comm.size * batch_size,
+                      comm, overlap=overlap)
 
 
 def build_torch_mlp_step(batch_size: int, comm: Communicator) -> Callable[[], None] | None:
@@ -256,6 +255,10 @@ def sync_and_allreduce_ms(batch_size: int, comm: Communicator, repeats: int = 30
     inputs, labels = _random_batch(batch_size, comm.rank)
     n_floats = sum(grad.size for _, _, grad in parallel.net.named_params())
     buffer = np.empty(n_floats, dtype=np.float32)
+
+    def plain_allreduce() -> None:
+        comm.allreduce(buffer)
+
     sync, allreduce = [], []
     for _ in range(repeats):
         for times in (sync, allreduce):
@@ -263,14 +266,9 @@ def sync_and_allreduce_ms(batch_size: int, comm: Communicator, repeats: int = 30
             parallel.backward(global_batch_size=comm.size * batch_size)
             if times is allreduce:
                 buffer.fill(1.0)
-            comm.barrier()
-            start = time.perf_counter()
-            if times is sync:
-                parallel.synchronize()
-            else:
-                comm.allreduce(buffer)
-            times.append(time.perf_counter() - start)
-            parallel.step(0.01)
+            times.append(time_calls(parallel.synchronize if times is sync else plain_allreduce, 1, comm,
+                                    each_after_barrier=True))
+            parallel.step()
     # The ratio of each adjacent pair cancels slow drifts of a shared machine.
     ratio = statistics.median(mine / plain for mine, plain in zip(sync, allreduce))
     return {"grad_mb": round(n_floats * 4 / 2**20, 3), "sync_ms": round(statistics.median(sync) * 1e3, 4),

@@ -30,12 +30,12 @@ the launcher), or from Python on every rank::
 from __future__ import annotations
 
 import importlib.util
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mnn.distributed.comm import Communicator
+from mnn.distributed.experiments.timing import agree_on_count, time_calls
 
 __all__ = ["ALLREDUCE_NAMES", "SMALLEST_BYTES", "LARGEST_BYTES", "message_sizes", "available_allreduces",
            "allreduce_functions", "measure_allreduce", "run_collectives", "format_table"]
@@ -106,25 +106,20 @@ def measure_allreduce(comm: Communicator, allreduce: Callable[[np.ndarray], Any]
     """Time ``allreduce`` on a float32 buffer of ``size_bytes``, as OSU does (module docstring).
 
     Collective. Returns the average, minimum and maximum over the ranks of each
-    rank's mean time per call, in microseconds, with the iteration counts.
+    rank's mean time per call, in microseconds, with the iteration counts. The
+    loop is the one of every benchmark here (:mod:`mnn.distributed.experiments.timing`),
+    each call timed on its own right after a barrier.
     """
     buffer = np.zeros(size_bytes // _ITEM_BYTES, dtype=np.float32)
     warmup, iterations = _counts(size_bytes)
-    probe = time.perf_counter()
-    for _ in range(warmup):
+
+    def call() -> None:
         allreduce(buffer)
-        comm.barrier()
-    # Every rank must run the same number of calls: rank 0's estimate decides.
-    per_call = (time.perf_counter() - probe) / max(warmup, 1)
-    affordable = int(seconds_per_size / max(per_call, 1e-9))
-    iterations = comm.broadcast_object(max(_MIN_ITERATIONS, min(iterations, affordable)))
-    elapsed = 0.0
-    for _ in range(iterations):
-        start = time.perf_counter()
-        allreduce(buffer)
-        elapsed += time.perf_counter() - start
-        comm.barrier()
-    mean_us = [seconds * 1e6 / iterations for seconds in comm.allgather(elapsed)]
+
+    iterations = agree_on_count(call, comm, seconds_per_size, minimum=_MIN_ITERATIONS, maximum=iterations,
+                                warmup=warmup, each_after_barrier=True)
+    mean_us = [seconds * 1e6 for seconds in comm.allgather(time_calls(call, iterations, comm,
+                                                                       each_after_barrier=True))]
     return {"avg_us": float(np.mean(mean_us)), "min_us": float(min(mean_us)), "max_us": float(max(mean_us)),
             "iterations": iterations, "warmup": warmup}
 

@@ -34,9 +34,9 @@ from mnn.layer import (CrossEntropyLossLayer, EmbeddingLayer, GeluLayer, LayerNo
 from mnn.model import build_net
 from mnn.seq_layers import Residual
 from mnn.text import TextDataset
-from mnn.distributed.experiments.bench import Step, torch_process_group
+from mnn.distributed.experiments.bench import Step, build_step, torch_process_group
 from mnn.distributed.comm import Communicator
-from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES, DataParallel
+from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.distributed.sampler import DrawnBatchSampler
 
 __all__ = ["GptSizes", "build_gpt", "torch_gpt", "drawn_windows", "gpt_steps", "LEARNING_RATE"]
@@ -199,27 +199,6 @@ def torch_gpt(net: SequentialLayers) -> Any:
 
 
 # ------------------------------------------------------------------ the timed steps
-def _mnn_step(net: SequentialLayers, x: np.ndarray, y: np.ndarray, global_batch_size: int,
-              comm: Communicator, bucket_bytes: int) -> Step:
-    """One mnn Adam step on (x, y): on one process plainly, on several through DataParallel."""
-    optimizer = Adam(net, lr=LEARNING_RATE)
-    if comm.size == 1:
-        def step() -> None:
-            net.zero_grads()
-            net(x, y)
-            net.backward()
-            optimizer.step()
-        return step, None
-
-    parallel = DataParallel(net, optimizer, comm, bucket_bytes=bucket_bytes)
-
-    def parallel_step() -> None:  # DataParallel.step clears the gradients itself
-        parallel(x, y)
-        parallel.backward(global_batch_size=global_batch_size)
-        parallel.step()
-    return parallel_step, parallel
-
-
 def _torch_step(net: SequentialLayers, x: np.ndarray, y: np.ndarray, comm: Communicator) -> Callable[[], None]:
     """The same step in PyTorch, from ``net``'s weights (DDP over gloo on several ranks)."""
     import torch
@@ -256,4 +235,6 @@ def gpt_steps(sizes: GptSizes, comm: Communicator, text: TextDataset, with_torch
         steps["torch" if comm.size == 1 else "torch-ddp"] = (_torch_step(build_gpt(sizes, len(text.vocab), seed),
                                                                         x, y, comm), None)
     net = build_gpt(sizes, len(text.vocab), seed)
-    return {"mnn": _mnn_step(net, x, y, global_batch_size, comm, bucket_bytes), **steps}
+    mnn_step = build_step(net, Adam(net, lr=LEARNING_RATE), [(x, y)], global_batch_size, comm,
+                          bucket_bytes=bucket_bytes)
+    return {"mnn": mnn_step, **steps}

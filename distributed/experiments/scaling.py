@@ -1,25 +1,24 @@
-"""Scaling experiments: throughput, speed-up and efficiency of data-parallel training against ranks.
+"""Scaling experiments: what one is, what it measured, and what the cost model makes of it.
 
-``mnn-scaling`` (``mnn.scripts.scaling``) parses the command line into
-:class:`ScalingSettings`; :func:`run_experiment` does the rest:
+An experiment measures throughput, speed-up and efficiency of data-parallel
+training against the number of ranks. ``mnn-scaling`` (``mnn.scripts.scaling``)
+parses the command line into :class:`ScalingSettings`; the parts are:
 
-1. each rank count is one child job, started through the launcher's own plan
-   (:func:`mnn.distributed.launch.build_command`, as ``mnn-launch`` starts jobs:
-   ``srun`` inside a SLURM allocation, else the ``mpiexec`` that belongs to
-   mpi4py, with ``--hosts``/``--hostfile`` when given). The job runs
-   ``python -m mnn.distributed.experiments.scaling WORKER SPEC`` on every rank, which
-   trains the MLP for a fixed number of steps and prints one result line on
-   rank 0 (:func:`measure_point`);
-2. rank counts take turns, ``--repeats`` times (1, 2, 1, 2, ...), so a machine
-   that slows down for a while slows every count alike; each point is the
-   median over the turns, with the minimum and maximum beside it, and the
-   speed-up of each turn is taken against the baseline of the *same* turn;
-3. the all-reduce micro-benchmark (:mod:`mnn.distributed.experiments.collectives`) runs on
-   the largest rank count that fits the cores, α and β are fitted to it, and
-   the cost model (:mod:`mnn.distributed.experiments.costmodel`) predicts the measured
-   points and projects them to 1024 ranks;
-4. :mod:`mnn.distributed.experiments.scaling_report` writes ``results.csv``,
-   ``results.jsonl``, ``report.md`` and the plots into the output folder.
+* this module: the settings, the measured :class:`Point` of each rank count
+  and the :class:`Experiment` holding them, their summaries (:func:`summarise`:
+  medians over the turns with min and max, the speed-up of each turn against
+  the baseline of the *same* turn), the cost model's prediction of the
+  measured points and projection to more ranks, and :func:`load_experiment`,
+  which reads a stored experiment back;
+* :mod:`~mnn.distributed.experiments.scaling_driver`: runs an experiment, each
+  rank count one child job started through the launcher's plan, the rank
+  counts taking turns (1, 2, 1, 2, ...) so a machine that slows down for a
+  while slows every count alike;
+* :mod:`~mnn.distributed.experiments.scaling_worker`: what each rank of a
+  child job runs;
+* :mod:`~mnn.distributed.experiments.scaling_report` and
+  :mod:`~mnn.distributed.experiments.scaling_plots`: ``results.csv``,
+  ``results.jsonl``, ``report.md`` and the plots.
 
 A rank count larger than the cores available (or the slots of the hosts) is
 run, but its points are marked *oversubscribed*: ranks then share cores, so
@@ -31,21 +30,13 @@ rank's core would compete with the other ranks and blur the scaling.
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import shlex
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-from mnn.distributed.experiments.collectives import ALLREDUCE_NAMES, available_allreduces, message_sizes, run_collectives
-from mnn.distributed.comm import Communicator, get_communicator, stop_all_on_error
+from mnn.distributed.experiments.collectives import ALLREDUCE_NAMES, message_sizes
 from mnn.distributed.experiments.costmodel import (
     ALGORITHMS,
     NETWORKS,
@@ -57,24 +48,16 @@ from mnn.distributed.experiments.costmodel import (
     projection_ranks,
     step_time,
 )
-from mnn.distributed.environment import THREAD_VARIABLES
-from mnn.distributed.launch import (
-    LaunchPlan,
-    MpiSetup,
-    build_command,
-    detect_mpi,
-    require_answers,
-)
-from mnn.distributed.launch.hosts import usable_cores
-from mnn.distributed.launch.process import run_with_timeout
+from mnn.distributed.experiments.timing import Spread
+from mnn.distributed.launch import LaunchSettings
 
-__all__ = ["MODES", "RESULT_MARKER", "ScalingSettings", "Point", "Experiment", "measure_point",
-           "run_experiment", "summarise", "worker_command", "launch_plan", "capacity", "child_environment",
-           "settings_record", "model_networks", "predict_points", "project", "load_experiment"]
+__all__ = ["MODES", "DEFAULT_RUN_TIMEOUT_S", "STEP_PARTS", "ScalingSettings", "Point", "Experiment", "summarise",
+           "fit_collectives", "build_workload", "settings_record", "model_networks", "predict_points", "project",
+           "load_experiment"]
 
 MODES = ("weak", "strong")
-#: Rank 0 of a child job prints its result on one line after this marker.
-RESULT_MARKER = "MNN-SCALING-RESULT "
+#: Seconds one child job may run before it is stopped, unless told otherwise.
+DEFAULT_RUN_TIMEOUT_S = 900.0
 _DTYPES = ("float32", "float64")
 _DEFAULT_LAYERS = (784, 1024, 1024, 10)
 
@@ -114,7 +97,7 @@ class ScalingSettings:
     networks: list[Network] = field(default_factory=lambda: list(NETWORKS.values()))
     max_projected_ranks: int = 1024
     threads_per_rank: int = 1
-    run_timeout: float = 900.0
+    run_timeout: float = DEFAULT_RUN_TIMEOUT_S
     hosts: list[tuple[str, int]] | None = None
     mpiexec: str | None = None
     ssh: str | None = None
@@ -179,6 +162,11 @@ class ScalingSettings:
         return (f"MLP {'-'.join(map(str, self.layers))}, {self.dtype}, {self.mode} scaling, {batch}, {data}, "
                 f"SGD (momentum 0.9), {reduce}, {self.threads_per_rank} BLAS thread(s) per rank")
 
+    def launch_settings(self) -> LaunchSettings:
+        """How the child jobs start, as mnn-launch would with these hosts, mpiexec, ssh and start
+        timeout (the driver adds each job's command and ranks)."""
+        return LaunchSettings(hosts=self.hosts, mpiexec=self.mpiexec, ssh=self.ssh, start_timeout=self.start_timeout)
+
     @property
     def train_collective(self) -> str:
         """The micro-benchmark's name for the all-reduce training uses."""
@@ -187,177 +175,6 @@ class ScalingSettings:
 
 def _join(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
-
-
-# ---------------------------------------------------------------------------------------- child jobs
-
-def worker_command(kind: str, spec: Mapping[str, Any]) -> list[str]:
-    """The command every rank of a child job runs: this module, ``kind`` ("point" or "collectives")."""
-    return [sys.executable, "-m", "mnn.distributed.experiments.scaling", kind, json.dumps(dict(spec), separators=(",", ":"))]
-
-
-def capacity(settings: ScalingSettings, env: Mapping[str, str], cores: int | None = None) -> int:
-    """How many ranks fit without sharing cores: the slots of the hosts, the SLURM
-    allocation's tasks, or this machine's cores, divided by the threads per rank."""
-    if settings.hosts:
-        return sum(slots for _, slots in settings.hosts)
-    tasks = env.get("SLURM_NTASKS", "").split("(")[0]
-    if env.get("SLURM_JOB_ID") and tasks.isdigit() and not settings.mpiexec:
-        return int(tasks)
-    return max(1, (usable_cores() if cores is None else cores) // settings.threads_per_rank)
-
-
-def launch_plan(settings: ScalingSettings, ranks: int, command: list[str], env: Mapping[str, str],
-                mpi: MpiSetup) -> LaunchPlan:
-    """The launcher's plan for ``command`` on ``ranks``: what ``mnn-launch -n ranks -- command``
-    would run, with the same hosts, mpiexec, ssh and start timeout."""
-    args = argparse.Namespace(command=command, ranks=ranks, hosts=settings.hosts, hostfile=None,
-                              mpiexec=settings.mpiexec, ssh=settings.ssh, start_timeout=settings.start_timeout,
-                              dry_run=False, check=False)
-    return build_command(args, env, mpi)
-
-
-def child_environment(settings: ScalingSettings, env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with the BLAS/OpenMP thread variables set to the threads per rank (the launcher
-    passes variables that are set on unchanged)."""
-    return {**env, **{name: str(settings.threads_per_rank) for name in THREAD_VARIABLES}}
-
-
-def _run_job(settings: ScalingSettings, kind: str, ranks: int, spec: dict, env: Mapping[str, str],
-             mpi: MpiSetup) -> tuple[dict, LaunchPlan]:
-    """Start one child job and return rank 0's result; RuntimeError naming what failed."""
-    plan = launch_plan(settings, ranks, worker_command(kind, spec), env, mpi)
-    code, stdout, stderr = run_with_timeout(plan.argv, {**env, **plan.env_updates, **plan.launcher_env},
-                                            settings.run_timeout, family=plan.family)
-    results = [line.split(RESULT_MARKER, 1)[1] for line in stdout.splitlines() if RESULT_MARKER in line]
-    if code != 0 or not results:
-        why = f"no answer within {settings.run_timeout:g} s" if code is None else f"exit status {code}"
-        tail = "\n".join((stderr.strip() or stdout.strip() or "(no output)").splitlines()[-15:])
-        raise RuntimeError(f"the {kind} job on {ranks} rank(s) failed ({why}): {' '.join(plan.argv)}\n{tail}")
-    return json.loads(results[-1]), plan
-
-
-# ---------------------------------------------------------------------------------------- measuring
-
-def _local_batches(spec: Mapping[str, Any], comm: Communicator, dtype: np.dtype) -> tuple[list, int]:
-    """This rank's batches, cycled through by the timed steps, and the global batch size.
-
-    Random data by default (the same on every run, different on every rank); with
-    a dataset, the first ``n`` global batches of epoch 0 of the sampler, ``n`` up to 8.
-    """
-    layers = spec["layers"]
-    sizes = spec["per_rank_batches"]
-    global_batch = sum(sizes)
-    if not spec.get("dataset"):
-        rng = np.random.default_rng(1000 + comm.rank)
-        local = sizes[comm.rank]
-        inputs = rng.standard_normal((local, layers[0])).astype(dtype)
-        return [(inputs, rng.integers(0, layers[-1], local))], global_batch
-
-    from mnn.datasets import load_dataset
-    from mnn.distributed.sampler import GlobalBatchSampler
-
-    data = load_dataset(spec["dataset"])
-    data.check_classes(layers[-1])
-    features = int(np.prod(data.sample_shape))
-    if features != layers[0]:
-        raise ValueError(f"dataset {spec['dataset']} has {features} features per sample but --layers starts "
-                         f"with {layers[0]}")
-    if global_batch > len(data.train):
-        raise ValueError(f"the global batch ({global_batch}) is larger than the {len(data.train)} training "
-                         f"samples of {spec['dataset']}")
-    sampler = GlobalBatchSampler(len(data.train), global_batch, rank=comm.rank, world_size=comm.size, seed=0,
-                                 drop_last=True)
-    batches = []
-    for batch in sampler.batches(0):
-        inputs, labels = data.train.batch(batch.indices, dtype=dtype)
-        batches.append((inputs.reshape(len(inputs), -1), labels))
-        if len(batches) == 8:
-            break
-    return batches, global_batch
-
-
-def measure_point(spec: Mapping[str, Any], comm: Communicator) -> dict[str, Any]:
-    """Train the MLP of ``spec`` for a fixed number of steps on ``comm``; time it (collective).
-
-    Steps are forward, backward (with ``DataParallel``'s bucketed all-reduce)
-    and an SGD update. After ``warmup`` untimed steps, the timed steps run
-    between two barriers; their number is ``spec["steps"]`` or, when None,
-    enough for about ``target_seconds`` (rank 0's estimate, the same on all
-    ranks). Returns, on every rank, the step time, throughput, each rank's
-    breakdown from ``DataParallel.timings`` and its peak resident memory.
-    """
-    from threadpoolctl import threadpool_limits
-
-    from mnn.model import build_net, mlp_description
-    from mnn.optim import SGD
-    from mnn.distributed.data_parallel import DataParallel
-
-    dtype = np.dtype(spec["dtype"])
-    with threadpool_limits(limits=spec["threads_per_rank"]):
-        net = build_net(mlp_description(list(spec["layers"])), dtype=dtype, rng=0)
-        # Only a choice other than MPI's is passed: the default path is DataParallel's oldest.
-        options = {} if spec["allreduce"] == "mpi" else {"allreduce": spec["allreduce"],
-                                                         "grad_compression": spec["grad_compression"]}
-        parallel = DataParallel(net, SGD(net, lr=0.01, momentum=0.9), comm=comm, **options)
-        batches, global_batch = _local_batches(spec, comm, dtype)
-
-        def run_steps(count: int, position: int) -> int:
-            for _ in range(count):
-                inputs, labels = batches[position % len(batches)]
-                parallel(inputs, labels)
-                parallel.backward(global_batch_size=global_batch)
-                parallel.step()
-                position += 1
-            return position
-
-        position = run_steps(spec["warmup"], 0)
-        steps = spec["steps"]
-        if steps is None:
-            comm.barrier()
-            probe = time.perf_counter()
-            position = run_steps(3, position)
-            per_step = (time.perf_counter() - probe) / 3
-            steps = comm.broadcast_object(max(5, int(spec["target_seconds"] / max(per_step, 1e-6))))
-        parallel.reset_timings()
-        comm.barrier()
-        start = time.perf_counter()
-        run_steps(steps, position)
-        comm.barrier()
-        elapsed = max(comm.allgather(time.perf_counter() - start))  # the slowest rank's clock
-
-    timings = comm.allgather(dict(parallel.timings))
-    peak_mb = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
-    ms_per_step = elapsed * 1e3 / steps
-    per_rank = [{"compute_ms": t["compute_s"] * 1e3 / steps,
-                 "comm_ms": (t["comm_s"] - t["wait_s"]) * 1e3 / steps,
-                 "wait_ms": t["wait_s"] * 1e3 / steps,
-                 "optimizer_ms": t["optimizer_s"] * 1e3 / steps} for t in timings]
-    breakdown = {key: float(np.mean([rank[key] for rank in per_rank])) for key in per_rank[0]}
-    breakdown["other_ms"] = max(0.0, ms_per_step - sum(breakdown.values()))
-    return {"ranks": comm.size, "steps": steps, "global_batch": global_batch, "ms_per_step": ms_per_step,
-            "samples_per_s": global_batch / (ms_per_step * 1e-3), **breakdown,
-            "grad_bytes": int(timings[0]["reduced_bytes"] // steps) if comm.size > 1
-            else int(sum(bucket.nbytes for bucket in parallel.buckets)),
-            "bucket_bytes": [int(bucket.nbytes) for bucket in parallel.buckets],
-            "peak_rss_mb": [round(value, 1) for value in peak_mb], "per_rank": per_rank}
-
-
-def _worker_main(argv: Sequence[str]) -> int:
-    """Entry point of a child job's rank: ``point SPEC`` or ``collectives SPEC`` (JSON)."""
-    kind, spec = argv[0], json.loads(argv[1])
-    comm = get_communicator()
-    with stop_all_on_error(comm):
-        if kind == "point":
-            result = measure_point(spec, comm)
-        else:
-            from threadpoolctl import threadpool_limits
-            with threadpool_limits(limits=spec["threads_per_rank"]):
-                result = {"records": run_collectives(comm, spec["sizes"], spec["allreduces"],
-                                                     spec["seconds_per_size"])}
-        if comm.rank == 0:
-            print(RESULT_MARKER + json.dumps(result), flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------- the experiment
@@ -374,7 +191,8 @@ class Point:
 
 @dataclass
 class Experiment:
-    """What :func:`run_experiment` measured and derived; :mod:`scaling_report` writes it out."""
+    """What :func:`~mnn.distributed.experiments.scaling_driver.run_experiment` measured and derived
+    (or :func:`load_experiment` read back); :mod:`~mnn.distributed.experiments.scaling_report` writes it out."""
 
     settings: ScalingSettings
     machine: dict
@@ -387,7 +205,11 @@ class Experiment:
     commands: list[str] = field(default_factory=list)
 
 
-_SUMMARY_KEYS = ("ms_per_step", "samples_per_s", "compute_ms", "comm_ms", "wait_ms", "optimizer_ms", "other_ms")
+#: The parts a step's time is split into, as the report and the plots name them.
+STEP_PARTS = (("compute_ms", "compute (forward + backward)"), ("comm_ms", "communication (start, poll)"),
+              ("wait_ms", "wait (exposed all-reduce, slower rank)"), ("optimizer_ms", "optimizer"),
+              ("other_ms", "other (Python, barriers)"))
+_SUMMARY_KEYS = ("ms_per_step", "samples_per_s", *(key for key, _ in STEP_PARTS))
 
 
 def summarise(points: list[Point]) -> None:
@@ -398,101 +220,18 @@ def summarise(points: list[Point]) -> None:
     for point in points:
         summary = {"ranks": point.ranks, "oversubscribed": point.oversubscribed, "turns": len(point.runs)}
         for key in _SUMMARY_KEYS:
-            values = [run[key] for run in point.runs]
-            summary.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+            summary.update(Spread.of([run[key] for run in point.runs]).fields(key))
         first = point.runs[0]
         summary.update(global_batch=first["global_batch"], steps=first["steps"], grad_bytes=first["grad_bytes"],
                        bucket_bytes=first["bucket_bytes"],
                        peak_rss_mb=max(max(run["peak_rss_mb"]) for run in point.runs))
         speedups = [run["samples_per_s"] / base["samples_per_s"] for run, base in zip(point.runs, baseline.runs)]
-        for key, values in (("speedup", speedups),
-                            ("efficiency", [s * baseline.ranks / point.ranks for s in speedups])):
-            summary.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+        summary.update(Spread.of(speedups).fields("speedup"))
+        summary.update(Spread.of([s * baseline.ranks / point.ranks for s in speedups]).fields("efficiency"))
         point.summary = summary
 
 
-def _collective_ranks(settings: ScalingSettings, fitting: int) -> int | None:
-    if settings.collective_ranks is not None:
-        return settings.collective_ranks
-    real = [ranks for ranks in settings.ranks if 1 < ranks <= fitting]
-    return max(real) if real else (2 if fitting >= 2 else None)
-
-
-def run_experiment(settings: ScalingSettings, env: Mapping[str, str],
-                   log: Callable[[str], None] = print) -> Experiment:
-    """Run the experiment of ``settings`` (see the module docstring); RuntimeError if a job fails.
-
-    ``log`` gets one progress line per run. Nothing is written here.
-    """
-    from mnn.distributed.experiments.scaling_report import machine_description
-
-    env = child_environment(settings, env)
-    mpi = detect_mpi(env, mpiexec=settings.mpiexec)
-    if mpi.error:
-        raise RuntimeError(mpi.error)
-    require_answers(settings.hosts, settings.ssh, settings.start_timeout, env)
-    fitting = capacity(settings, env)
-    experiment = Experiment(settings, machine_description(mpi, fitting))
-    if not settings.collectives_only:
-        _measure_points(settings, experiment, env, mpi, fitting, log)
-    if settings.collectives or settings.collectives_only:
-        _measure_collectives(settings, experiment, env, mpi, fitting, log)
-    _build_workload(experiment)
-    return experiment
-
-
-def _measure_points(settings: ScalingSettings, experiment: Experiment, env: Mapping[str, str], mpi: MpiSetup,
-                    fitting: int, log: Callable[[str], None]) -> None:
-    experiment.points = [Point(ranks, ranks > fitting) for ranks in settings.ranks]
-    total = settings.repeats * len(settings.ranks)
-    for turn in range(settings.repeats):
-        for index, point in enumerate(experiment.points):
-            spec = {"layers": list(settings.layers), "dtype": settings.dtype,
-                    "per_rank_batches": settings.per_rank_batches(point.ranks), "steps": settings.steps,
-                    "warmup": settings.warmup_steps, "target_seconds": settings.target_seconds,
-                    "dataset": settings.dataset, "threads_per_rank": settings.threads_per_rank,
-                    "allreduce": settings.train_allreduce, "grad_compression": settings.grad_compression}
-            result, plan = _run_job(settings, "point", point.ranks, spec, env, mpi)
-            if turn == 0:
-                experiment.commands.append(shlex.join(plan.argv))
-            result.update(turn=turn, oversubscribed=point.oversubscribed, launcher=plan.launcher)
-            point.runs.append(result)
-            done = turn * len(settings.ranks) + index + 1
-            marker = " (oversubscribed)" if point.oversubscribed else ""
-            log(f"[{done}/{total}] turn {turn + 1}/{settings.repeats}: {point.ranks} rank(s){marker}: "
-                f"{result['ms_per_step']:.2f} ms/step, {result['samples_per_s']:,.0f} samples/s "
-                f"({result['steps']} steps via {plan.launcher})")
-    summarise(experiment.points)
-
-
-def _measure_collectives(settings: ScalingSettings, experiment: Experiment, env: Mapping[str, str],
-                         mpi: MpiSetup, fitting: int, log: Callable[[str], None]) -> None:
-    ranks = _collective_ranks(settings, fitting)
-    if ranks is None:
-        experiment.notes.append("the all-reduce micro-benchmark needs 2 ranks, and only 1 core is available: "
-                                "skipped (pass --collective-ranks 2 to run it anyway)")
-        log(experiment.notes[-1])
-        return
-    names = settings.allreduces or available_allreduces()
-    missing = [name for name in ALLREDUCE_NAMES if name not in available_allreduces()]
-    if missing and not settings.allreduces:
-        experiment.notes.append(f"not measured: the {', '.join(missing)} all-reduce (not in this installation)")
-    spec = {"sizes": settings.sizes, "allreduces": names, "seconds_per_size": settings.seconds_per_size,
-            "threads_per_rank": settings.threads_per_rank}
-    log(f"all-reduce micro-benchmark: {', '.join(names)} on {ranks} ranks, "
-        f"{settings.smallest_bytes} B to {settings.largest_bytes} B")
-    result, plan = _run_job(settings, "collectives", ranks, spec, env, mpi)
-    experiment.commands.append(shlex.join(plan.argv))
-    experiment.collectives = result["records"]
-    experiment.collective_ranks = ranks
-    if ranks > fitting:
-        experiment.notes.append(f"the micro-benchmark ran on {ranks} ranks with {fitting} available: "
-                                "oversubscribed, so its alpha and beta are not those of the network")
-    for name, fit in _fit_collectives(experiment).items():
-        log(f"  {name}: {fit.describe()}")
-
-
-def _fit_collectives(experiment: Experiment) -> dict[str, AlphaBetaFit]:
+def fit_collectives(experiment: Experiment) -> dict[str, AlphaBetaFit]:
     """α and β of each measured all-reduce, each with its own algorithm's model."""
     for name in dict.fromkeys(row["allreduce"] for row in experiment.collectives):
         rows = [row for row in experiment.collectives if row["allreduce"] == name]
@@ -501,7 +240,7 @@ def _fit_collectives(experiment: Experiment) -> dict[str, AlphaBetaFit]:
     return experiment.fits
 
 
-def _build_workload(experiment: Experiment) -> None:
+def build_workload(experiment: Experiment) -> None:
     """The cost model's workload from the 1-rank runs: compute per sample and optimizer per step."""
     single = [point for point in experiment.points if point.ranks == 1]
     if not single:
@@ -558,8 +297,8 @@ def predict_points(experiment: Experiment) -> list[dict]:
         rows.append({"ranks": point.ranks, "oversubscribed": point.oversubscribed,
                      "predicted_ms": statistics.median(predicted), "measured_ms": point.summary["ms_per_step"],
                      "measured_min_ms": point.summary["ms_per_step_min"],
-                     "measured_max_ms": point.summary["ms_per_step_max"], "error": statistics.median(errors),
-                     "error_min": min(errors), "error_max": max(errors), "turn_errors": errors})
+                     "measured_max_ms": point.summary["ms_per_step_max"], **Spread.of(errors).fields("error"),
+                     "turn_errors": errors})
     return rows
 
 
@@ -630,10 +369,10 @@ def load_experiment(folder: str | Path, networks: list[Network] | None = None,
     experiment.collectives = by_kind.get("collective", [])
     if experiment.collectives:
         experiment.collective_ranks = experiment.collectives[0]["ranks"]
-        _fit_collectives(experiment)
+        fit_collectives(experiment)
     experiment.commands = [record["command"] for record in by_kind.get("command", [])]
     experiment.notes = [record["text"] for record in by_kind.get("note", []) if not record["text"].startswith("plots")]
-    _build_workload(experiment)
+    build_workload(experiment)
     return experiment
 
 
@@ -643,7 +382,3 @@ def settings_record(settings: ScalingSettings) -> dict:
     record["out"] = str(settings.out)
     record["networks"] = [network.name for network in settings.networks]
     return record
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mnn.distributed.experiments.scaling import Experiment  # noqa: E402
+from mnn.distributed.experiments.scaling import STEP_PARTS, Experiment  # noqa: E402
 
 __all__ = ["draw_all"]
 
@@ -84,8 +84,6 @@ def _ratio_plot(experiment: Experiment, key: str, path: Path) -> Path:
 
 
 def _breakdown_plot(experiment: Experiment, path: Path) -> Path:
-    from mnn.distributed.experiments.scaling_report import STEP_PARTS
-
     figure, axes = plt.subplots(figsize=(5.5, 4))
     points = experiment.points
     labels = [f"{point.ranks}" + ("\n(oversub.)" if point.oversubscribed else "") for point in points]

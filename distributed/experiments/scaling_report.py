@@ -13,16 +13,9 @@ hatched bars.
 from __future__ import annotations
 
 import csv
-import datetime
 import json
-import os
-import platform
-import socket
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from mnn.distributed.experiments.costmodel import (
     NETWORKS,
@@ -30,7 +23,6 @@ from mnn.distributed.experiments.costmodel import (
     bandwidth_bound_efficiency,
     describe_algorithm,
 )
-from mnn.distributed.launch import MpiSetup
 from mnn.distributed.experiments.scaling import (
     Experiment,
     model_networks,
@@ -39,7 +31,7 @@ from mnn.distributed.experiments.scaling import (
     settings_record,
 )
 
-__all__ = ["machine_description", "write_outputs", "plots_available", "REPORT_RANKS", "COMPUTE_FACTOR", "STEP_PARTS"]
+__all__ = ["write_outputs", "plots_available", "REPORT_RANKS", "COMPUTE_FACTOR"]
 
 #: Rank counts shown in the report's projection table (the CSV has all powers of two).
 REPORT_RANKS = (2, 8, 64, 512, 1024)
@@ -49,37 +41,7 @@ _CSV_COLUMNS = ("ranks", "oversubscribed", "turns", "global_batch", "steps", "sa
                 "samples_per_s_max", "speedup", "speedup_min", "speedup_max", "efficiency", "efficiency_min",
                 "efficiency_max", "ms_per_step", "ms_per_step_min", "ms_per_step_max", "compute_ms", "comm_ms",
                 "wait_ms", "optimizer_ms", "other_ms", "grad_bytes", "peak_rss_mb")
-STEP_PARTS = (("compute_ms", "compute (forward + backward)"), ("comm_ms", "communication (start, poll)"),
-              ("wait_ms", "wait (exposed all-reduce, slower rank)"), ("optimizer_ms", "optimizer"),
-              ("other_ms", "other (Python, barriers)"))
 
-
-def machine_description(mpi: MpiSetup, fitting: int) -> dict[str, Any]:
-    """The machine, MPI, BLAS and versions, as report.md states them."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from threadpoolctl import threadpool_info
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mnn_version = version("mnn")
-    except PackageNotFoundError:
-        mnn_version = "not installed"
-    blas = ", ".join(f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')})"
-                     for info in threadpool_info() if info.get("user_api") == "blas") or "none found"
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "ranks_that_fit": fitting,
-            "mpi_library": mpi.library, "mpi4py": mpi.mpi4py_version, "mpiexec": mpi.mpiexec,
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "blas": blas,
-            "python": platform.python_version(), "numpy": np.__version__, "mnn": mnn_version,
-            "platform": platform.platform(), "command": " ".join(["mnn-scaling", *sys.argv[1:]])}
 
 
 def plots_available() -> bool:
