@@ -89,7 +89,9 @@ def _parser():
                         help="approximate length of one timed round in ms (default 300)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--scaling", type=int_list(1, "rank count"), metavar="N,N,...",
-                        help="run this benchmark under mpiexec for each rank count and print weak-scaling efficiency")
+                        help="run this benchmark on each rank count in turns, started as mnn-launch starts jobs, "
+                             "and print the weak-scaling efficiency (hosts, strong scaling, the cost model: "
+                             "mnn-scaling)")
     parser.add_argument("--repeats", type=positive(int), default=3,
                         help="with --scaling: turns over the rank counts; the speedup is their median (default 3)")
     parser.add_argument("--wait-idle", action="store_true",

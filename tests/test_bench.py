@@ -233,3 +233,40 @@ def test_waiting_for_idle_cpus_returns_or_gives_up():
 
     assert wait_for_idle_cpus(min_idle=0.0, timeout_s=5, sample_s=0.05) is (Path("/proc/stat").exists())
     assert wait_for_idle_cpus(min_idle=1.01, timeout_s=0.2, sample_s=0.05) is False
+
+
+# ------------------------------------------------------------------ the measurement kit
+def test_the_timed_loop_warms_up_probes_and_keeps_the_count_within_bounds():
+    from mnn.distributed.comm import SingleProcessCommunicator
+    from mnn.distributed.experiments.timing import Spread, agree_on_count, time_calls
+
+    comm, calls = SingleProcessCommunicator(), []
+    count = agree_on_count(lambda: calls.append(1), comm, target_s=10.0, minimum=5, maximum=40, warmup=2, probe=3)
+    assert count == 40 and len(calls) == 2 + 3  # a call of microseconds would fill 10 s many times over
+    assert agree_on_count(lambda: None, comm, target_s=0.0, minimum=5) == 5
+    for each in (False, True):
+        assert time_calls(lambda: calls.append(1), 4, comm, each_after_barrier=each) >= 0
+    assert len(calls) == 5 + 8
+    spread = Spread.of([3.0, 1.0, 2.0])
+    assert spread == (2.0, 1.0, 3.0) and spread.fields("ms") == {"ms": 2.0, "ms_min": 1.0, "ms_max": 3.0}
+
+
+def test_one_step_builder_runs_plainly_or_through_data_parallel():
+    from mnn import SGD
+    from mnn.distributed.comm import SingleProcessCommunicator
+    from mnn.distributed.experiments.bench import build_step
+    from mnn.model import build_net, mlp_description
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 6)), rng.integers(0, 3, 4)) for _ in range(2)]
+    nets = [build_net(mlp_description([6, 5, 3]), dtype=np.float64, rng=0) for _ in range(2)]
+    plain, none = build_step(nets[0], SGD(nets[0], lr=0.1), batches, 4, SingleProcessCommunicator())
+    parallel, data_parallel = build_step(nets[1], SGD(nets[1], lr=0.1), batches, 4, SingleProcessCommunicator(),
+                                         parallel=True)
+    assert none is None and data_parallel is not None
+    for _ in range(3):  # both cycle through the batches: 1, 2, 1
+        plain()
+        parallel()
+    for (name, param, _), (_, other, _) in zip(nets[0].named_params(), nets[1].named_params()):
+        np.testing.assert_allclose(param, other, rtol=1e-12, err_msg=name)
+    assert data_parallel.timings["steps"] == 3

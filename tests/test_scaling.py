@@ -20,7 +20,7 @@ from mnn.distributed.experiments.collectives import available_allreduces
 from mnn.distributed.experiments.costmodel import NETWORKS
 from mnn.distributed.launch import MpiSetup
 from mnn.distributed.experiments.scaling import Experiment, Point, ScalingSettings, build_workload, summarise
-from mnn.distributed.experiments.scaling_driver import ChildJobs, capacity, worker_command
+from mnn.distributed.experiments.scaling_driver import ChildJobs, capacity, turns, worker_command
 from mnn.distributed.experiments import scaling_report
 from mnn.scripts.scaling import main, parse_settings
 
@@ -164,6 +164,18 @@ def test_each_run_is_the_plan_mnn_launch_would_make_under_slurm():
     assert plan.argv[:3] == ["srun", "-n", "4"]
     assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling_worker"]
     assert capacity(settings, env) == 8
+
+
+def test_a_plan_that_would_start_fewer_ranks_is_refused():
+    # Without MPI the launcher runs one process: a 2-rank point would measure 1 rank.
+    jobs = ChildJobs(ScalingSettings().launch_settings(), {"PATH": ""}, MpiSetup(None, "no mpi4py", None, None))
+    assert jobs.plan(1, ["true"]).argv == ["true"]
+    with pytest.raises(RuntimeError, match="cannot start 2 ranks: no MPI"):
+        jobs.plan(2, ["true"])
+
+
+def test_rank_counts_take_turns():
+    assert list(turns([1, 2, 4], 2)) == [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 4)]
 
 
 def test_hosts_go_to_the_launcher_and_set_the_capacity():

@@ -63,3 +63,12 @@ def test_a_scaling_point_times_every_rank_and_splits_the_step(comm):
     assert result["grad_bytes"] == (6 * 5 + 5 + 5 * 3 + 3) * 8 == sum(result["bucket_bytes"])
     assert result["compute_ms"] > 0 and result["optimizer_ms"] > 0
     assert comm.allgather(result["ms_per_step"]) == [result["ms_per_step"]] * comm.size
+
+
+def test_the_timed_loop_agrees_on_one_count_on_every_rank(comm):
+    from mnn.distributed.experiments.timing import agree_on_count, time_calls
+
+    # Rank 0's estimate decides, however fast the others' probes were.
+    count = agree_on_count(comm.barrier, comm, target_s=0.01, minimum=3, maximum=50)
+    assert 3 <= count <= 50 and comm.allgather(count) == [count] * comm.size
+    assert time_calls(comm.barrier, count, comm) > 0
