@@ -26,7 +26,7 @@ from typing import Iterator
 
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.training.config import TrainConfig
-from mnn.distributed.training.preflight import TEXT_DATASET, load_job_dataset, text_context
+from mnn.distributed.training.job_data import is_text_job, load_job_dataset, text_context
 from mnn.model import build_net, model_size
 from mnn.scripts.arguments import at_least
 from mnn.text import CharVocab, TextDataset, generate, sample_characters
@@ -117,7 +117,7 @@ def _model_of(checkpoint: str) -> tuple[object, CharVocab, int]:
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     saved = load_checkpoint(path)
     config = TrainConfig.from_dict(saved.config, source=f"the config in {str(path)!r}")
-    if not (config.dataset == TEXT_DATASET or config.dataset.startswith(TEXT_DATASET + ":")):
+    if not is_text_job(config):
         raise ValueError(f"{path} is not a character model: its job trained on {config.dataset!r}, not a text")
     # Counted before it is built: an edited config must not allocate a model the file does not hold.
     described = model_size(config.model_description()).parameters

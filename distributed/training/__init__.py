@@ -1,11 +1,12 @@
 """mnn.distributed.training: the mnn-train service around the data-parallel core.
 
-``train(config)`` (:mod:`.trainer`) runs one job: its settings (:mod:`.config`),
-everything checked before the first step (:mod:`.preflight`), the net, optimizer
-and evaluation of a task (:mod:`.task`), the run's position (:mod:`.position`),
-what rank 0 prints and writes (:mod:`.reporting`), checkpoints (:mod:`.checkpoint`)
-and the output folder (:mod:`.output_dir`), Ctrl-C and SIGTERM (:mod:`.stopping`),
-and what the ranks check of each other at start-up (:mod:`.ranks`).
+``train(config)`` (:mod:`.trainer`) runs one job: its settings (:mod:`.config`), the
+data they name (:mod:`.job_data`), everything checked before the first step
+(:mod:`.preflight`), the net, optimizer and evaluation of a task (:mod:`.task`), the
+run's position (:mod:`.position`), what rank 0 prints and writes (:mod:`.reporting`),
+checkpoints (:mod:`.checkpoint`) and the output folder (:mod:`.output_dir`), Ctrl-C and
+SIGTERM (:mod:`.stopping`), and what the ranks check of each other at start-up
+(:mod:`.ranks`).
 
 It imports the core (``mnn.distributed``) and the layer library, never the launcher
 or the experiments. The entry point is ``mnn-train`` (``mnn.scripts.train``)::

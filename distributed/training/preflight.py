@@ -23,22 +23,22 @@ from typing import Any
 import numpy as np
 
 from mnn import SequentialLayers
-from mnn.datasets import Dataset, load_dataset
+from mnn.datasets import Dataset
 from mnn.io import clean_stale_temporaries, unusable_path
 from mnn.model import GPT_KEYS, model_size
-from mnn.text import TextDataset, fingerprint_difference, load_text
+from mnn.text import TextDataset, fingerprint_difference
 from mnn.distributed.training.checkpoint import (CHECKPOINT_NAME, Checkpoint, find_checkpoints, load_checkpoint,
                                         load_newest_checkpoint)
 from mnn.distributed.comm import Communicator, RankFailure, run_all, run_on_root
 from mnn.distributed.training.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainConfig
+from mnn.distributed.training.job_data import ARRAYS_DATASET, is_text_job, load_job_dataset, text_epoch_steps
 from mnn.distributed.training.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.training.task import Task, build_net, build_optimizer, choose_task
 
-__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "text_context", "text_epoch_steps",
-           "RESUME_MUST_MATCH", "ARRAYS_DATASET", "TEXT_DATASET"]
+__all__ = ["JobConfigError", "PreparedJob", "prepare_job", "RESUME_MUST_MATCH"]
 
 # A checkpoint resumes exactly only if these settings are unchanged: they define
 # the parameters' shapes, the optimizer state and the sequence of global batches.
@@ -46,12 +46,6 @@ __all__ = ["JobConfigError", "PreparedJob", "prepare_job", "load_job_dataset", "
 # description it stands for.)
 RESUME_MUST_MATCH = ("dataset", "batch_size", "seed", "dtype", "optimizer", "drop_last")
 _MODEL_FIELDS = ("layers", "loss", "model")
-# The dataset setting of a job whose arrays came from Python (train(..., data=...)).
-ARRAYS_DATASET = "arrays"
-# The dataset setting of a character text: "text" (the standard library's sources) or "text:PATH".
-TEXT_DATASET = "text"
-# Steps in an "epoch" of text windows drawn at random, unless steps_per_epoch says.
-TEXT_EPOCH_STEPS = 200
 
 
 class JobConfigError(RankFailure):
@@ -442,7 +436,7 @@ def _restore(config: TrainConfig, net: SequentialLayers,
                   for key in RESUME_MUST_MATCH if getattr(saved, key) != getattr(config, key)]
     if _comparable_model(saved) != _comparable_model(config):
         mismatched.insert(0, _model_difference(saved, config))
-    if _is_text(config) and text_epoch_steps(saved) != text_epoch_steps(config):
+    if is_text_job(config) and text_epoch_steps(saved) != text_epoch_steps(config):
         # The position counts steps within epochs of the checkpoint's length.
         mismatched.append(f"steps_per_epoch: checkpoint has {text_epoch_steps(saved)}, this job "
                           f"{text_epoch_steps(config)} (its position is counted in epochs of that many steps)")
@@ -546,39 +540,6 @@ def _load_data(config: TrainConfig, data: Any, comm: Communicator) -> Dataset:
     if config.dataset != "digits":
         loaded_by_root = run_on_root(comm, lambda: load_job_dataset(config))
     return run_all(comm, lambda: loaded_by_root or load_job_dataset(config))
-
-
-def load_job_dataset(config: TrainConfig) -> Dataset:
-    """The dataset ``config.dataset`` names (a text cut into windows of the model's context)."""
-    spec = config.dataset
-    if spec == ARRAYS_DATASET:
-        raise ValueError(f"dataset {ARRAYS_DATASET!r}: the run was given its data as arrays from Python "
-                         f"(train(..., data=...)); pass them again, or name a dataset")
-    if _is_text(config):
-        return load_text(spec.partition(":")[2] or None, context=text_context(config))
-    return load_dataset(spec)
-
-
-def _is_text(config: TrainConfig) -> bool:
-    return config.dataset == TEXT_DATASET or config.dataset.startswith(TEXT_DATASET + ":")
-
-
-def text_epoch_steps(config: TrainConfig) -> int:
-    """The steps of an epoch of a text job (whose windows are drawn at random)."""
-    return config.steps_per_epoch or TEXT_EPOCH_STEPS
-
-
-def text_context(config: TrainConfig) -> int:
-    """The window a text dataset cuts for the model: a GPT's context, or the context of the
-    positional embedding in a layer description."""
-    model = config.model or {}
-    if "gpt" in model:
-        return model["gpt"].get("context", GPT_KEYS["context"])
-    for layer in model.get("layers", []):
-        if layer.get("type") == "PositionalEmbeddingLayer":
-            return layer["context"]
-    raise ValueError(f"dataset {config.dataset!r}: a text is cut into windows as long as the model's context; "
-                     f"describe a model with one ([model.gpt] context = 64, or a PositionalEmbeddingLayer)")
 
 
 def _with_text_record(config: TrainConfig, dataset: Dataset) -> TrainConfig:
