@@ -2,7 +2,8 @@
 #   make train   creates .venv, installs mnn with MPI from PyPI, trains on 2 ranks
 #   make test    runs every test: the serial suite, then the MPI suite on 1, 2 and 3 ranks,
 #                under MPICH and then under Open MPI (make test-openmpi runs that half alone)
-#   make docs    builds the API reference with the rendered math into docs/_build/html
+#   make docs    builds the guide's pages (docs/*.md) and the API reference with the rendered math
+#                into docs/_build/html
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -78,13 +79,14 @@ test-openmpi: setup-openmpi
 bench: setup
 	$(BIN)/mnn-bench
 
-# Sphinx is an optional extra ("docs"), installed into the venv on first use.
-# -W: a docstring that does not parse fails the build instead of rendering wrong.
+# Sphinx and myst-parser (for the Markdown pages) are an optional extra ("docs"),
+# installed into the venv on first use. -W: a docstring that does not parse, or a
+# link between pages that leads nowhere, fails the build instead of rendering wrong.
 # MathJax comes from a CDN; to read offline, point MNN_MATHJAX_PATH at a local
 # tex-mml-chtml.js (see docs/conf.py).
 docs: $(VENV)/.docs-installed
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
-	@echo "API reference: docs/_build/html/index.html"
+	@echo "docs: docs/_build/html/index.html"
 
 $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[docs]'

@@ -1,7 +1,12 @@
-"""Sphinx configuration of mnn's API reference. Build it with ``make docs``.
+"""Sphinx configuration of mnn's docs: the guide and the API reference. Build them with ``make docs``.
 
-The pages show the docstrings with their math rendered by MathJax. At every
-build this file writes them into ``docs/api/`` (not committed):
+The guide's pages are the Markdown files beside this one (``docs/*.md``, read by
+myst-parser), written to read as they are on GitHub too: their links are
+relative paths to other ``.md`` files, with ``#anchors`` made from headings as
+GitHub makes them. ``index.rst`` lists them.
+
+The API reference shows the docstrings with their math rendered by MathJax. At
+every build this file writes its pages into ``docs/api/`` (not committed):
 
 * one page per layer: each ``Layer`` subclass in ``mnn.__all__``, so a new
   layer gets its page without an edit here;
@@ -29,8 +34,12 @@ author = "the mnn developers"
 copyright = "2026, the mnn developers"
 release = installed_version("mnn")
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "myst_parser"]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
+# "cli.md#mnn-launch" as on GitHub: every heading down to ### gets the anchor
+# GitHub gives it, so that a link works in both places.
+myst_heading_anchors = 3
 # Source order is the order of the derivation: forward, then backward.
 autodoc_member_order = "bysource"
 html_theme = "alabaster"

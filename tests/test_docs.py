@@ -6,13 +6,23 @@ module docstring, somewhere in that module's source. Comments cite
 ``# Eq. (1)``, ``# Eq. (2), (3)``, ``# Eq. (2)-(4)`` (2, 3 and 4) and may go on
 after the numbers (``# Eq. (3): the sum over c``).
 
+The README and the guide's pages (``docs/*.md``) stay true to the code: the
+README fits in 300 lines and links every page; every relative link and
+``#anchor`` resolves (on GitHub and in the HTML alike: anchors are made from
+headings as GitHub makes them); the options the command-line reference lists
+are exactly those each program's ``--help`` shows; every ``mnn-*`` command
+and ``make`` target written in them exists; the examples run; the layout page
+names every module.
+
 The last test builds the Sphinx docs (``make docs``) when Sphinx is installed
 (the ``docs`` extra) and is skipped otherwise.
 """
 
+import ast
 import importlib
 import inspect
 import io
+import os
 import pkgutil
 import re
 import runpy
@@ -27,7 +37,18 @@ import pytest
 import mnn
 import mnn.distributed
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+# The guide's pages; the reports in docs/scaling/ and docs/gpt/ are written by the
+# experiments (mnn-scaling, mnn-bench) and only their links are checked here.
+PAGES = sorted(DOCS.glob("*.md"))
+PROGRAMS = ("mnn-train", "mnn-launch", "mnn-generate", "mnn-bench", "mnn-scaling")
 
 _TAG = re.compile(r"\\tag\{(\d+)\}")
 # "Eq." and a run of "(n)" joined by commas or dashes; anything may follow.
@@ -169,3 +190,258 @@ def test_docs_build_with_math_on_every_page(tmp_path):
     for page in html.rglob("*.html"):
         for environment, body in re.findall(r"\\begin\{(split|aligned)\}(.*?)\\end\{\1\}", page.read_text(), re.DOTALL):
             assert "\\tag" not in body, f"{page.name}: \\tag inside {environment}"
+    # The guide's pages: each one rendered, and every link and image of it found in the HTML.
+    unresolved = []
+    for name in [page.relative_to(DOCS).with_suffix(".html") for page in PAGES]:
+        rendered = html / name
+        assert rendered.is_file(), f"{name}: not rendered"
+        for target in re.findall(r'(?:href|src)="([^"]+)"', rendered.read_text()):
+            file, _, anchor = target.partition("#")
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or file.startswith("_static"):
+                continue
+            linked = (rendered.parent / file).resolve() if file else rendered
+            if not linked.is_file():
+                unresolved.append(f"{name}: {target}: no file")
+            elif anchor and f'id="{anchor}"' not in linked.read_text():
+                unresolved.append(f"{name}: {target}: no id {anchor}")
+    assert not unresolved, "\n".join(unresolved)
+
+
+# --- The README and the guide's pages ---------------------------------------------------------
+
+_FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[ \t]*$", re.M | re.S)
+_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
+_OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+
+
+def _prose(text):
+    """The text without code: fenced blocks and inline code spans blanked."""
+    return _INLINE_CODE.sub("", _FENCE.sub("", text))
+
+
+def _code(text):
+    """Every piece of code in a Markdown text: the lines of fenced blocks (with shell
+    continuations joined) and the inline code spans."""
+    pieces = []
+    for block in _FENCE.finditer(text):
+        body = block.group(0).split("\n", 1)[1].rsplit("\n", 1)[0]
+        pieces += body.replace("\\\n", " ").splitlines()
+    pieces += [span.strip("`") for span in _INLINE_CODE.findall(_FENCE.sub("", text))]
+    return pieces
+
+
+def github_anchor(heading):
+    """The anchor GitHub (and myst-parser's ``myst_heading_anchors``) gives a heading:
+    its text lower-cased, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link counts by its text
+    text = re.sub(r"[`*_]{1,2}(?=\S)|(?<=\S)[`*_]{1,2}", "", text)
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    """The anchors of a Markdown file's headings; a repeated one gets -1, -2, ... as on GitHub."""
+    seen = {}
+    result = set()
+    for _, heading in _HEADING.findall(_FENCE.sub("", path.read_text())):
+        anchor = github_anchor(heading)
+        result.add(anchor if anchor not in seen else f"{anchor}-{seen[anchor]}")
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return result
+
+
+def broken_links(path, root=ROOT):
+    """One line per relative link of ``path`` whose file, or ``#anchor`` in it, does not exist."""
+    broken = []
+    for target in _LINK.findall(_prose(path.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(f"{path.relative_to(root)}: {target}: no file {file}")
+        elif anchor and (linked.suffix != ".md" or anchor not in anchors(linked)):
+            broken.append(f"{path.relative_to(root)}: {target}: no heading with anchor #{anchor}")
+    return broken
+
+
+def test_github_anchors():
+    assert github_anchor("The cost model (`mnn.distributed.experiments.costmodel`)") == \
+        "the-cost-model-mnndistributedexperimentscostmodel"
+    assert github_anchor("What happens when…") == "what-happens-when"
+    assert github_anchor("`distributed/`: four parts") == "distributed-four-parts"
+    assert github_anchor("Any net, from Python") == "any-net-from-python"
+
+
+def test_the_readme_is_short_and_links_every_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; the rest belongs in a page of docs/"
+    linked = {(README.parent / target.partition("#")[0]).resolve() for target in _LINK.findall(_prose(README.read_text()))}
+    assert {page.resolve() for page in PAGES} <= linked, "pages the README does not link: " + \
+        ", ".join(page.name for page in PAGES if page.resolve() not in linked)
+
+
+def test_every_page_is_in_the_docs_index():
+    index = (DOCS / "index.rst").read_text()
+    entries = set(re.findall(r"^   (\S+)$", index, re.M))
+    missing = [page.name for page in PAGES if page.stem not in entries]
+    assert not missing, f"pages that docs/index.rst does not list (make docs would fail): {missing}"
+
+
+def test_links_resolve():
+    files = [README, *sorted(DOCS.rglob("*.md"))]
+    assert len(files) > 10
+    broken = [line for path in files if "_build" not in path.parts for line in broken_links(path)]
+    assert not broken, "\n".join(broken)
+
+
+def test_the_link_checker_finds_a_broken_link(tmp_path):
+    page = tmp_path / "a.md"
+    page.write_text("# A page\n\n[ok](#a-page) [gone](b.md) [no such heading](a.md#nowhere) "
+                    "`[in code](c.md)` [web](https://example.org)\n")
+    assert broken_links(page, tmp_path) == ["a.md: b.md: no file b.md",
+                                            "a.md: a.md#nowhere: no heading with anchor #nowhere"]
+
+
+def _help_options(program):
+    """The options ``program --help`` lists (its option lines, indented by two spaces), less -h/--help."""
+    run = subprocess.run([str(Path(sys.executable).parent / program), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    options = set()
+    for line in run.stdout.splitlines():
+        if re.match(r"  -", line):
+            options.update(_OPTION.findall(re.split(r"\s{2,}", line.strip())[0]))
+    return options - {"-h", "--help"}
+
+
+@pytest.fixture(scope="module")
+def accepted_options():
+    """Each program's options, read from its ``--help`` (the programs are installed with mnn)."""
+    return {program: _help_options(program) for program in PROGRAMS}
+
+
+def _sections(text, level="## "):
+    """A Markdown text's sections at one heading level: title -> body."""
+    parts = re.split(rf"^{level}(.+)$", _FENCE.sub("", text), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_the_cli_reference_lists_exactly_the_options_of_each_program(accepted_options):
+    sections = _sections((DOCS / "cli.md").read_text())
+    assert set(PROGRAMS) <= set(sections), f"docs/cli.md has no section for {set(PROGRAMS) - set(sections)}"
+    differences = []
+    for program in PROGRAMS:
+        first_cells = re.findall(r"^\| ([^|]*(?:\\\|[^|]*)*) \|", sections[program], re.M)
+        documented = {option for cell in first_cells for option in _OPTION.findall(cell)}
+        if documented != accepted_options[program]:
+            differences.append(f"{program}: documented but not accepted: "
+                               f"{sorted(documented - accepted_options[program])}; "
+                               f"accepted but not documented: {sorted(accepted_options[program] - documented)}")
+    assert not differences, "\n".join(differences)
+
+
+def test_commands_in_the_docs_use_options_that_exist(accepted_options):
+    """Every ``mnn-*`` command written in the README or a page (in code) passes only
+    options its program takes; ``mnn-launch ... -- mnn-train ...`` is two commands."""
+    wrong = []
+    for path in [README, *PAGES]:
+        for piece in _code(path.read_text()):
+            for command in re.split(r"\s--\s|\||;|&&|#", piece):
+                match = re.search(rf"(?<![\w/.-])({'|'.join(PROGRAMS)})(?=\s|$)", command)
+                if match is None:
+                    continue
+                words = command[match.end():].split()
+                for option in (word for word in words if _OPTION.fullmatch(word.split("=")[0])):
+                    if option.split("=")[0] not in accepted_options[match.group(1)]:
+                        wrong.append(f"{path.name}: {match.group(1)} has no option {option}: {piece.strip()}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_make_targets_in_the_docs_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w.-]+)(?:\s+[\w.-]+)*\s*:(?!=)", makefile, re.M))
+    named = {(path.name, target) for path in [README, *PAGES] for piece in _code(path.read_text())
+             for target in re.findall(r"(?<![\w-])make ([a-z][\w-]*)", piece)}
+    assert ("README.md", "train") in named and ("README.md", "test") in named
+    missing = sorted(f"{name}: make {target}" for name, target in named if target not in targets)
+    assert not missing, "\n".join(missing)
+
+
+def _blocks(path, language):
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.M | re.S)
+
+
+def test_the_readme_library_example_runs(tmp_path, monkeypatch):
+    example, *_ = [block for block in _blocks(README, "python") if "net.backward()" in block]
+    monkeypatch.chdir(tmp_path)  # it saves model.npz
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (64, 10) and (tmp_path / "model.npz").is_file()
+
+
+def test_the_dataparallel_loop_of_the_training_page_runs():
+    example, = [block for block in _blocks(DOCS / "training.md", "python") if "GlobalBatchSampler" in block]
+    namespace = {}
+    exec(compile(example, "docs/training.md", "exec"), namespace)  # one process here; the same on N ranks
+    assert namespace["dp"].timings["steps"] == 3 * namespace["sampler"].steps_per_epoch
+
+
+def test_the_python_examples_import_what_exists():
+    """Every import in a Python example of the README or a page works (the old paths, such as
+    ``mnn.distributed.trainer``, do not)."""
+    for path in [README, *PAGES]:
+        for block in _blocks(path, "python"):
+            for node in ast.walk(ast.parse(block)):
+                if isinstance(node, ast.ImportFrom):
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        assert hasattr(module, alias.name) or importlib.util.find_spec(
+                            f"{node.module}.{alias.name}"), f"{path.name}: from {node.module} import {alias.name}"
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        importlib.import_module(alias.name)
+
+
+def test_the_described_job_of_the_readme_is_the_example_file():
+    """The README's TOML is examples/attention.toml's model, and it builds."""
+    from mnn.model import build_net
+    shown, = _blocks(README, "toml")
+    with open(ROOT / "examples" / "attention.toml", "rb") as file:
+        example = tomllib.load(file)
+    assert tomllib.loads(shown)["model"] == example["model"]
+    assert isinstance(build_net(example["model"]), mnn.SequentialLayers)
+
+
+def test_the_library_page_lists_every_layer():
+    table = (DOCS / "library.md").read_text()
+    layers = [name for name in mnn.__all__ if isinstance(getattr(mnn, name), type)
+              and issubclass(getattr(mnn, name), mnn.Layer) and name not in ("Layer", "LossLayer")]
+    missing = [name for name in layers if not re.search(rf"^\| `{name}\(", table, re.M)
+               and not re.search(rf"^\|[^|\n]*`{name}\(", table, re.M)]
+    assert not missing, f"layers without a row in docs/library.md: {missing}"
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md has a row for each module of mnn/, distributed/ and scripts/, and no other."""
+    sections = _sections((DOCS / "layout.md").read_text())
+    differences = []
+    for folder in ("mnn", "distributed", "scripts"):
+        title, = [title for title in sections if title.startswith(f"`{folder}/`")]
+        named = set(re.findall(r"^\| `([\w/]+\.py)` \|", sections[title], re.M))
+        modules = {str(path.relative_to(ROOT / folder)) for path in (ROOT / folder).rglob("*.py")
+                   if path.name != "__init__.py"}
+        if named != modules:
+            differences.append(f"{folder}/: not in docs/layout.md: {sorted(modules - named)}; "
+                               f"named but gone: {sorted(named - modules)}")
+    assert not differences, "\n".join(differences)
+
+
+def test_the_api_pages_name_modules_that_import():
+    """conf.py's MODULE_PAGES (read without Sphinx) names modules that exist."""
+    tree = ast.parse((DOCS / "conf.py").read_text())
+    pages, = [ast.literal_eval(node.value) for node in tree.body
+              if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODULE_PAGES"]
+    for module in pages:
+        importlib.import_module(module)
