@@ -14,6 +14,7 @@ import pytest
 
 from mnn.distributed.environment import PROGRESS_ENV, THREAD_VARIABLES
 from mnn.distributed.launch import (
+    LaunchSettings,
     MpiSetup,
     build_command,
     build_hello_command,
@@ -203,6 +204,24 @@ def test_without_mpi_one_process_runs_and_says_so():
     assert plan.launcher == "none" and plan.argv == COMMAND and plan.ranks == 1
     assert plan.env_updates["OMP_NUM_THREADS"] == "8"
     assert any("running one process without MPI; -n 4 is ignored" in warning for warning in plan.warnings)
+
+
+def test_the_settings_are_one_frozen_value_made_from_the_command_line(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a:2\nb slots=2\n")
+    settings = settings_of(["--hostfile", str(hostfile), "--ssh", "rsh", "--start-timeout", "5", "--", *COMMAND])
+    assert settings == LaunchSettings(command=tuple(COMMAND), hosts=(("a", 2), ("b", 2)), ssh="rsh", start_timeout=5.0)
+    with pytest.raises(AttributeError):
+        settings.ranks = 3  # frozen: a plan cannot change what it was asked for
+    # What the plan reads and nothing else: a parsed command line is not accepted in its place.
+    with pytest.raises(TypeError, match="settings: expected a LaunchSettings, got Namespace"):
+        build_command(parse_args(["-n", "2", "--", *COMMAND]), {}, MPICH, cores=8)
+    with pytest.raises(TypeError, match="command: expected a list of strings"):
+        LaunchSettings(command="mnn-train --epochs 2")
+    with pytest.raises(ValueError, match="ranks: expected a positive integer or None, got 0"):
+        LaunchSettings(command=("true",), ranks=0)
+    with pytest.raises(ValueError, match="start_timeout: expected a positive number of seconds, got nan"):
+        LaunchSettings(command=("true",), start_timeout=float("nan"))
 
 
 def test_usage_errors():
