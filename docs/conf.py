@@ -45,7 +45,9 @@ autodoc_member_order = "bysource"
 html_theme = "alabaster"
 # The sidebar lists every page, and only pages: a class per line would make it
 # as long as the reference.
-html_theme_options = {"sidebar_collapse": False}
+html_theme_options = {"sidebar_collapse": False,
+                      # The guide's tables (the failures, the options) and commands are wide.
+                      "page_width": "1240px"}
 toc_object_entries = False
 
 if os.environ.get("MNN_MATHJAX_PATH"):
