@@ -11,7 +11,7 @@ of steps and times it (:func:`measure_point`); ``collectives`` runs the
 all-reduce micro-benchmark (:func:`mnn.distributed.experiments.collectives.run_collectives`).
 Rank 0 prints the result as one JSON line after :data:`RESULT_MARKER`, which
 the driver looks for in the job's output. Run by hand, the same lines
-reproduce one measurement of a report (its "Commands" section lists them).
+reproduce one measurement of a report (its "Child jobs" section lists them).
 """
 
 from __future__ import annotations
