@@ -210,7 +210,7 @@ def test_docs_build_with_math_on_every_page(tmp_path):
 # --- The README and the guide's pages ---------------------------------------------------------
 
 _FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[ \t]*$", re.M | re.S)
-_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_INLINE_CODE = re.compile(r"`[^`]+`")  # a span may go on over a line break
 _LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
 _OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
@@ -228,7 +228,7 @@ def _code(text):
     for block in _FENCE.finditer(text):
         body = block.group(0).split("\n", 1)[1].rsplit("\n", 1)[0]
         pieces += body.replace("\\\n", " ").splitlines()
-    pieces += [span.strip("`") for span in _INLINE_CODE.findall(_FENCE.sub("", text))]
+    pieces += [" ".join(span.strip("`").split()) for span in _INLINE_CODE.findall(_FENCE.sub("", text))]
     return pieces
 
 
