@@ -354,7 +354,7 @@ def test_commands_in_the_docs_use_options_that_exist(accepted_options):
                     continue
                 words = command[match.end():].split()
                 for option in (word for word in words if _OPTION.fullmatch(word.split("=")[0])):
-                    if option.split("=")[0] not in accepted_options[match.group(1)]:
+                    if option.split("=")[0] not in accepted_options[match.group(1)] | {"-h", "--help"}:
                         wrong.append(f"{path.name}: {match.group(1)} has no option {option}: {piece.strip()}")
     assert not wrong, "\n".join(wrong)
 
