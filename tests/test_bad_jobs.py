@@ -19,7 +19,7 @@ from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
 from mnn.distributed.training.preflight import JobConfigError, prepare_job
-from test_faults import ENV, needs_mpiexec, run
+from processes import ENV, GENERATE, TRAIN, needs_mpiexec, run
 
 # A GPT of 15 billion parameters: 121 GB of float32 parameters and gradients.
 HUGE_GPT = "[model.gpt]\nn_layers = 48\nd_model = 5120\nn_heads = 40\ncontext = 16\n"
@@ -232,7 +232,6 @@ def test_a_global_batch_larger_than_the_data_is_not_counted_beyond_the_data(tmp_
 
 # --- the second trial's cases (issue 13: "cases that are not listed here") -----------------
 
-GENERATE = [sys.executable, "-m", "mnn.scripts.generate"]
 TINY_GPT = "[model.gpt]\nn_layers = 1\nd_model = 8\nn_heads = 2\ncontext = 8\n"
 
 
@@ -387,7 +386,6 @@ def test_an_optimizer_state_a_run_never_saves_is_refused(tmp_path, optimizer, ke
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_a_stdout_that_cannot_be_written_does_not_stop_training(tmp_path):
-    from test_faults import TRAIN
     with open("/dev/full", "w") as full:
         result = subprocess.run(TRAIN + ["--max-steps", "30", "--log-every", "1", "--output", str(tmp_path)],
                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=ENV)

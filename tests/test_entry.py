@@ -13,8 +13,7 @@ import time
 import pytest
 
 from mnn.scripts.entry import HeldSignals
-from test_faults import ENV
-from test_faults_signals import finish, wait_for
+from processes import ENV, finish, wait_for
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 

@@ -6,7 +6,6 @@ one fault (a bad learning rate, a signal at an awkward moment, a second job on
 the same output, ranks that disagree...) and checks what the user sees, what
 is kept on disk, and that ``--resume`` continues.
 """
-import functools
 import json
 import os
 import re
@@ -21,41 +20,11 @@ import numpy as np
 import pytest
 
 from mnn.distributed.training.checkpoint import load_checkpoint
-from mnn.distributed.launch import mpi_family
 from mnn.distributed.training.output_dir import LOCK_NAME
 from mnn.io import load_arrays
+from processes import ENV, TRAIN, mpiexec, needs_mpiexec, run
 
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-TRAIN = [sys.executable, "-m", "mnn.scripts.train"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-       "MNN_PROGRESS": "lines"}
 STEPS_PER_EPOCH = -(-1438 // 64)  # digits, batch 64
-
-needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
-
-
-@functools.cache
-def mpiexec_family():
-    """"mpich" or "openmpi": the MPI of the mpiexec beside this Python (make test runs this file under both)."""
-    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60)
-    return mpi_family(version.stdout + version.stderr)
-
-
-def mpiexec(ranks):
-    """``mpiexec -n N``, with what Open MPI needs on a small machine (and as root)."""
-    command = [str(MPIEXEC), "-n", str(ranks)]
-    if mpiexec_family() == "openmpi":
-        command.append("--oversubscribe")
-        if os.geteuid() == 0:
-            command.append("--allow-run-as-root")
-    return command
-
-
-def run(args, ranks=None, env=None, command=None, timeout=120):
-    command = command or TRAIN
-    if ranks is not None:
-        command = mpiexec(ranks) + command
-    return subprocess.run(command + args, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def strict_events(path):
@@ -218,12 +187,12 @@ def test_sigterm_while_the_final_outputs_are_written_still_completes_the_run(tmp
 
 
 def test_resuming_a_finished_run_writes_the_outputs_it_missed(tmp_path):
-    first = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
     model = load_arrays(tmp_path / "model.npz")
     (tmp_path / "model.npz").unlink()
     (tmp_path / "summary.json").unlink()
-    again = run(["--epochs", "1", "--output", str(tmp_path), "--resume"], env={"MNN_NO_MPI": "1"})
+    again = run(["--epochs", "1", "--output", str(tmp_path), "--resume"], MNN_NO_MPI="1")
     assert again.returncode == 0, again.stderr
     assert "nothing left to train" in again.stdout
     assert "wrote the model.npz and summary.json that the finished run had not written yet" in again.stdout
@@ -242,7 +211,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_the_first_is_untouched(t
         for line in first.stdout:
             if "| loss " in line:
                 break
-        second = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+        second = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
         assert second.returncode == 2
         assert f"output directory '{tmp_path}' is in use by another job (process {first.pid} on " in second.stderr
         first.send_signal(signal.SIGINT)
@@ -258,17 +227,17 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
-    result = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    result = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert result.returncode == 0, result.stderr
     assert f"took over the lock of {tmp_path} left by a job that ended without removing it" in result.stdout
     assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_fresh_run_keeps_the_earlier_runs_files_and_says_so(tmp_path):
-    first = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
     old_model = (tmp_path / "model.npz").read_bytes()
-    second = run(["--epochs", "1", "--seed", "5", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    second = run(["--epochs", "1", "--seed", "5", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert second.returncode == 0, second.stderr
     assert f"{tmp_path} held an earlier run's checkpoints: moved its files into {tmp_path / 'previous'}" \
         in second.stdout
@@ -281,12 +250,12 @@ def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
     # A run checkpointed at the end of epoch 1 goes on logging epoch 2, then "crashes":
     # its epoch-1 checkpoint is all that is left, and the resumed run trains epoch 2 again.
     no_mpi = {"MNN_NO_MPI": "1"}
-    assert run(["--epochs", "1", "--log-every", "5", "--output", str(tmp_path)], env=no_mpi).returncode == 0
+    assert run(["--epochs", "1", "--log-every", "5", "--output", str(tmp_path)], **no_mpi).returncode == 0
     epoch_one = (tmp_path / "checkpoint.npz").read_bytes()
     assert run(["--epochs", "2", "--log-every", "5", "--resume", "--output", str(tmp_path)],
-               env=no_mpi).returncode == 0
+               **no_mpi).returncode == 0
     (tmp_path / "checkpoint.npz").write_bytes(epoch_one)
-    again = run(["--epochs", "2", "--log-every", "5", "--resume", "--output", str(tmp_path)], env=no_mpi)
+    again = run(["--epochs", "2", "--log-every", "5", "--resume", "--output", str(tmp_path)], **no_mpi)
     assert again.returncode == 0, again.stderr
     steps = [event["global_step"] for event in strict_events(tmp_path / "metrics.jsonl")
              if event["event"] == "train"]
@@ -297,14 +266,14 @@ def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
-    first = run(["--epochs", "3", "--keep-checkpoints", "2", "--output", str(tmp_path)], env=no_mpi)
+    first = run(["--epochs", "3", "--keep-checkpoints", "2", "--output", str(tmp_path)], **no_mpi)
     assert first.returncode == 0, first.stderr
     rotated = sorted(path.name for path in tmp_path.glob("checkpoint-*.npz"))
     assert rotated == [f"checkpoint-{2 * STEPS_PER_EPOCH:08d}.npz"]
     # The newest checkpoint is cut short, as by a disk that filled up.
     newest = tmp_path / "checkpoint.npz"
     newest.write_bytes(newest.read_bytes()[:1000])
-    resumed = run(["--epochs", "4", "--keep-checkpoints", "2", "--resume", "--output", str(tmp_path)], env=no_mpi)
+    resumed = run(["--epochs", "4", "--keep-checkpoints", "2", "--resume", "--output", str(tmp_path)], **no_mpi)
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipped {newest}: " in resumed.stdout
     assert f"resumed from {tmp_path / rotated[0]} at the end of epoch 2/4" in resumed.stdout
@@ -314,7 +283,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
 def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tmp_path):
     stale = tmp_path / f".checkpoint.npz.{'0' * 32}.tmp"
     stale.write_bytes(b"half a checkpoint")
-    result = run(["--epochs", "1", "--output", str(tmp_path)], env={"MNN_NO_MPI": "1"})
+    result = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert result.returncode == 0, result.stderr
     assert f"removed {stale.name}, left by a write that was cut short" in result.stdout
     assert not stale.exists()

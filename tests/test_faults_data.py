@@ -8,7 +8,6 @@ weights hold NaN.
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.trainer import train
 from mnn.io import load_arrays, save_arrays
-from tests.test_faults import ENV, TRAIN, mpiexec, needs_mpiexec, run
+from processes import ENV, TRAIN, mpiexec, needs_mpiexec, run
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 40  # 16 characters
 GPT = {"gpt": {"n_layers": 1, "d_model": 16, "n_heads": 2, "context": 16}}

@@ -13,12 +13,12 @@ import json
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_faults import ENV, STEPS_PER_EPOCH, TRAIN, mpiexec, needs_mpiexec, run, script, strict_events
+from processes import ENV, TRAIN, mpiexec, needs_mpiexec, run
+from test_faults import STEPS_PER_EPOCH, script, strict_events
 
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.io import load_arrays
@@ -187,11 +187,11 @@ def test_an_output_directory_that_turns_read_only_stops_the_run_with_one_line(tm
 
 def test_a_metrics_line_that_is_not_utf8_does_not_block_resume(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
-    assert run(["--epochs", "1", "--output", str(tmp_path)], env=no_mpi).returncode == 0
+    assert run(["--epochs", "1", "--output", str(tmp_path)], **no_mpi).returncode == 0
     metrics = tmp_path / "metrics.jsonl"
     lines = metrics.read_bytes().splitlines(keepends=True)
     metrics.write_bytes(b"".join(lines[:1]) + b'{"event": "\xff\xfe"}\n' + b"".join(lines[1:]))
-    resumed = run(["--epochs", "2", "--resume", "--output", str(tmp_path)], env=no_mpi)
+    resumed = run(["--epochs", "2", "--resume", "--output", str(tmp_path)], **no_mpi)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{metrics}: dropped line 2, which is not UTF-8 JSON" in resumed.stdout
     events = strict_events(metrics)

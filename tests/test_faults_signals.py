@@ -8,7 +8,6 @@ never for a fixed time, so a loaded machine makes it slower but not wrong.
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.launch.startup import rank_hosts, reports_start
 from mnn.distributed.training.stopping import StopRequests
-from test_faults import ENV, TRAIN, script
+from processes import TRAIN, finish, start, wait_for
+from test_faults import script
 from test_launch import OTHER_HOSTS, launcher_command, marked_processes, needs_mpi, write_remote_shell
 
 needs_proc = pytest.mark.skipif(not Path("/proc").is_dir(), reason="watches processes through /proc")
@@ -32,19 +32,6 @@ def launch(ranks, command, **options):
     return [*launcher_command(), "-n", str(ranks), *extra, "--", *command]
 
 
-def start(argv, env=None, **popen_options):
-    return subprocess.Popen(argv, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen_options)
-
-
-def wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
-
-
 def read_until(process, text):
     """Lines of ``process``'s stdout up to the first that holds ``text``."""
     lines = []
@@ -53,16 +40,6 @@ def read_until(process, text):
         if text in line:
             return lines
     raise AssertionError(f"the job ended before printing {text!r}: {''.join(lines)}")
-
-
-def finish(process, timeout=120):
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process.returncode, out, err
 
 
 def assert_one_interrupt_line(stderr, starting):

@@ -13,26 +13,13 @@ import pytest
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.training.config import TrainConfig, resolve_config
 from mnn.io import load_arrays
+from mnn.scripts.train import main
+from processes import ENV, LAUNCH, MPIEXEC, TRAIN, exit_status, mpiexec_family, needs_mpiexec, run
 
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-TRAIN = [sys.executable, "-m", "mnn.scripts.train"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE = EXAMPLES / "digits.toml"
-LAUNCH = [sys.executable, "-m", "mnn.scripts.launch"]
-# One BLAS thread per rank: the ranks already use the cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_KEYS = {"world_size", "epochs", "steps", "train_loss", "test_accuracy", "samples_per_s",
                 "wall_s"}
-
-needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
-
-
-def run(args, ranks=None, **env):
-    command = TRAIN + args
-    if ranks is not None:
-        command = [str(MPIEXEC), "-n", str(ranks)] + command
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**ENV, **env})
-
 
 @pytest.fixture(name="two_rank_run", scope="module")
 def two_rank_run_fixture(tmp_path_factory):
@@ -156,10 +143,9 @@ def test_no_mpi_under_mpiexec_is_a_configuration_error():
 
 
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--weight-decay=nan", "--momentum=-inf"])
-def test_non_finite_numbers_are_configuration_errors(option):
-    result = run([option], MNN_NO_MPI="1")
-    assert result.returncode == 2, result.stderr
-    assert "expected a finite number" in result.stderr and "Traceback" not in result.stderr
+def test_non_finite_numbers_are_configuration_errors(option, capsys):
+    assert exit_status(main, [option]) == 2
+    assert "expected a finite number" in capsys.readouterr().err
 
 
 def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
@@ -234,13 +220,6 @@ def interrupt_after_first_log_line(command, signum, env):
     return process.returncode, "".join(out) + rest, stderr
 
 
-def mpiexec_family():
-    """"mpich" or "openmpi": the MPI of the mpiexec beside this Python (make test runs this file under both)."""
-    from mnn.distributed.launch import mpi_family
-    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60)
-    return mpi_family(version.stdout + version.stderr)
-
-
 def launched(launcher, ranks, command):
     """``command`` on ``ranks`` ranks under plain mpiexec or under mnn-launch."""
     if launcher == "mpiexec":
@@ -265,35 +244,56 @@ def assert_interrupt_line(stderr, output, position, epochs):
     assert lines[0].endswith(f"; checkpoint saved to {output / 'checkpoint.npz'}; continue with --resume")
 
 
+# The signal tests' job: long enough that a signal after the first training line lands mid-run.
+SIGNAL_EPOCHS = 15
+SIGNAL_JOB = ["--epochs", str(SIGNAL_EPOCHS), "--log-every", "5", "--batch-size", "64"]
+
+
+@pytest.fixture(name="uninterrupted_model", scope="module")
+def uninterrupted_model_fixture(tmp_path_factory):
+    """``uninterrupted_model(ranks)``: the weights of SIGNAL_JOB trained on ``ranks`` ranks without a
+    stop, which every interrupted and resumed run must end with. Trained once per rank count (the
+    launcher does not change the weights), not once per signal and launcher."""
+    models = {}
+
+    def uninterrupted_model(ranks):
+        if ranks not in models:
+            output = tmp_path_factory.mktemp(f"uninterrupted-{ranks}-ranks")
+            full = subprocess.run(launched("mnn-launch", ranks, [*TRAIN, *SIGNAL_JOB, "--output", str(output)]),
+                                  capture_output=True, text=True, timeout=120, env=ENV)
+            assert full.returncode == 0, full.stderr
+            models[ranks] = load_arrays(output / "model.npz")
+        return models[ranks]
+    return uninterrupted_model
+
+
 @needs_mpiexec
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, ranks", [("mpiexec", 2), ("mnn-launch", 2), ("mnn-launch", 3)])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_the_launcher_stops_all_ranks_at_one_step_and_resume_is_exact(tmp_path, signum, launcher, ranks):
+def test_signal_to_the_launcher_stops_all_ranks_at_one_step_and_resume_is_exact(tmp_path, signum, launcher, ranks,
+                                                                                 uninterrupted_model):
     """MPICH's mpiexec forwards SIGINT and SIGTERM to every rank and waits for them; under Open MPI,
     mnn-launch hands them to the ranks itself (plain mpiexec: see the next test)."""
     if launcher == "mpiexec" and mpiexec_family() == "openmpi":
         pytest.skip("Open MPI's mpiexec aborts the job instead: test_open_mpi_mpiexec_aborts_on_a_signal")
-    job = ["--epochs", "30", "--log-every", "5", "--batch-size", "64"]
-    env = {**ENV, "MNN_PROGRESS": "lines"}
     interrupted = tmp_path / "interrupted"
     status, stdout, stderr = interrupt_after_first_log_line(
-        launched(launcher, ranks, [*TRAIN, *job, "--output", str(interrupted)]), signum, env)
+        launched(launcher, ranks, [*TRAIN, *SIGNAL_JOB, "--output", str(interrupted)]), signum, ENV)
 
     assert status == 130, stderr
     assert "BAD TERMINATION" not in stdout
     position = load_checkpoint(interrupted / "checkpoint.npz").position
-    assert_interrupt_line(stderr, interrupted, position, epochs=30)
-    assert 5 <= position.global_step < 30 * -(-1438 // 64)
+    assert_interrupt_line(stderr, interrupted, position, epochs=SIGNAL_EPOCHS)
+    assert 5 <= position.global_step < SIGNAL_EPOCHS * -(-1438 // 64)
     assert not (interrupted / "model.npz").exists()
 
-    resumed = subprocess.run(launched(launcher, ranks, [*TRAIN, *job, "--output", str(interrupted), "--resume"]),
+    resumed = subprocess.run(launched(launcher, ranks, [*TRAIN, *SIGNAL_JOB, "--output", str(interrupted),
+                                                        "--resume"]),
                              capture_output=True, text=True, timeout=120, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {interrupted / 'checkpoint.npz'}" in resumed.stdout
-    full = subprocess.run(launched(launcher, ranks, [*TRAIN, *job, "--output", str(tmp_path / "full")]),
-                          capture_output=True, text=True, timeout=120, env=ENV)
-    assert full.returncode == 0, full.stderr
-    got, expected_model = load_arrays(interrupted / "model.npz"), load_arrays(tmp_path / "full" / "model.npz")
+    got, expected_model = load_arrays(interrupted / "model.npz"), uninterrupted_model(ranks)
     assert got.keys() == expected_model.keys()
     for key in expected_model:
         assert got[key].tobytes() == expected_model[key].tobytes(), key
@@ -355,31 +355,32 @@ def test_ctrl_c_in_a_terminal_under_mnn_launch_exits_130_with_one_line(tmp_path)
     assert_interrupt_line(text, tmp_path, position, epochs=300)
 
 
-def test_usage_and_config_errors_exit_with_2(tmp_path):
+def test_usage_and_config_errors_exit_with_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNN_NO_MPI", "1")
     bad_job = tmp_path / "job.toml"
     bad_job.write_text("epochs = 2\nlearning_rate = 0.1\n")
-    result = run(["--config", str(bad_job)], MNN_NO_MPI="1")
-    assert result.returncode == 2
-    assert "'learning_rate'" in result.stderr and "valid keys are" in result.stderr
+    assert exit_status(main, ["--config", str(bad_job)]) == 2
+    stderr = capsys.readouterr().err
+    assert "'learning_rate'" in stderr and "valid keys are" in stderr
 
-    result = run(["--optimizer", "rmsprop"], MNN_NO_MPI="1")
-    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert exit_status(main, ["--optimizer", "rmsprop"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
 
-    result = run(["--resume"], MNN_NO_MPI="1")
-    assert result.returncode == 2 and "output is not set" in result.stderr
+    assert exit_status(main, ["--resume"]) == 2
+    assert "output is not set" in capsys.readouterr().err
 
 
-def test_help_lists_options_and_examples():
-    result = run(["--help"])
-    assert result.returncode == 0
+def test_help_lists_options_and_examples(capsys):
+    assert exit_status(main, ["--help"]) == 0
+    stdout = capsys.readouterr().out
     for option in ["--layers", "--batch-size", "--lr-scaling", "--warmup-epochs", "--resume",
                    "--checkpoint-every", "--bucket-bytes", "--dtype", "examples:"]:
-        assert option in result.stdout
+        assert option in stdout
     # Every setting is an option, but the model description, a table of the job file, and
     # the text the run records.
     assert set(TrainConfig.field_names()) - {"model", "text_fingerprint"} <= {
-        word.lstrip("-").replace("-", "_") for word in result.stdout.split() if word.startswith("--")}
-    assert "[[model.layers]]" in result.stdout
+        word.lstrip("-").replace("-", "_") for word in stdout.split() if word.startswith("--")}
+    assert "[[model.layers]]" in stdout
 
 
 def write_npz(path, labels_max):
