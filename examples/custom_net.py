@@ -24,7 +24,7 @@ from mnn import (
     Residual,
     SequentialLayers,
 )
-from mnn.distributed.training.trainer import TrainConfig, train
+from mnn.distributed.training import TrainConfig, train
 
 
 def digits_as_sequences():

@@ -18,8 +18,9 @@ from typing import Any, NoReturn
 
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.training.config import add_config_arguments, config_overrides, resolve_config
-from mnn.distributed.training.stopping import StopRequests
-from mnn.distributed.training.trainer import JobConfigError, TrainingFailed, TrainingInterrupted, train
+from mnn.distributed.training.preflight import JobConfigError
+from mnn.distributed.training.stopping import StopRequests, TrainingInterrupted
+from mnn.distributed.training.trainer import TrainingFailed, train
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 

@@ -15,7 +15,8 @@ from mnn.distributed.comm import Communicator, RankFailure, SingleProcessCommuni
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.timeline import STEP_TRACK, Timeline, check_timeline_path
-from mnn.distributed.training.trainer import JobConfigError, train
+from mnn.distributed.training.preflight import JobConfigError
+from mnn.distributed.training.trainer import train
 
 STEP_SPANS = ["forward", "backward", "wait", "optimizer"]
 

@@ -66,6 +66,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_files",
+    "is_checkpoint_name",
     "find_checkpoints",
     "load_newest_checkpoint",
 ]
@@ -253,6 +254,13 @@ def checkpoint_files(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> lis
     return entries
 
 
+def is_checkpoint_name(name: str, checkpoint_name: str = CHECKPOINT_NAME) -> bool:
+    """Whether a file called ``name`` is one of the checkpoints kept as ``checkpoint_name``:
+    that name itself, or a rotated ``NAME-<step>.npz`` (the names :func:`checkpoint_files`
+    counts, and so the names a run writes its checkpoints under)."""
+    return name == checkpoint_name or _rotated_name(checkpoint_name).fullmatch(name) is not None
+
+
 def find_checkpoints(output_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
     """The checkpoints in ``output_dir`` (see :func:`checkpoint_files`), newest first: ``name``
     itself, then the rotated ``NAME-<step>.npz`` by descending step. A rotated file that is
@@ -313,8 +321,7 @@ def _rotated_path(path: Path, global_step: int) -> Path:
 def _rotated_checkpoints(path: Path, any_kind: bool = False) -> dict[int, Path]:
     """The rotated checkpoints of ``path`` by global step (with ``any_kind``, every entry so
     named, whatever it is)."""
-    # Only names this module writes: at least _STEP_DIGITS digits.
-    pattern = re.compile(re.escape(path.stem) + rf"-(\d{{{_STEP_DIGITS},}})" + re.escape(path.suffix))
+    pattern = _rotated_name(path.name)
     try:
         entries = list(path.parent.iterdir())
     except FileNotFoundError:
@@ -325,6 +332,13 @@ def _rotated_checkpoints(path: Path, any_kind: bool = False) -> dict[int, Path]:
         if match and (any_kind or entry.is_file()):
             rotated[int(match.group(1))] = entry
     return rotated
+
+
+def _rotated_name(checkpoint_name: str) -> re.Pattern[str]:
+    """The names of the rotated checkpoints of ``checkpoint_name``, the step as group 1."""
+    stem, suffix = Path(checkpoint_name).stem, Path(checkpoint_name).suffix
+    # Only names this module writes: at least _STEP_DIGITS digits.
+    return re.compile(re.escape(stem) + rf"-(\d{{{_STEP_DIGITS},}})" + re.escape(suffix))
 
 
 def _kind_of_non_file(path: Path) -> str | None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnn.distributed.training.checkpoint import checkpoint_files
+from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, checkpoint_files
 
 __all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
 
@@ -40,7 +40,7 @@ PREVIOUS_RUN = "previous"
 #: checkpoints, never over one (resuming from it would diverge again at once).
 DIVERGED_NAME = "diverged.npz"
 # The files a run writes into OUTPUT (checkpoints also as checkpoint-*.npz).
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json", DIVERGED_NAME)
+RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT_NAME, "model.npz", "summary.json", DIVERGED_NAME)
 # Process ids are C ints (Linux's pid_max is at most 2**22).
 _PID_LIMIT = 2**31
 

@@ -33,42 +33,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mnn import SequentialLayers
-from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_on_root
-from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.data_parallel import DataParallel
+from mnn.distributed.timeline import Timeline, check_timeline_path
+from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, Checkpoint, is_checkpoint_name, save_checkpoint
+from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
 from mnn.distributed.training.position import Position
-from mnn.distributed.training.preflight import RESUME_MUST_MATCH, JobConfigError, PreparedJob, prepare_job
+from mnn.distributed.training.preflight import JobConfigError, PreparedJob, prepare_job
 from mnn.distributed.training.reporting import Reporter, json_text
 from mnn.distributed.training.stopping import StopRequests, TrainingInterrupted
-from mnn.distributed.training.task import EVAL_BATCH_SIZE, build_net, build_optimizer, evaluate, learning_rate
-from mnn.distributed.training.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
-from mnn.distributed.timeline import Timeline, check_timeline_path
+from mnn.distributed.training.task import evaluate, learning_rate
 from mnn.distributed.watchdog import StallWatchdog
 from mnn.io import atomic_write_text, save_arrays
 
-__all__ = [
-    "train",
-    "TrainConfig",
-    "build_net",
-    "build_optimizer",
-    "learning_rate",
-    "evaluate",
-    "JobConfigError",
-    "TrainingInterrupted",
-    "TrainingFailed",
-    "TrainingDiverged",
-    "DIVERGED_NAME",
-    "RESUME_MUST_MATCH",
-    "EVAL_BATCH_SIZE",
-]
+__all__ = ["train", "TrainingFailed", "TrainingDiverged"]
 
 
 def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None = None,
@@ -84,10 +70,11 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
 
     Collective: every rank calls it with the same config. Returns the summary
     (the same dict on every rank; rank 0 also writes it to OUTPUT/summary.json).
-    Raises :class:`JobConfigError` on every rank if the job cannot start;
-    :class:`TrainingInterrupted` on every rank when any rank gets SIGINT or
-    SIGTERM before the run is complete: after the same step (with a checkpoint
-    of that step in OUTPUT), or at once on a second signal; and
+    Raises :class:`~mnn.distributed.training.preflight.JobConfigError` on every rank
+    if the job cannot start;
+    :class:`~mnn.distributed.training.stopping.TrainingInterrupted` on every rank
+    when any rank gets SIGINT or SIGTERM before the run is complete: after the same
+    step (with a checkpoint of that step in OUTPUT), or at once on a second signal; and
     :class:`TrainingDiverged` on every rank when a step's loss or gradient is
     not finite and ``on_nonfinite`` is "stop" (or ``max_skipped_steps`` steps in
     a row were skipped, or every step of the run was); :class:`TrainingFailed` on
@@ -124,155 +111,91 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
 
 def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watchdog: StallWatchdog,
          started: float) -> dict[str, Any]:
-    """The training loop of a prepared job."""
-    config, net, optimizer, position = job.config, job.net, job.optimizer, job.position
-    dataset, task, sampler = job.dataset, job.task, job.sampler
-    output = Path(config.output) if config.output is not None else None
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch)
-    for note in job.notes:
-        reporter.message(note)
-    timeline = _open_timeline(comm, config)  # off, and free, without --timeline
-    dp = DataParallel(net, optimizer, comm, bucket_bytes=config.bucket_bytes, allreduce=config.allreduce,
-                      grad_compression=config.grad_compression, timeline=timeline)  # broadcasts rank 0's state
-    run = _RunClock(started)
-    if stop_requests.vote(comm).stop:
-        raise TrainingInterrupted("interrupted before training started; nothing was trained", ranks_agreed=True)
+    """The training loop of a prepared job. What it advances is in one :class:`_RunState`;
+    :func:`_end_reason` alone decides that the run is over, and every way it ends, the
+    exceptions included, goes through :func:`_finish`."""
+    config, net, optimizer, dataset, task, sampler = (job.config, job.net, job.optimizer, job.dataset,
+                                                      job.task, job.sampler)
+    run, state = _open_run(job, comm, started)
 
-    # A resumed run with no step left says so, and finishes writing what its run did not.
-    if job.resumed_from is not None and _finished(config, position, total_steps):
-        reporter.message(_nothing_left_text(job.resumed_from, config, position, steps_per_epoch))
-        summary = _summary(comm, config, position, job.resumed_from, None, evaluate(net, dataset.test, task, comm),
-                           run, dp, _Skips())
-        timeline.close()
-        if output is not None:
-            try:
-                _on_root_writing(comm, output, lambda: _write_missing_results(output, net.state_dict(), summary,
-                                                                              reporter))
-            except _WriteFailed as failure:
-                raise TrainingFailed(f"{failure}; the finished run's checkpoint is {job.resumed_from}") from None
-        return summary
+    # a stop request that came while the job was prepared ends it before the first step; a
+    # resumed run with no step left says so and finishes writing what its run did not
+    state.stop_requested = stop_requests.vote(comm).stop
+    reason = _end_reason(run, state)
+    if reason is not None:
+        return _finish(run, state, reason)
 
-    saved = _Saved(job.resumed_from, position) if job.resumed_from is not None else None
+    error: Exception | None = None
     try:
-        _on_root_writing(comm, output, lambda: _start_record(output, config, job, position, total_steps, reporter))
-    except _WriteFailed as failure:
-        reporter.close()
-        timeline.close()
-        raise TrainingFailed(_write_failed_text(reporter, position, failure, saved, output)) from None
+        # rank 0's record begins: config.toml, metrics.jsonl and the first lines
+        _on_root_writing(comm, run.output, lambda: _start_record(run, state))
+        state.started, state.losses = True, _LossSums()  # the first window's time starts here
+        batches = sampler.batches(state.position.epochs_done, start_step=state.position.step_in_epoch)
+        while True:
+            # the end of an epoch (also when a stop request came at its last step, so that the
+            # checkpoint is at the epoch's end): log, evaluate, write a checkpoint
+            if state.position.step_in_epoch == sampler.steps_per_epoch:
+                _log_training(run, state)
+                state.train_loss = state.losses.end_epoch()
+                state.position = state.position.after_epoch()
+                if config.eval_every and state.position.epochs_done % config.eval_every == 0:
+                    _evaluate(run, state)
+                if run.output is not None and config.checkpoint_every \
+                        and state.position.epochs_done % config.checkpoint_every == 0:
+                    state.saved = _save(run, state)
+                batches = sampler.batches(state.position.epochs_done)
 
-    losses = _LossSums()
-    skips = _Skips()
-    first_step = position.global_step
-    train_loss: float | None = None  # mean over the last epoch (or part of one) trained
-    last_eval: dict[str, Any] | None = None
-    evaluated_at = -1  # the global step of last_eval
-    try:
-        stopping = False
-        while not stopping and not _finished(config, position, total_steps):
-            for batch in sampler.batches(position.epochs_done, start_step=position.step_in_epoch):
-                # determine and set the learning rate of this step (and tell the watchdog and the
-                # timeline which it is)
-                watchdog.progress(position.global_step + 1)
-                timeline.next_step(position.global_step + 1)
-                optimizer.lr = learning_rate(config, comm.size, position.global_step, steps_per_epoch)
+            # termination conditions: every step trained, a stop request on any rank, or a step
+            # that was not finite (a complete run's last train event goes out while the
+            # progress bar is still up)
+            reason = _end_reason(run, state)
+            if reason == "complete":
+                _log_training(run, state)
+            if reason is not None:
+                break
 
-                # forward and backward on this rank's shard of the global batch, gradients reduced
-                # (random layers such as dropout draw from the step and each sample's place in the
-                # global batch, so any number of ranks draws the same)
-                step_started = time.perf_counter()
-                x, y = dataset.train.batch(batch.indices, config.dtype)
-                net.start_batch(position.global_step, batch.offset)
-                loss = float(dp(x, task.targets(y)))
-                dp.backward(global_batch_size=batch.global_batch_size)
-                dp.synchronize()
+            # determine and set the learning rate of this step (and tell the watchdog and the
+            # timeline which it is)
+            step = state.position.global_step
+            watchdog.progress(step + 1)
+            run.timeline.next_step(step + 1)
+            optimizer.lr = learning_rate(config, comm.size, step, sampler.steps_per_epoch)
 
-                # every rank agrees on stopping and on non-finite numbers (one small all-reduce)
-                vote = stop_requests.vote(comm, nonfinite=not (math.isfinite(loss) and dp.gradients_finite()))
-                stopping = vote.stop
-                if vote.nonfinite:
-                    what = _nonfinite_text(comm, loss, dp.gradients_finite())
-                    failed = position.after_step(batch.global_batch_size)
-                    if config.on_nonfinite == "skip" and skips.skip() != config.max_skipped_steps:
-                        reporter.nonfinite(failed, what, "skipped")
-                        dp.zero_grads()  # the update is skipped; the batch counts as seen
-                    else:
-                        if config.on_nonfinite == "skip":
-                            what += (f"; {skips.in_a_row} steps in a row were not finite "
-                                     f"(--max-skipped-steps {config.max_skipped_steps})")
-                        reporter.nonfinite(failed, what, "stopped")
-                        reporter.close()
-                        raise _diverged(comm, output, dp, position, config, saved, reporter,
-                                        f"training diverged at {reporter.where(failed)}: {what}; its update "
-                                        "was not applied")
-                else:
-                    skips.in_a_row = 0
-                    dp.step()
-                    losses.add(loss, len(y))
-                run.add_step(time.perf_counter() - step_started, batch.global_batch_size)
-                position = position.after_step(batch.global_batch_size)
+            # forward and backward on this rank's shard of the next global batch, gradients
+            # reduced (random layers such as dropout draw from the step and each sample's place
+            # in the global batch, so any number of ranks draws the same)
+            batch = next(batches)
+            step_started = time.perf_counter()
+            x, y = dataset.train.batch(batch.indices, config.dtype)
+            net.start_batch(step, batch.offset)
+            loss = float(run.dp(x, task.targets(y)))
+            run.dp.backward(global_batch_size=batch.global_batch_size)
+            run.dp.synchronize()
 
-                # log the training loss
-                reporter.step()
-                if position.global_step % config.log_every == 0:
-                    _log_training(reporter, losses, comm, position, optimizer.lr)
+            # every rank agrees on stopping and on non-finite numbers (one small all-reduce); a
+            # step that was not finite is skipped, or ends the run without its update
+            vote = stop_requests.vote(comm, nonfinite=not (math.isfinite(loss) and run.dp.gradients_finite()))
+            state.stop_requested = vote.stop
+            if vote.nonfinite:
+                state.diverged = _skip_or_stop(run, state, loss, batch.global_batch_size)
+                if state.diverged is not None:
+                    continue  # to the termination conditions
+            else:
+                state.skips.in_a_row = 0
+                run.dp.step()
+                state.losses.add(loss, len(y))
+            state.clock.add_step(time.perf_counter() - step_started, batch.global_batch_size)
+            state.position = state.position.after_step(batch.global_batch_size)
 
-                # termination conditions: max_steps, or a stop request on any rank
-                if stopping or position.global_step >= total_steps:
-                    break
-            if position.step_in_epoch < steps_per_epoch:
-                break  # stopped mid-epoch, by max_steps or a stop request
-
-            # the end of an epoch (also when a stop request came at its last
-            # step, so that the checkpoint is at the epoch's end): log, evaluate,
-            # write a checkpoint
-            _log_training(reporter, losses, comm, position, optimizer.lr)
-            train_loss = losses.end_epoch()
-            position = position.after_epoch()
-            if config.eval_every and position.epochs_done % config.eval_every == 0:
-                last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
-            if output is not None and config.checkpoint_every \
-                    and position.epochs_done % config.checkpoint_every == 0:
-                saved = _save(comm, output, dp, position, config)
-
-        # a stop request before the end: checkpoint this step, then stop every rank
-        if stopping and not _finished(config, position, total_steps):
-            reporter.close()
-            if output is not None and not _saved_here(saved, output, position):
-                saved = _save(comm, output, dp, position, config)
-            raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output), ranks_agreed=True)
-
-        # the run is complete: a stop request from here on changes nothing (it is
-        # counted, and the last checkpoint, the model and the summary are written)
-        _log_training(reporter, losses, comm, position, optimizer.lr)
-        reporter.close()
-        if skips.total and skips.total == position.global_step - first_step:
-            raise _diverged(comm, output, dp, position, config, saved, reporter,
-                            f"training diverged: the loss or gradient of every step of this run "
-                            f"({skips.total}) was not finite, so nothing was trained")
-        train_loss = losses.end_epoch() if losses.epoch_samples else train_loss
-        if output is not None and (config.checkpoint_every or position.epochs_done < config.epochs) \
-                and not _saved_here(saved, output, position):
-            saved = _save(comm, output, dp, position, config)
-        if evaluated_at != position.global_step or last_eval is None:
-            last_eval, evaluated_at = _evaluate(net, dataset, task, comm, reporter, position)
-        summary = _summary(comm, config, position, job.resumed_from, train_loss, last_eval, run, dp, skips)
-        timeline.close()
-        _on_root_writing(comm, output, lambda: _finish_record(output, net.state_dict(), summary, reporter))
-    except _WriteFailed as failure:  # raised on every rank alike
-        reporter.close()
-        timeline.close()
-        raise TrainingFailed(_write_failed_text(reporter, position, failure, saved, output)) from None
-    except (TrainingInterrupted, TrainingFailed):
-        timeline.close()  # raised on every rank alike, so the spans can still be gathered
-        raise
-    except KeyboardInterrupt:
-        reporter.close()
-        raise TrainingInterrupted(_interrupted_text(reporter, position, saved, output)) from None
-    return summary
+            # log the training loss
+            run.reporter.step()
+            if state.position.global_step % config.log_every == 0:
+                _log_training(run, state)
+    except (_WriteFailed, TrainingDiverged) as failure:  # raised on every rank alike
+        reason, error = "failed", failure
+    except KeyboardInterrupt:  # a second signal: this rank stops at once, without the others
+        reason = "signal"
+    return _finish(run, state, reason, error)
 
 
 class TrainingFailed(RuntimeError):
@@ -284,7 +207,8 @@ class TrainingDiverged(TrainingFailed):
     """A step's loss or gradient was not finite (``on_nonfinite = "stop"``, or too many
     skipped steps); raised on every rank alike, before that step's update. The last
     checkpoint is left as it was; the state before the step goes beside it, to
-    OUTPUT/diverged.npz (:data:`DIVERGED_NAME`), for inspection."""
+    OUTPUT/diverged.npz (:data:`~mnn.distributed.training.output_dir.DIVERGED_NAME`),
+    for inspection."""
 
 
 class _WriteFailed(Exception):
@@ -371,11 +295,45 @@ class _Saved:
     position: Position
 
 
-def _finished(config: TrainConfig, position: Position, total_steps: int) -> bool:
-    return position.epochs_done >= config.epochs or position.global_step >= total_steps
+@dataclass(frozen=True)
+class _Run:
+    """What a run works with, set up once: the prepared job, the (watched) communicator,
+    the DataParallel engine, rank 0's reporter, the timeline, OUTPUT (None: no files)
+    and the number of global steps the job trains to."""
+
+    job: PreparedJob
+    comm: Communicator
+    dp: DataParallel
+    reporter: Reporter
+    timeline: Timeline
+    output: Path | None
+    total_steps: int
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.job.config
 
 
-# ------------------------------------------------------------------ the loop's steps
+@dataclass
+class _RunState:
+    """How far the run has got: everything the loop advances, in one value that the
+    loop's helpers are handed (and change), so that none reads a copy gone stale."""
+
+    position: Position
+    saved: _Saved | None  # the last checkpoint the run could continue from
+    clock: _RunClock
+    first_step: int  # the global step this run started from
+    losses: _LossSums = field(default_factory=_LossSums)
+    skips: _Skips = field(default_factory=_Skips)
+    started: bool = False  # rank 0's record has begun (config.toml, metrics.jsonl)
+    stop_requested: bool = False  # on some rank, as the last vote found
+    diverged: str | None = None  # why the last step ends the run: it was not finite
+    train_loss: float | None = None  # mean over the last epoch (or part of one) trained
+    last_eval: dict[str, Any] | None = None
+    evaluated_at: int = -1  # the global step of last_eval
+
+
+# ------------------------------------------------------------------ the run's start and end
 def _check_timeline(comm: Communicator, config: TrainConfig) -> None:
     """Refuse, as a bad job, a ``--timeline`` that would overwrite a file mnn did not write
     as a timeline, or one of the run's own outputs (collective; rank 0 checks)."""
@@ -394,9 +352,7 @@ def _run_output(path: str, output: str | None) -> str | None:
     file, folder = Path(path).absolute(), Path(output).absolute()
     if file == folder or folder / PREVIOUS_RUN in (file, *file.parents):
         return f"the output directory {output!r} or its {PREVIOUS_RUN}/"
-    if file.parent == folder and (file.name in (*RUN_FILES, LOCK_NAME)
-                                  or (file.name.startswith(Path(CHECKPOINT_NAME).stem)
-                                      and file.suffix == Path(CHECKPOINT_NAME).suffix)):
+    if file.parent == folder and (file.name in (*RUN_FILES, LOCK_NAME) or is_checkpoint_name(file.name)):
         return f"a file of this run's output directory {output!r}"
     return None
 
@@ -410,52 +366,198 @@ def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
         raise JobConfigError(failure.failures) from failure
 
 
-def _log_training(reporter: Reporter, losses: _LossSums, comm: Communicator, position: Position,
-                  lr: float) -> None:
+def _open_run(job: PreparedJob, comm: Communicator, started: float) -> tuple[_Run, _RunState]:
+    """The run of a prepared job and its state at the job's position (collective): rank 0's
+    reporter, which tells the job's notes; the timeline (off, and free, without
+    --timeline); DataParallel, which broadcasts rank 0's state."""
+    config, steps_per_epoch = job.config, job.sampler.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    output = Path(config.output) if config.output is not None else None
+    reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch)
+    for note in job.notes:
+        reporter.message(note)
+    timeline = _open_timeline(comm, config)
+    dp = DataParallel(job.net, job.optimizer, comm, bucket_bytes=config.bucket_bytes, allreduce=config.allreduce,
+                      grad_compression=config.grad_compression, timeline=timeline)
+    saved = _Saved(job.resumed_from, job.position) if job.resumed_from is not None else None
+    state = _RunState(job.position, saved, _RunClock(started), first_step=job.position.global_step)
+    return _Run(job, comm, dp, reporter, timeline, output, total_steps), state
+
+
+def _end_reason(run: _Run, state: _RunState) -> str | None:
+    """Why the run is over, or None while it goes on: the one place that decides it.
+
+    Before rank 0's record has begun: "not started" (a stop request came while the
+    job was prepared) or "nothing left" (a resumed run whose checkpoint is at the
+    job's end). Then: "diverged" (the last step was not finite, and not skipped),
+    "complete" (every step of the job is trained: a stop request from here on changes
+    nothing) or "interrupted" (a stop request before that). Two more reasons come as
+    exceptions during the loop: "failed" and "signal" (see :func:`_finish`).
+    """
+    position, config = state.position, run.config
+    trained = position.epochs_done >= config.epochs or position.global_step >= run.total_steps
+    if not state.started:
+        if state.stop_requested:
+            return "not started"
+        return "nothing left" if trained and run.job.resumed_from is not None else None
+    if state.diverged is not None:
+        return "diverged"
+    if trained:
+        return "complete"
+    return "interrupted" if state.stop_requested else None
+
+
+def _finish(run: _Run, state: _RunState, reason: str, error: Exception | None = None) -> dict[str, Any]:
+    """End the run for ``reason`` (see :func:`_end_reason`): close what is open, write what
+    is due, then return the summary, or raise what says where the run stopped and how to
+    continue it. Collective, except after "signal".
+
+    1. The progress bar closes, and the timeline (collective: every rank ends here, for
+       the same reason), except after "signal": a second signal stops this rank at once,
+       alone, with TrainingInterrupted.
+    2. "complete": :func:`_complete`; "nothing left": :func:`_write_what_is_missing`;
+       "interrupted": a checkpoint of this step (unless it has one), then
+       TrainingInterrupted; "not started": TrainingInterrupted, nothing written;
+       "diverged": TrainingDiverged (see :func:`_diverged`); "failed": ``error``.
+    3. A write that fails on the way (``error`` included) is TrainingFailed, naming the
+       file and the checkpoint to continue from; a second signal is as "signal".
+    """
+    run.reporter.close()
+    if reason == "signal":
+        raise TrainingInterrupted(_interrupted_text(run, state)) from None
+    run.timeline.close()
+    try:
+        if reason == "complete":
+            return _complete(run, state)
+        if reason == "nothing left":
+            return _write_what_is_missing(run, state)
+        if reason == "interrupted":
+            if _unsaved(run, state):
+                state.saved = _save(run, state)
+            raise TrainingInterrupted(_interrupted_text(run, state), ranks_agreed=True)
+        if reason == "not started":
+            raise TrainingInterrupted("interrupted before training started; nothing was trained", ranks_agreed=True)
+        if reason == "diverged":
+            raise _diverged(run, state, state.diverged)
+        assert reason == "failed" and error is not None, reason
+        raise error
+    except _WriteFailed as failure:  # raised on every rank alike
+        raise TrainingFailed(_write_failed_text(run, state, failure)) from None
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second signal while the run ends
+        raise TrainingInterrupted(_interrupted_text(run, state)) from None
+
+
+def _complete(run: _Run, state: _RunState) -> dict[str, Any]:
+    """The end of a run that trained its last step (collective): a checkpoint of that step
+    unless it has one (none when checkpoints are off and every epoch is done), its
+    evaluation unless it has one, then model.npz, summary.json and the summary event. A
+    run whose every step was skipped diverged."""
+    config, position = run.config, state.position
+    if state.skips.total and state.skips.total == position.global_step - state.first_step:
+        raise _diverged(run, state, f"training diverged: the loss or gradient of every step of this run "
+                                    f"({state.skips.total}) was not finite, so nothing was trained")
+    if state.losses.epoch_samples:
+        state.train_loss = state.losses.end_epoch()
+    if (config.checkpoint_every or position.epochs_done < config.epochs) and _unsaved(run, state):
+        state.saved = _save(run, state)
+    if state.evaluated_at != position.global_step:
+        _evaluate(run, state)
+    summary = _summary(run, state)
+    _on_root_writing(run.comm, run.output, lambda: _finish_record(run, summary))
+    return summary
+
+
+def _write_what_is_missing(run: _Run, state: _RunState) -> dict[str, Any]:
+    """The end of a resumed run with no step left (collective): it says so, evaluates the
+    restored model and writes the model.npz and summary.json its run did not finish writing."""
+    job, output = run.job, run.output
+    run.reporter.message(_nothing_left_text(job.resumed_from, run.config, state.position, job.sampler.steps_per_epoch))
+    state.last_eval = evaluate(job.net, job.dataset.test, job.task, run.comm)
+    summary = _summary(run, state)
+    if output is not None:
+        try:
+            _on_root_writing(run.comm, output, lambda: _write_missing_results(output, job.net.state_dict(), summary,
+                                                                              run.reporter))
+        except _WriteFailed as failure:
+            raise TrainingFailed(f"{failure}; the finished run's checkpoint is {job.resumed_from}") from None
+    return summary
+
+
+# ------------------------------------------------------------------ the loop's steps
+def _skip_or_stop(run: _Run, state: _RunState, loss: float, global_batch_size: int) -> str | None:
+    """Report a step whose loss or gradient was not finite on some rank (collective). With
+    ``on_nonfinite = "skip"`` its update is dropped and None returned, until
+    ``max_skipped_steps`` in a row; otherwise the run ends: returns why."""
+    config = run.config
+    what = _nonfinite_text(run.comm, loss, run.dp.gradients_finite())
+    failed = state.position.after_step(global_batch_size)
+    if config.on_nonfinite == "skip" and state.skips.skip() != config.max_skipped_steps:
+        run.reporter.nonfinite(failed, what, "skipped")
+        run.dp.zero_grads()  # the update is skipped; the batch counts as seen
+        return None
+    if config.on_nonfinite == "skip":
+        what += (f"; {state.skips.in_a_row} steps in a row were not finite "
+                 f"(--max-skipped-steps {config.max_skipped_steps})")
+    run.reporter.nonfinite(failed, what, "stopped")
+    return f"training diverged at {run.reporter.where(failed)}: {what}; its update was not applied"
+
+
+def _log_training(run: _Run, state: _RunState) -> None:
     """A train event for the window's loss (collective); nothing when the window is empty.
     Raises _WriteFailed on every rank when rank 0 could not write metrics.jsonl."""
-    window = losses.take_window(comm, write_failed=reporter.write_failure is not None)
+    window = state.losses.take_window(run.comm, write_failed=run.reporter.write_failure is not None)
     if window is not None:
-        reporter.train(position, window[0], lr, window[1])
+        run.reporter.train(state.position, window[0], run.job.optimizer.lr, window[1])
 
 
-def _evaluate(net: SequentialLayers, dataset: Any, task: Any, comm: Communicator, reporter: Reporter,
-              position: Position) -> tuple[dict[str, Any], int]:
-    """Evaluate on the test split and report it (collective); returns the metrics and the step."""
-    metrics = evaluate(net, dataset.test, task, comm)
-    reporter.eval(position, metrics)
-    return metrics, position.global_step
+def _evaluate(run: _Run, state: _RunState) -> None:
+    """Evaluate on the test split at this step and report it (collective)."""
+    state.last_eval = evaluate(run.job.net, run.job.dataset.test, run.job.task, run.comm)
+    state.evaluated_at = state.position.global_step
+    run.reporter.eval(state.position, state.last_eval)
 
 
-def _save(comm: Communicator, output: Path, dp: DataParallel, position: Position, config: TrainConfig,
-          name: str = CHECKPOINT_NAME) -> _Saved:
-    """Write OUTPUT/checkpoint.npz (or OUTPUT/``name``) on rank 0 (collective: a failure,
-    _WriteFailed, stops every rank). Parameters that are not finite are never written over
-    a checkpoint."""
-    state = dp.net.state_dict()
-    bad = [key for key, value in state.items() if not np.isfinite(value).all()]
+def _save(run: _Run, state: _RunState, name: str = CHECKPOINT_NAME) -> _Saved:
+    """Write OUTPUT/checkpoint.npz (or OUTPUT/``name``) of this position on rank 0
+    (collective: a failure, _WriteFailed, stops every rank). Parameters that are not finite
+    are never written over a checkpoint."""
+    model_state = run.dp.net.state_dict()
+    bad = [key for key, value in model_state.items() if not np.isfinite(value).all()]
     if bad and name == CHECKPOINT_NAME:
-        raise TrainingDiverged(f"the parameters are not finite at {position.global_step} steps ({bad[0]} and "
+        raise TrainingDiverged(f"the parameters are not finite at {state.position.global_step} steps ({bad[0]} and "
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
-    checkpoint = Checkpoint(state, dp.optimizer.state_dict(), position, comm.size, config.to_dict())
-    path = output / name
-    keep = config.keep_checkpoints if name == CHECKPOINT_NAME else 1
-    _on_root_writing(comm, path, lambda: save_checkpoint(path, checkpoint, keep=keep))
-    return _Saved(str(path), position)
+    checkpoint = Checkpoint(model_state, run.dp.optimizer.state_dict(), state.position, run.comm.size,
+                            run.config.to_dict())
+    path = run.output / name
+    keep = run.config.keep_checkpoints if name == CHECKPOINT_NAME else 1
+    _on_root_writing(run.comm, path, lambda: save_checkpoint(path, checkpoint, keep=keep))
+    return _Saved(str(path), state.position)
 
 
-def _diverged(comm: Communicator, output: Path | None, dp: DataParallel, position: Position, config: TrainConfig,
-              saved: _Saved | None, reporter: Reporter, headline: str) -> TrainingDiverged:
-    """The error a run that diverged at ``position``'s next step raises (collective). Its
-    checkpoints are left as they are; the state before the failed step, when no checkpoint
-    holds it, is kept beside them as OUTPUT/diverged.npz, for inspection."""
+def _unsaved(run: _Run, state: _RunState) -> bool:
+    """Whether the run writes checkpoints and OUTPUT/checkpoint.npz does not hold this position."""
+    if run.output is None:
+        return False
+    saved = state.saved
+    return not (saved is not None and saved.path == str(run.output / CHECKPOINT_NAME)
+                and saved.position == state.position)
+
+
+def _diverged(run: _Run, state: _RunState, headline: str) -> TrainingDiverged:
+    """The error a run that diverged at the step after this position raises (collective).
+    Its checkpoints are left as they are; the state before the failed step, when no
+    checkpoint holds it, is kept beside them as OUTPUT/diverged.npz, for inspection."""
     kept, not_kept = None, ""
-    if output is not None and not _saved_here(saved, output, position):
+    if _unsaved(run, state):
         try:
-            kept = _save(comm, output, dp, position, config, name=DIVERGED_NAME)
+            kept = _save(run, state, name=DIVERGED_NAME)
         except _WriteFailed as failure:
             not_kept = f"; the state before it could not be kept: {failure}"
-    return TrainingDiverged(_diverged_text(reporter, headline, config, saved, kept, output) + not_kept)
+    return TrainingDiverged(_diverged_text(run, state, headline, kept) + not_kept)
 
 
 def _on_root_writing(comm: Communicator, path: Path | None, write: Any) -> None:
@@ -467,51 +569,46 @@ def _on_root_writing(comm: Communicator, path: Path | None, write: Any) -> None:
         raise _WriteFailed(f"cannot write {path or 'the output'}: {failure.failures[0]}") from None
 
 
-def _start_record(output: Path | None, config: TrainConfig, job: PreparedJob, position: Position,
-                  total_steps: int, reporter: Reporter) -> None:
+def _start_record(run: _Run, state: _RunState) -> None:
     """Rank 0's first lines and files: config.toml, and metrics.jsonl begun."""
-    if output is not None:
-        atomic_write_text(output / "config.toml", config.to_toml())
-    reporter.start(position, total_steps, resumed=job.resumed_from is not None)
+    config, job, reporter = run.config, run.job, run.reporter
+    if run.output is not None:
+        atomic_write_text(run.output / "config.toml", config.to_toml())
+    reporter.start(state.position, run.total_steps, resumed=job.resumed_from is not None)
     if job.resumed_from is not None:
-        reporter.resume(job.resumed_from, position, job.changed)
+        reporter.resume(job.resumed_from, state.position, job.changed)
     elif config.resume is True:
         reporter.message(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch")
     reporter.raise_write_failure()
 
 
-def _finish_record(output: Path | None, model_state: dict[str, np.ndarray], summary: dict[str, Any],
-                   reporter: Reporter) -> None:
+def _finish_record(run: _Run, summary: dict[str, Any]) -> None:
     """Rank 0's last files: model.npz, summary.json and the summary event (with its line)."""
-    if output is not None:
-        _write_results(output, model_state, summary)
-    reporter.summary(summary)
-    reporter.raise_write_failure()
+    if run.output is not None:
+        _write_results(run.output, run.job.net.state_dict(), summary)
+    run.reporter.summary(summary)
+    run.reporter.raise_write_failure()
 
 
-def _saved_here(saved: _Saved | None, output: Path, position: Position) -> bool:
-    return saved is not None and saved.path == str(output / CHECKPOINT_NAME) and saved.position == position
-
-
-def _summary(comm: Communicator, config: TrainConfig, position: Position, resumed_from: str | None,
-             train_loss: float | None, last_eval: dict[str, Any], run: _RunClock,
-             dp: DataParallel, skips: _Skips) -> dict[str, Any]:
+def _summary(run: _Run, state: _RunState) -> dict[str, Any]:
+    """What ``train`` returns (collective): the same dict on every rank."""
+    comm, clock, position, last_eval = run.comm, state.clock, state.position, state.last_eval
     # Times and rates as rank 0 measured them, so every rank returns the same summary.
     rates = comm.broadcast_object({
-        "samples_per_s": run.samples / run.train_s if run.train_s else 0.0,
-        "train_s": run.train_s,
-        "wall_s": time.perf_counter() - run.started,
-        "timings": dict(dp.timings),
+        "samples_per_s": clock.samples / clock.train_s if clock.train_s else 0.0,
+        "train_s": clock.train_s,
+        "wall_s": time.perf_counter() - clock.started,
+        "timings": dict(run.dp.timings),
     })
     return {
         "world_size": comm.size,
         "epochs": position.epochs_done,
         "steps": position.global_step,
         "samples_seen": position.samples_seen,
-        "skipped_steps": skips.total,
-        "stopped_early": position.epochs_done < config.epochs,
-        "resumed_from": resumed_from,
-        "train_loss": train_loss,
+        "skipped_steps": state.skips.total,
+        "stopped_early": position.epochs_done < run.config.epochs,
+        "resumed_from": run.job.resumed_from,
+        "train_loss": state.train_loss,
         "test_loss": float(last_eval["loss"]),
         "test_accuracy": last_eval["accuracy"],
         **({"test_bits_per_char": last_eval["bits_per_char"]} if "bits_per_char" in last_eval else {}),
@@ -559,29 +656,29 @@ def _nonfinite_text(comm: Communicator, loss: float, gradients_finite: bool) -> 
     return "; ".join(parts)
 
 
-def _diverged_text(reporter: Reporter, headline: str, config: TrainConfig, saved: _Saved | None,
-                   kept: _Saved | None, output: Path | None) -> str:
+def _diverged_text(run: _Run, state: _RunState, headline: str, kept: _Saved | None) -> str:
     """What diverged, the checkpoint to continue from (left as it was) and where the state
     before the failed step was kept."""
-    or_skip = ", or with --on-nonfinite skip" if config.on_nonfinite == "stop" else ""
+    reporter, saved = run.reporter, state.saved
+    or_skip = ", or with --on-nonfinite skip" if run.config.on_nonfinite == "stop" else ""
     if saved is None:
-        message = (f"{headline}. No checkpoint was written{'' if output is not None else ' (no --output)'}: "
+        message = (f"{headline}. No checkpoint was written{'' if run.output is not None else ' (no --output)'}: "
                    f"start again with a lower --lr{or_skip}")
     else:
         message = (f"{headline}. The last checkpoint, {saved.path} at {reporter.where(saved.position)}, is "
-                   f"left as it was: continue with {_resume_option(saved, output)} and a lower --lr{or_skip}")
+                   f"left as it was: continue with {_resume_option(saved, run.output)} and a lower --lr{or_skip}")
     if kept is not None:
         message += (f"; the state before the failed step, at {reporter.where(kept.position)}, is in {kept.path}, "
                     "for inspection")
     return message
 
 
-def _write_failed_text(reporter: Reporter, position: Position, failure: _WriteFailed, saved: _Saved | None,
-                       output: Path | None) -> str:
+def _write_failed_text(run: _Run, state: _RunState, failure: _WriteFailed) -> str:
     """Which file could not be written, where the run stopped and how to continue it."""
+    reporter, saved, output = run.reporter, state.saved, run.output
     # rank 0 prints it: its reporter knows the first write that failed
     what = reporter.write_failure or str(failure) or "cannot write the output files (on rank 0)"
-    message = f"{what}; training stopped at {reporter.where(position)}"
+    message = f"{what}; training stopped at {reporter.where(state.position)}"
     if saved is None:
         return message + "; no checkpoint was written"
     return (message + f"; the last checkpoint is {saved.path}, at {reporter.where(saved.position)}: continue with "
@@ -595,12 +692,13 @@ def _resume_option(saved: _Saved, output: Path | None) -> str:
     return f"--resume {saved.path}"
 
 
-def _interrupted_text(reporter: Reporter, position: Position, saved: _Saved | None, output: Path | None) -> str:
+def _interrupted_text(run: _Run, state: _RunState) -> str:
     """Where the run stopped and how to continue it."""
+    reporter, saved, position = run.reporter, state.saved, state.position
     message = f"interrupted at {reporter.where(position)}; "
     if saved is None:
-        return message + "no checkpoint was written" + ("" if output is not None else " (no --output)")
-    again = _resume_option(saved, output)
+        return message + "no checkpoint was written" + ("" if run.output is not None else " (no --output)")
+    again = _resume_option(saved, run.output)
     if saved.position == position:
         return message + f"checkpoint saved to {saved.path}; continue with {again}"
     return message + f"the last checkpoint is {saved.path}, at {reporter.where(saved.position)}; continue with {again}"

@@ -23,7 +23,8 @@ from mnn import (
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.training.config import TrainConfig, load_toml
-from mnn.distributed.training.trainer import JobConfigError, train
+from mnn.distributed.training.preflight import JobConfigError
+from mnn.distributed.training.trainer import train
 from mnn.io import load_arrays
 
 # Digits: 1438 training samples in global batches of 100, so uneven shards. SGD

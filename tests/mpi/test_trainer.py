@@ -15,9 +15,10 @@ from mnn.datasets import load_dataset
 from mnn.distributed.training.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.training.config import TrainConfig
-from mnn.distributed.training.task import choose_task
+from mnn.distributed.training.preflight import JobConfigError
+from mnn.distributed.training.task import build_net, choose_task, evaluate
 from mnn.distributed.training.reporting import Reporter
-from mnn.distributed.training.trainer import JobConfigError, TrainingDiverged, TrainingFailed, build_net, evaluate, train
+from mnn.distributed.training.trainer import TrainingDiverged, TrainingFailed, train
 from mnn.io import load_arrays
 
 # 1438 training samples in batches of 100: 15 steps per epoch, the last one of 38
