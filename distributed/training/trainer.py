@@ -114,8 +114,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
     """The training loop of a prepared job. What it advances is in one :class:`_RunState`;
     :func:`_end_reason` alone decides that the run is over, and every way it ends, the
     exceptions included, goes through :func:`_finish`."""
-    config, net, optimizer, dataset, task, sampler = (job.config, job.net, job.optimizer, job.dataset,
-                                                      job.task, job.sampler)
+    config, sampler, net, task = job.config, job.sampler, job.net, job.task
     run, state = _open_run(job, comm, started)
 
     # a stop request that came while the job was prepared ends it before the first step; a
@@ -135,14 +134,7 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
             # the end of an epoch (also when a stop request came at its last step, so that the
             # checkpoint is at the epoch's end): log, evaluate, write a checkpoint
             if state.position.step_in_epoch == sampler.steps_per_epoch:
-                _log_training(run, state)
-                state.train_loss = state.losses.end_epoch()
-                state.position = state.position.after_epoch()
-                if config.eval_every and state.position.epochs_done % config.eval_every == 0:
-                    _evaluate(run, state)
-                if run.output is not None and config.checkpoint_every \
-                        and state.position.epochs_done % config.checkpoint_every == 0:
-                    state.saved = _save(run, state)
+                _end_epoch(run, state)
                 batches = sampler.batches(state.position.epochs_done)
 
             # termination conditions: every step trained, a stop request on any rank, or a step
@@ -159,14 +151,14 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
             step = state.position.global_step
             watchdog.progress(step + 1)
             run.timeline.next_step(step + 1)
-            optimizer.lr = learning_rate(config, comm.size, step, sampler.steps_per_epoch)
+            job.optimizer.lr = learning_rate(config, comm.size, step, sampler.steps_per_epoch)
 
             # forward and backward on this rank's shard of the next global batch, gradients
             # reduced (random layers such as dropout draw from the step and each sample's place
             # in the global batch, so any number of ranks draws the same)
             batch = next(batches)
             step_started = time.perf_counter()
-            x, y = dataset.train.batch(batch.indices, config.dtype)
+            x, y = job.dataset.train.batch(batch.indices, config.dtype)
             net.start_batch(step, batch.offset)
             loss = float(run.dp(x, task.targets(y)))
             run.dp.backward(global_batch_size=batch.global_batch_size)
@@ -504,6 +496,19 @@ def _skip_or_stop(run: _Run, state: _RunState, loss: float, global_batch_size: i
                  f"(--max-skipped-steps {config.max_skipped_steps})")
     run.reporter.nonfinite(failed, what, "stopped")
     return f"training diverged at {run.reporter.where(failed)}: {what}; its update was not applied"
+
+
+def _end_epoch(run: _Run, state: _RunState) -> None:
+    """Book the epoch's last step (collective): its last train event and mean training loss,
+    the next epoch's position, and the evaluation and checkpoint that are due."""
+    config = run.config
+    _log_training(run, state)
+    state.train_loss = state.losses.end_epoch()
+    state.position = state.position.after_epoch()
+    if config.eval_every and state.position.epochs_done % config.eval_every == 0:
+        _evaluate(run, state)
+    if run.output is not None and config.checkpoint_every and state.position.epochs_done % config.checkpoint_every == 0:
+        state.saved = _save(run, state)
 
 
 def _log_training(run: _Run, state: _RunState) -> None:
