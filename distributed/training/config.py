@@ -27,7 +27,8 @@ from typing import Any
 import tomli_w
 
 from mnn.checks import check_choice, check_float, check_int, is_int
-from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, COMPRESSIONS, DEFAULT_BUCKET_BYTES
+from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, DEFAULT_BUCKET_BYTES
+from mnn.distributed.ring import COMPRESSIONS
 from mnn.model import LOSS_HEADS, MAX_LAYERS, build_net, mlp_description, model_size
 
 if sys.version_info >= (3, 11):
@@ -43,8 +44,6 @@ __all__ = [
     "LR_SCALINGS",
     "DTYPES",
     "ON_NONFINITE",
-    "ALLREDUCE_ALGORITHMS",
-    "COMPRESSIONS",
     "TrainConfig",
     "load_toml",
     "resolve_config",
@@ -214,8 +213,16 @@ class TrainConfig:
         """Check every field; raise ValueError/TypeError naming it, expected vs got.
 
         Ints given where floats are expected (``lr = 1`` in TOML) are converted,
-        so that the resolved config always has one type per field.
+        and paths given as ``os.PathLike`` become text, so that the resolved config
+        always has one type per field.
         """
+        self._check_model()
+        self._check_training()
+        self._check_engine()
+        self._check_outputs()
+
+    def _check_model(self) -> None:
+        """The net: a ``[model]`` description, or the MLP shorthand ``layers`` and ``loss``."""
         if self.model is not None:
             given = [name for name in ("layers", "loss") if getattr(self, name) is not None]
             if given:
@@ -239,10 +246,20 @@ class TrainConfig:
             self.layers = [int(width) for width in self.layers]
         if self.loss is not None:
             check_choice("loss", self.loss, LOSSES)
+
+    def _check_training(self) -> None:
+        """What the steps are: the data and its batches, how many, the optimizer and its
+        learning rate, the seed and dtype, and what a step that is not finite does."""
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset: expected a non-empty spec string, got {self.dataset!r}")
         self.epochs = check_int("epochs", self.epochs, minimum=1)
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
+        if self.steps_per_epoch is not None:
+            self.steps_per_epoch = check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
+        if self.max_steps is not None:
+            self.max_steps = check_int("max_steps", self.max_steps, minimum=1)
         self.lr = check_float("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
@@ -261,12 +278,32 @@ class TrainConfig:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
         self.seed = check_int("seed", self.seed, minimum=0)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        self.max_skipped_steps = check_int("max_skipped_steps", self.max_skipped_steps, minimum=0)
+
+    def _check_engine(self) -> None:
+        """How the ranks sum gradients, and how long one waits for the others."""
+        self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
+        check_choice("allreduce", self.allreduce, ALLREDUCE_ALGORITHMS)
+        check_choice("grad_compression", self.grad_compression, COMPRESSIONS)
+        if self.grad_compression != "none" and self.allreduce != "ring":
+            raise ValueError(f"grad_compression: {self.grad_compression} needs allreduce = \"ring\" (MPI's "
+                             f"all-reduce has no portable float16 sum), got allreduce = {self.allreduce!r}")
+        self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
+        if self.stall_timeout < 0:
+            raise ValueError(f"stall_timeout: expected seconds >= 0 (0: no limit), got {self.stall_timeout}")
+
+    def _check_outputs(self) -> None:
+        """What the run writes and reads back: OUTPUT, the checkpoint to resume, how often it
+        evaluates, logs and saves, the timeline, and the text it recorded."""
         self.eval_every = check_int("eval_every", self.eval_every, minimum=0)
+        self.log_every = check_int("log_every", self.log_every, minimum=1)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         # Paths given as pathlib.Path (Python API) are stored as text, as TOML has them.
-        if isinstance(self.output, os.PathLike):
-            self.output = os.fspath(self.output)
-        if isinstance(self.resume, os.PathLike):
-            self.resume = os.fspath(self.resume)
+        for name in ("output", "resume", "timeline"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         if self.output is not None and (not isinstance(self.output, str) or not self.output):
             raise ValueError(f"output: expected a directory path or None, got {self.output!r}")
         if not isinstance(self.resume, (bool, str)) or self.resume == "":
@@ -276,28 +313,6 @@ class TrainConfig:
             raise ValueError(
                 "resume: true means 'continue from OUTPUT/checkpoint.npz', but output is "
                 "not set; give --output DIR or a checkpoint path")
-        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        if self.max_steps is not None:
-            self.max_steps = check_int("max_steps", self.max_steps, minimum=1)
-        self.log_every = check_int("log_every", self.log_every, minimum=1)
-        self.bucket_bytes = check_int("bucket_bytes", self.bucket_bytes, minimum=1)
-        if not isinstance(self.drop_last, bool):
-            raise TypeError(f"drop_last: expected true or false, got {self.drop_last!r}")
-        if self.steps_per_epoch is not None:
-            self.steps_per_epoch = check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
-        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-        self.max_skipped_steps = check_int("max_skipped_steps", self.max_skipped_steps, minimum=0)
-        self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
-        self.stall_timeout = check_float("stall_timeout", self.stall_timeout)
-        if self.stall_timeout < 0:
-            raise ValueError(f"stall_timeout: expected seconds >= 0 (0: no limit), got {self.stall_timeout}")
-        check_choice("allreduce", self.allreduce, ALLREDUCE_ALGORITHMS)
-        check_choice("grad_compression", self.grad_compression, COMPRESSIONS)
-        if self.grad_compression != "none" and self.allreduce != "ring":
-            raise ValueError(f"grad_compression: {self.grad_compression} needs allreduce = \"ring\" (MPI's "
-                             f"all-reduce has no portable float16 sum), got allreduce = {self.allreduce!r}")
-        if isinstance(self.timeline, os.PathLike):
-            self.timeline = os.fspath(self.timeline)
         if self.timeline is not None and (not isinstance(self.timeline, str) or not self.timeline):
             raise ValueError(f"timeline: expected a file path or None, got {self.timeline!r}")
         for name in ("dataset", "output", "resume", "timeline"):
