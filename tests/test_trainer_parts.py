@@ -16,7 +16,7 @@ from mnn.distributed.training.preflight import JobConfigError, prepare_job
 from mnn.distributed.environment import PROGRESS_ENV
 from mnn.distributed.training.reporting import Reporter
 from mnn.distributed.training.stopping import StopRequests
-from mnn.distributed.training.task import build_net, choose_task, evaluate, learning_rate
+from mnn.distributed.training.task import build_job_net, choose_task, evaluate, learning_rate
 from mnn.distributed.training.trainer import train
 
 COMM = SingleProcessCommunicator()
@@ -118,8 +118,8 @@ def test_a_signal_long_after_the_first_stops_at_once():
 
 def test_task_gives_labels_or_one_hot_rows_and_counts_correct_predictions():
     digits = load_dataset("digits")
-    cross_entropy = choose_task(build_net(TrainConfig()), digits, "float32")
-    mse = choose_task(build_net(TrainConfig(loss="mse")), digits, "float64")
+    cross_entropy = choose_task(build_job_net(TrainConfig()), digits, "float32")
+    mse = choose_task(build_job_net(TrainConfig(loss="mse")), digits, "float64")
     labels = np.array([3, 0])
     assert cross_entropy.targets(labels) is labels and cross_entropy.n_classes == 10
     np.testing.assert_array_equal(mse.targets(labels), np.eye(10)[[3, 0]])

@@ -36,7 +36,7 @@ from mnn.distributed.training.output_dir import OutputLock, set_aside_earlier_ru
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
-from mnn.distributed.training.task import Task, build_net, build_optimizer, choose_task
+from mnn.distributed.training.task import Task, build_job_net, build_optimizer, choose_task
 
 __all__ = ["JobConfigError", "PreparedJob", "prepare_job", "RESUME_MUST_MATCH"]
 
@@ -100,7 +100,7 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
         notes += _text_change_note(recorded, config) if comm.rank == 0 else []
         if net is None:
             _check_memory(comm, config, dataset)
-            net = run_all(comm, build_net, config)
+            net = run_all(comm, build_job_net, config)
         optimizer = build_optimizer(config, net)
         # Rank 0 alone: the output directory is its own (other hosts may not see it);
         # DataParallel broadcasts the parameters and optimizer state it restores.

@@ -26,9 +26,9 @@ from mnn.datasets import Dataset, Split
 from mnn.distributed.comm import Communicator
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.sampler import shard_sizes
-from mnn.model import build_net as build_described_net, check_fits
+from mnn.model import build_net, check_fits
 
-__all__ = ["build_net", "build_optimizer", "learning_rate", "Task", "choose_task", "evaluate", "EVAL_BATCH_SIZE"]
+__all__ = ["build_job_net", "build_optimizer", "learning_rate", "Task", "choose_task", "evaluate", "EVAL_BATCH_SIZE"]
 
 # Samples per forward pass during evaluation; any size gives the same metrics.
 EVAL_BATCH_SIZE = 1024
@@ -39,13 +39,14 @@ EVAL_WINDOWS = 128
 _CHECK_SAMPLES = 2
 
 
-def build_net(config: TrainConfig) -> SequentialLayers:
-    """The net of ``config.model_description()`` in ``config.dtype``.
+def build_job_net(config: TrainConfig) -> SequentialLayers:
+    """The net a job trains: :func:`mnn.model.build_net` of ``config.model_description()``
+    (the ``[model]`` table, or the MLP shorthand) in ``config.dtype``.
 
     Parameters are drawn from one Generator seeded with ``config.seed``, layer by
     layer, so every rank builds the same net.
     """
-    return build_described_net(config.model_description(), dtype=config.dtype, rng=config.seed)
+    return build_net(config.model_description(), dtype=config.dtype, rng=config.seed)
 
 
 def build_optimizer(config: TrainConfig, net: SequentialLayers) -> SGD | Adam:

@@ -16,7 +16,7 @@ from mnn.distributed.training.checkpoint import load_checkpoint, save_checkpoint
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.preflight import JobConfigError
-from mnn.distributed.training.task import build_net, choose_task, evaluate
+from mnn.distributed.training.task import build_job_net, choose_task, evaluate
 from mnn.distributed.training.reporting import Reporter
 from mnn.distributed.training.trainer import TrainingDiverged, TrainingFailed, train
 from mnn.io import load_arrays
@@ -100,7 +100,7 @@ def test_checkpoint_from_n_ranks_resumes_on_one(comm, shared_dir):
 @pytest.mark.mpi
 def test_evaluation_counts_every_test_sample_once(comm):
     config = TrainConfig(**BASE)
-    net, dataset = build_net(config), load_dataset("digits")
+    net, dataset = build_job_net(config), load_dataset("digits")
     task, split = choose_task(net, dataset, config.dtype), dataset.test
     sharded = evaluate(net, split, task, comm)
     alone = evaluate(net, split, task, get_communicator(MPI.COMM_SELF))
