@@ -1,26 +1,12 @@
 """mnn-train's --allreduce, --grad-compression and --timeline: one clear error for a bad value,
 and a 2-rank run that uses all three."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mnn.distributed.training.config import TrainConfig, resolve_config
-
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-TRAIN = [sys.executable, "-m", "mnn.scripts.train"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
-
-
-def run(args):
-    """mnn-train on 2 ranks."""
-    return subprocess.run([str(MPIEXEC), "-n", "2"] + TRAIN + args, capture_output=True, text=True,
-                          timeout=120, env=ENV)
+from processes import needs_mpiexec, run
 
 
 def test_the_defaults_are_mpi_uncompressed_and_no_timeline():
@@ -46,7 +32,7 @@ def test_bad_values_are_one_clear_error(values, message):
     (["--grad-compression", "fp16"], "grad_compression: fp16 needs allreduce = \"ring\""),
 ])
 def test_a_bad_value_on_two_ranks_is_told_once(args, message):
-    result = run(args)
+    result = run(args, ranks=2)
     assert result.returncode == 2
     assert result.stderr.count(message) == 1, result.stderr
     assert result.stderr.count("error") == 1, result.stderr
@@ -56,7 +42,7 @@ def test_a_bad_value_on_two_ranks_is_told_once(args, message):
 def test_two_ranks_train_through_the_compressed_ring_and_write_a_timeline(tmp_path):
     timeline = tmp_path / "timeline.json"
     result = run(["--allreduce", "ring", "--grad-compression", "fp16", "--timeline", str(timeline),
-                  "--epochs", "3", "--output", str(tmp_path / "out")])
+                  "--epochs", "3", "--output", str(tmp_path / "out")], ranks=2)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.9 and summary["steps"] == 3 * 23

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
+from processes import MPIEXEC
+
 QUICK = ["--batch", "8,32", "--rounds", "2", "--target-ms", "5"]
 BASE_KEYS = {"impl", "ranks", "batch_per_rank", "ms_per_step", "samples_per_s", "peak_rss_mb"}
 

@@ -21,23 +21,22 @@ from mnn.distributed.launch import (
     detect_mpi,
     find_mpiexec,
     format_plan,
-    mpi_family,
     parse_hostfile,
     parse_hosts,
     process_tree,
 )
 from mnn.scripts.launch import launch_settings, main, parse_args
+from processes import MPIEXEC, mpiexec_family, needs_mpiexec
 
 MPICH = MpiSetup("4.1", "MPICH Version: 5.0.2", "mpich", "/opt/mpich/bin/mpiexec")
 OPENMPI = MpiSetup("4.1", "Open MPI v5.0.3", "openmpi", "/opt/openmpi/bin/mpiexec")
 NO_MPI = MpiSetup(None, "mpi4py is not importable (No module named 'mpi4py')", None, None)
 COMMAND = ["mnn-train", "--epochs", "2"]
 BIN = Path(sys.executable).parent
-HAVE_MPI = (BIN / "mpiexec").exists()
-needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py's mpiexec beside the Python executable")
+HAVE_MPI = MPIEXEC.exists()
+needs_mpi = needs_mpiexec
 # The MPI whose mpiexec these tests start: make test runs this file under MPICH and under Open MPI.
-FAMILY = mpi_family(subprocess.run([str(BIN / "mpiexec"), "--version"], capture_output=True, text=True,
-                                   timeout=60).stdout) if HAVE_MPI else None
+FAMILY = mpiexec_family() if HAVE_MPI else None
 # Banners of an mpiexec of each family, and of one of the other family than ours.
 VERSION_BANNERS = {"mpich": "HYDRA build details:\n    Version: 4.2.0",
                    "openmpi": "mpiexec (Open MPI) 5.0.3\n\nReport bugs to https://www.open-mpi.org/community/help/"}

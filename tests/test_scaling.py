@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,8 @@ from mnn.distributed.experiments.scaling import Experiment, Point, ScalingSettin
 from mnn.distributed.experiments.scaling_driver import ChildJobs, capacity, turns, worker_command
 from mnn.distributed.experiments import scaling_report
 from mnn.scripts.scaling import main, parse_settings
+from processes import MPIEXEC
 
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TINY = ["--ranks", "1,2", "--layers", "12,8,3", "--batch-per-rank", "4", "--repeats", "2", "--steps", "3",
         "--warmup-steps", "1", "--max-bytes", "1024", "--seconds-per-size", "0.01", "--max-ranks", "64"]
 PNGS = ("speedup.png", "efficiency.png", "breakdown.png", "collectives.png", "model.png")
