@@ -8,6 +8,7 @@ installed beside that Python, never one found on PATH.
 """
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_N
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
 # Open MPI's permission to run as root is the caller's setting, not the launcher's.
 _CALLER_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
 
@@ -65,11 +67,17 @@ def run(args, ranks=None, command=TRAIN, timeout=120, **env):
 def exit_status(main, argv):
     """The exit status of a program's ``main(argv)`` run in this process, where argparse leaves
     by SystemExit (a usage error, --help): for what a program says to a mistake, which needs no
-    process of its own (read it with capsys)."""
+    process of its own (read it with capsys). The handlers of the stop signals are put back:
+    mnn-train leaves them ignored once its run has ended, which later tests' processes would
+    inherit."""
+    saved = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     try:
         return main(argv)
     except SystemExit as leaving:
         return leaving.code
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def outside_the_job(**env):
