@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -19,13 +20,32 @@ from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.output_dir import LOCK_NAME, OutputLock, set_aside_earlier_run
 from mnn.distributed.training.preflight import JobConfigError, prepare_job
-from processes import ENV, GENERATE, TRAIN, needs_mpiexec, run
+from mnn.distributed.environment import NO_MPI_ENV
+from mnn.scripts.train import main
+from processes import ENV, GENERATE, TRAIN, exit_status, needs_mpiexec, run
 
 # A GPT of 15 billion parameters: 121 GB of float32 parameters and gradients.
 HUGE_GPT = "[model.gpt]\nn_layers = 48\nd_model = 5120\nn_heads = 40\ncontext = 16\n"
 # 26 trillion parameters in one layer.
 HUGE_LINEAR = ('[[model.layers]]\ntype = "LinearLayer"\nshape = [64, 400000000000]\n'
                '[[model.layers]]\ntype = "CrossEntropyLossLayer"\n')
+
+
+@pytest.fixture(name="train_here")
+def train_here_fixture(capsys, monkeypatch):
+    """``train_here(argv)``: mnn-train's main run in this process, one process without MPI, as a
+    CompletedProcess. For a job refused before training no process of its own adds anything; a
+    Python warning would have been a line on its stderr, so none may be raised."""
+    monkeypatch.setenv(NO_MPI_ENV, "1")
+
+    def train_here(argv):
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            status = exit_status(main, argv)
+        assert not raised, [str(warning.message) for warning in raised]
+        stdout, stderr = capsys.readouterr()
+        return subprocess.CompletedProcess(["mnn-train", *argv], status, stdout, stderr)
+    return train_here
 
 
 def assert_one_error_line(result, *words):
@@ -55,14 +75,14 @@ def residuals_as_table_headers(depth):
 
 # --- job files ----------------------------------------------------------------------------
 
-def test_a_config_that_is_a_directory(tmp_path):
-    assert_one_error_line(run(["--config", str(tmp_path)]), f"config file '{tmp_path}' is a directory")
+def test_a_config_that_is_a_directory(tmp_path, train_here):
+    assert_one_error_line(train_here(["--config", str(tmp_path)]), f"config file '{tmp_path}' is a directory")
 
 
-def test_a_config_that_is_not_utf8(tmp_path):
+def test_a_config_that_is_not_utf8(tmp_path, train_here):
     job = tmp_path / "job.toml"
     job.write_bytes("# caf\xe9\nepochs = 1\n".encode("latin-1"))
-    assert_one_error_line(run(["--config", str(job)]), str(job), "is not UTF-8 text", "byte 0xe9 on line 1")
+    assert_one_error_line(train_here(["--config", str(job)]), str(job), "is not UTF-8 text", "byte 0xe9 on line 1")
 
 
 @pytest.mark.parametrize("text, words", [
@@ -70,33 +90,33 @@ def test_a_config_that_is_not_utf8(tmp_path):
     (residuals_as_inline_tables(200), ["nests arrays or inline tables too deeply"]),
     (residuals_as_table_headers(400), ["model.layers[0] (Residual): Residuals nested more than 32 deep"]),
 ], ids=["array-100k-deep", "residual-200-deep-inline", "residual-400-deep-headers"])
-def test_deep_nesting(tmp_path, text, words):
+def test_deep_nesting(tmp_path, text, words, train_here):
     job = tmp_path / "deep.toml"
     job.write_text(text)
-    assert_one_error_line(run(["--config", str(job)]), *words)
+    assert_one_error_line(train_here(["--config", str(job)]), *words)
 
 
-def test_a_size_that_is_not_an_integer(tmp_path):
+def test_a_size_that_is_not_an_integer(tmp_path, train_here):
     job = tmp_path / "job.toml"
     job.write_text(HUGE_LINEAR.replace("400000000000", "4e11"))
-    assert_one_error_line(run(["--config", str(job)]), "model.layers[0] (LinearLayer): expected shape (n_in, n_out) "
+    assert_one_error_line(train_here(["--config", str(job)]), "model.layers[0] (LinearLayer): expected shape (n_in, n_out) "
                                                        "of two positive ints, got (64, 400000000000.0)")
 
 
 # --- a model larger than the machine --------------------------------------------------------
 
-def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(tmp_path):
+def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(tmp_path, train_here):
     job = tmp_path / "job.toml"
     job.write_text(HUGE_LINEAR)
-    result = run(["--config", str(job), "--output", str(tmp_path / "out")])
+    result = train_here(["--config", str(job), "--output", str(tmp_path / "out")])
     # Before: numpy's MemoryError "Unable to allocate 186. TiB", as a traceback.
     assert_one_error_line(result, "model: this job needs about 618 TB of memory per rank",
                           "26,000,000,000,000 parameters", "available (MemAvailable in /proc/meminfo)")
     assert not (tmp_path / "out").exists()  # refused before the output directory is touched
 
 
-def test_an_mlp_shorthand_larger_than_memory_is_refused_naming_layers():
-    assert_one_error_line(run(["--layers", "64,400000000000,10"]),
+def test_an_mlp_shorthand_larger_than_memory_is_refused_naming_layers(train_here):
+    assert_one_error_line(train_here(["--layers", "64,400000000000,10"]),
                           "layers: this job needs about 854 TB of memory per rank", "30,000,000,000,010 parameters")
 
 
@@ -138,19 +158,19 @@ def test_example_jobs_are_far_from_the_memory_bound():
 
 # --- the output directory -------------------------------------------------------------------
 
-def test_an_output_lock_that_is_a_directory(tmp_path):
+def test_an_output_lock_that_is_a_directory(tmp_path, train_here):
     (tmp_path / LOCK_NAME).mkdir()
     with pytest.raises(ValueError, match=f"its lock '{tmp_path / LOCK_NAME}' is a directory, not the lock file"):
         OutputLock.acquire(tmp_path)
     assert (tmp_path / LOCK_NAME).is_dir()
-    result = run(["--max-steps", "1", "--output", str(tmp_path)])
+    result = train_here(["--max-steps", "1", "--output", str(tmp_path)])
     assert_one_error_line(result, "is a directory, not the lock file a job writes")
 
 
-def test_an_output_that_is_a_dangling_symbolic_link(tmp_path):
+def test_an_output_that_is_a_dangling_symbolic_link(tmp_path, train_here):
     output = tmp_path / "out"
     output.symlink_to(tmp_path / "gone")
-    result = run(["--max-steps", "1", "--output", str(output)])
+    result = train_here(["--max-steps", "1", "--output", str(output)])
     assert_one_error_line(result, f"output directory '{output}' is a symbolic link to '{tmp_path / 'gone'}', "
                                   f"which does not exist")
 
@@ -270,9 +290,9 @@ def test_a_checkpoint_that_is_a_pipe_is_refused_at_once(tmp_path):
                                      f"device), so not an .npz file"), result.stderr
 
 
-def test_a_text_jobs_batch_is_counted_whole(tmp_path):
+def test_a_text_jobs_batch_is_counted_whole(tmp_path, train_here):
     # A text's windows are drawn with replacement: a batch larger than the text is that large.
-    result = run(["--config", str(tiny_text_job(tmp_path)), "--batch-size", str(10**12), "--max-steps", "1"])
+    result = train_here(["--config", str(tiny_text_job(tmp_path)), "--batch-size", str(10**12), "--max-steps", "1"])
     # Before: the estimate counted 1,576 windows, and the sampler's allocation failed in a traceback.
     assert_one_error_line(result, "model: this job needs about", "activations of 1000000000000 samples")
 
@@ -336,23 +356,23 @@ def test_the_python_api_given_a_comm_that_is_not_one(comm):
     ("--output", "output directory '{name}' cannot be used: File name too long"),
     ("--timeline", "timeline: '{name}' cannot be written: File name too long"),
 ])
-def test_a_file_name_too_long_is_named_with_its_option(tmp_path, option, words):
+def test_a_file_name_too_long_is_named_with_its_option(tmp_path, option, words, train_here):
     name = str(tmp_path / ("n" * 300))
-    result = run([option, name, "--max-steps", "1"])
+    result = train_here([option, name, "--max-steps", "1"])
     # Before: "rank 0: OSError: [Errno 36] File name too long: '…'", naming no option.
     assert_one_error_line(result, words.format(name=name))
 
 
-def test_a_job_file_with_a_config_key_is_named_once(tmp_path):
+def test_a_job_file_with_a_config_key_is_named_once(tmp_path, train_here):
     job = tmp_path / "job.toml"
     job.write_text('config = "other.toml"\n')
-    result = run(["--config", str(job)])
+    result = train_here(["--config", str(job)])
     # Before: "config file '…': config file '…': unknown key(s) 'config'" (the key looked like the prefix).
     assert_one_error_line(result, f"mnn-train: error: config file '{job}': unknown key(s) 'config'; valid keys are")
 
 
 @pytest.mark.parametrize("option", ["--output", "--dataset", "--timeline"])
-def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option):
+def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option, train_here):
     name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")  # a Latin-1 name, as a shell passes it
     output = [] if option == "--output" else ["--output", str(tmp_path / "out")]
     if option == "--dataset":
@@ -360,7 +380,7 @@ def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option):
         name += ".npz"
         np.savez(os.fsdecode(os.fsencode(name)), x_train=rng.normal(size=(8, 64)), y_train=rng.integers(0, 10, 8),
                  x_test=rng.normal(size=(4, 64)), y_test=rng.integers(0, 10, 4))
-    result = run([option, name, "--max-steps", "1", *output])
+    result = train_here([option, name, "--max-steps", "1", *output])
     # Before (--output): exit 1 once training had started, "cannot write …: UnicodeEncodeError" from config.toml.
     assert_one_error_line(result, f"{option[2:]}: expected a path that is UTF-8 text (the run records it in "
                                   f"config.toml and its checkpoints), got {name!r}")
@@ -497,15 +517,15 @@ def test_generate_stopped_by_a_signal_says_how_far_it_got(tmp_path, signum):
     assert stderr.decode().strip().startswith("mnn-generate: interrupted after "), stderr[-3000:]
 
 
-def test_an_empty_config_option_is_named_as_empty(tmp_path):
-    result = run(["--config", "", "--max-steps", "1"])
+def test_an_empty_config_option_is_named_as_empty(tmp_path, train_here):
+    result = train_here(["--config", "", "--max-steps", "1"])
     # Before: "config file '.' is a directory, not a TOML job file".
     assert_one_error_line(result, "config file", "empty")
 
 
-def test_a_gpt_vocab_smaller_than_the_texts_characters_is_a_bad_job(tmp_path):
+def test_a_gpt_vocab_smaller_than_the_texts_characters_is_a_bad_job(tmp_path, train_here):
     job = tiny_text_job(tmp_path)
     job.write_text(job.read_text() + "vocab = 5\n")
-    result = run(["--config", str(job), "--max-steps", "1"])
+    result = train_here(["--config", str(job), "--max-steps", "1"])
     # Before: the first step failed in training: "EmbeddingLayer: expected token ids in [0, 5), got id 27".
     assert_one_error_line(result, "model.gpt: vocab = 5, fewer than the 28 characters of the text")
