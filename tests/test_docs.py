@@ -22,12 +22,10 @@ import ast
 import importlib
 import inspect
 import io
-import os
 import pkgutil
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 import tokenize
 from pathlib import Path
@@ -36,6 +34,7 @@ import pytest
 
 import mnn
 import mnn.distributed
+from processes import exit_status, run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,8 +172,8 @@ def test_docs_build_with_math_on_every_page(tmp_path):
     source = tmp_path / "docs"
     shutil.copytree(DOCS, source, ignore=shutil.ignore_patterns("_build", "api"))
     html = tmp_path / "html"
-    build = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", str(source), str(html)],
-                           capture_output=True, text=True)
+    build = run(["-W", "-q", "-b", "html", str(source), str(html)], command=[sys.executable, "-m", "sphinx"],
+                timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr
 
     conf = runpy.run_path(str(source / "conf.py"))
@@ -304,22 +303,23 @@ def test_the_link_checker_finds_a_broken_link(tmp_path):
                                             "a.md: a.md#nowhere: no heading with anchor #nowhere"]
 
 
-def _help_options(program):
-    """The options ``program --help`` lists (its option lines, indented by two spaces), less -h/--help."""
-    run = subprocess.run([str(Path(sys.executable).parent / program), "--help"], capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+def _help_options(program, capsys):
+    """The options ``program --help`` lists (its option lines, indented by two spaces), less -h/--help.
+    Its ``main`` runs in this process: --help needs no process of its own."""
+    module = importlib.import_module(f"mnn.scripts.{program.removeprefix('mnn-')}")
+    capsys.readouterr()
+    assert exit_status(module.main, ["--help"]) == 0
     options = set()
-    for line in run.stdout.splitlines():
+    for line in capsys.readouterr().out.splitlines():
         if re.match(r"  -", line):
             options.update(_OPTION.findall(re.split(r"\s{2,}", line.strip())[0]))
     return options - {"-h", "--help"}
 
 
-@pytest.fixture(scope="module")
-def accepted_options():
-    """Each program's options, read from its ``--help`` (the programs are installed with mnn)."""
-    return {program: _help_options(program) for program in PROGRAMS}
+@pytest.fixture
+def accepted_options(capsys):
+    """Each program's options, read from its ``--help``."""
+    return {program: _help_options(program, capsys) for program in PROGRAMS}
 
 
 def _sections(text, level="## "):
