@@ -164,6 +164,7 @@ def test_the_checker_finds_a_missing_citation():
     assert uncited_class_tags(_HalfCited) == [r"_HalfCited.backward: \tag{2} is not cited by '# Eq. (2)'"]
 
 
+@pytest.mark.slow  # a whole Sphinx build: 5 s on an idle 2-core machine, 20 s under load
 def test_docs_build_with_math_on_every_page(tmp_path):
     """``sphinx-build -W`` succeeds; every layer page shows math and its backward,
     every module page exists; no ``\\tag`` is left inside ``split``/``aligned``,
