@@ -153,12 +153,12 @@ def test_sigterm_during_start_up_stops_every_rank_with_one_line(tmp_path, ranks)
     # Each rank sends itself SIGTERM while preflight loads the data.
     probe = script("""
         import os, signal
-        import mnn.distributed.training.preflight as preflight
-        load = preflight.load_dataset
+        import mnn.distributed.training.job_data as job_data
+        load = job_data.load_dataset
         def load_and_get_terminated(spec):
             os.kill(os.getpid(), signal.SIGTERM)
             return load(spec)
-        preflight.load_dataset = load_and_get_terminated
+        job_data.load_dataset = load_and_get_terminated
     """)
     result = subprocess.run(mpiexec(ranks) + probe + ["--output", str(tmp_path), "--dataset", "digits"],
                             capture_output=True, text=True, timeout=120, env=ENV)

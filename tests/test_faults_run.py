@@ -210,13 +210,13 @@ def test_rank_0_building_the_dataset_cache_alone_is_no_stall(tmp_path):
              y_test=digits.test.y)
     probe = script("""
         import os, time
-        import mnn.distributed.training.preflight as preflight
-        load = preflight.load_dataset
+        import mnn.distributed.training.job_data as job_data
+        load = job_data.load_dataset
         def slow_load(spec):
             if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "0":
                 time.sleep(6)
             return load(spec)
-        preflight.load_dataset = slow_load
+        job_data.load_dataset = slow_load
     """)
     result = subprocess.run(mpiexec(2) + probe + ["--dataset", str(tmp_path / "digits.npz"), "--epochs", "1",
                                                   "--stall-timeout", "2", "--output", str(tmp_path / "out")],
