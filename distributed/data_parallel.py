@@ -80,7 +80,7 @@ from mnn.distributed.ring import COMPRESSIONS, RingAllreduce
 from mnn.distributed.timeline import Timeline
 from mnn.checks import check_choice, is_int
 
-__all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES", "ALLREDUCE_ALGORITHMS", "COMPRESSIONS"]
+__all__ = ["DataParallel", "GradientBucket", "DEFAULT_BUCKET_BYTES", "ALLREDUCE_ALGORITHMS"]
 
 # Large enough that per-message latency does not dominate, small enough that a
 # net of several such layers gets several buckets to overlap with backward.

@@ -27,7 +27,8 @@ from typing import Iterator
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.job_data import is_text_job, load_job_dataset, text_context
-from mnn.model import build_net, model_size
+from mnn.distributed.training.task import build_job_net
+from mnn.model import model_size
 from mnn.scripts.arguments import at_least
 from mnn.text import CharVocab, TextDataset, generate, sample_characters
 
@@ -125,7 +126,7 @@ def _model_of(checkpoint: str) -> tuple[object, CharVocab, int]:
     if described != stored:
         raise ValueError(f"{path} does not hold the model its config describes: {described:,} parameters "
                          f"described, {stored:,} stored (the file was edited or damaged)")
-    net = build_net(config.model_description(), dtype=config.dtype)
+    net = build_job_net(config)
     net.load_state_dict(saved.model_state)
     if config.text_fingerprint is not None:
         return net, CharVocab(config.text_fingerprint["chars"]), text_context(config)
