@@ -39,6 +39,7 @@ def test_a_bad_value_on_two_ranks_is_told_once(args, message):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_two_ranks_train_through_the_compressed_ring_and_write_a_timeline(tmp_path):
     timeline = tmp_path / "timeline.json"
     result = run(["--allreduce", "ring", "--grad-compression", "fp16", "--timeline", str(timeline),

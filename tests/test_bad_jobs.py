@@ -134,6 +134,7 @@ def test_a_gpt_larger_than_the_address_space_limit_is_refused(tmp_path):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_two_ranks_are_refused_together_with_one_line(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(HUGE_LINEAR)
@@ -263,6 +264,7 @@ def tiny_text_job(tmp_path):
     return job
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_weights_are_not_in_the_runs_dtype_is_damaged(tmp_path):
     from mnn.distributed.training.checkpoint import load_checkpoint
     from mnn.io import load_arrays, save_arrays
@@ -393,6 +395,7 @@ def test_a_path_that_is_not_utf8_is_a_bad_job(tmp_path, option, train_here):
     ("momentum", "momentum.0.LinearLayer.w", np.ones((128, 64), np.int8),
      "momentum.0.LinearLayer.w: expected floating-point values, got int8"),
 ])
+@pytest.mark.slow
 def test_an_optimizer_state_a_run_never_saves_is_refused(tmp_path, optimizer, key, value, words):
     from mnn.io import load_arrays, save_arrays
     args = ["--optimizer", optimizer, "--lr", "0.001", "--output", str(tmp_path)]
@@ -405,6 +408,7 @@ def test_an_optimizer_state_a_run_never_saves_is_refused(tmp_path, optimizer, ke
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.slow
 def test_a_stdout_that_cannot_be_written_does_not_stop_training(tmp_path):
     with open("/dev/full", "w") as full:
         result = subprocess.run(TRAIN + ["--max-steps", "30", "--log-every", "1", "--output", str(tmp_path)],
@@ -450,6 +454,7 @@ def test_a_dataset_cache_file_that_is_a_pipe_is_rebuilt(tmp_path):
     assert all(cached.is_file() for cached in (tmp_path / ".cache").iterdir())
 
 
+@pytest.mark.slow
 def test_resuming_the_diverged_state_warns_of_nothing_but_the_divergence(tmp_path):
     assert run(["--lr", "1e6", "--max-steps", "50", "--output", str(tmp_path / "a")]).returncode == 1
     result = run(["--lr", "1e6", "--max-steps", "50", "--output", str(tmp_path / "b"),
@@ -464,6 +469,7 @@ def test_resuming_the_diverged_state_warns_of_nothing_but_the_divergence(tmp_pat
 
 @pytest.mark.parametrize("kind, words", [("fifo", "a named pipe (FIFO)"), ("folder", "a directory")])
 @pytest.mark.parametrize("resume", [True, False])
+@pytest.mark.slow
 def test_a_checkpoint_that_is_a_pipe_or_a_folder_in_the_output_is_named(tmp_path, kind, words, resume):
     checkpoint = tmp_path / "checkpoint.npz"
     os.mkfifo(checkpoint) if kind == "fifo" else checkpoint.mkdir()

@@ -49,6 +49,7 @@ def test_one_process_reports_every_batch_size():
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+@pytest.mark.slow
 def test_two_ranks_report_the_communication_breakdown():
     records = run_bench([*QUICK, "--no-torch"], ranks=2)
     mnn = measurements(records, "mnn")
@@ -87,6 +88,7 @@ def test_nonpositive_settings_are_usage_errors(args):
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
+@pytest.mark.slow
 def test_scaling_reports_weak_scaling_efficiency():
     records = run_bench(["--scaling", "1,2", "--repeats", "2", *QUICK, "--no-torch"])
     compare = [record for record in records if "weak_scaling_efficiency" in record]

@@ -54,6 +54,7 @@ def test_without_a_signal_the_program_runs_with_its_own_handlers_back(tmp_path):
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda signum: signum.name)
+@pytest.mark.slow
 def test_mnn_train_takes_over_a_signal_that_came_while_it_loaded(tmp_path, signum):
     body = "from mnn.scripts.train import main"
     process = start_slow_program(tmp_path, body, True)

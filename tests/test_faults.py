@@ -44,6 +44,7 @@ def script(code):
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.slow
 def test_a_usage_error_is_printed_by_one_rank(ranks):
     result = run(["--epochs", "many"], ranks=ranks)
     assert result.returncode == 2
@@ -52,6 +53,7 @@ def test_a_usage_error_is_printed_by_one_rank(ranks):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_a_global_batch_smaller_than_the_ranks_trains_and_says_so_once(tmp_path):
     result = run(["--batch-size", "2", "--max-steps", "3", "--output", str(tmp_path)], ranks=3)
     assert result.returncode == 0, result.stderr
@@ -74,6 +76,7 @@ def test_ranks_running_different_jobs_are_stopped_at_start_up(tmp_path):
 
 @needs_mpiexec
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for a BLAS of 2 threads per rank")
+@pytest.mark.slow
 def test_blas_threads_are_kept_within_the_cores_when_nobody_set_them(tmp_path):
     env = {name: value for name, value in ENV.items()
            if name not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -109,6 +112,7 @@ def test_blas_threads_are_kept_within_the_cores_when_nobody_set_them(tmp_path):
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_step_and_keeps_a_finite_checkpoint(tmp_path, ranks):
     good = run(["--epochs", "3", "--max-steps", str(STEPS_PER_EPOCH + 3), "--output", str(tmp_path)], ranks=ranks)
     assert good.returncode == 0, good.stderr
@@ -132,6 +136,7 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_a_finite_checkpoint(tmp_pat
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_on_nonfinite_skip_skips_the_updates_and_keeps_json_strict(tmp_path):
     result = run(["--epochs", "1", "--lr", "1e6", "--on-nonfinite", "skip", "--max-skipped-steps", "0",
                   "--output", str(tmp_path)], ranks=2)
@@ -149,6 +154,7 @@ def test_on_nonfinite_skip_skips_the_updates_and_keeps_json_strict(tmp_path):
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.slow
 def test_sigterm_during_start_up_stops_every_rank_with_one_line(tmp_path, ranks):
     # Each rank sends itself SIGTERM while preflight loads the data.
     probe = script("""
@@ -169,6 +175,7 @@ def test_sigterm_during_start_up_stops_every_rank_with_one_line(tmp_path, ranks)
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_sigterm_while_the_final_outputs_are_written_still_completes_the_run(tmp_path):
     probe = script("""
         import os, signal
@@ -186,6 +193,7 @@ def test_sigterm_while_the_final_outputs_are_written_still_completes_the_run(tmp
     assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_writes_the_outputs_it_missed(tmp_path):
     first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
@@ -204,6 +212,7 @@ def test_resuming_a_finished_run_writes_the_outputs_it_missed(tmp_path):
 
 # --- one output directory, one job -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_output_is_refused_and_the_first_is_untouched(tmp_path):
     first = subprocess.Popen(TRAIN + ["--epochs", "100000", "--output", str(tmp_path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**ENV, "MNN_NO_MPI": "1"})
@@ -223,6 +232,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_the_first_is_untouched(t
     assert load_checkpoint(tmp_path / "checkpoint.npz").config["epochs"] == 100000
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
@@ -233,6 +243,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_keeps_the_earlier_runs_files_and_says_so(tmp_path):
     first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
@@ -246,6 +257,7 @@ def test_a_fresh_run_keeps_the_earlier_runs_files_and_says_so(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.npz").config["seed"] == 5
 
 
+@pytest.mark.slow
 def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
     # A run checkpointed at the end of epoch 1 goes on logging epoch 2, then "crashes":
     # its epoch-1 checkpoint is all that is left, and the resumed run trains epoch 2 again.
@@ -264,6 +276,7 @@ def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
 
 # --- checkpoints that survive --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
     first = run(["--epochs", "3", "--keep-checkpoints", "2", "--output", str(tmp_path)], **no_mpi)
@@ -293,6 +306,7 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tm
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.slow
 def test_a_rank_that_sleeps_in_training_ends_the_job_with_a_stall_report(tmp_path, ranks):
     # Rank 1 falls asleep in the forward pass of step 4, as a deadlocked rank would.
     probe = script("""

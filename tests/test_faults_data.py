@@ -104,6 +104,7 @@ def test_a_gpt_resumed_with_other_sizes_names_them(copy):
            "model.gpt.n_layers: checkpoint has 1, this job 2" in error
 
 
+@pytest.mark.slow
 def test_an_mlp_resumed_with_other_layers_names_both(tmp_path):
     first = run(["--max-steps", "2", "--output", str(tmp_path)])
     assert first.returncode == 0, first.stderr
@@ -113,6 +114,7 @@ def test_an_mlp_resumed_with_other_layers_names_both(tmp_path):
 
 
 @pytest.mark.parametrize("steps", ["3", "2"])
+@pytest.mark.slow
 def test_a_resume_with_other_steps_per_epoch_is_refused(copy, steps):
     """The trial's cases: a smaller --steps-per-epoch mid-epoch said "step 4/3" and then raised
     a ValueError; at an epoch's end it blamed --max-steps."""

@@ -46,6 +46,7 @@ def small_tmpfs(tmp_path, size):
 # --- a run that diverges -------------------------------------------------------------------------
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_a_diverging_resumed_run_leaves_its_checkpoint_and_the_suggested_resume_trains(tmp_path):
     good = run(["--epochs", "2", "--output", str(tmp_path)], ranks=2)
     assert good.returncode == 0, good.stderr
@@ -94,6 +95,7 @@ def test_skipping_stops_after_max_skipped_steps_in_a_row(tmp_path):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_a_run_whose_every_step_is_skipped_fails_and_a_run_with_some_says_how_many(tmp_path):
     probe = script("""
         import math
@@ -122,6 +124,7 @@ def test_a_run_whose_every_step_is_skipped_fails_and_a_run_with_some_says_how_ma
 # --- the timeline ------------------------------------------------------------------------------------
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_the_timeline_never_overwrites_a_checkpoint_or_a_file_it_did_not_write(tmp_path):
     first = run(["--epochs", "1", "--output", str(tmp_path)], ranks=2)
     assert first.returncode == 0, first.stderr
@@ -144,6 +147,7 @@ def test_the_timeline_never_overwrites_a_checkpoint_or_a_file_it_did_not_write(t
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_a_full_disk_under_the_timeline_costs_the_timeline_not_the_run(tmp_path):
     with small_tmpfs(tmp_path, "12k") as full:
         result = run(["--epochs", "5", "--output", str(tmp_path / "out"), "--timeline", str(full / "timeline.json")],
@@ -159,6 +163,7 @@ def test_a_full_disk_under_the_timeline_costs_the_timeline_not_the_run(tmp_path)
 # --- the output directory ------------------------------------------------------------------------------
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_an_output_directory_that_turns_read_only_stops_the_run_with_one_line(tmp_path):
     with small_tmpfs(tmp_path, "8m") as disk:
         output = disk / "out"
@@ -185,6 +190,7 @@ def test_an_output_directory_that_turns_read_only_stops_the_run_with_one_line(tm
         assert load_checkpoint(output / "checkpoint.npz").position.epochs_done >= 1
 
 
+@pytest.mark.slow
 def test_a_metrics_line_that_is_not_utf8_does_not_block_resume(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
     assert run(["--epochs", "1", "--output", str(tmp_path)], **no_mpi).returncode == 0
@@ -201,6 +207,7 @@ def test_a_metrics_line_that_is_not_utf8_does_not_block_resume(tmp_path):
 # --- rank 0 working alone --------------------------------------------------------------------------
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_rank_0_building_the_dataset_cache_alone_is_no_stall(tmp_path):
     # The dataset cache is built by rank 0 while the others wait; here it takes three
     # stall timeouts.

@@ -217,6 +217,7 @@ def test_sigterm_after_training_while_the_ranks_exit_still_exits_0(tmp_path):
 @needs_mpi
 @needs_proc
 @pytest.mark.parametrize("launched", [True, False], ids=["mnn-launch", "one-process"])
+@pytest.mark.slow
 def test_a_closed_stdout_does_not_stop_training(tmp_path, launched):
     """``mnn-launch ... | head -3``: hydra died of SIGPIPE (exit 141) and prterun aborted the
     job; a lone mnn-train died of BrokenPipeError. The run goes on to its end."""

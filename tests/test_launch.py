@@ -725,6 +725,7 @@ def test_mnn_launch_runs_open_mpi_as_root():
 
 @needs_mpi
 @pytest.mark.parametrize("silent_hosts", [1, 2], ids=["2-ranks", "3-ranks"])
+@pytest.mark.slow
 def test_a_host_that_does_not_answer_is_named_and_nothing_starts(tmp_path, silent_hosts):
     """Without the ssh check the launcher waits for such a host forever, printing nothing."""
     ssh, marker = write_remote_shell(tmp_path, answers=False)
@@ -746,6 +747,7 @@ def test_a_host_that_does_not_answer_is_named_and_nothing_starts(tmp_path, silen
 
 
 @needs_mpi
+@pytest.mark.slow
 def test_check_names_a_host_that_does_not_answer_and_leaves_nothing(tmp_path):
     ssh, marker = write_remote_shell(tmp_path, answers=False)
     host = OTHER_HOSTS[0]
@@ -760,6 +762,7 @@ def test_check_names_a_host_that_does_not_answer_and_leaves_nothing(tmp_path):
 
 
 @needs_mpi
+@pytest.mark.slow
 def test_check_stops_a_hello_that_hangs_and_leaves_nothing(tmp_path):
     """The host answers ssh, but the launcher's daemon there never starts: --check gives up after
     --start-timeout and stops everything the launcher started (hydra used to leave its ssh running)."""

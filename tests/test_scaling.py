@@ -42,6 +42,7 @@ def tiny_run(tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_a_progress_line_per_run(tiny_run):
     _, stdout = tiny_run
     progress = [line for line in stdout.splitlines() if line.startswith("[")]
@@ -50,6 +51,7 @@ def test_tiny_run_prints_a_progress_line_per_run(tiny_run):
     assert "wrote report.md" in stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_one_csv_row_per_rank_count(tiny_run):
     out, _ = tiny_run
     with (out / "results.csv").open() as file:
@@ -65,6 +67,7 @@ def test_tiny_run_writes_one_csv_row_per_rank_count(tiny_run):
     assert float(rows[1]["efficiency"]) == pytest.approx(float(rows[1]["speedup"]) / 2, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_record_as_json(tiny_run):
     out, _ = tiny_run
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -84,6 +87,7 @@ def test_tiny_run_writes_every_record_as_json(tiny_run):
     assert {record["network"] for record in projection} >= set(NETWORKS)
 
 
+@pytest.mark.slow
 def test_tiny_run_report_has_machine_tables_and_assumptions(tiny_run):
     out, _ = tiny_run
     report = (out / "report.md").read_text()
@@ -97,6 +101,7 @@ def test_tiny_run_report_has_machine_tables_and_assumptions(tiny_run):
     assert table and table[0].count("|") == 13
 
 
+@pytest.mark.slow
 def test_tiny_run_draws_the_plots_with_matplotlib(tiny_run):
     pytest.importorskip("matplotlib")
     out, _ = tiny_run

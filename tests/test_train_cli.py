@@ -34,6 +34,7 @@ def two_rank_run_fixture(tmp_path_factory):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_two_ranks_learn_digits_and_write_every_output(two_rank_run):
     result, output, _ = two_rank_run
     assert result.returncode == 0, result.stderr
@@ -67,6 +68,7 @@ def test_two_ranks_learn_digits_and_write_every_output(two_rank_run):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_written_config_is_the_resolved_job(two_rank_run):
     result, output, job = two_rank_run
     assert result.returncode == 0, result.stderr
@@ -77,6 +79,7 @@ def test_written_config_is_the_resolved_job(two_rank_run):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_unwritable_output_fails_before_training(tmp_path):
     # Below a regular file no directory can be made, even by root.
     (tmp_path / "file").write_text("")
@@ -88,6 +91,7 @@ def test_unwritable_output_fails_before_training(tmp_path):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_layers_not_matching_the_dataset_fail_cleanly_on_two_ranks():
     result = run(["--layers", "784,10"], ranks=2)
     assert result.returncode == 2
@@ -112,6 +116,7 @@ def test_single_process_without_mpi4py_gives_the_same_summary(tmp_path):
     assert summary["world_size"] == 1 and summary["steps"] == 23
 
 
+@pytest.mark.slow
 def test_single_process_summary_has_the_shape_of_the_mpi_one(tmp_path, two_rank_run):
     result = run(["--layers", "64,32,10", "--epochs", "1", "--output", str(tmp_path)],
                  MNN_NO_MPI="1")
@@ -148,6 +153,7 @@ def test_non_finite_numbers_are_configuration_errors(option, capsys):
     assert "expected a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
     # The example's own output must not be the one `make train` writes (runs/digits),
     # and running it twice must train twice, not "resume" a finished run.
@@ -162,6 +168,7 @@ def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
         assert summary["test_accuracy"] >= 0.97
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path):
     assert run(["--epochs", "2", "--output", str(tmp_path)], MNN_NO_MPI="1").returncode == 0
     result = run(["--epochs", "2", "--output", str(tmp_path), "--resume"], MNN_NO_MPI="1")
@@ -315,6 +322,7 @@ def test_open_mpi_mpiexec_aborts_on_a_signal(tmp_path, signum):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_under_mnn_launch_exits_130_with_one_line(tmp_path):
     """The user's way: mnn-launch in a terminal, Ctrl-C. The terminal signals mnn-launch's process
     group; whatever the MPI, every rank stops after the same step and mnn-train says so once."""
@@ -408,6 +416,7 @@ def test_bad_dataset_files_fail_cleanly_on_two_ranks(tmp_path, make_file, messag
 
 @needs_mpiexec
 @pytest.mark.parametrize("progress, bar_expected", [("bar", True), ("lines", False), (None, False)])
+@pytest.mark.slow
 def test_progress_bar_follows_mnn_progress_under_mpiexec(progress, bar_expected):
     """Under mpiexec a rank's stderr is a pipe: mnn-launch's MNN_PROGRESS=bar asks for the bar."""
     env = {} if progress is None else {"MNN_PROGRESS": progress}
@@ -422,6 +431,7 @@ def test_progress_bar_follows_mnn_progress_under_mpiexec(progress, bar_expected)
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_described_attention_classifier_trains_on_two_ranks_with_mnn_launch(tmp_path):
     result = subprocess.run(LAUNCH + ["-n", "2", "--"] + TRAIN + [
         "--config", str(EXAMPLES / "attention.toml"), "--epochs", "8", "--output", str(tmp_path)],
@@ -436,6 +446,7 @@ def test_described_attention_classifier_trains_on_two_ranks_with_mnn_launch(tmp_
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_python_api_custom_net_trains_on_two_ranks_with_mnn_launch(tmp_path):
     result = subprocess.run(LAUNCH + ["-n", "2", "--", sys.executable, str(EXAMPLES / "custom_net.py"),
                                       "--epochs", "6", "--output", str(tmp_path)],
@@ -448,6 +459,7 @@ def test_python_api_custom_net_trains_on_two_ranks_with_mnn_launch(tmp_path):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_mistake_in_a_model_description_stops_both_ranks_with_one_message(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text((EXAMPLES / "attention.toml").read_text().replace('shape = [64, 64]', 'shape = [60, 64]'))
