@@ -118,10 +118,12 @@ def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
     tail = lines.pop()  # after the last newline
     out, notice = [], None
     for line in lines:
+        if _TEARDOWN_NOISE.match(line):  # other processes write it, inside a notice too
+            continue
         if notice is None:
             if line.startswith(_RULE):
                 notice = [line]
-            elif not _TEARDOWN_NOISE.match(line):
+            else:
                 out.append(line)
         elif len(notice) == 1:
             if line.startswith(_RULE):  # the first rule closed something else
