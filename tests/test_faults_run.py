@@ -191,6 +191,7 @@ def test_an_output_directory_that_turns_read_only_stops_the_run_with_one_line(tm
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_a_metrics_line_that_is_not_utf8_does_not_block_resume(tmp_path):
     no_mpi = {"MNN_NO_MPI": "1"}
     assert run(["--epochs", "1", "--output", str(tmp_path)], **no_mpi).returncode == 0

@@ -129,6 +129,7 @@ def test_single_process_summary_has_the_shape_of_the_mpi_one(tmp_path, two_rank_
     assert alone["timings"].keys() == distributed["timings"].keys()
 
 
+@pytest.mark.without_mpi
 def test_output_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "afile").write_text("")
     result = run(["--epochs", "1", "--output", str(tmp_path / "afile")], MNN_NO_MPI="1")
@@ -154,6 +155,7 @@ def test_non_finite_numbers_are_configuration_errors(option, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
     # The example's own output must not be the one `make train` writes (runs/digits),
     # and running it twice must train twice, not "resume" a finished run.
@@ -169,6 +171,7 @@ def test_example_job_trains_afresh_each_time_and_learns_digits(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.without_mpi
 def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path):
     assert run(["--epochs", "2", "--output", str(tmp_path)], MNN_NO_MPI="1").returncode == 0
     result = run(["--epochs", "2", "--output", str(tmp_path), "--resume"], MNN_NO_MPI="1")
@@ -177,6 +180,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path):
                              f"of 2: nothing left to train; raise --epochs to train further\n")
 
 
+@pytest.mark.without_mpi
 def test_partial_last_epoch_is_labelled_as_such(tmp_path):
     # 23 steps per epoch: 30 steps are epoch 1 and 7 steps of epoch 2.
     result = run(["--epochs", "2", "--max-steps", "30", "--output", str(tmp_path)],
@@ -186,6 +190,7 @@ def test_partial_last_epoch_is_labelled_as_such(tmp_path):
     assert evaluations == ["epoch 1/2", "epoch 2/2 (partial, step 7/23)"]
 
 
+@pytest.mark.without_mpi
 def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path):
     # SIGINT as the default action (a shell may start background jobs ignoring it).
     process = subprocess.Popen(
