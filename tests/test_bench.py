@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processes import MPIEXEC
+from mnn.scripts.bench import main
+from processes import MPIEXEC, exit_status
 
 QUICK = ["--batch", "8,32", "--rounds", "2", "--target-ms", "5"]
 BASE_KEYS = {"impl", "ranks", "batch_per_rank", "ms_per_step", "samples_per_s", "peak_rss_mb"}
@@ -72,19 +73,15 @@ def test_pytorch_side_by_side_when_installed():
     assert compare and compare[0]["throughput_ratio"] > 0
 
 
-def test_bad_batch_list_is_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "mnn.scripts.bench", "--batch", "0,x"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "expected" in result.stderr
+def test_bad_batch_list_is_a_usage_error(capsys):
+    assert exit_status(main, ["--batch", "0,x"]) == 2
+    assert "expected" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--target-ms", "-5"], ["--target-ms", "nan"]])
-def test_nonpositive_settings_are_usage_errors(args):
-    result = subprocess.run([sys.executable, "-m", "mnn.scripts.bench", *args],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "expected a positive" in result.stderr
+def test_nonpositive_settings_are_usage_errors(args, capsys):
+    assert exit_status(main, args) == 2
+    assert "expected a positive" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
