@@ -63,7 +63,7 @@ from mnn.distributed.experiments.bench import (measure, mlp_steps, peak_rss_mb, 
 from mnn.distributed.experiments.collectives import measure_allreduce
 from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_steps
 from mnn.distributed.experiments.gpt_quality import QualityRun, compare
-from mnn.distributed.experiments.scaling_driver import ChildJobs, turns
+from mnn.distributed.experiments.scaling.driver import ChildJobs, turns
 from mnn.distributed.experiments.timing import Spread
 from mnn.distributed.launch import LaunchSettings
 from mnn.scripts.arguments import at_least, int_list, positive
@@ -144,7 +144,7 @@ def _run_scaling(args):
     weak-scaling speed-up of each rank count against the first.
 
     The runs start through mnn-scaling's driver
-    (:class:`~mnn.distributed.experiments.scaling_driver.ChildJobs`: the
+    (:class:`~mnn.distributed.experiments.scaling.driver.ChildJobs`: the
     launcher's plan, as ``mnn-launch -n N`` runs), the rank counts taking turns
     ``--repeats`` times (1, 2, 1, 2, ...), so a machine that slows down for a
     while slows each count alike. With ``--wait-idle`` each run starts only

@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 
 from mnn.distributed.experiments.costmodel import NETWORKS, Network
-from mnn.distributed.experiments.scaling import DEFAULT_RUN_TIMEOUT_S, MODES, ScalingSettings, load_experiment
-from mnn.distributed.experiments.scaling_driver import run_experiment
-from mnn.distributed.experiments.scaling_report import write_outputs
+from mnn.distributed.experiments.scaling.settings import DEFAULT_RUN_TIMEOUT_S, MODES, ScalingSettings, load_experiment
+from mnn.distributed.experiments.scaling.driver import run_experiment
+from mnn.distributed.experiments.scaling.report import write_outputs
 from mnn.distributed.launch import DEFAULT_START_TIMEOUT_S, parse_hostfile, parse_hosts
 from mnn.scripts.arguments import at_least, int_list, positive
 

@@ -181,7 +181,7 @@ def test_the_checker_finds_wrong_imports(importer, imported, problem):
     ("mnn.distributed.launch.plan", "mnn.distributed.launch.hosts"),
     ("mnn.distributed.launch.plan", "mnn.distributed.environment"),
     ("mnn.distributed.training.config", "mnn.distributed.data_parallel"),
-    ("mnn.distributed.experiments.scaling", "mnn.distributed.launch.plan"),
+    ("mnn.distributed.experiments.scaling.settings", "mnn.distributed.launch.plan"),
     ("mnn.distributed.experiments.bench", "mnn.distributed.training.task"),
     ("mnn.distributed.comm", "mnn.checks"),
     ("mnn.layer.loss", "mnn.layer.softmax._check_axis"),  # a private name of a sibling module

@@ -18,9 +18,9 @@ import pytest
 from mnn.distributed.experiments.collectives import available_allreduces
 from mnn.distributed.experiments.costmodel import NETWORKS
 from mnn.distributed.launch import MpiSetup
-from mnn.distributed.experiments.scaling import Experiment, Point, ScalingSettings, build_workload, summarise
-from mnn.distributed.experiments.scaling_driver import ChildJobs, capacity, turns, worker_command
-from mnn.distributed.experiments import scaling_report
+from mnn.distributed.experiments.scaling.settings import Experiment, Point, ScalingSettings, build_workload, summarise
+from mnn.distributed.experiments.scaling.driver import ChildJobs, capacity, turns, worker_command
+from mnn.distributed.experiments.scaling import report as scaling_report
 from mnn.scripts.scaling import main, parse_settings
 from processes import MPIEXEC
 
@@ -166,7 +166,7 @@ def test_each_run_is_the_plan_mnn_launch_would_make_under_slurm():
     mpi = MpiSetup("4.1", "MPICH", "mpich", "/usr/bin/mpiexec")
     plan = ChildJobs(settings.launch_settings(), env, mpi).plan(4, worker_command("point", {"a": 1}))
     assert plan.argv[:3] == ["srun", "-n", "4"]
-    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling_worker"]
+    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling.worker"]
     assert capacity(settings, env) == 8
 
 

@@ -45,7 +45,7 @@ from mnn.text import TextDataset, load_text
 from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.experiments.gpt_bench import GptSizes, build_gpt, torch_gpt
 from mnn.distributed.sampler import DrawnBatchSampler
-from mnn.distributed.experiments.scaling_report import plots_available
+from mnn.distributed.experiments.scaling.report import plots_available
 from mnn.distributed.training.task import EVAL_WINDOWS, choose_task, evaluate
 
 __all__ = ["QualityRun", "train_curve", "compare", "IMPLEMENTATIONS", "TARGET"]

@@ -16,7 +16,7 @@ from mnn.distributed.experiments.collectives import (
     run_collectives,
 )
 from mnn.distributed.comm import get_communicator
-from mnn.distributed.experiments.scaling_worker import measure_point
+from mnn.distributed.experiments.scaling.worker import measure_point
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ parses the command line into :class:`ScalingSettings`; the parts are:
   the baseline of the *same* turn), the cost model's prediction of the
   measured points and projection to more ranks, and :func:`load_experiment`,
   which reads a stored experiment back;
-* :mod:`~mnn.distributed.experiments.scaling_driver`: runs an experiment, each
+* :mod:`~mnn.distributed.experiments.scaling.driver`: runs an experiment, each
   rank count one child job started through the launcher's plan, the rank
   counts taking turns (1, 2, 1, 2, ...) so a machine that slows down for a
   while slows every count alike;
-* :mod:`~mnn.distributed.experiments.scaling_worker`: what each rank of a
+* :mod:`~mnn.distributed.experiments.scaling.worker`: what each rank of a
   child job runs;
-* :mod:`~mnn.distributed.experiments.scaling_report` and
-  :mod:`~mnn.distributed.experiments.scaling_plots`: ``results.csv``,
+* :mod:`~mnn.distributed.experiments.scaling.report` and
+  :mod:`~mnn.distributed.experiments.scaling.plots`: ``results.csv``,
   ``results.jsonl``, ``report.md`` and the plots.
 
 A rank count larger than the cores available (or the slots of the hosts) is
@@ -191,8 +191,8 @@ class Point:
 
 @dataclass
 class Experiment:
-    """What :func:`~mnn.distributed.experiments.scaling_driver.run_experiment` measured and derived
-    (or :func:`load_experiment` read back); :mod:`~mnn.distributed.experiments.scaling_report` writes it out."""
+    """What :func:`~mnn.distributed.experiments.scaling.driver.run_experiment` measured and derived
+    (or :func:`load_experiment` read back); :mod:`~mnn.distributed.experiments.scaling.report` writes it out."""
 
     settings: ScalingSettings
     machine: dict

@@ -23,7 +23,7 @@ from mnn.distributed.experiments.costmodel import (
     bandwidth_bound_efficiency,
     describe_algorithm,
 )
-from mnn.distributed.experiments.scaling import (
+from mnn.distributed.experiments.scaling.settings import (
     Experiment,
     model_networks,
     predict_points,
@@ -69,7 +69,7 @@ def write_outputs(experiment: Experiment, log: Callable[[str], None] = print) ->
         experiment.notes.append("plots skipped: matplotlib is not installed (pip install 'mnn[plot]')")
         log(experiment.notes[-1])
         return [_write_report(experiment, predictions, projections, out / "report.md", written)] + written
-    from mnn.distributed.experiments import scaling_plots
+    from mnn.distributed.experiments.scaling import plots as scaling_plots
 
     try:
         written += scaling_plots.draw_all(experiment, predictions, projections, out)

@@ -1,14 +1,14 @@
 """The weak- and strong-scaling driver: runs each rank count as a child job through the launcher's plan.
 
 :func:`run_experiment` runs the experiment of a
-:class:`~mnn.distributed.experiments.scaling.ScalingSettings`:
+:class:`~mnn.distributed.experiments.scaling.settings.ScalingSettings`:
 
 1. each rank count is one child job, started as ``mnn-launch -n N`` starts
    jobs (:class:`ChildJobs`, through :func:`mnn.distributed.launch.build_command`:
    ``srun`` inside a SLURM allocation, else the ``mpiexec`` that belongs to
    mpi4py, with ``--hosts``/``--hostfile`` when given, ``--allow-run-as-root``
    and ``--oversubscribe`` where Open MPI needs them). Its ranks run the
-   worker (:mod:`mnn.distributed.experiments.scaling_worker`), which trains
+   worker (:mod:`mnn.distributed.experiments.scaling.worker`), which trains
    the MLP for a number of steps and prints one result line on rank 0;
 2. rank counts take turns, ``--repeats`` times (1, 2, 1, 2, ...: :func:`turns`),
    so a machine that slows down for a while slows every count alike;
@@ -18,7 +18,7 @@
 
 ``mnn-bench --scaling`` starts its runs with the same :class:`ChildJobs` and
 :func:`turns`: there is one way here to start a job on N ranks. Nothing is
-written here: :mod:`mnn.distributed.experiments.scaling_report` writes the
+written here: :mod:`mnn.distributed.experiments.scaling.report` writes the
 experiment out.
 """
 
@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mnn.distributed.environment import THREAD_VARIABLES
-from mnn.distributed.experiments import scaling_worker
+from mnn.distributed.experiments.scaling import worker as scaling_worker
 from mnn.distributed.experiments.collectives import ALLREDUCE_NAMES, available_allreduces
-from mnn.distributed.experiments.scaling import (
+from mnn.distributed.experiments.scaling.settings import (
     DEFAULT_RUN_TIMEOUT_S,
     Experiment,
     Point,

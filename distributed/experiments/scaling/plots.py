@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mnn.distributed.experiments.scaling import STEP_PARTS, Experiment  # noqa: E402
+from mnn.distributed.experiments.scaling.settings import STEP_PARTS, Experiment  # noqa: E402
 
 __all__ = ["draw_all"]
 

@@ -1,10 +1,10 @@
 """The worker of a scaling experiment: what every rank of one of ``mnn-scaling``'s child jobs runs.
 
-The driver (:mod:`mnn.distributed.experiments.scaling_driver`) starts each
+The driver (:mod:`mnn.distributed.experiments.scaling.driver`) starts each
 child job through the launcher's plan; every rank then runs::
 
-    python -m mnn.distributed.experiments.scaling_worker point SPEC
-    python -m mnn.distributed.experiments.scaling_worker collectives SPEC
+    python -m mnn.distributed.experiments.scaling.worker point SPEC
+    python -m mnn.distributed.experiments.scaling.worker collectives SPEC
 
 ``SPEC`` is a JSON object. ``point`` trains the MLP of the spec for a number
 of steps and times it (:func:`measure_point`); ``collectives`` runs the
