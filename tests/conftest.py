@@ -2,12 +2,31 @@
 
 Every gradient test goes through ``numerical_gradient`` (central differences),
 directly or via ``assert_layer_gradients``, so there is one reference to trust.
+
+Every pytest process (each xdist worker, each rank of the MPI suite) gives the
+processes it starts a temporary directory of their own (``TMPDIR``): ``make test``
+runs several suites at once, and Open MPI's launcher keeps its session directory
+and PMIx rendezvous sockets under ``TMPDIR``; two launchers sharing it now and then
+failed to start ("The PMIx server's listener thread failed to start").
 """
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 from mnn.layer import LossLayer
+
+
+def pytest_configure(config):
+    # Short (a Unix socket's path must fit in 108 bytes) and removed at the end.
+    config._mnn_tmpdir = tempfile.mkdtemp(prefix="mnn-")
+    os.environ["TMPDIR"] = config._mnn_tmpdir
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config._mnn_tmpdir, ignore_errors=True)
 
 
 def numerical_gradient(loss, array, step=1e-6):
