@@ -19,7 +19,7 @@ The core's public names are importable from here, loaded on first use (PEP 562),
 so that importing a subpackage (the launcher) does not load NumPy. Importing this
 package never imports mpi4py: ``get_communicator()`` does, when needed.
 """
-import importlib
+from mnn.lazy import lazy_names
 
 _SOURCES = {
     **dict.fromkeys(["Communicator", "MPICommunicator", "SingleProcessCommunicator", "Request",
@@ -31,14 +31,4 @@ _SOURCES = {
 
 __all__ = list(_SOURCES)
 
-
-def __getattr__(name: str) -> object:
-    if name not in _SOURCES:
-        raise AttributeError(f"module 'mnn.distributed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, globals())

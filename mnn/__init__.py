@@ -4,7 +4,7 @@ NumPy layers whose backward passes are derived by hand (the math is in each
 docstring), a ``SequentialLayers`` container and optimizers. The data-parallel
 trainer lives in ``mnn.distributed``; this package never imports MPI.
 """
-import importlib
+from mnn.lazy import lazy_names
 
 # The names are loaded on first use (PEP 562), not when ``mnn`` is imported: the
 # console scripts live in this package (``mnn.scripts``) and hold Ctrl-C, SIGTERM
@@ -21,14 +21,4 @@ _SOURCES = {
 
 __all__ = list(_SOURCES)
 
-
-def __getattr__(name: str) -> object:
-    if name not in _SOURCES:
-        raise AttributeError(f"module 'mnn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, globals())
