@@ -56,6 +56,7 @@ from mnn.distributed.launch.process import run_with_timeout
 __all__ = ["ChildJobs", "turns", "worker_command", "capacity", "machine_description",
            "run_experiment"]
 
+
 def child_environment(env: Mapping[str, str], threads_per_rank: int) -> dict[str, str]:
     """``env`` with the BLAS/OpenMP thread variables set to ``threads_per_rank`` (the launcher
     passes variables that are set on unchanged)."""
