@@ -1,4 +1,4 @@
-"""mnn.distributed: everything that knows about ranks, in four parts.
+"""mnn.distributed: everything that knows about ranks, in five parts.
 
 - this folder, the data-parallel core: communicators (``comm``), the global batch
   sampler (``sampler``), the ``DataParallel`` wrapper (``data_parallel``) and its ring
@@ -9,11 +9,13 @@
   It imports the core and ``mnn``.
 - ``launch/``: what mnn-launch does (hosts, MPI, the job's command, its processes).
   It imports nothing of mnn but the core's ``environment``, so it starts without NumPy.
+- ``cluster/``: a cluster of hosts on one machine (network namespaces with their own
+  sshd), to rehearse and test jobs across hosts. The standard library only.
 - ``experiments/``: benchmarks, scaling runs, the cost model and their reports. They
   import all of the above.
 
 Imports point one way, ``experiments -> training -> core -> mnn`` and
-``launch -> environment``; ``tests/test_imports.py`` keeps it so.
+``launch -> environment``, and ``cluster`` imports nothing of mnn; ``tests/test_imports.py`` keeps it so.
 
 The core's public names are importable from here, loaded on first use (PEP 562),
 so that importing a subpackage (the launcher) does not load NumPy. Importing this

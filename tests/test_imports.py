@@ -1,8 +1,8 @@
 """Imports point one way, and nobody imports another package's privates.
 
-scripts/ -> distributed/ -> mnn/, and inside distributed/ its four parts:
-experiments -> training -> the core -> mnn, and launch -> the core's ``environment``
-only. No two modules import each other, directly or round a longer circle.
+scripts/ -> distributed/ -> mnn/, and inside distributed/ its five parts:
+experiments -> training -> the core -> mnn, launch -> the core's ``environment``
+only, and cluster -> nothing of mnn. No two modules import each other, directly or round a longer circle.
 
 The source folders install as ``mnn``, ``mnn.distributed`` and ``mnn.scripts``.
 Every ``import`` and ``from ... import`` of every module is read with ``ast``
@@ -59,6 +59,7 @@ PARTS = {
     "mnn.distributed.experiments": {"mnn.distributed.training", "mnn.distributed.launch", CORE},
     "mnn.distributed.training": {CORE},
     "mnn.distributed.launch": {"mnn.distributed.environment"},
+    "mnn.distributed.cluster": set(),
     CORE: {CORE},
 }
 
@@ -88,6 +89,8 @@ def import_problems(importer, imported):
         problems.append(f"{importer_part} may import only {sorted(PARTS[importer_part])}")
     if importer_part == "mnn.distributed.launch" and within(imported, "mnn") and imported_part is None:
         problems.append("the launcher must not load the layer library (nor NumPy with it)")
+    if importer_part == "mnn.distributed.cluster" and within(imported, "mnn") and imported_part is None:
+        problems.append("the test cluster stands alone: the standard library only")
     parts = imported.split(".")
     for depth, part in enumerate(parts):
         if part.startswith("_") and not part.startswith("__"):
