@@ -95,3 +95,7 @@ def bench() -> int:
 
 def scaling() -> int:
     return _start("mnn.scripts.scaling", "mnn-scaling")
+
+
+def cluster() -> int:
+    return _start("mnn.scripts.cluster", "mnn-cluster")
