@@ -217,8 +217,8 @@ class _Signals:
 
 def _run_in(cluster: Cluster, host: str, command: list[str], signals: _Signals | None = None) -> int:
     """Run ``command`` on ``host`` of ``cluster`` to its end, passing signals on to it."""
-    words = {"{hostfile}": str(cluster.hostfile), "{hosts}": cluster.host_list}
-    command = [words.get(word, word) for word in command]
+    command = [word.replace("{hostfile}", str(cluster.hostfile)).replace("{hosts}", cluster.host_list)
+               for word in command]
     # This environment's programs first (sudo resets PATH): mnn-launch, mnn-train, mpiexec.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
     env = {**os.environ, "PATH": path, "MNN_CLUSTER_HOSTFILE": str(cluster.hostfile),
@@ -239,3 +239,7 @@ def _run_in(cluster: Cluster, host: str, command: list[str], signals: _Signals |
 
 def _exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
