@@ -33,7 +33,8 @@ def test_every_tag_of_the_model_is_cited_by_the_line_that_implements_it():
     ("ring", 2, 8, (2, 1.0)),
     ("mpi", 8, 1e6, (6, 1.75)),                 # Rabenseifner: 2 log2 p, 2(p-1)/p
     ("mpi", 8, 1024, (3, 3)),                   # recursive doubling below 2048 B
-    ("mpi", 5, 1e6, (6, 1.6)),                  # ceil(log2 5) = 3 rounds
+    ("mpi", 5, 1e6, (6, 3.5)),                  # on p' = 4, plus one rank's vector in and out
+    ("mpi", 3, 1024, (3, 3)),                   # recursive doubling on 2, plus in and out
     ("mpi", 1, 1e6, (0, 0)),                    # one rank: nothing to send
     ("ring-fp16", 4, 1e6, (6, 1.5)),            # the ring's model
 ])

@@ -16,15 +16,23 @@ every rank sends one of :math:`p` chunks of :math:`n/p` bytes to its neighbour):
 Every byte leaves every rank about twice, whatever :math:`p`: the bandwidth term
 is the lower bound for any all-reduce, but the latency term grows linearly in :math:`p`.
 
-**Recursive doubling** (:math:`\lceil \log_2 p \rceil` rounds, each exchanging the whole vector):
+**Recursive doubling** (:math:`\log_2 p` rounds, each exchanging the whole vector):
 
 .. math::
-    T_\text{rd}(p, n) = \lceil \log_2 p \rceil\, (\alpha + n\beta). \tag{2}
+    T_\text{rd}(p, n) = (\log_2 p' + 2\delta)\, (\alpha + n\beta). \tag{2}
 
 **Rabenseifner** (reduce-scatter by recursive halving, then all-gather by recursive doubling):
 
 .. math::
-    T_\text{rab}(p, n) = 2\lceil \log_2 p \rceil\,\alpha + 2\,\frac{p - 1}{p}\, n\beta. \tag{3}
+    T_\text{rab}(p, n) = 2(\log_2 p' + \delta)\,\alpha
+                         + \Bigl(2\,\frac{p' - 1}{p'} + 2\delta\Bigr)\, n\beta. \tag{3}
+
+Both pair ranks up, so they run on :math:`p' = 2^{\lfloor \log_2 p \rfloor}` ranks;
+when :math:`p` is not a power of two (:math:`\delta = 1`, else 0), MPICH first has
+:math:`p - p'` ranks send their whole vector to a partner and at the end sends them
+the result: two more messages of :math:`n` bytes, one before and one after, that
+nothing overlaps (Thakur, Rabenseifner and Gropp 2005, section 4). On 3 ranks that
+is :math:`3n\beta` against the ring's :math:`\tfrac{4}{3}n\beta`.
 
 **MPI's choice.** We assume MPICH's classic selection (Thakur, Rabenseifner and
 Gropp, "Optimization of Collective Communication Operations in MPICH", 2005, and
@@ -77,9 +85,9 @@ with :math:`b` the samples per rank and :math:`T_\text{coll}` Eq. (1) or (4)
     E_\text{weak}(p) = \frac{T_\text{step}(1, b)}{T_\text{step}(p, b)}, \qquad
     E_\text{strong}(p) = \frac{T_\text{step}(1, B)}{p\, T_\text{step}(p, B/p)}. \tag{8}
 
-**Why big gradients per unit of compute scale worse.** For large :math:`p` the
-bandwidth term of Eq. (1) or (3) tends to :math:`2n\beta` with :math:`n = \sum_k n_k`,
-so, leaving latency and the optimizer aside,
+**Why big gradients per unit of compute scale worse.** For large :math:`p` (a power
+of two for Eq. 3) the bandwidth term of Eq. (1) or (3) tends to :math:`2n\beta` with
+:math:`n = \sum_k n_k`, so, leaving latency and the optimizer aside,
 
 .. math::
     E_\infty = \frac{b\, t_s}{b\, t_s + 2 n \beta}
@@ -165,7 +173,13 @@ NETWORKS = {
 
 
 def _rounds(ranks: int) -> int:
-    return math.ceil(math.log2(ranks)) if ranks > 1 else 0
+    """log2 of the largest power of two not above ``ranks``: the rounds of the pairwise algorithms."""
+    return ranks.bit_length() - 1
+
+
+def _extra(ranks: int) -> int:
+    # 1 when ranks is not a power of two: the pairwise algorithms' message in and message out.
+    return 0 if ranks & (ranks - 1) == 0 else 1
 
 
 def _ring(ranks: int, n_bytes: float) -> tuple[float, float]:
@@ -173,11 +187,13 @@ def _ring(ranks: int, n_bytes: float) -> tuple[float, float]:
 
 
 def _recursive_doubling(ranks: int, n_bytes: float) -> tuple[float, float]:
-    return _rounds(ranks), _rounds(ranks)  # Eq. (2)
+    steps = _rounds(ranks) + 2 * _extra(ranks)
+    return steps, steps  # Eq. (2)
 
 
 def _rabenseifner(ranks: int, n_bytes: float) -> tuple[float, float]:
-    return 2 * _rounds(ranks), 2 * (ranks - 1) / ranks  # Eq. (3)
+    paired = 2 ** _rounds(ranks)
+    return 2 * (_rounds(ranks) + _extra(ranks)), 2 * (paired - 1) / paired + 2 * _extra(ranks)  # Eq. (3)
 
 
 def _mpich(ranks: int, n_bytes: float) -> tuple[float, float]:
@@ -193,8 +209,9 @@ _MODEL_OF = {"ring-fp16": "ring"}
 
 _ALGORITHM_TEXT = {
     "ring": "ring all-reduce, 2(p-1) alpha + 2 (p-1)/p n beta",
-    "mpi": (f"MPICH's choice: recursive doubling ceil(log2 p)(alpha + n beta) below "
-            f"{MPICH_SHORT_MESSAGE_BYTES} B, Rabenseifner 2 ceil(log2 p) alpha + 2 (p-1)/p n beta from there"),
+    "mpi": (f"MPICH's choice: recursive doubling log2 p (alpha + n beta) below {MPICH_SHORT_MESSAGE_BYTES} B, "
+            "Rabenseifner 2 log2 p alpha + 2 (p-1)/p n beta from there; on p not a power of two both run "
+            "on the largest power of two p' below it, plus 2 (alpha + n beta) to gather and scatter the rest"),
 }
 
 
