@@ -47,7 +47,9 @@ README = ROOT / "README.md"
 # The guide's pages; the reports in docs/scaling/ and docs/gpt/ are written by the
 # experiments (mnn-scaling, mnn-bench) and only their links are checked here.
 PAGES = sorted(DOCS.glob("*.md"))
-PROGRAMS = ("mnn-train", "mnn-launch", "mnn-generate", "mnn-bench", "mnn-scaling")
+PROGRAMS = ("mnn-train", "mnn-launch", "mnn-generate", "mnn-bench", "mnn-scaling", "mnn-cluster")
+# Programs whose options belong to their subcommands: their --help is read for each.
+SUBCOMMANDS = {"mnn-cluster": ("run", "up", "down", "list")}
 
 _TAG = re.compile(r"\\tag\{(\d+)\}")
 # "Eq." and a run of "(n)" joined by commas or dashes; anything may follow.
@@ -308,12 +310,13 @@ def _help_options(program, capsys):
     """The options ``program --help`` lists (its option lines, indented by two spaces), less -h/--help.
     Its ``main`` runs in this process: --help needs no process of its own."""
     module = importlib.import_module(f"mnn.scripts.{program.removeprefix('mnn-')}")
-    capsys.readouterr()
-    assert exit_status(module.main, ["--help"]) == 0
     options = set()
-    for line in capsys.readouterr().out.splitlines():
-        if re.match(r"  -", line):
-            options.update(_OPTION.findall(re.split(r"\s{2,}", line.strip())[0]))
+    for subcommand in SUBCOMMANDS.get(program, [None]):
+        capsys.readouterr()
+        assert exit_status(module.main, [subcommand, "--help"] if subcommand else ["--help"]) == 0
+        for line in capsys.readouterr().out.splitlines():
+            if re.match(r"  -", line):
+                options.update(_OPTION.findall(re.split(r"\s{2,}", line.strip())[0]))
     return options - {"-h", "--help"}
 
 
