@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--threads-per-rank", type=positive(int), default=1,
                             help="BLAS/OpenMP threads of each rank (default 1)")
     experiment.add_argument("--out", type=Path, help="output folder (default runs/scaling, or --from's folder)")
+    experiment.add_argument("--note", action="append", default=[], metavar="TEXT",
+                            help="a line for the report's notes, e.g. what the network was (repeatable)")
     experiment.add_argument("--from", dest="from_folder", type=Path, metavar="DIR",
                             help="measure nothing: report and project again what DIR/results.jsonl holds, with "
                                  "this command's --network, --alpha/--beta and --max-ranks")
@@ -152,7 +154,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Scal
             allreduces=args.allreduce, train_allreduce=args.train_allreduce,
             grad_compression=args.grad_compression, networks=networks, max_projected_ranks=args.max_ranks,
             threads_per_rank=args.threads_per_rank, run_timeout=args.run_timeout, hosts=hosts,
-            mpiexec=args.mpiexec, ssh=args.ssh, start_timeout=args.start_timeout).check()
+            mpiexec=args.mpiexec, ssh=args.ssh, start_timeout=args.start_timeout, notes=args.note).check()
     except ValueError as error:
         parser.error(str(error))
 

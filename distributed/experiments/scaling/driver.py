@@ -149,8 +149,10 @@ def capacity(settings: ScalingSettings, env: Mapping[str, str], cores: int | Non
     return max(1, (usable_cores() if cores is None else cores) // settings.threads_per_rank)
 
 
-def machine_description(mpi: MpiSetup, fitting: int) -> dict[str, Any]:
-    """The machine, MPI, BLAS and versions an experiment ran on, as report.md states them."""
+def machine_description(mpi: MpiSetup, fitting: int,
+                        hosts: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """The machine, MPI, BLAS and versions an experiment ran on, as report.md states them
+    (``hosts``: the hosts and slots the ranks were placed on, None for this machine alone)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from threadpoolctl import threadpool_info
@@ -174,7 +176,8 @@ def machine_description(mpi: MpiSetup, fitting: int) -> dict[str, Any]:
             "mpi_library": mpi.library, "mpi4py": mpi.mpi4py_version, "mpiexec": mpi.mpiexec,
             "slurm_job": os.environ.get("SLURM_JOB_ID"), "blas": blas,
             "python": platform.python_version(), "numpy": np.__version__, "mnn": mnn_version,
-            "platform": platform.platform(), "command": " ".join(["mnn-scaling", *sys.argv[1:]])}
+            "platform": platform.platform(), "command": " ".join(["mnn-scaling", *sys.argv[1:]]),
+            "hosts": [f"{host}:{slots}" for host, slots in hosts] if hosts else None}
 
 
 def run_experiment(settings: ScalingSettings, env: Mapping[str, str],
@@ -186,7 +189,8 @@ def run_experiment(settings: ScalingSettings, env: Mapping[str, str],
     """
     jobs = ChildJobs.prepare(settings.launch_settings(), env, settings.threads_per_rank, settings.run_timeout)
     fitting = capacity(settings, jobs.env)
-    experiment = Experiment(settings, machine_description(jobs.mpi, fitting))
+    experiment = Experiment(settings, machine_description(jobs.mpi, fitting, settings.hosts),
+                            notes=list(settings.notes))
     if not settings.collectives_only:
         _measure_points(settings, experiment, jobs, fitting, log)
     if settings.collectives or settings.collectives_only:

@@ -141,9 +141,11 @@ def _points_table(points: Sequence) -> list[str]:
 
 def _machine_lines(machine: dict) -> list[str]:
     slurm = f", SLURM job {machine['slurm_job']}" if machine.get("slurm_job") else ""
+    fit = ("the hosts' slots" if machine.get("hosts") else "ranks that fit without sharing a core")
+    hosts = ([f"- hosts: {', '.join(machine['hosts'])} (host:slots, ranks placed in this order)"]
+             if machine.get("hosts") else [])
     return [f"- date: {machine['date']}; host: {machine['host']}{slurm}",
-            f"- CPU: {machine['cpu']}, {machine['cores']} cores; ranks that fit without sharing a core: "
-            f"{machine['ranks_that_fit']}",
+            f"- CPU: {machine['cpu']}, {machine['cores']} cores; {fit}: {machine['ranks_that_fit']}", *hosts,
             f"- MPI: {machine['mpi_library']} (mpi4py {machine['mpi4py']}), launcher {machine['mpiexec']}",
             f"- BLAS: {machine['blas']}",
             f"- Python {machine['python']}, NumPy {machine['numpy']}, mnn {machine['mnn']}; {machine['platform']}",

@@ -71,6 +71,8 @@ class ScalingSettings:
     ``collectives``: run the all-reduce micro-benchmark (and the cost model);
     ``collectives_only``: run nothing else. ``networks`` are projected to in the
     report, besides the α and β fitted here. The launcher fields are mnn-launch's.
+    ``notes`` go into the report as they are: what the run's surroundings were that it
+    cannot see for itself (an emulated network, a machine shared with other jobs).
     """
 
     ranks: list[int] = field(default_factory=lambda: [1, 2])
@@ -102,6 +104,7 @@ class ScalingSettings:
     mpiexec: str | None = None
     ssh: str | None = None
     start_timeout: float = 60.0
+    notes: list[str] = field(default_factory=list)
 
     def check(self) -> "ScalingSettings":
         """Raise ValueError for settings that do not make an experiment; return self."""
