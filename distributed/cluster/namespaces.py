@@ -174,8 +174,7 @@ class Cluster:
         if self.state.exists():
             raise ClusterError(f"a cluster named {self.name} exists already ({self.state})")
         try:
-            self.state.mkdir(parents=True, mode=0o700)
-            self._write_owner()
+            self._make_state()
             self._make_keys()
             self._make_namespaces()
             self._make_links()
@@ -198,10 +197,15 @@ class Cluster:
     def __exit__(self, *exc_info) -> None:
         self.down()
 
-    def _write_owner(self) -> None:
+    def _make_state(self) -> None:
+        """The state folder, with its owner in it from the first moment another process can see it
+        (made aside, then renamed), so that a cluster coming up is never taken for a leftover."""
         owner = _KEPT if self.kept else f"{os.getpid()} {_start_time(os.getpid())}"
         description = {"hosts": self.hosts, "slots": self.slots, "rate": self.rate, "owner": owner}
-        (self.state / "cluster.json").write_text(json.dumps(description) + "\n")
+        aside = STATE_ROOT / f".{self.name}"
+        aside.mkdir(parents=True, mode=0o700)
+        (aside / "cluster.json").write_text(json.dumps(description) + "\n")
+        aside.rename(self.state)
 
     def _make_keys(self) -> None:
         keygen = _tool("ssh-keygen")
@@ -364,6 +368,16 @@ class Cluster:
         stats = json.loads(result.stdout)[0]["stats64"]
         return stats["rx"]["bytes"], stats["tx"]["bytes"]
 
+    def bind(self, host: str, source: str | os.PathLike, target: str | os.PathLike) -> None:
+        """Mount ``source`` over ``target`` for what ``host``'s sshd starts from now on (its
+        sessions), as if ``host`` had another file there: another daemon, another library.
+        Only in the sshd's mount namespace, which ``ip netns exec`` made a slave of the
+        machine's, so nothing else sees it; it goes with the sshd (:meth:`stop_sshd`, :meth:`down`)."""
+        pid = self._sshd_pid(host)
+        if pid is None:
+            raise ClusterError(f"{host}'s sshd is not running: start it first (start_sshd)")
+        _run([_tool("nsenter"), "-t", str(pid), "-m", "mount", "--bind", str(source), str(target)])
+
 
 def _start_time(pid: int) -> str | None:
     """The start time of process ``pid`` (clock ticks since boot), which tells a reused pid apart."""
@@ -416,7 +430,7 @@ def list_clusters() -> dict[str, dict]:
         names |= {entry.name.split("-")[1] for entry in NETNS_RUN.iterdir()
                   if entry.name.startswith(PREFIX + "-") and entry.name.count("-") >= 2}
     if STATE_ROOT.is_dir():
-        names |= {entry.name for entry in STATE_ROOT.iterdir()}
+        names |= {entry.name for entry in STATE_ROOT.iterdir() if not entry.name.startswith(".")}
     clusters = {}
     for name in sorted(names):
         try:
