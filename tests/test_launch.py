@@ -131,9 +131,9 @@ def test_local_mpich_command():
 
 def test_local_openmpi_command_exports_environment():
     plan = plan_for(["-n", "2", "--", *COMMAND], env={"PATH": "/usr/bin", "VIRTUAL_ENV": "/venv"}, mpi=OPENMPI)
-    assert plan.argv == ["/opt/openmpi/bin/mpiexec", "-n", "2", "-x", "OMP_NUM_THREADS",
-                         "-x", "OPENBLAS_NUM_THREADS", "-x", "MKL_NUM_THREADS", "-x", "PATH",
-                         "-x", "VIRTUAL_ENV", *COMMAND]
+    assert plan.argv == ["/opt/openmpi/bin/mpiexec", "-n", "2", "--bind-to", "none",
+                         "-x", "OMP_NUM_THREADS", "-x", "OPENBLAS_NUM_THREADS", "-x", "MKL_NUM_THREADS",
+                         "-x", "PATH", "-x", "VIRTUAL_ENV", *COMMAND]
 
 
 def test_more_ranks_than_cores_warns():
@@ -263,7 +263,7 @@ def test_open_mpi_as_root_is_allowed_and_dry_run_says_so():
     openmpi = plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI, as_root=True)
     assert openmpi.argv[:4] == ["/opt/openmpi/bin/mpiexec", "-n", "2", "--allow-run-as-root"]
     shown = format_plan(openmpi).splitlines()
-    assert shown[1].startswith("command: /opt/openmpi/bin/mpiexec -n 2 --allow-run-as-root -x ")
+    assert shown[1].startswith("command: /opt/openmpi/bin/mpiexec -n 2 --allow-run-as-root --bind-to none -x ")
     assert shown[2:] == ["note: running as root: --allow-run-as-root, or Open MPI refuses to start"]
     assert "--allow-run-as-root" not in plan_for(["-n", "2", "--", *COMMAND], mpi=OPENMPI).argv
     mpich = plan_for(["-n", "2", "--", *COMMAND], as_root=True)

@@ -126,6 +126,10 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
         slots = sum(slots for _, slots in hosts) if hosts else cores
         if ranks > slots:
             argv.append("--oversubscribe")
+        if threads > 1:
+            # Open MPI binds each rank to one core by default, where the BLAS (which
+            # counts the cores it may use) would run one thread instead of `threads`.
+            argv += ["--bind-to", "none"]
         exported = [name for name in (*THREAD_VARIABLES, *_OPENMPI_FORWARDED) if name in env or name in env_updates]
         for name in exported:
             argv += ["-x", name]
