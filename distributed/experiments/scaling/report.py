@@ -201,14 +201,18 @@ def _model_lines(experiment: Experiment, predictions: list[dict], projections: l
         name = settings.train_collective
         lines += [f"**Predicted against measured** (α, β fitted here to the {name} all-reduce that training "
                   "used; turn by turn, each turn's prediction from that turn's 1-rank run; error = (predicted − "
-                  "measured) / measured, median over the turns and min–max):", "",
-                  "| ranks | measured ms/step (min–max) | predicted ms/step | error (min–max) |",
-                  "| ---: | ---: | ---: | ---: |"]
+                  "measured) / measured, median over the turns and min–max; the step split into its "
+                  "all-reduces, measured as comm + wait, and the rest, compute and optimizer):", "",
+                  "| ranks | measured ms/step (min–max) | predicted ms/step | error (min–max) "
+                  "| all-reduces: measured | predicted | rest: measured | predicted |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in predictions:
             marker = " (oversubscribed: cores shared, not modelled)" if row["oversubscribed"] else ""
             lines.append(f"| {row['ranks']}{marker} | {row['measured_ms']:.2f} ({row['measured_min_ms']:.2f}–"
                          f"{row['measured_max_ms']:.2f}) | {row['predicted_ms']:.2f} | {row['error'] * 100:+.1f} % "
-                         f"({row['error_min'] * 100:+.0f} to {row['error_max'] * 100:+.0f} %) |")
+                         f"({row['error_min'] * 100:+.0f} to {row['error_max'] * 100:+.0f} %) "
+                         f"| {row['measured_allreduce_ms']:.2f} | {row['predicted_allreduce_ms']:.2f} "
+                         f"| {row['measured_rest_ms']:.2f} | {row['predicted_rest_ms']:.2f} |")
         lines.append("")
     if projections:
         shown = [ranks for ranks in REPORT_RANKS if ranks <= settings.max_projected_ranks]

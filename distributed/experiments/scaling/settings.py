@@ -282,7 +282,9 @@ def predict_points(experiment: Experiment) -> list[dict]:
 
     Turn by turn, as the speed-up: each turn's prediction starts from that turn's 1-rank
     run, so the machine's drifts cancel; the median prediction and error are reported,
-    with the errors' min and max.
+    with the errors' min and max. Each row also splits the step in two, so that a miss can
+    be placed: the all-reduces (Eq. 1 or 4 over the buckets) against the measured comm +
+    wait, and the rest (the 1-rank run's compute and optimizer) against the measured rest.
     """
     name = experiment.settings.train_collective
     fit = experiment.fits.get(name)
@@ -297,8 +299,13 @@ def predict_points(experiment: Experiment) -> list[dict]:
         for run, base in zip(point.runs, single[0].runs):
             predicted.append(step_time(_workload(experiment.settings, base), point.ranks, batch, network, name) * 1e3)
             errors.append((predicted[-1] - run["ms_per_step"]) / run["ms_per_step"])
+        allreduces_ms = sum(fit.predict(n_bytes, point.ranks) for n_bytes in single[0].summary["bucket_bytes"]) * 1e3
+        measured_allreduces_ms = statistics.median(run["comm_ms"] + run["wait_ms"] for run in point.runs)
         rows.append({"ranks": point.ranks, "oversubscribed": point.oversubscribed,
                      "predicted_ms": statistics.median(predicted), "measured_ms": point.summary["ms_per_step"],
+                     "predicted_allreduce_ms": allreduces_ms, "measured_allreduce_ms": measured_allreduces_ms,
+                     "predicted_rest_ms": statistics.median(predicted) - allreduces_ms,
+                     "measured_rest_ms": point.summary["ms_per_step"] - measured_allreduces_ms,
                      "measured_min_ms": point.summary["ms_per_step_min"],
                      "measured_max_ms": point.summary["ms_per_step_max"], **Spread.of(errors).fields("error"),
                      "turn_errors": errors})
