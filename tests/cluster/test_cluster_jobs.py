@@ -43,7 +43,8 @@ ATTENTION = ["--config", str(EXAMPLES / "attention.toml"), "--dtype", "float64",
 GPT_STEPS = 3
 # The sums of a float64 all-reduce come in another order than one process's: rounding, no more.
 ATOL = 1e-9
-# Each rank of --check's hello and of the probe below says where it runs.
+# Each rank of the probe job writes down its host, the ranks that MPI says share its memory,
+# its thread variables and the threads its BLAS runs (which counts the cores it is bound to).
 PROBE = """\
 import json, os, socket, sys
 import numpy  # loads its BLAS, which threadpoolctl then reports
@@ -103,10 +104,10 @@ def host_options(cluster, layout, given, folder):
     return ["--hostfile", str(hostfile)]
 
 
-def launched(cluster, options, command, env=None):
-    """``mnn-launch OPTIONS -- COMMAND`` in the head, to its end; then nothing of it may be left on
-    any host (the next test's traffic is its own)."""
-    result = launch(cluster, [*options, "--", *command], env=env)
+def launched(cluster, args, env=None):
+    """``mnn-launch ARGS`` in the head, to its end; then nothing of the job may be left on any host
+    (the next test's traffic is its own)."""
+    result = launch(cluster, args, env=env)
     wait_for(lambda: not any(cluster.job_pids(host) for host in ("head", *cluster.host_names)),
              "the job's processes to leave every host")
     return result
@@ -119,11 +120,16 @@ def assert_same_model(got, expected):
         np.testing.assert_allclose(got[key], value, rtol=0, atol=ATOL, err_msg=key)
 
 
+def model_bytes(model):
+    return sum(value.nbytes for value in model.values())
+
+
 def train_across_hosts(cluster, layout, given, folder, args):
     """mnn-train with ``args`` on ``layout``; its model, summary, and each host's (rx, tx) bytes during it."""
     output = folder / "out"
     before = {host: cluster.traffic(host) for host in cluster.host_names}
-    result = launched(cluster, host_options(cluster, layout, given, folder), [*TRAIN, *args, "--output", str(output)])
+    result = launched(cluster, [*host_options(cluster, layout, given, folder), "--", *TRAIN, *args,
+                                "--output", str(output)])
     assert result.returncode == 0, result.stdout + result.stderr
     after = {host: cluster.traffic(host) for host in cluster.host_names}
     moved = {host: (after[host][0] - before[host][0], after[host][1] - before[host][1]) for host in before}
@@ -133,7 +139,8 @@ def train_across_hosts(cluster, layout, given, folder, args):
 
 
 @pytest.mark.parametrize("layout, given", [((1, 1), "hosts"), ((2, 2), "own hostfile"),
-                                           ((1, 1, 1), "hosts"), ((2, 2, 2), "cluster hostfile")])
+                                           ((1, 1, 1), "hosts"), ((2, 2, 2), "cluster hostfile")],
+                         ids=["2x1-hosts", "2x2-own-hostfile", "3x1-hosts", "3x2-cluster-hostfile"])
 def test_digits_across_hosts_ends_as_one_process_and_its_all_reduces_cross_the_links(
         cluster, reference, tmp_path, layout, given):
     """Each all-reduce sums every parameter's gradient (summary: reduced_bytes in all), so each host
@@ -154,13 +161,9 @@ def test_digits_across_hosts_ends_as_one_process_and_its_all_reduces_cross_the_l
             assert received + sent < reduced, (host, received, sent, reduced)
 
 
-def model_bytes(model):
-    return sum(value.nbytes for value in model.values())
-
-
 def test_attention_net_across_hosts_ends_as_one_process(cluster, reference, tmp_path):
-    """A described net (reshape, residual self-attention, MLP) from its job file, 2 hosts with 2 ranks each."""
-    model, summary, _ = train_across_hosts(cluster, (2, 2), "own hostfile", tmp_path, ATTENTION)
+    """A described net (reshape, residual self-attention, MLP) from its job file, on 2 hosts with 1 rank each."""
+    model, summary, _ = train_across_hosts(cluster, (1, 1), "own hostfile", tmp_path, ATTENTION)
     assert summary["steps"] == 3
     assert "1.Residual.0.MultiHeadAttention.w_q" in model
     assert_same_model(model, reference("attention", ATTENTION))
@@ -184,12 +187,13 @@ def test_gpt_across_hosts_ends_as_one_process(cluster, reference, tmp_path, tiny
     assert_same_model(model, reference("gpt", tiny_gpt))
 
 
-@pytest.mark.parametrize("layout, given", [((1, 1), "hosts"), ((2, 2, 2), "cluster hostfile")])
+@pytest.mark.parametrize("layout, given", [((1, 1), "hosts"), ((2, 2, 2), "cluster hostfile")],
+                         ids=["2-hosts", "3-cluster-hostfile"])
 def test_check_hears_every_host_and_the_hello_crosses_them(cluster, tmp_path, layout, given):
     """Every line OK; the versions are this Python's; every host resolves and answers ssh; the hello
     runs one rank per host whatever its slots, rank i on host i, and all of them join one job."""
     options = host_options(cluster, layout, given, tmp_path)
-    result = launch(cluster, ["--check", *options])
+    result = launched(cluster, ["--check", *options])
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and lines and all(line.startswith("OK ") for line in lines), result.stdout
     hosts = [host for host, _ in hosts_of(layout)]
@@ -202,12 +206,15 @@ def test_check_hears_every_host_and_the_hello_crosses_them(cluster, tmp_path, la
     assert hello == [f"OK host {host}: rank {rank} answered from {host}" for rank, host in enumerate(hosts)]
 
 
-@pytest.mark.parametrize("layout, given", [((1, 2), "hosts"), ((1, 1, 1), "own hostfile")])
+@pytest.mark.parametrize("layout, given", [((1, 2), "hosts"), ((1, 1, 1), "own hostfile")],
+                         ids=["1+2-hosts", "1+1+1-own-hostfile"])
 def test_ranks_share_memory_only_within_a_host_and_get_the_planned_threads(cluster, tmp_path, layout, given):
     """Ranks fill the hosts in order; MPI's shared-memory communicator of each rank holds exactly the
     ranks of its host; and with no thread variable set by the caller, every rank on every host
     gets what --dry-run plans: this machine's cores (each host has as many) over the busiest
-    host's ranks."""
+    host's ranks, and its BLAS runs that many threads (Open MPI bound a rank to one core, so
+    a rank alone on its host ran one thread where two were planned, until mnn-launch passed
+    --bind-to none)."""
     env = {name: value for name, value in CLUSTER_ENV.items() if name not in THREAD_VARIABLES}
     options = host_options(cluster, layout, given, tmp_path)
     plan = launch(cluster, ["--dry-run", *options, "--", "true"], env=env)
@@ -218,7 +225,8 @@ def test_ranks_share_memory_only_within_a_host_and_get_the_planned_threads(clust
 
     facts_folder = tmp_path / "facts"
     facts_folder.mkdir()
-    result = launched(cluster, options, [sys.executable, "-c", PROBE, str(facts_folder), *THREAD_VARIABLES], env=env)
+    result = launched(cluster, [*options, "--", sys.executable, "-c", PROBE, str(facts_folder), *THREAD_VARIABLES],
+                      env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     placed = [host for host, ranks in hosts_of(layout) for _ in range(ranks)]
     for rank, host in enumerate(placed):
