@@ -73,6 +73,17 @@ def test_fit_recovers_alpha_and_beta_through_noise_with_honest_standard_errors()
     assert fit.predict(2**20) == pytest.approx(allreduce_time("mpi", ranks, 2**20, fit.alpha, fit.beta))
 
 
+def test_a_negative_latency_is_fixed_at_zero_and_beta_fitted_alone():
+    # Large messages only, each a little faster than its bytes allow (a token bucket's burst):
+    # the straight line through them crosses zero above the origin.
+    beta, sizes = 8e-9, [2**k for k in range(19, 25)]
+    times = [allreduce_time("ring", 3, size, 0.0, beta) - 2e-4 for size in sizes]
+    fit = fit_alpha_beta(sizes, times, 3, "ring")
+    assert fit.alpha == 0.0 and fit.alpha_se == 0.0
+    assert fit.beta == pytest.approx(beta, rel=0.05) and fit.beta_se > 0
+    assert fit.predict(sizes[-1], ranks=1024) > fit.predict(sizes[-1])
+
+
 @pytest.mark.parametrize("sizes, seconds, ranks, message", [
     ([4, 8], [1e-6, 1e-6], 2, "at least 3 message sizes"),
     ([4, 8, 16], [1e-6, 0.0, 1e-6], 2, "positive and finite"),

@@ -66,6 +66,12 @@ Its standard errors come from the residual variance,
     R^2 = 1 - \frac{\sum_i w_i r_i^2}{\sum_i w_i (t_i - \bar t_w)^2}, \qquad
     \bar t_w = \frac{\sum_i w_i t_i}{\sum_i w_i}. \tag{6}
 
+A latency cannot be negative. When Eq. (5) gives :math:`\hat\alpha < 0` (all the
+sizes lie where bandwidth rules, and noise tips the intercept below zero), α is
+fixed at 0 and β fitted alone, with its standard error from :math:`m - 1` degrees
+of freedom; α's standard error is then 0, as it was not estimated. A negative α
+would make the ring's :math:`2(p - 1)\alpha` shrink the step as :math:`p` grows.
+
 **A training step.** Measured on one rank: the compute time per sample
 :math:`t_s` (forward and backward; taken as the same at every batch size) and the
 optimizer's time :math:`t_o` per step. ``DataParallel`` reduces the gradients in
@@ -264,7 +270,9 @@ class AlphaBetaFit:
         return allreduce_time(self.algorithm, self.ranks if ranks is None else ranks, n_bytes, self.alpha, self.beta)
 
     def describe(self) -> str:
-        return (f"alpha = {self.alpha * 1e6:.3g} +- {self.alpha_se * 1e6:.2g} us, "
+        alpha = ("alpha = 0 (fixed: the fitted intercept was negative)" if self.alpha == 0 and self.alpha_se == 0
+                 else f"alpha = {self.alpha * 1e6:.3g} +- {self.alpha_se * 1e6:.2g} us")
+        return (f"{alpha}, "
                 f"beta = {self.beta * 1e9:.3g} +- {self.beta_se * 1e9:.2g} ns/B "
                 f"({1 / self.beta / 1e9:.3g} GB/s), R^2 = {self.r_squared:.4f} "
                 f"({len(self.sizes)} sizes on {self.ranks} ranks, model: {self.algorithm})")
@@ -290,22 +298,30 @@ def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float], ranks: int,
     rows = np.array([coefficients(algorithm, ranks, size) for size in sizes])
     design = np.column_stack([rows[:, 0], rows[:, 1] * sizes])
     weights = 1.0 / times**2
-    root_w = np.sqrt(weights)
-    # Scale the columns to unit size first: c_alpha is ~1, c_beta * n up to ~1e8.
-    scale = np.max(np.abs(design), axis=0)
-    scale[scale == 0] = 1.0
-    solution, *_ = np.linalg.lstsq(design / scale * root_w[:, None], times * root_w, rcond=None)
-    theta = solution / scale  # Eq. (5)
-    residuals = times - design @ theta
-    dof = max(len(times) - 2, 1)
-    variance = np.sum(weights * residuals**2) / dof
-    normal = (design * weights[:, None]).T @ design
-    covariance = variance * np.linalg.pinv(normal)
+    theta, covariance, residuals = _weighted_least_squares(design, times, weights)  # Eq. (5)
+    if theta[0] < 0:  # a negative latency: fix it at 0 (module docstring)
+        beta, beta_covariance, residuals = _weighted_least_squares(design[:, 1:], times, weights)
+        theta, covariance = np.array([0.0, beta[0]]), np.diag([0.0, beta_covariance[0, 0]])
     mean = np.sum(weights * times) / np.sum(weights)
     r_squared = 1.0 - np.sum(weights * residuals**2) / np.sum(weights * (times - mean) ** 2)  # Eq. (6)
     return AlphaBetaFit(algorithm, int(ranks), float(theta[0]), float(theta[1]),
                         float(np.sqrt(covariance[0, 0])), float(np.sqrt(covariance[1, 1])), float(r_squared),
                         tuple(int(size) for size in sizes), tuple(float(r) for r in residuals / times))
+
+
+def _weighted_least_squares(design: np.ndarray, times: np.ndarray,
+                            weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """θ of Eq. (5) for the columns of ``design``, its covariance and the residuals."""
+    root_w = np.sqrt(weights)
+    # Scale the columns to unit size first: c_alpha is ~1, c_beta * n up to ~1e8.
+    scale = np.max(np.abs(design), axis=0)
+    scale[scale == 0] = 1.0
+    solution, *_ = np.linalg.lstsq(design / scale * root_w[:, None], times * root_w, rcond=None)
+    theta = solution / scale
+    residuals = times - design @ theta
+    variance = np.sum(weights * residuals**2) / max(len(times) - design.shape[1], 1)
+    covariance = variance * np.linalg.pinv((design * weights[:, None]).T @ design)
+    return theta, covariance, residuals
 
 
 @dataclass(frozen=True)
