@@ -176,7 +176,7 @@ def machine_description(mpi: MpiSetup, fitting: int,
             "mpi_library": mpi.library, "mpi4py": mpi.mpi4py_version, "mpiexec": mpi.mpiexec,
             "slurm_job": os.environ.get("SLURM_JOB_ID"), "blas": blas,
             "python": platform.python_version(), "numpy": np.__version__, "mnn": mnn_version,
-            "platform": platform.platform(), "command": " ".join(["mnn-scaling", *sys.argv[1:]]),
+            "platform": platform.platform(), "command": shlex.join(["mnn-scaling", *sys.argv[1:]]),
             "hosts": [f"{host}:{slots}" for host, slots in hosts] if hosts else None}
 
 
