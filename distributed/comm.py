@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import time
 import traceback
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from mnn.distributed.environment import NO_MPI_ENV, START_DIR_ENV
+from mnn.distributed.environment import NO_MPI_ENV, START_ADDR_ENV, START_DIR_ENV
 
 __all__ = [
     "Communicator",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 _ABORT_GRACE_S = 0.2
+# How long a rank tries to reach mnn-launch with a report of its start-up (a listening port
+# answers at once, a closed one refuses at once; only a host that drops packets takes this).
+_REPORT_TIMEOUT_S = 3.0
 _REDUCE_OPS = ("sum", "mean")
 # Variables that MPI launchers set in every process they start; used to notice
 # a job started on several ranks that would fall back to one process each.
@@ -366,11 +370,12 @@ def get_communicator(comm: Any = None) -> Communicator:
     Falling back to one process while a launcher started several would train
     independent copies, so that case raises ``RuntimeError`` instead.
 
-    Started by mnn-launch (``MNN_START_DIR`` set), the first call reports this
-    rank's start-up there: ``rank-N.begun`` before MPI starts, ``rank-N.ready``
-    once MPI has started and a first barrier has joined every rank. mnn-launch
-    stops a job whose ranks are not all ready within ``--start-timeout``, and
-    passes on a signal only to ranks that are ready to take it.
+    Started by mnn-launch (``MNN_START_ADDR`` or ``MNN_START_DIR`` set), the
+    first call reports this rank's start-up to it: ``rank-N.begun`` before MPI
+    starts, ``rank-N.ready`` once MPI has started and a first barrier has
+    joined every rank (:func:`_report_start`). mnn-launch stops a job whose
+    ranks are not all ready within ``--start-timeout``, and passes on a signal
+    only to ranks that are ready to take it.
     """
     if isinstance(comm, Communicator):
         return comm
@@ -408,19 +413,36 @@ _start_reported: set[str] = set()
 
 def _report_start(stage: str, before: Callable[[], None] | None = None) -> None:
     """Once per process, and only under mnn-launch: call ``before`` (a first collective),
-    then write ``rank-N.<stage>`` (this process's id) into ``MNN_START_DIR``. A directory
-    that is not there (a rank on another machine) is no error: the launcher learns from
-    the ranks on its own machine, and one rank ready means that every rank started."""
-    directory = os.environ.get(START_DIR_ENV)
-    if not directory or stage in _start_reported:
+    then report ``rank-N.<stage>`` with this process's id: as one line to the port in
+    ``MNN_START_ADDR`` (a job with a rank on another host), else as a file in
+    ``MNN_START_DIR`` (mnn.distributed.launch.startup). A report that does not arrive (the
+    port closed because another rank was ready first, a directory not on this host) is no
+    error: one rank ready means that every rank started."""
+    address = os.environ.get(START_ADDR_ENV, "")
+    directory = os.environ.get(START_DIR_ENV, "")
+    if not (address or directory) or stage in _start_reported:
         return
     _start_reported.add(stage)
     if before is not None:
         before()
+    marker = f"rank-{launcher_rank()}.{stage}"
+    if address:
+        _send_report(address, f"{marker} {os.getpid()}\n")
+        return
     try:
-        with open(os.path.join(directory, f"rank-{launcher_rank()}.{stage}"), "w") as marker:
-            marker.write(str(os.getpid()))
+        with open(os.path.join(directory, marker), "w") as file:
+            file.write(str(os.getpid()))
     except OSError:
+        pass
+
+
+def _send_report(address: str, line: str) -> None:
+    """Send ``line`` to ``address`` (``host:port``; an IPv6 host without brackets), if it can."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=_REPORT_TIMEOUT_S) as connection:
+            connection.sendall(line.encode())
+    except (OSError, ValueError):
         pass
 
 

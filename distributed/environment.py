@@ -5,7 +5,7 @@ both import them from here. This module imports nothing, so that the launcher
 (``mnn.distributed.launch``) can use the names without loading NumPy or the trainer.
 """
 
-__all__ = ["NO_MPI_ENV", "START_DIR_ENV", "PROGRESS_ENV", "THREAD_VARIABLES"]
+__all__ = ["NO_MPI_ENV", "START_DIR_ENV", "START_ADDR_ENV", "PROGRESS_ENV", "THREAD_VARIABLES"]
 
 #: ``MNN_NO_MPI=1`` runs a single process without importing mpi4py.
 NO_MPI_ENV = "MNN_NO_MPI"
@@ -14,6 +14,11 @@ NO_MPI_ENV = "MNN_NO_MPI"
 #: (see :func:`mnn.distributed.comm.get_communicator`), so that a job that never
 #: starts is stopped instead of waiting forever.
 START_DIR_ENV = "MNN_START_DIR"
+
+#: ``address:port`` where each rank reports how far its start-up got, when a rank of the
+#: job runs on another host (a directory here is not seen there); empty or unset: use
+#: :data:`START_DIR_ENV`.
+START_ADDR_ENV = "MNN_START_ADDR"
 
 #: Ranks' output reaches the terminal through the launcher's pipes, so a rank
 #: cannot tell that a person is watching: mnn-launch says so in this variable

@@ -46,13 +46,16 @@ starts leaves the others waiting in MPI's start-up: neither launcher has a
 deadline for that. So every rank must get through MPI's start-up and a first
 collective within ``--start-timeout`` seconds too; otherwise mnn-launch stops
 every process of the job (remote shells included), names the ranks that did
-not start and where they were to run, and exits with status 2. The ranks on
-this machine report their start-up in a directory that mnn-launch names in
-MNN_START_DIR: mnn-train does, as any program that takes its communicator from
-mnn.distributed.get_communicator; other programs, and jobs with no rank on this
-machine, are not bounded. A signal while the job starts is held until its
-ranks can take it; if they cannot within 5 s, or a second signal comes a second
-later, mnn-launch stops the job at once (exit status 130).
+not start and where they were to run, and exits with status 2. Each rank
+reports its start-up to mnn-launch: in a directory named in MNN_START_DIR when
+every rank runs on this machine, else over TCP to a port that mnn-launch opens
+only while the job starts (MNN_START_ADDR), on the address this machine reaches
+the first other host from: the hosts must be able to connect to it, as they
+must to the launcher's own port. mnn-train reports, as does any program that
+takes its communicator from mnn.distributed.get_communicator; other programs
+are not bounded. A signal while the job starts is held until its ranks can
+take it; if they cannot within 5 s, or a second signal comes a second later,
+mnn-launch stops the job at once (exit status 130).
 
 Environment. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to
 ``max(1, cores per host // ranks per host)`` unless already set (other hosts are

@@ -5,6 +5,7 @@ across them and the threads per rank.
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import re
 import shutil
@@ -27,11 +28,17 @@ __all__ = ["run_check", "build_hello_command"]
 # gave it, so that a host whose rank ran but never joined the job (blocked ports)
 # is told apart from a host where nothing ran (ssh, name); initialisation waits
 # for every rank. Output of the ranks may reach us interleaved within a line,
-# hence the ';' after each line.
-_HELLO_CODE = ("import os, socket\n"
+# hence the ';' after each line. It also says which NumPy and mnn it finds, as mnn-train's
+# ranks compare them (mnn.distributed.training.ranks): a host with other versions is refused.
+_HELLO_CODE = ("import importlib.metadata, os, socket\n"
                "launcher_rank = next((os.environ[name] for name in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK', 'PMIX_RANK', "
                "'SLURM_PROCID') if name in os.environ), '?')\n"
                "print(f'started rank={launcher_rank} host={socket.gethostname()};', flush=True)\n"
+               "try:\n    import numpy\n    numpy_version = numpy.__version__\nexcept ImportError:\n"
+               "    numpy_version = 'none'\n"
+               "try:\n    mnn_version = importlib.metadata.version('mnn')\n"
+               "except importlib.metadata.PackageNotFoundError:\n    mnn_version = 'none'\n"
+               "print(f'versions rank={launcher_rank} numpy={numpy_version} mnn={mnn_version};', flush=True)\n"
                "from mpi4py import MPI\nworld = MPI.COMM_WORLD\n"
                "print(f'hello rank={world.Get_rank()} size={world.Get_size()} host={socket.gethostname()};', "
                "flush=True)\n")
@@ -147,6 +154,7 @@ def _check_hello(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup
     for host, slots in hosts:
         host_ranks[host] = [str(rank) for rank in range(first_rank, first_rank + slots)]
         first_rank += slots
+    lines += _version_differences(out, host_ranks)
     silent = [host for host, ranks in host_ranks.items() if not any(rank in started for rank in ranks)]
     for host, ranks in host_ranks.items():
         which = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
@@ -175,6 +183,32 @@ def _check_hello(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup
                              f"work without a password from here, {host} must name the machine you mean, and "
                              f"{sys.executable} must exist there with mpi4py")
     return lines
+
+
+def _version_differences(out: str, host_ranks: dict[str, list[str]]) -> list[str]:
+    """A line for each host whose hello ranks found other versions of NumPy or mnn than this
+    machine has (hosts whose ranks did not say are left to the lines about starting)."""
+    import numpy
+
+    here = {"numpy": numpy.__version__, "mnn": _installed_version("mnn")}
+    found = {rank: {"numpy": numpy_version, "mnn": mnn_version}
+             for rank, numpy_version, mnn_version in re.findall(r"versions rank=(\d+) numpy=(\S+) mnn=([^\s;]+);", out)}
+    lines = []
+    for host, ranks in host_ranks.items():
+        theirs = next((found[rank] for rank in ranks if rank in found), here)
+        differences = [f"{name} {theirs[name]} (this machine: {here[name]})" for name in here
+                       if theirs[name] != here[name]]
+        if differences:
+            lines.append(f"FIX: host {host} runs {', '.join(differences)}: mnn-train refuses ranks that run other "
+                         "versions than rank 0; install the same versions on every host")
+    return lines
+
+
+def _installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _check_ssh(settings: LaunchSettings, env: Mapping[str, str]) -> tuple[list[str], set[str]]:

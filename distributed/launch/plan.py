@@ -15,7 +15,7 @@ from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_c
 from mnn.distributed.launch.mpi import MpiSetup
 from mnn.distributed.launch.settings import LaunchSettings
 from mnn.distributed.launch.startup import rank_hosts, reports_start
-from mnn.distributed.environment import PROGRESS_ENV, THREAD_VARIABLES
+from mnn.distributed.environment import PROGRESS_ENV, START_ADDR_ENV, THREAD_VARIABLES
 
 __all__ = ["LaunchPlan", "build_command", "ssh_options", "format_plan"]
 
@@ -114,6 +114,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
                         "(slower; results are the same)")
     argv = [mpi.mpiexec, "-n", str(ranks)]
     notes = []
+    placed = rank_hosts(hosts, ranks, local_host_names())
     host_list = ",".join(f"{host}:{slots}" for host, slots in hosts) if hosts else None
     if mpi.launcher_family == "openmpi":
         if as_root:
@@ -131,6 +132,8 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
             # counts the cores it may use) would run one thread instead of `threads`.
             argv += ["--bind-to", "none"]
         exported = [name for name in (*THREAD_VARIABLES, *_OPENMPI_FORWARDED) if name in env or name in env_updates]
+        if any(host is not None for host in placed):
+            exported.append(START_ADDR_ENV)  # where the ranks report their start-up (set when the job starts)
         for name in exported:
             argv += ["-x", name]
     else:
@@ -145,8 +148,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
     launcher_env = _remote_shell_env(settings, env, mpi.launcher_family) \
         if any(host not in local_host_names() for host, _ in hosts or []) else {}
     return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
-                      mpi.launcher_family, launcher_env, notes, rank_hosts(hosts, ranks, local_host_names()),
-                      reports_start(command))
+                      mpi.launcher_family, launcher_env, notes, placed, reports_start(command))
 
 
 def ssh_options(timeout: float) -> list[str]:

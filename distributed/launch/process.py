@@ -47,7 +47,6 @@ from typing import Callable, Mapping
 from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
 from mnn.distributed.launch.plan import LaunchPlan
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
-from mnn.distributed.environment import START_DIR_ENV
 from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import signal_local_ranks, stop_process_tree
 
@@ -111,7 +110,7 @@ class _Job:
     def start(self, plan: LaunchPlan, env: Mapping[str, str], own_group: bool) -> None:
         job_env = {**env, **plan.env_updates, **plan.launcher_env}
         if self.watch is not None:
-            job_env[START_DIR_ENV] = str(self.watch.directory)
+            job_env.update(self.watch.environment())
         stdout_read, stdout_write = os.pipe()
         stderr_read, stderr_write = os.pipe()
         try:
@@ -182,6 +181,7 @@ class _Job:
                 pass
             if not watching or self.watch.ready():
                 watching = False
+                self.watch.stop_listening()
             elif self.insisted or (self.held and time.monotonic() - self.held_at > _HOLD_S):
                 stop_process_tree(self.process, grace=0)
                 print("mnn-launch: interrupted before training started: stopped the job while it was starting",
@@ -193,6 +193,7 @@ class _Job:
                     stop_process_tree(self.process, grace=0)
                     raise ValueError(failure)
                 watching = False
+                self.watch.stop_listening()
 
 
 def _launcher_setup(family: str | None, own_group: bool) -> Callable[[], None] | None:
