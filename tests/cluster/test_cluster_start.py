@@ -114,6 +114,7 @@ def test_a_host_whose_mpi_daemon_hangs_is_stopped_at_the_start_timeout(make_clus
     hanging.write_text(HANGING_DAEMON)
     hanging.chmod(0o755)
     cluster.bind("node2", hanging, daemon)
+    assert Path(daemon).read_bytes()[:4] == b"\x7fELF"  # the machine's own daemon is untouched
     started = time.monotonic()
     # Unbounded, it would hang until this call's own timeout.
     result = launch(cluster, ["--hosts", cluster.host_list, "--start-timeout", "4", "--", *TRAIN, *JOB], timeout=60)
@@ -147,6 +148,7 @@ def test_a_host_with_another_version_of_numpy_is_refused_at_start(make_cluster, 
                             flags=re.MULTILINE))
     assert 'version = "1.99.0"' in other.read_text()
     cluster.bind("node2", other, original)
+    assert 'version = "1.99.0"' not in original.read_text()  # only node2's sessions see it
     result = launch(cluster, ["--hosts", cluster.host_list, "--", *TRAIN, *JOB])
     assert result.returncode == 2, result.stderr
     assert f"rank 1 on node2: numpy 1.99.0 (rank 0: {np.__version__})" in result.stderr, result.stderr
