@@ -175,9 +175,11 @@ class StartWatch:
                          f"{_ranks(absent)} on this machine never started")
         if slow:
             parts.append(f"{_ranks(slow)} on this machine did not get to MPI's start-up")
+        # Its ranks may also have started but found no way back to the port they report to (a firewall).
+        unreachable = f", or its ranks cannot connect back to {self.listener.host}" if self.listener else ""
         for host, ranks in elsewhere.items():
             parts.append(f"{_ranks(ranks)} on {host}: no word from that host (its remote shell or MPI daemon "
-                         "never started, or hangs)")
+                         f"never started, or hangs{unreachable})")
         if waiting:
             parts.append(f"{_ranks(waiting)} on this machine waited in MPI's start-up for the others")
         for host, ranks in waiting_elsewhere.items():
@@ -219,8 +221,8 @@ class _ReportListener:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self._socket = socket.create_server((address, 0), family=family)
         self._socket.settimeout(_ACCEPT_POLL_S)
-        port = self._socket.getsockname()[1]
-        self.address = f"{address}:{port}"
+        self.host = address
+        self.address = f"{address}:{self._socket.getsockname()[1]}"
         self._directory = directory
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="mnn-launch start reports", daemon=True)
