@@ -88,8 +88,9 @@ answer ssh, and the threads per rank, and starts a hello job: two ranks on this
 machine, or with ``--hosts``/``--hostfile`` one rank on each host (two on a lone
 host), saying per host whether its rank answered, only started (MPI could not
 connect it), or never started (ssh, the host name, or Python missing there at
-the same path). The hello gets ``--start-timeout`` seconds; then it is stopped,
-with every process it started.
+the same path), and naming a host that runs another NumPy or mnn than this
+machine (mnn-train refuses such ranks). The hello gets ``--start-timeout``
+seconds; then it is stopped, with every process it started.
 """
 
 from __future__ import annotations
