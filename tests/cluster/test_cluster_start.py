@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cluster_jobs import PYTHON_BIN, TRAIN, launch
 from processes import mpiexec_family
