@@ -34,6 +34,10 @@ watches itself:
        rank 1 has not arrived (at step 37, busy for 65 s outside any collective);
        rank 3 did not answer (stopped or lost); aborting all 4 ranks (stall timeout 60 s)
 
+   When the ranks run on more than one host, each group names its hosts
+   (``rank 3 on node2 did not answer``): a rank that is lost with its host
+   is found by the host's name, which the ranks tell each other at the start.
+
    and aborts the job (``MPI_Abort``, exit status 1).
 
 The thread calls MPI while the main thread is inside a collective, which MPI
@@ -59,12 +63,13 @@ import atexit
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -164,6 +169,7 @@ class StallWatchdog:
         self._end_wait = _EndWait(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hosts: list[str] | None = None  # of every rank, gathered at the start
         self.watched_comm: Communicator = _WatchedCommunicator(self.comm, self) if self.enabled else self.comm
         """The communicator to train with: each blocking call on it is a wait the
         watchdog watches ("all-reduce", "barrier", ...). ``comm`` itself when disabled."""
@@ -224,6 +230,9 @@ class StallWatchdog:
         """Start the thread (collective when enabled: every rank calls it); idempotent."""
         if not self.enabled or self._thread is not None:
             return
+        # Now, while every rank answers: a lost rank cannot say where it was.
+        if isinstance(self.comm, MPICommunicator):
+            self._hosts = self.comm.allgather(socket.gethostname())
         mpi_comm, reason = _side_channel_comm(self.comm)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(mpi_comm, reason),
@@ -268,7 +277,7 @@ class StallWatchdog:
         while not self._stop.wait(self.check_every_s):
             if self._stalled() and not self._waits_for_rank0_alone():
                 self._write(stall_report({self.comm.rank: self.status()}, self.timeout_s, self.comm.size,
-                                         not_asked_because=reason))
+                                         not_asked_because=reason, hosts=self._hosts))
                 time.sleep(_ABORT_GRACE_S)
                 os._exit(_EXIT_STATUS)  # the launcher then ends the other ranks
 
@@ -294,7 +303,7 @@ class StallWatchdog:
                     ask_after = monotonic() + max(self.timeout_s - lower[0].for_s, 0.0) \
                         + 2 * self.grace_s + self.check_every_s
                     continue
-                self._write(stall_report(statuses, self.timeout_s, self.comm.size))
+                self._write(stall_report(statuses, self.timeout_s, self.comm.size, hosts=self._hosts))
                 self.comm.abort(_EXIT_STATUS)
         finally:
             channel.close()
@@ -481,14 +490,16 @@ class _WatchedRequest(Request):
 
 # ------------------------------------------------------------------ the report
 def stall_report(statuses: Mapping[int, RankStatus | None], timeout_s: float, world_size: int,
-                 not_asked_because: str = "") -> str:
+                 not_asked_because: str = "", hosts: Sequence[str] | None = None) -> str:
     """The one line that says who waits where and who has not arrived.
 
     ``statuses`` maps ranks to their :class:`RankStatus`, or None for a rank
     that did not answer; ranks of ``range(world_size)`` that are missing were
     not asked (``not_asked_because`` says why). Ranks alike are told together,
-    waiting ones first.
+    waiting ones first. ``hosts``: the host of each rank; named when there are
+    several (``rank 3 on node2``).
     """
+    where = _host_namer(hosts)
     waiting: dict[tuple[str, int | None], list[int]] = {}
     busy: dict[int | None, list[int]] = {}
     silent = []
@@ -503,22 +514,34 @@ def stall_report(statuses: Mapping[int, RankStatus | None], timeout_s: float, wo
     parts = []
     for (what, step), ranks in waiting.items():
         seconds = _seconds([statuses[rank].for_s for rank in ranks])
-        parts.append(f"{_ranks(ranks)} {_verb(ranks, 'has', 'have')} waited {seconds} in the {what}{_of_step(step)}")
+        parts.append(f"{where(ranks)} {_verb(ranks, 'has', 'have')} waited {seconds} in the {what}{_of_step(step)}")
     for step, ranks in busy.items():
         seconds = _seconds([statuses[rank].for_s for rank in ranks])
         at = "" if step is None else f"at step {step}, "
-        parts.append(f"{_ranks(ranks)} {_verb(ranks, 'has', 'have')} not arrived "
+        parts.append(f"{where(ranks)} {_verb(ranks, 'has', 'have')} not arrived "
                      f"({at}busy for {seconds} outside any collective)")
     if silent:
-        parts.append(f"{_ranks(silent)} did not answer (stopped or lost)")
+        parts.append(f"{where(silent)} did not answer (stopped or lost)")
     not_asked = [rank for rank in range(world_size) if rank not in statuses]
     if not_asked:
-        parts.append(f"{_ranks(not_asked)} {_verb(not_asked, 'was', 'were')} not asked"
+        parts.append(f"{where(not_asked)} {_verb(not_asked, 'was', 'were')} not asked"
                      + (f" ({not_asked_because})" if not_asked_because else ""))
     if len(waiting) == 1 and not busy and not silent and len(statuses) == world_size:
         parts.append("every rank is inside it, so the communication itself does not progress")
     return (f"mnn: stall: {'; '.join(parts)}; aborting all {world_size} ranks "
             f"(stall timeout {_format_s(timeout_s)})")
+
+
+def _host_namer(hosts: Sequence[str] | None) -> Callable[[list[int]], str]:
+    """``ranks 0, 2`` or, with ranks on several hosts, ``ranks 0, 2 on node1, node3``."""
+    if not hosts or len(set(hosts)) < 2:
+        return _ranks
+
+    def named(ranks: list[int]) -> str:
+        names = dict.fromkeys(hosts[rank] for rank in ranks if rank < len(hosts))
+        return f"{_ranks(ranks)} on {', '.join(names)}" if names else _ranks(ranks)
+
+    return named
 
 
 def _verb(ranks: list[int], one: str, several: str) -> str:
