@@ -75,8 +75,10 @@ The launcher runs in a process group of its own, so that the terminal's signals
 reach mnn-launch alone, and mnn-launch passes each on: MPICH's launcher gets
 the first and forwards it to every rank (a second one would make it abort the
 job); Open MPI's would abort the job (exit status 1, the ranks' last output
-lost), so there mnn-launch gives the first to the ranks on this machine itself.
-The second goes to the ranks on this machine, a third to the launcher. The
+lost), so there mnn-launch gives the first to the ranks on this machine itself,
+or, when every rank runs on another host, to the launcher as SIGUSR1, which it
+forwards to every rank unchanged and mnn-train takes as a request to stop.
+The second goes the same way, a third to the launcher. The
 launcher's output passes through mnn-launch: output that nobody reads any more
 (``mnn-launch ... | head``) is dropped, and the job runs on. No job outlives
 mnn-launch: if it dies, even by SIGKILL, its launcher is stopped (Linux), and

@@ -16,6 +16,11 @@ PMIx server's complaint that a rank it wanted to stop had gone already
 library's warning about a descriptor closed under it ("[warn] Epoll ...").
 Under Open MPI the copier drops these from stderr, and nothing else.
 
+The stall watchdog's report (:mod:`mnn.distributed.watchdog`) says that the
+job is being aborted. A launcher may then wait without end for a host that is
+lost (prterun waits for its daemon there), so the copier tells mnn-launch, which
+gives the launcher a few seconds to end the job before it stops it itself.
+
 A process, not a thread: a launcher whose output is a pipe that nobody reads
 dies before it has stopped its ranks, so the copier must outlive a
 SIGKILLed mnn-launch; it ends when the launcher (and whatever it left behind)
@@ -33,18 +38,25 @@ import time
 
 from mnn.distributed.launch.tree import STOP_GRACE_S
 
-__all__ = ["start_output_copier", "tell_interrupted", "wait_for_copier"]
+__all__ = ["start_output_copier", "tell_interrupted", "wait_for_copier", "ABORT_NOTICE"]
 
 _EXIT_NOTICE = re.compile(rb"detected that one or more processes exited with non-zero status")
 _EXIT_130 = re.compile(rb"Exit code:\s+130\b")
 _TEARDOWN_NOISE = re.compile(rb"^\[[^\]]*\] PMIX ERROR: PMIX_ERR_UNREACH |^\[warn\] Epoll ")
 _RULE = b"-----"  # Open MPI's notices open and close with a rule of dashes
+# The end of the stall watchdog's report; the window that finds it across two reads.
+_STALL_ABORT = re.compile(rb"; aborting all \d+ ranks \(stall timeout ")
+_WINDOW = 64
+#: What the copier writes to its notice pipe when a rank reported that it aborts the job.
+ABORT_NOTICE = b"a"
 
 
-def start_output_copier(stdout_fd: int, stderr_fd: int, drop_noise: bool) -> int:
+def start_output_copier(stdout_fd: int, stderr_fd: int, drop_noise: bool, notice_fd: int | None = None) -> int:
     """Fork the process that copies the launcher's output from the pipes ``stdout_fd`` and
     ``stderr_fd`` to our stdout and stderr until the launcher closes them; return its pid.
-    ``drop_noise``: drop Open MPI's notices after an interrupt (see the module docstring)."""
+    ``drop_noise``: drop Open MPI's notices after an interrupt; ``notice_fd``: a pipe to
+    write :data:`ABORT_NOTICE` to when a rank reports that it aborts the job (see the module
+    docstring)."""
     # Held back until the child's handler is in place: SIGUSR1's default action ends a process.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     pid = os.fork()
@@ -53,17 +65,16 @@ def start_output_copier(stdout_fd: int, stderr_fd: int, drop_noise: bool) -> int
         return pid
     try:
         # Only the launcher's output: a copy of any other pipe's end would keep that pipe open.
-        keep = sorted((stdout_fd, stderr_fd))
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
+        keep = sorted({stdout_fd, stderr_fd} | ({notice_fd} if notice_fd is not None else set()))
+        for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
         interrupted = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)  # the terminal's signals are mnn-launch's business
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a reader gone is an error to ignore, not death
         signal.signal(signal.SIGUSR1, lambda signum, frame: interrupted.set())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        _copy(stdout_fd, stderr_fd, interrupted if drop_noise else None)
+        _copy(stdout_fd, stderr_fd, interrupted if drop_noise else None, notice_fd)
     finally:
         os._exit(0)
 
@@ -91,15 +102,22 @@ def wait_for_copier(pid: int, timeout: float = STOP_GRACE_S) -> None:
     os.waitpid(pid, 0)
 
 
-def _copy(stdout_fd: int, stderr_fd: int, interrupted: threading.Event | None) -> None:
-    """Copy both pipes until both are closed; ``interrupted``, when given, filters stderr."""
+def _copy(stdout_fd: int, stderr_fd: int, interrupted: threading.Event | None, notice_fd: int | None) -> None:
+    """Copy both pipes until both are closed; ``interrupted``, when given, filters stderr;
+    ``notice_fd``, when given, hears of a stall report on stderr (once)."""
     pending = b""
+    seen = b""  # the end of stderr so far, where a report may have begun
     open_fds = [stdout_fd, stderr_fd]
     while open_fds:
         for fd in select.select(open_fds, [], [])[0]:
             chunk = os.read(fd, 65536)
             if not chunk:
                 open_fds.remove(fd)
+            if fd == stderr_fd and notice_fd is not None:
+                if _STALL_ABORT.search(seen + chunk):
+                    _write(notice_fd, ABORT_NOTICE)
+                    notice_fd = None
+                seen = (seen + chunk)[-_WINDOW:]
             if fd == stdout_fd:
                 _write(1, chunk)
             elif interrupted is None or not interrupted.is_set():

@@ -24,18 +24,28 @@ any MPI, after the same step, and prterun passes on their output and their exit
 status, and its own notices about it, which
 :mod:`~mnn.distributed.launch.launcher_output` drops); the second to the ranks
 on this machine; a third, or a signal while no rank runs here, to the launcher,
-which aborts the job. A signal while the job starts waits until its ranks can
+which aborts the job. Under Open MPI with every rank on other hosts the first
+two go to prterun as SIGUSR1, which it forwards to every rank as it is and
+mnn-train takes as a request to stop. A signal while the job starts waits until its ranks can
 take it (:mod:`~mnn.distributed.launch.startup`), for a few seconds at most. The launcher's output goes
 through a copier that keeps reading when nobody reads ours. When mnn-launch
 dies, even by SIGKILL, the launcher gets a signal from the kernel (Linux's
 parent-death signal): SIGKILL for hydra, SIGTERM for prterun (and srun), which
 then stop their ranks.
+
+What the launcher leaves when it ends is stopped then (hydra, ending a job that
+lost a host, left its ssh to that host running): mnn-launch reads the launcher's
+processes every second while the job runs. And once a rank reports that it
+aborts the job (the stall watchdog's report), the launcher has a few seconds to
+end it; prterun would wait without end for its daemon on a lost host, so
+mnn-launch then stops it and everything it started, and exits 1.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -44,11 +54,12 @@ import threading
 import time
 from typing import Callable, Mapping
 
-from mnn.distributed.launch.launcher_output import start_output_copier, tell_interrupted, wait_for_copier
+from mnn.distributed.launch.launcher_output import ABORT_NOTICE, start_output_copier, tell_interrupted, wait_for_copier
 from mnn.distributed.launch.plan import LaunchPlan
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
 from mnn.distributed.launch.startup import StartWatch
-from mnn.distributed.launch.tree import signal_local_ranks, stop_process_tree
+from mnn.distributed.launch.tree import (STOP_GRACE_S, kill_leftovers, process_tree, signal_local_ranks,
+                                         stop_process_tree)
 
 __all__ = ["STOP_SIGNALS", "run_plan", "run_with_timeout"]
 
@@ -67,6 +78,14 @@ _REPEAT_AFTER_S = 1.0
 # lost either way: a rank writes nothing before it is ready.
 _HOLD_S = 5.0
 _POLL_S = 0.1
+# How often the running job's processes are read (what the launcher leaves when it ends is
+# stopped then), and how long a launcher has to end a job that a rank said it aborts.
+_FOLLOW_S = 1.0
+_ABORT_GRACE_S = STOP_GRACE_S + 1.0
+_EXIT_ABORTED = 1  # what the ranks' abort asks for (the stall watchdog's)
+# Open MPI's launcher forwards it to every rank unchanged (SIGINT and SIGTERM abort the job),
+# and mnn-train takes it as a request to stop (mnn.distributed.training.stopping).
+_FORWARDED_STOP = signal.SIGUSR1
 _PR_SET_PDEATHSIG = 1
 _EXIT_INTERRUPTED = 130
 
@@ -106,6 +125,9 @@ class _Job:
         self.held_at = 0.0
         self.insisted = False
         self.passed_on = 0
+        self.tree: dict[int, int] = {}  # the launcher's processes seen so far: {pid: start time}
+        self.notices: int | None = None  # the copier's notice pipe (read end)
+        self.aborting_at: float | None = None  # when a rank said it aborts the job
 
     def start(self, plan: LaunchPlan, env: Mapping[str, str], own_group: bool) -> None:
         job_env = {**env, **plan.env_updates, **plan.launcher_env}
@@ -123,13 +145,20 @@ class _Job:
         finally:
             os.close(stdout_write)
             os.close(stderr_write)
-        self.copier = start_output_copier(stdout_read, stderr_read, drop_noise=plan.family == "openmpi")
+        self.notices, notice_write = os.pipe()
+        self.copier = start_output_copier(stdout_read, stderr_read, drop_noise=plan.family == "openmpi",
+                                          notice_fd=notice_write)
+        os.close(notice_write)
         os.close(stdout_read)
         os.close(stderr_read)
 
     def close(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            kill_leftovers(self.tree)
         if self.copier is not None:
             wait_for_copier(self.copier)
+        if self.notices is not None:
+            os.close(self.notices)
         if self.watch is not None:
             self.watch.remove()
 
@@ -161,9 +190,12 @@ class _Job:
         if self.family == "mpich" and self.passed_on == 1:
             self.process.send_signal(signal.SIGTERM)  # SIGINT would add hydra's lines about Ctrl-C
             return
-        if self.family is not None and self.passed_on <= _SIGNALS_TO_RANKS \
-                and signal_local_ranks(self.process.pid, signum):
-            return
+        if self.family is not None and self.passed_on <= _SIGNALS_TO_RANKS:
+            if signal_local_ranks(self.process.pid, signum):
+                return
+            if self.family == "openmpi":  # every rank runs on another host: prterun forwards this one
+                self.process.send_signal(_FORWARDED_STOP)
+                return
         # Ctrl-C in a terminal already reached a launcher in our process group.
         if self.family is None and signum == signal.SIGINT and _in_terminal_foreground():
             return
@@ -176,10 +208,15 @@ class _Job:
             if self.held and not self.passed_on and not self.starting():
                 self._pass_on(self.held[0])  # copies of one request within a second count once
             try:
-                return self.process.wait(timeout=_POLL_S if watching else None)
+                return self.process.wait(timeout=_POLL_S if watching else _FOLLOW_S)
             except subprocess.TimeoutExpired:
                 pass
-            if not watching or self.watch.ready():
+            if self._follow():
+                stop_process_tree(self.process, grace=0)
+                return _EXIT_ABORTED
+            if not watching:
+                continue
+            if self.watch.ready():
                 watching = False
                 self.watch.stop_listening()
             elif self.insisted or (self.held and time.monotonic() - self.held_at > _HOLD_S):
@@ -194,6 +231,15 @@ class _Job:
                     raise ValueError(failure)
                 watching = False
                 self.watch.stop_listening()
+
+    def _follow(self) -> bool:
+        """Note the launcher's processes, and whether a rank said it aborts the job; whether the
+        launcher has had long enough to end it (prterun waits without end for a lost host)."""
+        self.tree.update(process_tree(self.process.pid))
+        if self.aborting_at is None and select.select([self.notices], [], [], 0)[0] \
+                and os.read(self.notices, 1) == ABORT_NOTICE:
+            self.aborting_at = time.monotonic()
+        return self.aborting_at is not None and time.monotonic() - self.aborting_at > _ABORT_GRACE_S
 
 
 def _launcher_setup(family: str | None, own_group: bool) -> Callable[[], None] | None:

@@ -10,7 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["STOP_GRACE_S", "process_tree", "stop_process_tree", "local_ranks", "signal_local_ranks", "process_state"]
+__all__ = ["STOP_GRACE_S", "process_tree", "stop_process_tree", "kill_leftovers", "local_ranks", "signal_local_ranks",
+           "process_state"]
 
 #: How long a launcher told to stop (SIGTERM) has to stop its ranks before everything it
 #: started is SIGKILLed; prterun's own abort takes about 0.5 s, hydra's less.
@@ -38,13 +39,20 @@ def stop_process_tree(process: subprocess.Popen, grace: float = STOP_GRACE_S) ->
     tree.update(process_tree(process.pid))
     if process.poll() is None:
         process.kill()
+    kill_leftovers(tree)
+    process.wait()
+
+
+def kill_leftovers(tree: dict[int, int]) -> None:
+    """SIGKILL every process of ``tree`` ({pid: start time}, from :func:`process_tree`) that
+    still runs: what a launcher left behind when it ended (hydra, ending a job that lost a
+    host, leaves its ssh to that host waiting for an answer)."""
     for pid, started in tree.items():
         if _start_time(pid) == started:  # the same process, not a new one with its number
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-    process.wait()
 
 
 def process_tree(pid: int) -> dict[int, int]:

@@ -1,4 +1,4 @@
-"""Stopping on request: Ctrl-C, SIGTERM or SIGHUP ends training after the same step on every rank.
+"""Stopping on request: Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 ends training after the same step on every rank.
 
 A signal handler runs between two Python bytecodes on whatever the main thread
 is doing; raising there could leave one rank inside a collective that the
@@ -50,10 +50,13 @@ class Vote:
 
 
 class StopRequests:
-    """Catch SIGINT, SIGTERM and SIGHUP while in its ``with`` block and only count them.
+    """Catch SIGINT, SIGTERM, SIGHUP and SIGUSR1 while in its ``with`` block and only count them.
 
     SIGHUP (a closed terminal, a dropped ssh session) is a request to stop like
-    the others. A signal that comes more than ``_REPEAT_AFTER_S`` after the
+    the others. So is SIGUSR1: Open MPI's launcher takes SIGINT and SIGTERM as an
+    order to abort (SIGKILL a quarter second later) but forwards SIGUSR1 to every
+    rank as it is, so mnn-launch passes a stop on as SIGUSR1 when no rank runs on
+    its own machine. A signal that comes more than ``_REPEAT_AFTER_S`` after the
     first is taken as a person insisting: the previous handlers come back and
     it raises KeyboardInterrupt at once. (One Ctrl-C may arrive twice within
     milliseconds: from the terminal and forwarded by the launcher.) A signal
@@ -65,7 +68,7 @@ class StopRequests:
     is installed.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
     _REPEAT_AFTER_S = 1.0
 
     def __init__(self) -> None:
