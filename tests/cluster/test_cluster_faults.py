@@ -1,0 +1,201 @@
+"""Faults of a job across the hosts of a test cluster: mnn-launch in the head, one rank on each
+of node1 and node2, under the MPI of the Python that runs pytest.
+
+What holds on one machine (tests/test_faults_signals.py, tests/test_faults_run.py) must hold
+when no rank runs beside mnn-launch:
+
+* Ctrl-C (SIGINT) or SIGTERM to mnn-launch stops every rank after the same step with a
+  checkpoint, exit 130, and no process of the job is left on any host; a resumed run ends
+  with the parameters of one process that was never interrupted (float64);
+* a rank SIGKILLed on its host, or a host lost (its link down and every process on it
+  frozen), ends the job within the stall timeout and a few seconds, with one report that
+  names the host; the last checkpoint is kept, and nothing of the job is left on the head
+  or on the host that remains.
+
+Each test waits for what the job prints or writes, never for a fixed time; the hosts share
+the file system, so rank 0 (on node1) writes into tmp_path.
+"""
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster_jobs import CLUSTER_ENV, LAUNCH, TRAIN
+from mnn.distributed.training.checkpoint import load_checkpoint
+from mnn.io import load_arrays
+from processes import run, wait_for
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.toml"
+STEPS_PER_EPOCH = 23  # the digits' 1,437 training samples in global batches of 64
+# Far more than a test waits for: the job is always ended by the fault.
+ENDLESS = ["--epochs", "1000"]
+STALL_TIMEOUT_S = 5
+# The launcher's end of a job it saw fail, or a stall report and its abort, on a loaded machine.
+FEW_S = 8
+# What a job leaves may take a moment to go (an ssh session's sshd on the other side).
+LEFTOVER_S = 5
+# The sums of a float64 all-reduce come in another order than one process's: rounding, no more.
+ATOL = 1e-9
+
+
+def train_options(output, *extra):
+    return ["--config", str(DIGITS), "--dtype", "float64", "--log-every", "1", "--eval-every", "0",
+            "--output", str(output), *extra]
+
+
+class Job:
+    """mnn-launch running mnn-train with ``options`` across the cluster's hosts, started in the
+    head; its stdout is read as it comes (so that a long job never blocks on a full pipe), its
+    stderr at the end."""
+
+    def __init__(self, cluster, options):
+        self.process = cluster.popen("head", [*LAUNCH, "--hosts", cluster.host_list, "--", *TRAIN, *options],
+                                     env=CLUSTER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for_line(self, text):
+        """Wait until a line of stdout holds ``text``."""
+        wait_for(lambda: any(text in line for line in self.lines) or self.process.poll() is not None,
+                 f"a line with {text!r}", timeout=120)
+        assert any(text in line for line in self.lines), f"the job ended first: {''.join(self.lines)}"
+
+    def finish(self, timeout=120):
+        """(exit status, stdout, stderr) once the job has ended; killed if it outlives ``timeout``."""
+        try:
+            stderr = self.process.stderr.read() if self.process.wait(timeout=timeout) is not None else ""
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=10)
+        return self.process.returncode, "".join(self.lines), stderr
+
+
+def assert_nothing_left(cluster, hosts):
+    """No process of the job on ``hosts`` (the head among them) within a few seconds."""
+    left = {}
+
+    def gone():
+        left.update({host: cluster.job_pids(host) for host in hosts})
+        return not any(left.values())
+
+    try:
+        wait_for(gone, "the job's processes to go", timeout=LEFTOVER_S)
+    except AssertionError:
+        raise AssertionError(f"left by the job: {left}") from None
+
+
+def rank_process(cluster, host):
+    """(rank, pid) of the one mnn-train rank on ``host``, read from /proc."""
+    for pid in cluster.pids(host):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mnn.scripts.train" in argv:
+            variables = dict(entry.partition(b"=")[::2] for entry in environ)
+            rank = variables.get(b"PMI_RANK", variables.get(b"OMPI_COMM_WORLD_RANK"))
+            return int(rank), pid
+    raise AssertionError(f"no rank of mnn-train on {host}")
+
+
+# --- Ctrl-C and SIGTERM to mnn-launch --------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
+def test_a_signal_to_mnn_launch_stops_every_rank_on_every_host_after_the_same_step(
+        make_cluster, tmp_path, signum):
+    """Open MPI's launcher took SIGINT and SIGTERM as an abort (exit 1, no line, ranks SIGKILLed),
+    and with no rank on mnn-launch's machine there was none to give them to; hydra forwards them."""
+    cluster = make_cluster(2)
+    output = tmp_path / "run"
+    job = Job(cluster, train_options(output, *ENDLESS))
+    job.wait_for_line("step 3/")
+    job.process.send_signal(signum)
+    status, stdout, stderr = job.finish()
+    assert status == 130, stdout + stderr
+    # Open MPI's launcher may warn that it could not move an ssh into a process group (a race of its own).
+    lines = [line for line in stderr.splitlines() if line.strip() and "plm:ssh: Warning: setpgid" not in line]
+    assert len(lines) == 1 and lines[0].startswith("mnn-train: interrupted at epoch "), stderr
+    assert f"checkpoint saved to {output / 'checkpoint.npz'}; continue with --resume" in lines[0]
+    assert_nothing_left(cluster, ["head", *cluster.host_names])
+    stopped = load_checkpoint(output / "checkpoint.npz").position.global_step
+    assert stopped >= 3
+    if signum != signal.SIGINT:
+        return
+    # Every rank stopped after the step of the checkpoint: resumed, the job ends where one
+    # process that was never interrupted ends (a rank a step ahead would have moved the sums).
+    total = stopped + 5
+    resumed = Job(cluster, train_options(output, "--resume", "--max-steps", str(total), *ENDLESS))
+    status, stdout, stderr = resumed.finish()
+    assert status == 0, stdout + stderr
+    reference = run(train_options(tmp_path / "one-process", "--max-steps", str(total), *ENDLESS), MNN_NO_MPI="1")
+    assert reference.returncode == 0, reference.stderr
+    expected = load_arrays(tmp_path / "one-process" / "model.npz")
+    got = load_arrays(output / "model.npz")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=ATOL, err_msg=name)
+
+
+# --- a rank killed, a host lost --------------------------------------------------------------
+
+def start_and_wait_for_a_checkpoint(cluster, output):
+    """A job that has written the checkpoint of its first epoch and trains on."""
+    job = Job(cluster, train_options(output, "--stall-timeout", str(STALL_TIMEOUT_S), *ENDLESS))
+    job.wait_for_line(f"epoch 2/1000 step 1/{STEPS_PER_EPOCH}")
+    return job
+
+
+def assert_checkpoint_kept(output):
+    kept = load_checkpoint(output / "checkpoint.npz").position
+    assert kept.epochs_done >= 1 and kept.global_step == kept.epochs_done * STEPS_PER_EPOCH
+
+
+def test_a_rank_killed_on_its_host_ends_the_job_with_a_report_naming_the_host(make_cluster, tmp_path):
+    cluster = make_cluster(2)
+    output = tmp_path / "run"
+    job = start_and_wait_for_a_checkpoint(cluster, output)
+    rank, pid = rank_process(cluster, "node2")
+    assert rank == 1
+    killed = time.monotonic()
+    cluster.run("node2", ["kill", "-KILL", str(pid)])
+    status, stdout, stderr = job.finish()
+    took = time.monotonic() - killed
+    assert status not in (0, 130), stdout + stderr
+    assert took < STALL_TIMEOUT_S + FEW_S, f"the job ended {took:.1f} s after the kill"
+    assert "node2" in stdout + stderr, stdout + stderr  # hydra's notice is on stdout
+    assert "mnn: stall:" not in stderr  # the launcher saw it first, not the watchdog
+    assert_checkpoint_kept(output)
+    assert_nothing_left(cluster, ["head", *cluster.host_names])
+
+
+def test_a_host_lost_mid_run_ends_the_job_with_one_report_naming_it_and_its_rank(make_cluster, tmp_path):
+    """The link down and every process of node2 stopped: prterun waited for its daemon there
+    for ever, and hydra left its ssh to node2 running in the head after it ended."""
+    cluster = make_cluster(2)
+    output = tmp_path / "run"
+    job = start_and_wait_for_a_checkpoint(cluster, output)
+    lost = time.monotonic()
+    cluster.set_link("node2", False)
+    cluster.freeze("node2")
+    status, stdout, stderr = job.finish()
+    took = time.monotonic() - lost
+    assert status == 1, stdout + stderr
+    assert STALL_TIMEOUT_S < took < STALL_TIMEOUT_S + FEW_S, f"the job ended {took:.1f} s after the host was lost"
+    reports = [line for line in stderr.splitlines() if line.startswith("mnn: stall:")]
+    assert len(reports) == 1, stderr
+    assert "; rank 1 on node2 did not answer (stopped or lost); aborting all 2 ranks" in reports[0]
+    assert "rank 0 on node1 has waited " in reports[0]
+    assert_checkpoint_kept(output)
+    assert_nothing_left(cluster, ["head", "node1"])
