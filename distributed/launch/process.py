@@ -81,7 +81,7 @@ _POLL_S = 0.1
 # How often the running job's processes are read (what the launcher leaves when it ends is
 # stopped then), and how long a launcher has to end a job that a rank said it aborts.
 _FOLLOW_S = 1.0
-_ABORT_GRACE_S = STOP_GRACE_S + 1.0
+_ABORT_GRACE_S = STOP_GRACE_S
 _EXIT_ABORTED = 1  # what the ranks' abort asks for (the stall watchdog's)
 # Open MPI's launcher forwards it to every rank unchanged (SIGINT and SIGTERM abort the job),
 # and mnn-train takes it as a request to stop (mnn.distributed.training.stopping).

@@ -34,8 +34,9 @@ STEPS_PER_EPOCH = 23  # the digits' 1,437 training samples in global batches of 
 # Far more than a test waits for: the job is always ended by the fault.
 ENDLESS = ["--epochs", "1000"]
 STALL_TIMEOUT_S = 5
-# The launcher's end of a job it saw fail, or a stall report and its abort, on a loaded machine.
-FEW_S = 8
+# After a fault: the watchdog's last check and its grace for answers (2 s at this timeout),
+# the launcher's end of the job (or mnn-launch's, 2 s after the report), on a loaded machine.
+FEW_S = 10
 # What a job leaves may take a moment to go (an ssh session's sshd on the other side).
 LEFTOVER_S = 5
 # The sums of a float64 all-reduce come in another order than one process's: rounding, no more.
