@@ -8,9 +8,10 @@ when no rank runs beside mnn-launch:
   checkpoint, exit 130, and no process of the job is left on any host; a resumed run ends
   with the parameters of one process that was never interrupted (float64);
 * a rank SIGKILLed on its host, or a host lost (its link down and every process on it
-  frozen), ends the job within the stall timeout and a few seconds, with one report that
-  names the host; the last checkpoint is kept, and nothing of the job is left on the head
-  or on the host that remains.
+  frozen), ends the job within the stall timeout and a few seconds with a report that names
+  the host: the launcher's for a killed rank, the stall watchdog's one line, which names the
+  rank too, for a lost host; the last checkpoint is kept, and nothing of the job is left on
+  the head or on the host that remains.
 
 Each test waits for what the job prints or writes, never for a fixed time; the hosts share
 the file system, so rank 0 (on node1) writes into tmp_path.
@@ -50,19 +51,22 @@ def train_options(output, *extra):
 
 class Job:
     """mnn-launch running mnn-train with ``options`` across the cluster's hosts, started in the
-    head; its stdout is read as it comes (so that a long job never blocks on a full pipe), its
-    stderr at the end."""
+    head; its stdout and stderr are read as they come, so that a long job never blocks on a
+    full pipe."""
 
     def __init__(self, cluster, options):
         self.process = cluster.popen("head", [*LAUNCH, "--hosts", cluster.host_list, "--", *TRAIN, *options],
                                      env=CLUSTER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.lines, self.errors = [], []
+        self._readers = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+                         for pipe, into in ((self.process.stdout, self.lines), (self.process.stderr, self.errors))]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
+    @staticmethod
+    def _read(pipe, into):
+        for line in pipe:
+            into.append(line)
 
     def wait_for_line(self, text):
         """Wait until a line of stdout holds ``text``."""
@@ -73,13 +77,14 @@ class Job:
     def finish(self, timeout=120):
         """(exit status, stdout, stderr) once the job has ended; killed if it outlives ``timeout``."""
         try:
-            stderr = self.process.stderr.read() if self.process.wait(timeout=timeout) is not None else ""
+            self.process.wait(timeout=timeout)
         finally:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
-        self._reader.join(timeout=10)
-        return self.process.returncode, "".join(self.lines), stderr
+        for reader in self._readers:
+            reader.join(timeout=10)  # a process the job left may hold a pipe: the test then says so
+        return self.process.returncode, "".join(self.lines), "".join(self.errors)
 
 
 def assert_nothing_left(cluster, hosts):
