@@ -10,6 +10,8 @@
 - ``tree``: the processes a launcher started (stopping them all; its ranks on this machine);
 - ``launcher_output``: the launcher's output, passed on whoever reads it, without Open MPI's noise after
   an interrupt;
+- ``rank_deaths``: a rank that died: what the launcher says about it, and mnn-launch's one line
+  naming the rank, its host, its process and how it died;
 - ``check``: the ``--check`` preflight.
 
 The command line, and the help that explains all of it, is ``mnn.scripts.launch``.

@@ -19,7 +19,9 @@ Under Open MPI the copier drops these from stderr, and nothing else.
 The stall watchdog's report (:mod:`mnn.distributed.watchdog`) says that the
 job is being aborted. A launcher may then wait without end for a host that is
 lost (prterun waits for its daemon there), so the copier tells mnn-launch, which
-gives the launcher a few seconds to end the job before it stops it itself.
+gives the launcher a few seconds to end the job before it stops it itself. What the
+launcher says about a rank that died goes to mnn-launch the same way
+(:mod:`~mnn.distributed.launch.rank_deaths`), one line per notice.
 
 A process, not a thread: a launcher whose output is a pipe that nobody reads
 dies before it has stopped its ranks, so the copier must outlive a
@@ -36,9 +38,10 @@ import signal
 import threading
 import time
 
+from mnn.distributed.launch.rank_deaths import DeathReader
 from mnn.distributed.launch.tree import STOP_GRACE_S
 
-__all__ = ["start_output_copier", "tell_interrupted", "wait_for_copier", "ABORT_NOTICE"]
+__all__ = ["start_output_copier", "tell_interrupted", "wait_for_copier", "ABORT_NOTICE", "UNFINISHED_NOTICE"]
 
 _EXIT_NOTICE = re.compile(rb"detected that one or more processes exited with non-zero status")
 _EXIT_130 = re.compile(rb"Exit code:\s+130\b")
@@ -47,16 +50,25 @@ _RULE = b"-----"  # Open MPI's notices open and close with a rule of dashes
 # The end of the stall watchdog's report; the window that finds it across two reads.
 _STALL_ABORT = re.compile(rb"; aborting all \d+ ranks \(stall timeout ")
 _WINDOW = 64
-#: What the copier writes to its notice pipe when a rank reported that it aborts the job.
-ABORT_NOTICE = b"a"
+# The first deaths are the ones that matter; a bound keeps the notice pipe from filling up (and
+# the copier from blocking on it) whatever the ranks print.
+_MAX_NOTICES = 16
+# Whether what was last written to a descriptor ended inside a line.
+_unfinished_line = {1: False, 2: False}
+#: The line the copier writes to its notice pipe when a rank reported that it aborts the job
+#: (a death the launcher reported is a line of its own: ``LauncherDeath.encode``).
+ABORT_NOTICE = b"abort\n"
+#: The line the copier writes last when the launcher's stderr ended inside a line (prterun may
+#: end on a NUL byte): what mnn-launch says after it must start a line of its own.
+UNFINISHED_NOTICE = b"unfinished\n"
 
 
 def start_output_copier(stdout_fd: int, stderr_fd: int, drop_noise: bool, notice_fd: int | None = None) -> int:
     """Fork the process that copies the launcher's output from the pipes ``stdout_fd`` and
     ``stderr_fd`` to our stdout and stderr until the launcher closes them; return its pid.
     ``drop_noise``: drop Open MPI's notices after an interrupt; ``notice_fd``: a pipe to
-    write :data:`ABORT_NOTICE` to when a rank reports that it aborts the job (see the module
-    docstring)."""
+    write :data:`ABORT_NOTICE` to when a rank reports that it aborts the job, and each death
+    of a rank that the launcher reports (see the module docstring)."""
     # Held back until the child's handler is in place: SIGUSR1's default action ends a process.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     pid = os.fork()
@@ -104,19 +116,27 @@ def wait_for_copier(pid: int, timeout: float = STOP_GRACE_S) -> None:
 
 def _copy(stdout_fd: int, stderr_fd: int, interrupted: threading.Event | None, notice_fd: int | None) -> None:
     """Copy both pipes until both are closed; ``interrupted``, when given, filters stderr;
-    ``notice_fd``, when given, hears of a stall report on stderr (once)."""
+    ``notice_fd``, when given, hears of a stall report on stderr (once) and of each death
+    the launcher reports."""
     pending = b""
     seen = b""  # the end of stderr so far, where a report may have begun
+    told_abort, told_notices = False, 0
+    readers = {stdout_fd: DeathReader(), stderr_fd: DeathReader()}
     open_fds = [stdout_fd, stderr_fd]
     while open_fds:
         for fd in select.select(open_fds, [], [])[0]:
             chunk = os.read(fd, 65536)
             if not chunk:
                 open_fds.remove(fd)
-            if fd == stderr_fd and notice_fd is not None:
-                if _STALL_ABORT.search(seen + chunk):
+            if notice_fd is not None:
+                if fd == stderr_fd and not told_abort and _STALL_ABORT.search(seen + chunk):
                     _write(notice_fd, ABORT_NOTICE)
-                    notice_fd = None
+                    told_abort = True
+                for notice in readers[fd].feed(chunk):
+                    if told_notices < _MAX_NOTICES:
+                        _write(notice_fd, notice)
+                        told_notices += 1
+            if fd == stderr_fd:
                 seen = (seen + chunk)[-_WINDOW:]
             if fd == stdout_fd:
                 _write(1, chunk)
@@ -126,6 +146,8 @@ def _copy(stdout_fd: int, stderr_fd: int, interrupted: threading.Event | None, n
             else:
                 # The job is ending: hold back whole notices, pass on everything else by line.
                 pending = _drop_interrupt_noise(pending + chunk, final=not chunk)
+    if notice_fd is not None and _unfinished_line[2]:
+        _write(notice_fd, UNFINISHED_NOTICE)
 
 
 def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
@@ -169,6 +191,8 @@ def _drop_interrupt_noise(text: bytes, final: bool) -> bytes:
 def _write(fd: int, data: bytes) -> None:
     """All of ``data`` to ``fd`` (this process's stdout or stderr, whatever sys.stdout was
     made), or as much as the reader takes: a closed pipe or terminal drops the rest."""
+    if data:
+        _unfinished_line[fd] = not data.endswith(b"\n")
     while data:
         try:
             data = data[os.write(fd, data):]

@@ -39,6 +39,11 @@ processes every second while the job runs. And once a rank reports that it
 aborts the job (the stall watchdog's report), the launcher has a few seconds to
 end it; prterun would wait without end for its daemon on a lost host, so
 mnn-launch then stops it and everything it started, and exits 1.
+
+When a rank dies (killed, or crashed) the launcher ends the job, and mnn-launch
+adds one line after all its output, naming the rank, its host and process and
+how it died (:mod:`~mnn.distributed.launch.rank_deaths`); not after an
+interrupt or a rank's stall report, which have their own line.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import ctypes
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,8 +60,10 @@ import threading
 import time
 from typing import Callable, Mapping
 
-from mnn.distributed.launch.launcher_output import ABORT_NOTICE, start_output_copier, tell_interrupted, wait_for_copier
+from mnn.distributed.launch.launcher_output import (ABORT_NOTICE, UNFINISHED_NOTICE, start_output_copier,
+                                                   tell_interrupted, wait_for_copier)
 from mnn.distributed.launch.plan import LaunchPlan
+from mnn.distributed.launch.rank_deaths import EXPLAINED_NOTICE, LauncherDeath, death_line
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
 from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import (STOP_GRACE_S, kill_leftovers, process_tree, signal_local_ranks,
@@ -109,6 +117,9 @@ def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DE
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         job.close()
+    death = job.death_line(returncode)
+    if death is not None:  # after everything the launcher said, on a line of its own
+        print("\n" * job.unfinished + death, file=sys.stderr, flush=True)
     return returncode if returncode >= 0 else 128 - returncode
 
 
@@ -128,6 +139,11 @@ class _Job:
         self.tree: dict[int, int] = {}  # the launcher's processes seen so far: {pid: start time}
         self.notices: int | None = None  # the copier's notice pipe (read end)
         self.aborting_at: float | None = None  # when a rank said it aborts the job
+        self.notice_text = b""  # the copier's notices: a line not yet complete
+        self.deaths: list[LauncherDeath] = []  # what the launcher said about ranks that died
+        self.begun: dict[int, int] = {}  # {rank: process id}, as the ranks reported
+        self.explained = False  # a rank said why it ends
+        self.unfinished = False  # the launcher's stderr ended inside a line
 
     def start(self, plan: LaunchPlan, env: Mapping[str, str], own_group: bool) -> None:
         job_env = {**env, **plan.env_updates, **plan.launcher_env}
@@ -158,8 +174,10 @@ class _Job:
         if self.copier is not None:
             wait_for_copier(self.copier)
         if self.notices is not None:
+            self._read_notices(wait=True)  # the copier has ended: its end of the pipe is closed
             os.close(self.notices)
         if self.watch is not None:
+            self.begun = self.watch.begun()
             self.watch.remove()
 
     def starting(self) -> bool:
@@ -217,8 +235,7 @@ class _Job:
             if not watching:
                 continue
             if self.watch.ready():
-                watching = False
-                self.watch.stop_listening()
+                watching = False  # its port closes once every rank has said it began
             elif self.insisted or (self.held and time.monotonic() - self.held_at > _HOLD_S):
                 stop_process_tree(self.process, grace=0)
                 print("mnn-launch: interrupted before training started: stopped the job while it was starting",
@@ -236,10 +253,34 @@ class _Job:
         """Note the launcher's processes, and whether a rank said it aborts the job; whether the
         launcher has had long enough to end it (prterun waits without end for a lost host)."""
         self.tree.update(process_tree(self.process.pid))
-        if self.aborting_at is None and select.select([self.notices], [], [], 0)[0] \
-                and os.read(self.notices, 1) == ABORT_NOTICE:
-            self.aborting_at = time.monotonic()
+        self._read_notices(wait=False)
         return self.aborting_at is not None and time.monotonic() - self.aborting_at > _ABORT_GRACE_S
+
+    def _read_notices(self, wait: bool) -> None:
+        """Take in the copier's notices: what it has written so far, or (``wait``, once the
+        copier has ended) everything."""
+        while wait or select.select([self.notices], [], [], 0)[0]:
+            chunk = os.read(self.notices, 4096)
+            if not chunk:
+                break
+            *lines, self.notice_text = (self.notice_text + chunk).split(b"\n")
+            for line in lines:
+                if line + b"\n" == ABORT_NOTICE and self.aborting_at is None:
+                    self.aborting_at = time.monotonic()
+                self.explained = self.explained or line + b"\n" == EXPLAINED_NOTICE
+                self.unfinished = line + b"\n" == UNFINISHED_NOTICE
+                death = LauncherDeath.decode(line)
+                if death is not None:
+                    self.deaths.append(death)
+
+    def death_line(self, returncode: int) -> str | None:
+        """mnn-launch's line about a rank that died (:mod:`~mnn.distributed.launch.rank_deaths`),
+        None when no rank died unexplained: the job succeeded, was interrupted, or a rank's
+        stall report ended it."""
+        if returncode == 0 or self.held or self.passed_on or self.aborting_at is not None:
+            return None
+        return death_line(self.deaths, self.watch.hosts if self.watch is not None else [], self.begun,
+                          socket.gethostname(), self.explained)
 
 
 def _launcher_setup(family: str | None, own_group: bool) -> Callable[[], None] | None:

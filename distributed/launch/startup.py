@@ -21,8 +21,10 @@ host from (its host name may resolve to a loopback address, as Debian's
 ``127.0.1.1``). This asks nothing new of the network: both launchers already
 need the hosts to connect back to this machine on a port of its choosing
 (hydra's proxies to mpiexec, prted to prterun). The port is closed once a rank
-is ready, or once mnn-launch stops watching; a report that finds it closed is
-dropped by the rank. If no address is found (the host's name resolves only in
+is ready and every rank has said that it began (each rank's process id names
+the rank in what a launcher says when a rank dies:
+:mod:`~mnn.distributed.launch.rank_deaths`), or once mnn-launch stops watching
+or the job ends; a report that finds it closed is dropped by the rank. If no address is found (the host's name resolves only in
 ssh's configuration), only the ranks on this machine report, in the directory,
 and a job with none here is not watched.
 
@@ -111,7 +113,7 @@ class StartWatch:
             address = _address_towards(remote)
             if address is not None:
                 try:
-                    listener = _ReportListener(address, directory)
+                    listener = _ReportListener(address, directory, len(hosts))
                 except OSError:
                     listener = None
         return cls(directory, time.monotonic() + timeout, timeout, hosts, known, listener)
@@ -125,7 +127,7 @@ class StartWatch:
         return variables
 
     def stop_listening(self) -> None:
-        """Close the port (the job has started, or is no longer watched)."""
+        """Close the port (the job is no longer watched, or has ended)."""
         if self.listener is not None:
             self.listener.close()
 
@@ -138,6 +140,16 @@ class StartWatch:
         """Whether the job reports its start-up (known by its name, or a rank said so) to us."""
         reaches_us = self.listener is not None or None in self.hosts
         return reaches_us and (self.known or any(self.directory.glob("rank-*.begun")))
+
+    def begun(self) -> dict[int, int]:
+        """{rank: process id} of the ranks that said they began."""
+        ranks = {}
+        for marker in self.directory.glob("rank-*.begun"):
+            try:
+                ranks[int(marker.stem.split("-")[1])] = int(marker.read_text())
+            except (OSError, ValueError):
+                continue  # a marker being written, or not ours
+        return ranks
 
     def ready(self) -> bool:
         """Whether a rank got through MPI's start-up and the first barrier (so every rank did)."""
@@ -215,15 +227,17 @@ class _ReportListener:
     """A TCP port on ``address`` on which the ranks report their start-up: each connection
     brings one line, the name of a rank's marker and its process id, which is written as that
     marker into ``directory``. Anything else is ignored. Listens in a thread of its own until
-    a rank is ready or :meth:`close` is called."""
+    a rank is ready and each of the ``ranks`` has said it began, or :meth:`close` is called."""
 
-    def __init__(self, address: str, directory: Path):
+    def __init__(self, address: str, directory: Path, ranks: int):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self._socket = socket.create_server((address, 0), family=family)
         self._socket.settimeout(_ACCEPT_POLL_S)
         self.host = address
         self.address = f"{address}:{self._socket.getsockname()[1]}"
         self._directory = directory
+        self._waiting = {f"rank-{rank}.begun" for rank in range(ranks)}
+        self._ready = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="mnn-launch start reports", daemon=True)
         self._thread.start()
@@ -244,8 +258,10 @@ class _ReportListener:
                     marker = self._read_report(connection)
                 if marker is not None:
                     (self._directory / marker[0]).write_text(marker[1])
-                    if marker[0].endswith(".ready"):
-                        return  # one rank ready: every rank started
+                    self._ready = self._ready or marker[0].endswith(".ready")
+                    self._waiting.discard(marker[0])
+                if self._ready and not self._waiting:
+                    return  # every rank started, and we know each one's process
         except OSError:
             return  # the directory is gone: the job has ended
         finally:
