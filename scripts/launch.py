@@ -85,6 +85,14 @@ mnn-launch: if it dies, even by SIGKILL, its launcher is stopped (Linux), and
 with it the ranks. Open MPI refuses to run as root unless told: as root
 mnn-launch adds ``--allow-run-as-root`` (as horovodrun does).
 
+A rank that dies. When a rank is killed or crashes, the launcher ends the job, and
+mnn-launch names the rank in one line after the job's output: its host, its process
+and the signal (``mnn-launch: rank 1 on node2 (process 12345) was killed by signal 9
+(SIGKILL); the launcher ended the job``). MPICH's launcher names only the process and
+host; Open MPI's often blames a rank that lost its connection to the dead one, naming
+only the dead one's host and no signal (mnn-launch then names the rank on that host, if
+one). mnn-launch knows each rank's process from its start-up report.
+
 Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
 answer ssh, and the threads per rank, and starts a hello job: two ranks on this
 machine, or with ``--hosts``/``--hostfile`` one rank on each host (two on a lone
