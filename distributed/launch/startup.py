@@ -24,9 +24,11 @@ need the hosts to connect back to this machine on a port of its choosing
 is ready and every rank has said that it began (each rank's process id names
 the rank in what a launcher says when a rank dies:
 :mod:`~mnn.distributed.launch.rank_deaths`), or once mnn-launch stops watching
-or the job ends; a report that finds it closed is dropped by the rank. If no address is found (the host's name resolves only in
-ssh's configuration), only the ranks on this machine report, in the directory,
-and a job with none here is not watched.
+or the job ends; a report that finds it closed is dropped by the rank. A rank
+reports ``begun`` before MPI starts and ``ready`` only after a barrier, so every
+``begun`` normally comes first. If no address is found (the host's name
+resolves only in ssh's configuration), only the ranks on this machine report,
+in the directory, and a job with none here is not watched.
 
 The bound holds for programs that report their start-up: ``mnn-train`` (known
 by its name), or any program whose ranks report ``begun`` (everything started on
