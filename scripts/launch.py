@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     """Run mnn-launch with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     The console script ``mnn-launch`` (and ``python -m mnn.scripts.launch``) exits with it.
+    Once a job has run, SIGINT, SIGTERM and SIGHUP are left ignored in this process.
     """
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ if env is None else env)
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS
                     if signal.getsignal(signum) is not signal.SIG_IGN}
+    ran = False
     try:
         args = parse_args(argv)
         settings = launch_settings(args)
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             return 0 if _say(format_plan(plan)) else 1
         if plan.launcher == "mpiexec":
             require_answers(settings.hosts, settings.ssh, settings.start_timeout, env)
+        ran = True
         return run_plan(plan, env, settings.start_timeout)
     except ValueError as error:
         print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)
@@ -234,8 +237,12 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         print("mnn-launch: interrupted before the job started", file=sys.stderr, flush=True)
         return _EXIT_INTERRUPTED
     finally:
+        # Once a job has run, a stop signal is a late copy of the one that ended it (two Ctrl-C
+        # 0.2 s apart, the job done in between). Ignored, not handled: while the interpreter
+        # shuts down, Python puts the default action back in place of a handler of ours, and
+        # that copy would kill mnn-launch (exit -2) after the job ended well.
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if ran else handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:
