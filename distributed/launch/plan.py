@@ -77,19 +77,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
     job_id = env.get("SLURM_JOB_ID")
 
     if job_id and not settings.mpiexec:
-        if hosts is not None:
-            raise ValueError(f"--hosts/--hostfile do not apply inside SLURM job {job_id}: srun places ranks on "
-                             "the allocation's nodes. Leave them out, or pass --mpiexec to use mpiexec instead")
-        ranks = settings.ranks or _env_int(env, "SLURM_NTASKS") or _env_int(env, "SLURM_NPROCS")
-        if ranks is None:
-            raise ValueError(f"inside SLURM job {job_id} SLURM_NTASKS is not set: pass -n N")
-        threads = _env_int(env, "SLURM_CPUS_PER_TASK")
-        if threads is None:
-            nodes = _env_int(env, "SLURM_JOB_NUM_NODES") or _env_int(env, "SLURM_NNODES") or 1
-            per_node = -(-ranks // nodes)
-            threads = max(1, (_env_int(env, "SLURM_CPUS_ON_NODE") or cores) // per_node)
-        env_updates = _env_updates(env, threads, terminal)
-        return LaunchPlan(["srun", "-n", str(ranks), *command], env_updates, "srun", ranks, threads, warnings)
+        return _srun_plan(settings, env, job_id, cores, terminal, warnings)
 
     if mpi.mpiexec is None:
         if mpi.error:
@@ -149,6 +137,24 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
         if any(host not in local_host_names() for host, _ in hosts or []) else {}
     return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
                       mpi.launcher_family, launcher_env, notes, placed, reports_start(command))
+
+
+def _srun_plan(settings: LaunchSettings, env: Mapping[str, str], job_id: str, cores: int, terminal: bool,
+               warnings: list[str]) -> LaunchPlan:
+    """Inside SLURM job ``job_id``: ``srun -n N``, N and the threads per rank from the allocation."""
+    if settings.hosts is not None:
+        raise ValueError(f"--hosts/--hostfile do not apply inside SLURM job {job_id}: srun places ranks on "
+                         "the allocation's nodes. Leave them out, or pass --mpiexec to use mpiexec instead")
+    ranks = settings.ranks or _env_int(env, "SLURM_NTASKS") or _env_int(env, "SLURM_NPROCS")
+    if ranks is None:
+        raise ValueError(f"inside SLURM job {job_id} SLURM_NTASKS is not set: pass -n N")
+    threads = _env_int(env, "SLURM_CPUS_PER_TASK")
+    if threads is None:
+        nodes = _env_int(env, "SLURM_JOB_NUM_NODES") or _env_int(env, "SLURM_NNODES") or 1
+        per_node = -(-ranks // nodes)
+        threads = max(1, (_env_int(env, "SLURM_CPUS_ON_NODE") or cores) // per_node)
+    env_updates = _env_updates(env, threads, terminal)
+    return LaunchPlan(["srun", "-n", str(ranks), *settings.command], env_updates, "srun", ranks, threads, warnings)
 
 
 def ssh_options(timeout: float) -> list[str]:
