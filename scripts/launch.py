@@ -91,7 +91,9 @@ and the signal (``mnn-launch: rank 1 on node2 (process 12345) was killed by sign
 (SIGKILL); the launcher ended the job``). MPICH's launcher names only the process and
 host; Open MPI's often blames a rank that lost its connection to the dead one, naming
 only the dead one's host and no signal (mnn-launch then names the rank on that host, if
-one). mnn-launch knows each rank's process from its start-up report.
+one). mnn-launch knows each rank's process from its start-up report. MPICH's
+launcher ends a host's other ranks with SIGKILL too and may name one of those: with
+several ranks on the host, the line names them all (``one of ranks 0, 1 on node2``).
 
 Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
 answer ssh, and the threads per rank, and starts a hello job: two ranks on this

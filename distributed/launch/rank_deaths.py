@@ -141,6 +141,12 @@ def death_line(deaths: list[LauncherDeath], hosts: list[str | None], begun: dict
         if how is None:
             return None  # an exit the rank explained itself
         host = hosts[rank] if rank < len(hosts) and hosts[rank] is not None else (death.host or this_host)
+        neighbours = [other for other, where in enumerate(hosts) if rank < len(hosts) and where == hosts[rank]]
+        if death.rank is None and len(neighbours) > 1:
+            # hydra ends a host's other ranks with SIGKILL too, and its box names one process of
+            # the host, not always the first to die (seen: the rank it stopped, not the killed one).
+            return (f"mnn-launch: one of ranks {', '.join(map(str, neighbours))} on {host} {how} (hydra ends a "
+                    "host's other ranks the same way and names only one); the launcher ended the job")
         pid = begun.get(rank, death.pid)
         process = f" (process {pid})" if pid is not None else ""
         return f"mnn-launch: rank {rank} on {host}{process} {how}; the launcher ended the job"
