@@ -39,13 +39,13 @@ import sys
 
 from mnn.distributed.cluster import Cluster, ClusterError, cluster_support, remove_leftovers
 from mnn.distributed.cluster.namespaces import HEAD, list_clusters
+from mnn.distributed.launch.process import STOP_SIGNALS
 from mnn.scripts.arguments import positive
 
 __all__ = ["main", "build_parser"]
 
 _EXIT_USAGE = 2
 _DEFAULT_HOSTS = 2
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _RATE = re.compile(r"^[0-9]+(\.[0-9]+)?[kmg]?bit$")
 
 
@@ -197,7 +197,7 @@ class _Signals:
     def __init__(self) -> None:
         self.held: list[int] = []
         self.process: subprocess.Popen | None = None
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in _STOP_SIGNALS}
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.process is None:

@@ -12,7 +12,7 @@ import pytest
 from mnn.distributed.cluster import Cluster, remove_leftovers
 from mnn.distributed.cluster.namespaces import NETNS_ETC, NETNS_RUN, STATE_ROOT
 
-from cluster_jobs import CLUSTER_ENV
+from cluster_jobs import CLUSTER_ENV, command_line
 
 CLUSTER = [sys.executable, "-m", "mnn.scripts.cluster"]
 
@@ -112,7 +112,7 @@ def test_a_killed_runs_cluster_is_removed_by_the_next_one(machine_network_unchan
     machine_network_unchanged.add(name)
     cluster = Cluster(1, name=name)
     deadline = time.monotonic() + 30
-    while not (sleepers := [pid for pid in cluster.pids("head") if command_of(pid).startswith(b"sleep")]):
+    while not (sleepers := [pid for pid in cluster.pids("head") if command_line(pid).startswith("sleep")]):
         assert time.monotonic() < deadline, "the command never started in the head"
         time.sleep(0.05)
     process.kill()
@@ -121,15 +121,7 @@ def test_a_killed_runs_cluster_is_removed_by_the_next_one(machine_network_unchan
     assert name in remove_leftovers()
     assert gone(name)
     time.sleep(0.2)
-    assert not command_of(sleepers[0]), "the killed run's command is still running"
-
-
-def command_of(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return cmdline.read()
-    except OSError:
-        return b""
+    assert not command_line(sleepers[0]), "the killed run's command is still running"
 
 
 def test_a_kept_cluster_stays_until_down(machine_network_unchanged):

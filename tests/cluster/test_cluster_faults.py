@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster_jobs import CLUSTER_ENV, LAUNCH, TRAIN
+from cluster_jobs import CLUSTER_ENV, LAUNCH, TRAIN, assert_nothing_left
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.io import load_arrays
 from processes import mpiexec_family, run, wait_for
@@ -88,20 +88,6 @@ class Job:
         return self.process.returncode, "".join(self.lines), "".join(self.errors)
 
 
-def assert_nothing_left(cluster, hosts):
-    """No process of the job on ``hosts`` (the head among them) within a few seconds."""
-    left = {}
-
-    def gone():
-        left.update({host: cluster.job_pids(host) for host in hosts})
-        return not any(left.values())
-
-    try:
-        wait_for(gone, "the job's processes to go", timeout=LEFTOVER_S)
-    except AssertionError:
-        raise AssertionError(f"left by the job: {left}") from None
-
-
 def rank_process(cluster, host):
     """(rank, pid) of the one mnn-train rank on ``host``, read from /proc."""
     for pid in cluster.pids(host):
@@ -135,7 +121,7 @@ def test_a_signal_to_mnn_launch_stops_every_rank_on_every_host_after_the_same_st
     lines = [line for line in stderr.splitlines() if line.strip() and "plm:ssh: Warning: setpgid" not in line]
     assert len(lines) == 1 and lines[0].startswith("mnn-train: interrupted at epoch "), stderr
     assert f"checkpoint saved to {output / 'checkpoint.npz'}; continue with --resume" in lines[0]
-    assert_nothing_left(cluster, ["head", *cluster.host_names])
+    assert_nothing_left(cluster, timeout=LEFTOVER_S)
     stopped = load_checkpoint(output / "checkpoint.npz").position.global_step
     assert stopped >= 3
     if signum != signal.SIGINT:
@@ -190,7 +176,7 @@ def test_a_rank_killed_on_its_host_ends_the_job_with_a_report_naming_the_host(ma
     assert how == killed or (mpiexec_family() == "openmpi" and how.startswith("died without a word")), how
     assert "mnn: stall:" not in stderr  # the launcher saw it first, not the watchdog
     assert_checkpoint_kept(output)
-    assert_nothing_left(cluster, ["head", *cluster.host_names])
+    assert_nothing_left(cluster, timeout=LEFTOVER_S)
 
 
 def test_a_host_lost_mid_run_ends_the_job_with_one_report_naming_it_and_its_rank(make_cluster, tmp_path):
@@ -212,7 +198,7 @@ def test_a_host_lost_mid_run_ends_the_job_with_one_report_naming_it_and_its_rank
     assert "rank 0 on node1 has waited " in reports[0]
     assert "mnn-launch: rank" not in stderr  # the stall report is the one line
     assert_checkpoint_kept(output)
-    assert_nothing_left(cluster, ["head", "node1"])
+    assert_nothing_left(cluster, ["head", "node1"], timeout=LEFTOVER_S)
 
 
 # --- Ctrl-C while the ranks start -------------------------------------------------------------
@@ -232,7 +218,7 @@ def test_ctrl_c_while_the_remote_ranks_start_stops_the_job_with_one_line(make_cl
     assert len(lines) == 1 and (lines[0].startswith("mnn-train: interrupted ") or lines[0] ==
                                 "mnn-launch: interrupted before training started: stopped the job while it was "
                                 "starting"), stderr
-    assert_nothing_left(cluster, ["head", *cluster.host_names])
+    assert_nothing_left(cluster, timeout=LEFTOVER_S)
 
 
 def starting(cluster, host):

@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 import tomli_w
 
-from cluster_jobs import CLUSTER_ENV, TRAIN, launch
+from cluster_jobs import CLUSTER_ENV, TRAIN, assert_nothing_left, launch
 from mnn.distributed.cluster import Cluster
 from mnn.distributed.cluster.namespaces import NETNS_RUN
 from mnn.distributed.environment import THREAD_VARIABLES
 from mnn.distributed.training.config import load_toml
 from mnn.io import load_arrays
-from processes import run, wait_for
+from processes import run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # A few float64 steps of each model: enough for every all-reduce to matter, a few seconds a job.
@@ -108,8 +108,7 @@ def launched(cluster, args, env=None):
     """``mnn-launch ARGS`` in the head, to its end; then nothing of the job may be left on any host
     (the next test's traffic is its own)."""
     result = launch(cluster, args, env=env)
-    wait_for(lambda: not any(cluster.job_pids(host) for host in ("head", *cluster.host_names)),
-             "the job's processes to leave every host")
+    assert_nothing_left(cluster, timeout=60)
     return result
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster_jobs import PYTHON_BIN, TRAIN, launch
+from cluster_jobs import PYTHON_BIN, TRAIN, assert_nothing_left, launch
 from processes import mpiexec_family
 
-HOSTS = ("head", "node1", "node2")
 # A few steps of the digits MLP: a job that starts as a real one does.
 JOB = ["--max-steps", "2", "--eval-every", "0"]
 # The launcher's daemon on each host: hydra's proxy, Open MPI's prted.
@@ -65,27 +64,6 @@ comm.barrier()
 """
 
 
-def left_behind(cluster):
-    """The processes of the job left on any host (none once mnn-launch has ended, within a few
-    seconds for those that notice their launcher gone): {host: [command lines]}."""
-    def survivors():
-        found = {}
-        for host in HOSTS:
-            lines = []
-            for pid in cluster.job_pids(host):
-                try:
-                    lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
-                except OSError:
-                    continue
-            if lines:
-                found[host] = lines
-        return found
-    deadline = time.monotonic() + 20
-    while survivors() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return survivors()
-
-
 def one_line(stderr):
     """mnn-launch's one line (Open MPI's launcher may warn that it could not move a remote shell
     into a process group)."""
@@ -102,7 +80,7 @@ def test_a_host_whose_sshd_is_stopped_is_named_and_nothing_starts(make_cluster):
     line = one_line(result.stderr)
     assert line.startswith("mnn-launch: error: the job was not started: node2: ssh failed"), line
     assert "Connection refused" in line and "node1:" not in line, line
-    assert left_behind(cluster) == {}
+    assert_nothing_left(cluster)
 
 
 def test_a_host_whose_mpi_daemon_hangs_is_stopped_at_the_start_timeout(make_cluster, tmp_path):
@@ -125,7 +103,7 @@ def test_a_host_whose_mpi_daemon_hangs_is_stopped_at_the_start_timeout(make_clus
     if mpiexec_family() == "mpich":  # hydra starts node1's rank, which reports it began, and waits in MPI_Init
         assert "rank 0 on node1 waited in MPI's start-up for the others" in line, line
     assert 4 <= elapsed < 60
-    assert left_behind(cluster) == {}
+    assert_nothing_left(cluster)
 
 
 def test_ranks_all_on_other_hosts_report_that_they_are_ready(make_cluster):
@@ -136,7 +114,7 @@ def test_ranks_all_on_other_hosts_report_that_they_are_ready(make_cluster):
                               sys.executable, "-c", WAIT_FOR_READY_HEARD])
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60
-    assert left_behind(cluster) == {}
+    assert_nothing_left(cluster)
 
 
 def test_a_host_with_another_version_of_numpy_is_refused_at_start(make_cluster, tmp_path):
@@ -151,10 +129,10 @@ def test_a_host_with_another_version_of_numpy_is_refused_at_start(make_cluster, 
     result = launch(cluster, ["--hosts", cluster.host_list, "--", *TRAIN, *JOB])
     assert result.returncode == 2, result.stderr
     assert f"rank 1 on node2: numpy 1.99.0 (rank 0: {np.__version__})" in result.stderr, result.stderr
-    assert left_behind(cluster) == {}
+    assert_nothing_left(cluster)
     # --check's hello finds it before any job runs.
     check = launch(cluster, ["--hosts", cluster.host_list, "--check"])
     fixes = [line for line in check.stdout.splitlines() if line.startswith("FIX: ")]
     assert check.returncode == 1 and len(fixes) == 1, check.stdout + check.stderr
     assert fixes[0].startswith(f"FIX: host node2 runs numpy 1.99.0 (this machine: {np.__version__}): "), fixes
-    assert left_behind(cluster) == {}
+    assert_nothing_left(cluster)
