@@ -112,10 +112,12 @@ import os
 import signal
 import sys
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 
 from mnn.distributed.launch import (
     DEFAULT_START_TIMEOUT_S,
+    JobEnd,
+    MpiSetup,
     STOP_SIGNALS,
     LaunchSettings,
     build_command,
@@ -127,7 +129,8 @@ from mnn.distributed.launch import (
     run_check,
     run_plan,
 )
-from mnn.scripts.arguments import positive
+from mnn.distributed.launch.restarts import RestartPolicy, new_launch_id, run_restarting
+from mnn.scripts.arguments import at_least, positive
 
 __all__ = ["build_parser", "parse_args", "launch_settings", "main"]
 
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnn-launch",
         usage="mnn-launch [-n N] [--hostfile FILE | --hosts H:S,...] [--ssh PROGRAM] [--start-timeout S] "
-              "[--dry-run] [--check] -- COMMAND ...",
+              "[--max-restarts N] [--min-ranks M] [--dry-run] [--check] -- COMMAND ...",
         description="Start COMMAND on N MPI ranks: srun inside SLURM, else the mpiexec that matches mpi4py, "
                     "with one BLAS/OpenMP thread per core per rank.",
         # The module docstring, without its title, is the help.
@@ -162,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds each other host has to answer ssh before the job starts, every rank to "
                              "get through MPI's start-up and a first collective (else the job is stopped), and "
                              f"--check's hello to finish (default: {DEFAULT_START_TIMEOUT_S:g})")
+    parser.add_argument("--max-restarts", type=at_least(0, unit="restarts"),
+                        default=0, metavar="N",
+                        help="restart the job up to N times when it fails in a way a restart can fix (a rank "
+                             "killed or crashed, a stall, a host lost), on the hosts that still answer; "
+                             "mnn-train continues from its newest checkpoint (as torchrun's --max-restarts; "
+                             "default: 0)")
+    parser.add_argument("--min-ranks", type=positive(int, at_most=_MAX_RANKS, unit="ranks"), default=1, metavar="M",
+                        help="with --max-restarts: restart only while at least M ranks' hosts answer "
+                             "(as the MIN of torchrun's --nnodes MIN:MAX; default: 1)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and the environment variables it sets, run nothing")
     parser.add_argument("--check", action="store_true",
@@ -228,10 +240,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
             print(f"mnn-launch: warning: {warning}", file=sys.stderr, flush=True)
         if args.dry_run:
             return 0 if _say(format_plan(plan)) else 1
-        if plan.launcher == "mpiexec":
-            require_answers(settings.hosts, settings.ssh, settings.start_timeout, env)
         ran = True
-        return run_plan(plan, env, settings.start_timeout)
+        policy = RestartPolicy(args.max_restarts, args.min_ranks, args.hostfile)
+        return run_restarting(settings, policy, env, _start_job(mpi), parse_hostfile, new_launch_id())
     except ValueError as error:
         print(f"mnn-launch: error: {error}", file=sys.stderr, flush=True)
         return 2
@@ -245,6 +256,17 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         # that copy would kill mnn-launch (exit -2) after the job ended well.
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_IGN if ran else handler)
+
+
+def _start_job(mpi: MpiSetup) -> Callable[[LaunchSettings, dict[str, str], bool], tuple[int, JobEnd]]:
+    """One start of the job, for :func:`run_restarting`: its plan (the first's warnings are
+    printed before), and for the first the hosts' answers to ssh (a restart has asked them)."""
+    def start(settings: LaunchSettings, env: dict[str, str], first: bool) -> tuple[int, JobEnd]:
+        plan = build_command(settings, env, mpi, terminal=sys.stderr.isatty())
+        if first and plan.launcher == "mpiexec":
+            require_answers(settings.hosts, settings.ssh, settings.start_timeout, env)
+        return plan.ranks, run_plan(plan, env, settings.start_timeout)
+    return start
 
 
 def _interrupt(signum: int, frame: object) -> None:

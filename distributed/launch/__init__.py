@@ -7,6 +7,7 @@
 - ``remote``: the other hosts, which must answer ssh before a job starts (:func:`require_answers`);
 - ``process``: running a plan with signals passed on, or with a time limit, leaving no process behind;
 - ``startup``: the bound on a job's start-up (every rank through MPI's start-up and a first collective);
+- ``restarts``: a job that failed started again (``--max-restarts``), on the hosts that still answer;
 - ``tree``: the processes a launcher started (stopping them all; its ranks on this machine);
 - ``launcher_output``: the launcher's output, passed on whoever reads it, without Open MPI's noise after
   an interrupt;
@@ -23,7 +24,7 @@ from mnn.distributed.launch.check import build_hello_command, run_check
 from mnn.distributed.launch.hosts import parse_hostfile, parse_hosts
 from mnn.distributed.launch.mpi import MpiSetup, detect_mpi, find_mpiexec, mpi_family
 from mnn.distributed.launch.plan import LaunchPlan, build_command, format_plan, ssh_options
-from mnn.distributed.launch.process import STOP_SIGNALS, run_plan
+from mnn.distributed.launch.process import STOP_SIGNALS, JobEnd, run_plan
 from mnn.distributed.launch.remote import check_remote_hosts, require_answers
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S, LaunchSettings
 from mnn.distributed.launch.tree import process_tree, stop_process_tree
@@ -43,6 +44,7 @@ __all__ = [
     "format_plan",
     "ssh_options",
     "STOP_SIGNALS",
+    "JobEnd",
     "run_plan",
     "stop_process_tree",
     "process_tree",

@@ -15,13 +15,16 @@ from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_c
 from mnn.distributed.launch.mpi import MpiSetup
 from mnn.distributed.launch.settings import LaunchSettings
 from mnn.distributed.launch.startup import rank_hosts, reports_start
-from mnn.distributed.environment import PROGRESS_ENV, START_ADDR_ENV, THREAD_VARIABLES
+from mnn.distributed.environment import (LAUNCH_ID_ENV, MAX_RESTARTS_ENV, PROGRESS_ENV, RESTART_CAUSE_ENV,
+                                         RESTART_COUNT_ENV, RESTART_RANKS_ENV, RESTART_SEEN_AT_ENV, START_ADDR_ENV,
+                                         THREAD_VARIABLES)
 
 __all__ = ["LaunchPlan", "build_command", "ssh_options", "format_plan"]
 
 # Open MPI hands remote ranks only the variables named with -x; these make a
-# virtual environment and its libraries visible there.
-_OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV)
+# virtual environment and its libraries visible there, and tell the ranks of a restart.
+_OPENMPI_FORWARDED = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", PROGRESS_ENV, RESTART_COUNT_ENV,
+                      MAX_RESTARTS_ENV, RESTART_CAUSE_ENV, RESTART_RANKS_ENV, RESTART_SEEN_AT_ENV, LAUNCH_ID_ENV)
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,10 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
         slots = sum(slots for _, slots in hosts) if hosts else cores
         if ranks > slots:
             argv.append("--oversubscribe")
-        if threads > 1:
+        if threads > 1 or local_ranks > cores:
             # Open MPI binds each rank to one core by default, where the BLAS (which
-            # counts the cores it may use) would run one thread instead of `threads`.
+            # counts the cores it may use) would run one thread instead of `threads`;
+            # and it refuses to start more ranks here than cores when the hosts' slots allow them.
             argv += ["--bind-to", "none"]
         exported = [name for name in (*THREAD_VARIABLES, *_OPENMPI_FORWARDED) if name in env or name in env_updates]
         if any(host is not None for host in placed):

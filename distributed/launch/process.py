@@ -58,18 +58,19 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from mnn.distributed.launch.launcher_output import (ABORT_NOTICE, UNFINISHED_NOTICE, start_output_copier,
                                                    tell_interrupted, wait_for_copier)
 from mnn.distributed.launch.plan import LaunchPlan
-from mnn.distributed.launch.rank_deaths import EXPLAINED_NOTICE, LauncherDeath, death_line
+from mnn.distributed.launch.rank_deaths import EXPLAINED_NOTICE, RUN_ERROR_NOTICE, LauncherDeath, death_line
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
 from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import (STOP_GRACE_S, kill_leftovers, process_tree, signal_local_ranks,
                                          stop_process_tree)
 
-__all__ = ["STOP_SIGNALS", "run_plan", "run_with_timeout"]
+__all__ = ["STOP_SIGNALS", "JobEnd", "run_plan", "run_with_timeout"]
 
 #: The signals that mnn-launch passes on: the terminal's Ctrl-C, a request to stop, a
 #: closed terminal or ssh session (passed on as SIGTERM).
@@ -98,9 +99,26 @@ _PR_SET_PDEATHSIG = 1
 _EXIT_INTERRUPTED = 130
 
 
-def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DEFAULT_START_TIMEOUT_S) -> int:
-    """Run the plan in the foreground, passing on SIGINT, SIGTERM and SIGHUP; return the exit
-    status. ValueError, once every process of the job is stopped, when a job that reports
+@dataclass(frozen=True)
+class JobEnd:
+    """How a job ended: its exit ``status`` (as mnn-launch exits: 128 + N after signal N),
+    whether a stop signal ended it (``interrupted``: passed on, or held while it started),
+    whether a rank's stall report did (``stalled``), whether mnn-train ended it with an
+    error of its own (``run_error``: a bad job, a divergence, an output it cannot write),
+    mnn-launch's line about a rank that died (``death``, or None) and when mnn-launch first
+    saw the job fail (``failed_at``, Unix time: a death or stall report, else the end)."""
+
+    status: int
+    interrupted: bool = False
+    stalled: bool = False
+    run_error: bool = False
+    death: str | None = None
+    failed_at: float = 0.0
+
+
+def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DEFAULT_START_TIMEOUT_S) -> JobEnd:
+    """Run the plan in the foreground, passing on SIGINT, SIGTERM and SIGHUP; return how it
+    ended. ValueError, once every process of the job is stopped, when a job that reports
     its start-up did not start within ``start_timeout`` seconds."""
     mpi = plan.family in ("mpich", "openmpi")
     watch = StartWatch.create(start_timeout, plan.rank_hosts, plan.reports_start) if plan.rank_hosts else None
@@ -117,10 +135,13 @@ def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DE
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         job.close()
+    ended_at = time.time()
     death = job.death_line(returncode)
     if death is not None:  # after everything the launcher said, on a line of its own
         print("\n" * job.unfinished + death, file=sys.stderr, flush=True)
-    return returncode if returncode >= 0 else 128 - returncode
+    return JobEnd(returncode if returncode >= 0 else 128 - returncode, interrupted=bool(job.held or job.passed_on),
+                  stalled=job.aborting_at is not None, run_error=job.run_error, death=death,
+                  failed_at=job.failure_seen_at or ended_at)
 
 
 class _Job:
@@ -143,6 +164,8 @@ class _Job:
         self.deaths: list[LauncherDeath] = []  # what the launcher said about ranks that died
         self.begun: dict[int, int] = {}  # {rank: process id}, as the ranks reported
         self.explained = False  # a rank said why it ends
+        self.run_error = False  # ... and that was mnn-train's own error
+        self.failure_seen_at: float | None = None  # Unix time of the first death or stall report
         self.unfinished = False  # the launcher's stderr ended inside a line
 
     def start(self, plan: LaunchPlan, env: Mapping[str, str], own_group: bool) -> None:
@@ -268,10 +291,13 @@ class _Job:
                 if line + b"\n" == ABORT_NOTICE and self.aborting_at is None:
                     self.aborting_at = time.monotonic()
                 self.explained = self.explained or line + b"\n" == EXPLAINED_NOTICE
+                self.run_error = self.run_error or line + b"\n" == RUN_ERROR_NOTICE
                 self.unfinished = line + b"\n" == UNFINISHED_NOTICE
                 death = LauncherDeath.decode(line)
                 if death is not None:
                     self.deaths.append(death)
+                if (death is not None or line + b"\n" == ABORT_NOTICE) and self.failure_seen_at is None:
+                    self.failure_seen_at = time.time()
 
     def death_line(self, returncode: int) -> str | None:
         """mnn-launch's line about a rank that died (:mod:`~mnn.distributed.launch.rank_deaths`),

@@ -33,10 +33,15 @@ import re
 import signal
 from dataclasses import dataclass
 
-__all__ = ["LauncherDeath", "DeathReader", "EXPLAINED_NOTICE", "death_line"]
+__all__ = ["LauncherDeath", "DeathReader", "EXPLAINED_NOTICE", "RUN_ERROR_NOTICE", "HYDRA_NAMES_ONE", "death_line"]
 
 #: The copier's notice that a rank explained its end itself (mnn-train's error, or its abort).
 EXPLAINED_NOTICE = b"explained\n"
+#: What the line about a death adds when hydra named one of a host's several ranks.
+HYDRA_NAMES_ONE = " (hydra ends a host's other ranks the same way and names only one)"
+#: The copier's notice that mnn-train ended the run with an error of its own (a bad job, a run
+#: that diverged, an output that cannot be written): what a restart would only repeat.
+RUN_ERROR_NOTICE = b"run error\n"
 
 # mnn-train's own exit statuses (the stall watchdog's abort and stop_all_on_error's are 1), and
 # Python's for an unhandled exception (1): each of these has been explained by the rank.
@@ -50,6 +55,7 @@ _PRTE_SIGNAL = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exit
 _PRTE_PEER_HOST = re.compile(r"^\s*Peer host:\s+(\S+)\s*$", re.MULTILINE)
 # A rank's own account of its end: a connection closed after it says nothing new.
 _EXPLAINED = re.compile(r"^(mnn-train: error|rank \d+ failed; aborting all \d+ ranks)")
+_RUN_ERROR = re.compile(r"^mnn-train: error")
 # Lines of context a notice spans (prterun breaks its sentence across two).
 _CONTEXT_LINES = 3
 
@@ -82,7 +88,8 @@ class LauncherDeath:
 class DeathReader:
     """Reads one stream of the launcher's output as it comes (:meth:`feed`) and returns the
     notices for mnn-launch as they complete: each death once (``LauncherDeath.encode``), and
-    :data:`EXPLAINED_NOTICE` when a rank says why it ends."""
+    :data:`EXPLAINED_NOTICE` when a rank says why it ends, and :data:`RUN_ERROR_NOTICE` when
+    that is mnn-train's own error."""
 
     def __init__(self) -> None:
         self._partial = ""
@@ -99,6 +106,8 @@ class DeathReader:
             if not self._explained and _EXPLAINED.match(line):
                 self._explained = True
                 found.append(EXPLAINED_NOTICE)
+                if _RUN_ERROR.match(line):
+                    found.append(RUN_ERROR_NOTICE)
             death = _parse("\n".join(self._recent))
             if death is not None and death not in self._seen:
                 self._seen.add(death)
@@ -145,8 +154,8 @@ def death_line(deaths: list[LauncherDeath], hosts: list[str | None], begun: dict
         if death.rank is None and len(neighbours) > 1:
             # hydra ends a host's other ranks with SIGKILL too, and its box names one process of
             # the host, not always the first to die (seen: the rank it stopped, not the killed one).
-            return (f"mnn-launch: one of ranks {', '.join(map(str, neighbours))} on {host} {how} (hydra ends a "
-                    "host's other ranks the same way and names only one); the launcher ended the job")
+            return (f"mnn-launch: one of ranks {', '.join(map(str, neighbours))} on {host} {how}{HYDRA_NAMES_ONE}; "
+                    "the launcher ended the job")
         pid = begun.get(rank, death.pid)
         process = f" (process {pid})" if pid is not None else ""
         return f"mnn-launch: rank {rank} on {host}{process} {how}; the launcher ended the job"

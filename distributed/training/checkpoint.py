@@ -38,6 +38,13 @@ reason for each one skipped. Usage::
             print(f"skipped {path.name}: {reason}")
         print(f"resuming from {newest.path.name}")
 
+In the background. :class:`BackgroundWriter` writes a copy of a checkpoint in a
+thread of its own while training goes on (the ``--checkpoint-every-steps`` and
+``--checkpoint-every-seconds`` checkpoints, frequent enough that waiting for each
+would show in the step time); :meth:`BackgroundWriter.wait` returns once it is
+on disk and raises what the write raised. The copy is taken before the next
+step changes a parameter, so the file holds the step it was started at.
+
 Temporary files that a killed writer left behind (``.checkpoint.npz.*.tmp``)
 are removed by :func:`mnn.io.clean_stale_temporaries`, to be called while no
 writer can be live.
@@ -48,6 +55,7 @@ import json
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,6 +77,7 @@ __all__ = [
     "is_checkpoint_name",
     "find_checkpoints",
     "load_newest_checkpoint",
+    "BackgroundWriter",
 ]
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -140,6 +149,45 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, keep: int = 1) -> 
     for step, rotated_path in rotated.items():
         if step not in kept:
             rotated_path.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time with :func:`save_checkpoint`, in a thread (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, path: str | Path, checkpoint: Checkpoint, keep: int = 1) -> None:
+        """Begin writing a copy of ``checkpoint`` (the arrays are copied now), once the write
+        before it is done; raises that one's error instead, if it failed."""
+        self.wait()
+        copied = Checkpoint({name: np.array(array) for name, array in checkpoint.model_state.items()},
+                            {name: np.array(array) for name, array in checkpoint.optimizer_state.items()},
+                            checkpoint.position, checkpoint.world_size, checkpoint.config)
+
+        def write() -> None:
+            try:
+                save_checkpoint(path, copied, keep=keep)
+            except BaseException as error:  # handed to wait(), in the trainer's thread
+                self._error = error
+
+        self._thread = threading.Thread(target=write, name="mnn checkpoint writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once no write is under way; raise the error of the last one, if it failed."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _as_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:

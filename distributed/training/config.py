@@ -142,6 +142,16 @@ class TrainConfig:
         default=1,
         **_help("write OUTPUT/checkpoint.npz every N epochs (0: never)"),
     )
+    checkpoint_every_steps: int = field(
+        default=0,
+        **_help("also write OUTPUT/checkpoint.npz every N optimizer steps (0: never), in the background of the "
+                "next steps; with mnn-launch --max-restarts a failure then costs at most N steps"),
+    )
+    checkpoint_every_seconds: float = field(
+        default=0.0,
+        **_help("also write OUTPUT/checkpoint.npz after a step once S seconds have passed since the last one "
+                "(0: never), in the background of the next steps", metavar="S"),
+    )
     max_steps: int | None = field(
         default=None,
         **_help("stop after this many optimizer steps in total, mid-epoch if need "
@@ -299,6 +309,11 @@ class TrainConfig:
         self.eval_every = check_int("eval_every", self.eval_every, minimum=0)
         self.log_every = check_int("log_every", self.log_every, minimum=1)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        self.checkpoint_every_steps = check_int("checkpoint_every_steps", self.checkpoint_every_steps, minimum=0)
+        self.checkpoint_every_seconds = check_float("checkpoint_every_seconds", self.checkpoint_every_seconds)
+        if self.checkpoint_every_seconds < 0:
+            raise ValueError(f"checkpoint_every_seconds: expected 0 (never) or more seconds, got "
+                             f"{self.checkpoint_every_seconds}")
         self.keep_checkpoints = check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         # Paths given as pathlib.Path (Python API) are stored as text, as TOML has them.
         for name in ("output", "resume", "timeline"):

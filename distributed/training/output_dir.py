@@ -8,7 +8,13 @@ Rank 0 alone touches the directory (other hosts may not see it).
   instead of mixing its files into them. The lock is removed when the job ends;
   a lock left by a job that was killed (its process no longer exists on this
   host) is taken over, with a note. A lock from another host cannot be
-  checked: the error says how to remove it if that job is gone.
+  checked: the error says how to remove it if that job is gone, unless it
+  names the same mnn-launch run (``MNN_LAUNCH_ID``): mnn-launch restarts a job
+  only once its last start has ended, so that start's lock is taken over.
+* **How far the job got.** The lock also holds the global step the job has
+  done and when (:meth:`OutputLock.record_step`, after every step, in place).
+  A killed job leaves it behind, and a restart reads it (:attr:`OutputLock.previous`)
+  to tell the steps it trains again and the time the failure cost.
 * **An earlier run.** A run that starts afresh (not ``--resume``) in a
   directory holding an earlier run's checkpoints moves that run's files into
   ``OUTPUT/previous/`` and says so, instead of overwriting them.
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnn.distributed.environment import LAUNCH_ID_ENV
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, checkpoint_files
 
 __all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
@@ -43,42 +51,72 @@ DIVERGED_NAME = "diverged.npz"
 RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT_NAME, "model.npz", "summary.json", DIVERGED_NAME)
 # Process ids are C ints (Linux's pid_max is at most 2**22).
 _PID_LIMIT = 2**31
+# The step and its time are written over themselves in place, so they keep one width.
+_STEP_WIDTH = 12
+_TIME_WIDTH = 16
 
 
 @dataclass
 class OutputLock:
-    """This process's hold on an output directory. ``note`` says when it took over a stale lock."""
+    """This process's hold on an output directory. ``note`` says when it took over a stale
+    lock, and ``previous`` is that lock's content (``{}`` when there was none)."""
 
     path: Path
+    descriptor: int
+    holder: dict
     note: str | None = None
+    previous: dict = field(default_factory=dict)
 
     @classmethod
     def acquire(cls, output: Path) -> OutputLock:
         path = output / LOCK_NAME
-        note = None
+        note, previous = None, {}
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "launch": os.environ.get(LAUNCH_ID_ENV) or None}
         for _ in range(2):
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 _check_is_a_file(path, output)
-                holder = _read_holder(path)
-                if not _is_stale(holder):
-                    raise ValueError(f"output directory {str(output)!r} is in use by another job ({_who(holder)}, "
-                                     f"since {holder.get('started', '?')}): give this job another --output, or wait "
-                                     f"for that one to end. If it is gone, remove {path}") from None
-                note = f"took over the lock of {output} left by a job that ended without removing it ({_who(holder)})"
+                previous = _read_holder(path)
+                if _same_launch(previous, holder):
+                    note = f"took over the lock of {output} left by this job's start before its restart"
+                elif _is_stale(previous):
+                    note = (f"took over the lock of {output} left by a job that ended without removing it "
+                            f"({_who(previous)})")
+                else:
+                    raise ValueError(f"output directory {str(output)!r} is in use by another job ({_who(previous)}, "
+                                     f"since {previous.get('started', '?')}): give this job another --output, or "
+                                     f"wait for that one to end. If it is gone, remove {path}") from None
                 path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
-            return cls(path, note)
+            lock = cls(path, descriptor, holder, note, previous)
+            lock.record_step(0)
+            return lock
         raise ValueError(f"output directory {str(output)!r}: another job took its lock at the same moment")
+
+    def record_step(self, global_step: int) -> None:
+        """Write the global step done and the time now into the lock, over the last ones
+        (one write of the same length, so a reader never sees half of one)."""
+        text = json.dumps(self.holder)[:-1]
+        text += f', "step": {global_step:{_STEP_WIDTH}d}, "step_at": {time.time():{_TIME_WIDTH}.3f}}}'
+        try:
+            os.pwrite(self.descriptor, text.encode(), 0)
+        except OSError:
+            pass  # a directory turned read-only: metrics.jsonl's write fails too, and stops the run
 
     def release(self) -> None:
         """Remove the lock if it is still this process's (idempotent)."""
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
         if _read_holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+def _same_launch(previous: dict, holder: dict) -> bool:
+    """Whether the lock ``previous`` was taken by an earlier start of this mnn-launch run."""
+    return holder["launch"] is not None and previous.get("launch") == holder["launch"]
 
 
 def _check_is_a_file(path: Path, output: Path) -> None:

@@ -34,6 +34,7 @@ from mnn.distributed.training.config import DEFAULT_LAYERS, DEFAULT_LOSS, TrainC
 from mnn.distributed.training.job_data import ARRAYS_DATASET, is_text_job, load_job_dataset, text_epoch_steps
 from mnn.distributed.training.output_dir import OutputLock, set_aside_earlier_run
 from mnn.distributed.training.position import Position
+from mnn.distributed.training.restarts import restart_count
 from mnn.distributed.training.ranks import data_disagreements, disagreements, gather_facts, limit_blas_threads
 from mnn.distributed.sampler import DrawnBatchSampler, GlobalBatchSampler
 from mnn.distributed.training.task import Task, build_job_net, build_optimizer, choose_task
@@ -394,18 +395,28 @@ def _check_output_dir(output: str) -> None:
 
 
 def _resuming(config: TrainConfig) -> bool:
-    """Whether the job continues a checkpoint: ``--resume PATH``, or ``--resume`` with
-    checkpoints in OUTPUT (without any, it starts from scratch)."""
+    """Whether the job continues a checkpoint: ``--resume PATH``, or ``--resume`` or a
+    restart (:mod:`~mnn.distributed.training.restarts`) with checkpoints in OUTPUT
+    (without any, it starts from scratch)."""
+    if _continues_output(config):
+        return True
     if config.resume is True:
-        return bool(find_checkpoints(config.output))
+        return False
     return config.resume is not False
+
+
+def _continues_output(config: TrainConfig) -> bool:
+    """Whether the job continues OUTPUT's newest checkpoint: ``--resume``, or a restart, with
+    checkpoints there."""
+    wanted = config.resume is True or restart_count() > 0
+    return wanted and config.output is not None and bool(find_checkpoints(config.output))
 
 
 def _checkpoint_to_resume(config: TrainConfig) -> tuple[Path, Checkpoint, list[str]] | None:
     """The checkpoint to continue, its path, and notes on the newer ones that did not load."""
     if not _resuming(config):
         return None
-    if config.resume is True:
+    if _continues_output(config):
         newest = load_newest_checkpoint(config.output)
         notes = [f"skipped {path}: {reason}" for path, reason in newest.skipped]
         return newest.path, newest.checkpoint, notes

@@ -19,12 +19,17 @@ OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
   ``epoch``, ``step_in_epoch``, ``epochs_done``, ``global_step`` of the
   checkpoint, and ``changed``: the settings that differ from the
   checkpoint's, as ``{name: [checkpoint's value, this job's value]}``;
+* ``restart`` (after ``resume``, when mnn-launch started the job again after a
+  failure): ``restart``, ``max_restarts``, ``cause``, ``ranks_before``,
+  ``ranks_after``, ``checkpoint_step``, ``reached_step``, ``redo_steps``,
+  ``detect_s`` and ``restart_s`` (see :mod:`~mnn.distributed.training.restarts`);
 * ``nonfinite`` (when a step's loss or gradient is NaN or infinite on some
   rank): ``epoch``, ``step_in_epoch``, ``global_step`` (of that step),
   ``detail`` (what, on which ranks) and ``action``: "skipped" (the update was
   not applied, training went on) or "stopped";
 * ``summary`` (last): the summary that ``train()`` returns, whose ``epochs``
-  is ``epochs_done``.
+  is ``epochs_done`` and whose ``restarts``, ``steps_redone`` and ``lost_s``
+  add up the run's ``restart`` events.
 
 The file is strict JSON: a number that is not finite is written as ``null``.
 A resumed run first drops the ``train``, ``eval`` and ``nonfinite`` events
@@ -54,6 +59,7 @@ from tqdm import tqdm
 
 from mnn.distributed.environment import PROGRESS_ENV
 from mnn.distributed.training.position import Position
+from mnn.distributed.training.restarts import restart_line
 from mnn.io import atomic_write_text
 
 __all__ = ["progress_bar_wanted", "Reporter", "json_text"]
@@ -89,6 +95,7 @@ class Reporter:
         self.steps_per_epoch = steps_per_epoch
         self.bar: Any = None
         self.write_failure: str | None = None  # the first write to metrics.jsonl that failed
+        self.restarts: list[dict[str, Any]] = []  # the run's restart events, in metrics.jsonl and since
 
     def where(self, position: Position) -> str:
         return position.text(self.steps_per_epoch, self.epochs)
@@ -106,6 +113,7 @@ class Reporter:
                            f"{', '.join(map(str, dropped))}, which {'are' if len(dropped) > 1 else 'is'} "
                            "not UTF-8 JSON")
             atomic_write_text(self.metrics_path, "".join(json_text(event) + "\n" for event in kept))
+            self.restarts = [event for event in kept if event.get("event") == "restart"]
         if progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=min(position.global_step, total_steps), unit="step",
                             dynamic_ncols=True)
@@ -141,6 +149,13 @@ class Reporter:
         self._record({"event": "resume", "checkpoint": checkpoint, "epoch": epoch, "step_in_epoch": step,
                       "epochs_done": position.epochs_done, "global_step": position.global_step,
                       "changed": changed}, line)
+
+    def restart(self, event: dict[str, Any]) -> None:
+        """A restart after a failure (the event of :meth:`Restart.event
+        <mnn.distributed.training.restarts.Restart.event>`)."""
+        if self.active:
+            self.restarts.append(event)
+        self._record(event, restart_line(event))
 
     def train(self, position: Position, loss: float, lr: float, samples_per_s: float) -> None:
         epoch, step = position.shown(self.steps_per_epoch)

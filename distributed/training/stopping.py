@@ -42,11 +42,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class Vote:
-    """What all ranks agreed on after a step: ``stop`` (a rank was asked to) and
-    ``nonfinite`` (a rank saw a NaN or infinite loss or gradient)."""
+    """What all ranks agreed on after a step: ``stop`` (a rank was asked to),
+    ``nonfinite`` (a rank saw a NaN or infinite loss or gradient) and ``checkpoint``
+    (a rank's clock says a checkpoint is due: rank 0's, for ``--checkpoint-every-seconds``)."""
 
     stop: bool
     nonfinite: bool
+    checkpoint: bool = False
 
 
 class StopRequests:
@@ -76,7 +78,7 @@ class StopRequests:
         self.first_at: float | None = None
         self._previous: dict[int, Any] = {}
         self._ignoring = False
-        self._votes = np.zeros(2)  # [stop requests, ranks with non-finite numbers], summed
+        self._votes = np.zeros(3)  # [stop requests, ranks with non-finite numbers, checkpoint due], summed
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -107,12 +109,13 @@ class StopRequests:
         finalises. For a program's entry point only: the signals stay ignored."""
         self._ignoring = True
 
-    def vote(self, comm: Communicator, nonfinite: bool = False) -> Vote:
-        """Whether any rank was asked to stop, and whether any rank's step had a number
-        that is not finite (collective: every rank calls it at the same point of each step)."""
-        self._votes[:] = (self.count, nonfinite)
+    def vote(self, comm: Communicator, nonfinite: bool = False, checkpoint: bool = False) -> Vote:
+        """Whether any rank was asked to stop, whether any rank's step had a number that is
+        not finite, and whether any rank finds a checkpoint due (collective: every rank
+        calls it at the same point of each step)."""
+        self._votes[:] = (self.count, nonfinite, checkpoint)
         comm.allreduce(self._votes)
-        return Vote(stop=bool(self._votes[0]), nonfinite=bool(self._votes[1]))
+        return Vote(stop=bool(self._votes[0]), nonfinite=bool(self._votes[1]), checkpoint=bool(self._votes[2]))
 
     def _request(self, signum: int, frame: object) -> None:
         now = time.monotonic()

@@ -43,12 +43,14 @@ from mnn import SequentialLayers
 from mnn.distributed.comm import Communicator, RankFailure, get_communicator, run_on_root
 from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.timeline import Timeline, check_timeline_path
-from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, Checkpoint, is_checkpoint_name, save_checkpoint
+from mnn.distributed.training.checkpoint import (CHECKPOINT_NAME, BackgroundWriter, Checkpoint, is_checkpoint_name,
+                                                save_checkpoint)
 from mnn.distributed.training.config import TrainConfig
 from mnn.distributed.training.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.preflight import JobConfigError, PreparedJob, prepare_job
 from mnn.distributed.training.reporting import Reporter, json_text
+from mnn.distributed.training.restarts import restart_totals, this_restart
 from mnn.distributed.training.stopping import StopRequests, TrainingInterrupted
 from mnn.distributed.training.task import evaluate, learning_rate
 from mnn.distributed.watchdog import StallWatchdog
@@ -166,7 +168,8 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
 
             # every rank agrees on stopping and on non-finite numbers (one small all-reduce); a
             # step that was not finite is skipped, or ends the run without its update
-            vote = stop_requests.vote(comm, nonfinite=not (math.isfinite(loss) and run.dp.gradients_finite()))
+            vote = stop_requests.vote(comm, nonfinite=not (math.isfinite(loss) and run.dp.gradients_finite()),
+                                      checkpoint=_clock_says_save(run, state))
             state.stop_requested = vote.stop
             if vote.nonfinite:
                 state.diverged = _skip_or_stop(run, state, loss, batch.global_batch_size)
@@ -178,6 +181,12 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 state.losses.add(loss, len(y))
             state.clock.add_step(time.perf_counter() - step_started, batch.global_batch_size)
             state.position = state.position.after_step(batch.global_batch_size)
+            if job.lock is not None:  # rank 0: how far the job got, for a restart after a failure
+                job.lock.record_step(state.position.global_step)
+
+            # a checkpoint every N steps or S seconds, written while the next steps train
+            if _checkpoint_due(run, state, vote.checkpoint):
+                _save_in_background(run, state)
 
             # log the training loss
             run.reporter.step()
@@ -300,6 +309,7 @@ class _Run:
     timeline: Timeline
     output: Path | None
     total_steps: int
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)  # rank 0's checkpoints in the background
 
     @property
     def config(self) -> TrainConfig:
@@ -323,6 +333,8 @@ class _RunState:
     train_loss: float | None = None  # mean over the last epoch (or part of one) trained
     last_eval: dict[str, Any] | None = None
     evaluated_at: int = -1  # the global step of last_eval
+    writing: _Saved | None = None  # the checkpoint being written in the background
+    saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint began (rank 0's clock)
 
 
 # ------------------------------------------------------------------ the run's start and end
@@ -418,9 +430,11 @@ def _finish(run: _Run, state: _RunState, reason: str, error: Exception | None = 
     """
     run.reporter.close()
     if reason == "signal":
+        _leave_background_write(run, state)
         raise TrainingInterrupted(_interrupted_text(run, state)) from None
     run.timeline.close()
     try:
+        _await_checkpoint(run, state)
         if reason == "complete":
             return _complete(run, state)
         if reason == "nothing left":
@@ -527,20 +541,81 @@ def _evaluate(run: _Run, state: _RunState) -> None:
 
 
 def _save(run: _Run, state: _RunState, name: str = CHECKPOINT_NAME) -> _Saved:
-    """Write OUTPUT/checkpoint.npz (or OUTPUT/``name``) of this position on rank 0
-    (collective: a failure, _WriteFailed, stops every rank). Parameters that are not finite
-    are never written over a checkpoint."""
+    """Write OUTPUT/checkpoint.npz (or OUTPUT/``name``) of this position on rank 0, once a
+    checkpoint written in the background is done (collective: a failure, _WriteFailed,
+    stops every rank)."""
+    _await_checkpoint(run, state)
+    checkpoint = _checkpoint(run, state, name)
+    path = run.output / name
+    keep = run.config.keep_checkpoints if name == CHECKPOINT_NAME else 1
+    _on_root_writing(run.comm, path, lambda: save_checkpoint(path, checkpoint, keep=keep))
+    state.saved_at = time.monotonic()
+    return _Saved(str(path), state.position)
+
+
+def _checkpoint(run: _Run, state: _RunState, name: str = CHECKPOINT_NAME) -> Checkpoint:
+    """The checkpoint of this position; TrainingDiverged (on every rank alike) when a
+    parameter is not finite, which is never written over a checkpoint."""
     model_state = run.dp.net.state_dict()
     bad = [key for key, value in model_state.items() if not np.isfinite(value).all()]
     if bad and name == CHECKPOINT_NAME:
         raise TrainingDiverged(f"the parameters are not finite at {state.position.global_step} steps ({bad[0]} and "
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
-    checkpoint = Checkpoint(model_state, run.dp.optimizer.state_dict(), state.position, run.comm.size,
-                            run.config.to_dict())
-    path = run.output / name
-    keep = run.config.keep_checkpoints if name == CHECKPOINT_NAME else 1
-    _on_root_writing(run.comm, path, lambda: save_checkpoint(path, checkpoint, keep=keep))
-    return _Saved(str(path), state.position)
+    return Checkpoint(model_state, run.dp.optimizer.state_dict(), state.position, run.comm.size,
+                      run.config.to_dict())
+
+
+def _clock_says_save(run: _Run, state: _RunState) -> bool:
+    """Whether ``checkpoint_every_seconds`` have passed since the last checkpoint began, by
+    rank 0's clock alone (the step's vote tells every rank)."""
+    seconds = run.config.checkpoint_every_seconds
+    return bool(seconds) and run.comm.rank == 0 and time.monotonic() - state.saved_at >= seconds
+
+
+def _checkpoint_due(run: _Run, state: _RunState, clock_says: bool) -> bool:
+    """Whether a checkpoint of this position is due by ``checkpoint_every_steps`` or the
+    clock, and no other one comes at once: the epoch's (at its last step) or the run's last."""
+    config, position = run.config, state.position
+    every = config.checkpoint_every_steps
+    if run.output is None or not (clock_says or (every and position.global_step % every == 0)):
+        return False
+    epoch_saves = (position.step_in_epoch == run.job.sampler.steps_per_epoch and config.checkpoint_every
+                   and (position.epochs_done + 1) % config.checkpoint_every == 0)
+    return not (epoch_saves or position.global_step >= run.total_steps)
+
+
+def _save_in_background(run: _Run, state: _RunState) -> None:
+    """Begin writing OUTPUT/checkpoint.npz of this position on rank 0, in the background of
+    the next steps (collective: the one before it must have been written)."""
+    _await_checkpoint(run, state)
+    checkpoint = _checkpoint(run, state)
+    path = run.output / CHECKPOINT_NAME
+    if run.comm.rank == 0:
+        run.writer.start(path, checkpoint, keep=run.config.keep_checkpoints)
+    state.writing = _Saved(str(path), state.position)
+    state.saved_at = time.monotonic()
+
+
+def _await_checkpoint(run: _Run, state: _RunState) -> None:
+    """Wait until the checkpoint written in the background is on disk, and count it as saved
+    (collective: if its write failed, _WriteFailed on every rank)."""
+    if state.writing is None:
+        return
+    writing, state.writing = state.writing, None
+    _on_root_writing(run.comm, Path(writing.path), run.writer.wait)
+    state.saved = writing
+
+
+def _leave_background_write(run: _Run, state: _RunState) -> None:
+    """Let rank 0's write in the background end before this rank stops alone (a second
+    signal); the checkpoint counts if it was written."""
+    if state.writing is not None:
+        try:
+            run.writer.wait()
+            state.saved = state.writing
+        except Exception:
+            pass  # the last checkpoint before it still stands
+        state.writing = None
 
 
 def _unsaved(run: _Run, state: _RunState) -> bool:
@@ -582,7 +657,11 @@ def _start_record(run: _Run, state: _RunState) -> None:
     reporter.start(state.position, run.total_steps, resumed=job.resumed_from is not None)
     if job.resumed_from is not None:
         reporter.resume(job.resumed_from, state.position, job.changed)
-    elif config.resume is True:
+    restart = this_restart()
+    if restart is not None:
+        previous_lock = job.lock.previous if job.lock is not None else {}
+        reporter.restart(restart.event(run.comm.size, state.position.global_step, previous_lock))
+    elif job.resumed_from is None and config.resume is True:
         reporter.message(f"no {CHECKPOINT_NAME} in {config.output} yet: starting from scratch")
     reporter.raise_write_failure()
 
@@ -599,11 +678,13 @@ def _summary(run: _Run, state: _RunState) -> dict[str, Any]:
     """What ``train`` returns (collective): the same dict on every rank."""
     comm, clock, position, last_eval = run.comm, state.clock, state.position, state.last_eval
     # Times and rates as rank 0 measured them, so every rank returns the same summary.
+    steps = position.global_step - state.first_step
     rates = comm.broadcast_object({
         "samples_per_s": clock.samples / clock.train_s if clock.train_s else 0.0,
         "train_s": clock.train_s,
         "wall_s": time.perf_counter() - clock.started,
         "timings": dict(run.dp.timings),
+        **restart_totals(run.reporter.restarts, clock.train_s / steps if steps else 0.0),
     })
     return {
         "world_size": comm.size,
