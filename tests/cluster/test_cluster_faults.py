@@ -18,15 +18,13 @@ Each test waits for what the job prints or writes, never for a fixed time; the h
 the file system, so rank 0 (on node1) writes into tmp_path.
 """
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster_jobs import CLUSTER_ENV, LAUNCH, TRAIN, assert_nothing_left
+from cluster_jobs import Job, assert_nothing_left
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.io import load_arrays
 from processes import mpiexec_family, run, wait_for
@@ -48,44 +46,6 @@ ATOL = 1e-9
 def train_options(output, *extra):
     return ["--config", str(DIGITS), "--dtype", "float64", "--log-every", "1", "--eval-every", "0",
             "--output", str(output), *extra]
-
-
-class Job:
-    """mnn-launch running mnn-train with ``options`` across the cluster's hosts, started in the
-    head; its stdout and stderr are read as they come, so that a long job never blocks on a
-    full pipe."""
-
-    def __init__(self, cluster, options):
-        self.process = cluster.popen("head", [*LAUNCH, "--hosts", cluster.host_list, "--", *TRAIN, *options],
-                                     env=CLUSTER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines, self.errors = [], []
-        self._readers = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
-                         for pipe, into in ((self.process.stdout, self.lines), (self.process.stderr, self.errors))]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _read(pipe, into):
-        for line in pipe:
-            into.append(line)
-
-    def wait_for_line(self, text):
-        """Wait until a line of stdout holds ``text``."""
-        wait_for(lambda: any(text in line for line in self.lines) or self.process.poll() is not None,
-                 f"a line with {text!r}", timeout=120)
-        assert any(text in line for line in self.lines), f"the job ended first: {''.join(self.lines)}"
-
-    def finish(self, timeout=120):
-        """(exit status, stdout, stderr) once the job has ended; killed if it outlives ``timeout``."""
-        try:
-            self.process.wait(timeout=timeout)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-        for reader in self._readers:
-            reader.join(timeout=10)  # a process the job left may hold a pipe: the test then says so
-        return self.process.returncode, "".join(self.lines), "".join(self.errors)
 
 
 def rank_process(cluster, host):
