@@ -23,6 +23,7 @@ Usage::
     mpiexec -n 2 mnn-bench --model gpt          # ... data parallel, beside PyTorch DDP
     mnn-bench --model gpt --scaling 1,2 --no-torch --wait-idle   # each run on idle cores
     mnn-bench --model gpt --quality --steps 2000 --out docs/gpt   # train both, compare the curves
+    mnn-bench --model gpt --restarts 3          # what a failure costs under mnn-launch --max-restarts
 
 Under mpiexec each step is split into compute, communication and waiting
 (``compute_ms``, ``comm_ms``, ``wait_ms``; waiting is the all-reduce time
@@ -58,6 +59,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
+from mnn.distributed.experiments.restart_cost import measure_checkpoint_cost, measure_failures
 from mnn.distributed.experiments.bench import (measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
                                                wait_for_idle_cpus)
 from mnn.distributed.experiments.collectives import measure_allreduce
@@ -120,6 +122,16 @@ def _parser():
     quality.add_argument("--eval-every", type=positive(int), default=100,
                          help="steps between validation evaluations (default 100)")
     quality.add_argument("--out", default="runs/gpt-quality", help="output folder (default runs/gpt-quality)")
+    failures = parser.add_argument_group("what a failure costs (--restarts)")
+    failures.add_argument("--restarts", type=positive(int), metavar="K",
+                          help="run --model's job (examples/gpt.toml's model, or an MLP on digits) under mnn-launch "
+                               "--max-restarts K, kill rank 1 K times, and print each failure's detection, restart "
+                               "and redone steps; then the checkpoints' cost on the step time")
+    failures.add_argument("--ranks", type=positive(int), default=2, help="ranks of that job (default 2)")
+    failures.add_argument("--gap", type=positive(int), default=100,
+                          help="steps a start trains before it is killed (default 100)")
+    failures.add_argument("--checkpoint-steps", type=positive(int), default=20,
+                          help="its --checkpoint-every-steps (default 20)")
     return parser
 
 
@@ -229,6 +241,22 @@ def _print_results(args, results, details):
               flush=True)
 
 
+def _run_restarts(args):
+    """``--restarts K``: what a failure costs, then what the checkpoints cost (see
+    mnn.distributed.experiments.restart_cost); one JSON line each."""
+    def log(line):
+        print(f"mnn-bench: {line}", file=sys.stderr, flush=True)
+    try:
+        for failure in measure_failures(args.model, args.ranks, args.restarts, args.gap, args.checkpoint_steps, log):
+            print(json.dumps({"model": args.model, "ranks": args.ranks, **failure}), flush=True)
+        cost = measure_checkpoint_cost(args.model, args.ranks, args.gap * 2, args.checkpoint_steps, args.rounds, log)
+    except RuntimeError as error:
+        print(f"mnn-bench: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps({"model": args.model, "ranks": args.ranks, **cost}), flush=True)
+    return 0
+
+
 def _run_quality(args):
     run = QualityRun(sizes=_gpt_sizes(args, args.batch[0]), steps=args.steps, lr=args.lr, seed=args.seed,
                      log_every=args.log_every, eval_every=args.eval_every, text=args.text)
@@ -253,6 +281,8 @@ def main(argv=None):
         parser.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     if args.quality:
         return _run_quality(args)
+    if args.restarts:
+        return _run_restarts(args)
     if args.scaling:
         try:
             _run_scaling(args)

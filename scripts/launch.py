@@ -8,6 +8,7 @@ Usage::
     mnn-launch -n 2 --dry-run -- mnn-train ...              # print the command, run nothing
     mnn-launch --check                                      # preflight: versions, hosts, hello, threads
     mnn-launch --check --hostfile hosts.txt                 # ... with one hello rank on each host
+    mnn-launch --hostfile hosts.txt --max-restarts 3 -- mnn-train ... --checkpoint-every-steps 50
 
 Which launcher. Inside a SLURM allocation (``SLURM_JOB_ID`` set) ranks are started
 with ``srun -n N``, N defaulting to ``SLURM_NTASKS``. Elsewhere the ``mpiexec`` of
@@ -94,6 +95,19 @@ only the dead one's host and no signal (mnn-launch then names the rank on that h
 one). mnn-launch knows each rank's process from its start-up report. MPICH's
 launcher ends a host's other ranks with SIGKILL too and may name one of those: with
 several ranks on the host, the line names them all (``one of ranks 0, 1 on node2``).
+
+Restarts. With ``--max-restarts N`` (torchrun's name), a job that fails in a way a
+restart can fix (a rank killed or crashed, a stall, a host lost: any exit but 0,
+2 for a bad job, 130 after Ctrl-C or SIGTERM, or an error mnn-train reported
+itself, as a run that diverged) is started again, up to N times, with one line
+saying why and on how many ranks. Before each restart the hostfile is read again
+and every other host is asked ``ssh HOST true`` again (at most 15 s); those that
+do not answer are left out, and the ranks shrink by their slots. With fewer than
+``--min-ranks M`` left (torchrun's ``--nnodes MIN:MAX``), the job ends with its
+failure's status. Every start gets MNN_RESTART_COUNT (0, 1, ...; torchrun's
+TORCHELASTIC_RESTART_COUNT) and MNN_MAX_RESTARTS; mnn-train, restarted, continues
+from its output's newest checkpoint (``--checkpoint-every-steps K`` keeps what a
+failure loses under K steps) and ends with the model of an uninterrupted run.
 
 Check. ``--check`` reports versions, the launcher, whether the hosts resolve and
 answer ssh, and the threads per rank, and starts a hello job: two ranks on this

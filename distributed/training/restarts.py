@@ -21,7 +21,8 @@ of the restart records a ``restart`` event:
   failure (the kill itself comes at most a step after that last step);
   ``restart_s``: from then to this start being ready to train (mnn-launch
   asking the hosts, MPI's start-up, loading the data and the checkpoint);
-* ``ranks_before``, ``ranks_after``, ``cause`` (mnn-launch's words).
+* ``ranks_before``, ``ranks_after``, ``cause`` (mnn-launch's words), and the
+  Unix times ``seen_at`` (mnn-launch saw the failure) and ``resumed_at``.
 
 Times are Unix times of the hosts involved: across hosts they are as good as
 the hosts' clocks agree. The summary adds ``restarts``, ``steps_redone`` and
@@ -60,6 +61,7 @@ class Restart:
 
     def event(self, ranks_after: int, checkpoint_step: int, previous_lock: dict[str, Any]) -> dict[str, Any]:
         """The ``restart`` event (see the module docstring), with the failed start's lock."""
+        now = time.time()
         reached = previous_lock.get("step")
         reached = reached if isinstance(reached, int) and not isinstance(reached, bool) else None
         step_at = previous_lock.get("step_at")
@@ -70,7 +72,8 @@ class Restart:
             "reached_step": reached,
             "redo_steps": max(0, reached - checkpoint_step) if reached is not None else None,
             "detect_s": _seconds(step_at, self.seen_at),
-            "restart_s": _seconds(self.seen_at, time.time()),
+            "restart_s": _seconds(self.seen_at, now),
+            "seen_at": self.seen_at, "resumed_at": now,
         }
 
 

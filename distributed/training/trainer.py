@@ -179,14 +179,15 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 state.skips.in_a_row = 0
                 run.dp.step()
                 state.losses.add(loss, len(y))
-            state.clock.add_step(time.perf_counter() - step_started, batch.global_batch_size)
             state.position = state.position.after_step(batch.global_batch_size)
             if job.lock is not None:  # rank 0: how far the job got, for a restart after a failure
                 job.lock.record_step(state.position.global_step)
 
-            # a checkpoint every N steps or S seconds, written while the next steps train
+            # a checkpoint every N steps or S seconds, written while the next steps train (its
+            # copy of the state counts in this step's time)
             if _checkpoint_due(run, state, vote.checkpoint):
                 _save_in_background(run, state)
+            state.clock.add_step(time.perf_counter() - step_started, batch.global_batch_size)
 
             # log the training loss
             run.reporter.step()
