@@ -46,6 +46,7 @@ def test_a_host_lost_mid_run_restarts_the_job_on_the_hosts_left_and_ends_with_on
     assert restart.endswith(": left out); the job continues from its newest checkpoint"), restart
     event, = [event for line in (output / "metrics.jsonl").read_text().splitlines()
               for event in [json.loads(line)] if event["event"] == "restart"]
+    print(json.dumps(event))  # with pytest -s: what losing a host cost (the README quotes it)
     assert (event["ranks_before"], event["ranks_after"]) == (3, 2)
     assert event["checkpoint_step"] >= 3 * 23 and 0 <= event["redo_steps"] <= 10, event
     summary = json.loads((output / "summary.json").read_text())
