@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from mnn.distributed.training import checkpoint as checkpoint_module
-from mnn.distributed.training.checkpoint import (Checkpoint, find_checkpoints, load_checkpoint, load_newest_checkpoint,
-                                        save_checkpoint)
+from mnn.distributed.training.checkpoint import (BackgroundWriter, Checkpoint, find_checkpoints, load_checkpoint,
+                                                load_newest_checkpoint, save_checkpoint)
 from mnn.distributed.training.position import Position
 from mnn.io import clean_stale_temporaries, load_arrays, save_arrays
+from processes import run
 
 
 def make_checkpoint(step=3, global_step=None):
@@ -262,3 +263,32 @@ def test_save_stopped_between_keeping_and_writing_lists_the_file_once(tmp_path, 
     save_checkpoint(path, make_checkpoint(global_step=30), keep=3)
     assert saved_steps(tmp_path) == {"checkpoint-00000010.npz": 10, "checkpoint-00000020.npz": 20,
                                      "checkpoint.npz": 30}
+
+
+def test_a_background_write_holds_the_state_it_was_started_with_and_its_failure_comes_out_of_wait(tmp_path):
+    writer, checkpoint = BackgroundWriter(), make_checkpoint()
+    expected = make_checkpoint()
+    writer.start(tmp_path / "checkpoint.npz", checkpoint, keep=2)
+    for array in checkpoint.model_state.values():
+        array[...] = np.nan  # the next step changes the parameters in place while the write goes on
+    writer.wait()
+    assert not writer.busy
+    assert_same(load_checkpoint(tmp_path / "checkpoint.npz"), expected)
+    writer.start(tmp_path / "missing" / "checkpoint.npz", expected)
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # raised once; nothing is under way any more
+
+
+def test_checkpoints_every_steps_and_seconds_are_written_in_the_background_and_rotated(tmp_path):
+    result = run(["--max-steps", "23", "--checkpoint-every", "0", "--checkpoint-every-steps", "5",
+                  "--keep-checkpoints", "3", "--output", str(tmp_path / "steps")])
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in find_checkpoints(tmp_path / "steps")) == [
+        "checkpoint-00000015.npz", "checkpoint-00000020.npz", "checkpoint.npz"]
+    assert load_checkpoint(tmp_path / "steps" / "checkpoint.npz").position.global_step == 23
+    result = run(["--max-steps", "40", "--checkpoint-every", "0", "--checkpoint-every-seconds", "1e-6",
+                  "--keep-checkpoints", "2", "--output", str(tmp_path / "seconds")])
+    assert result.returncode == 0, result.stderr
+    kept = find_checkpoints(tmp_path / "seconds")
+    assert len(kept) == 2 and load_checkpoint(kept[1]).position.global_step >= 30

@@ -180,13 +180,9 @@ def _run(job: PreparedJob, comm: Communicator, stop_requests: StopRequests, watc
                 run.dp.step()
                 state.losses.add(loss, len(y))
             state.position = state.position.after_step(batch.global_batch_size)
-            if job.lock is not None:  # rank 0: how far the job got, for a restart after a failure
-                job.lock.record_step(state.position.global_step)
-
-            # a checkpoint every N steps or S seconds, written while the next steps train (its
-            # copy of the state counts in this step's time)
-            if _checkpoint_due(run, state, vote.checkpoint):
-                _save_in_background(run, state)
+            # how far the job got, and a checkpoint every N steps or S seconds, written while
+            # the next steps train (its copy of the state counts in this step's time)
+            _keep_progress(run, state, vote.checkpoint)
             state.clock.add_step(time.perf_counter() - step_started, batch.global_batch_size)
 
             # log the training loss
@@ -564,6 +560,16 @@ def _checkpoint(run: _Run, state: _RunState, name: str = CHECKPOINT_NAME) -> Che
                                f"{len(bad) - 1} more): no checkpoint is written over a finite one; lower --lr")
     return Checkpoint(model_state, run.dp.optimizer.state_dict(), state.position, run.comm.size,
                       run.config.to_dict())
+
+
+def _keep_progress(run: _Run, state: _RunState, clock_says: bool) -> None:
+    """After a step (collective): rank 0 writes it into OUTPUT's lock (how far the job got,
+    for a restart after a failure), and a checkpoint that ``checkpoint_every_steps`` or the
+    clock makes due begins in the background."""
+    if run.job.lock is not None:
+        run.job.lock.record_step(state.position.global_step)
+    if _checkpoint_due(run, state, clock_says):
+        _save_in_background(run, state)
 
 
 def _clock_says_save(run: _Run, state: _RunState) -> bool:
