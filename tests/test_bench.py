@@ -274,12 +274,12 @@ def test_one_step_builder_runs_plainly_or_through_data_parallel():
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside this Python")
 def test_restarts_report_what_each_failure_cost_and_what_the_checkpoints_cost():
-    records = run_bench(["--model", "mlp", "--restarts", "2", "--gap", "30", "--checkpoint-steps", "10",
+    records = run_bench(["--model", "mlp", "--restarts", "2", "--gap", "100", "--checkpoint-steps", "10",
                          "--rounds", "1"])
     failures = [record for record in records if "restart" in record]
     assert [record["restart"] for record in failures] == [1, 2]
     for record in failures:
-        assert 0 <= record["redo_steps"] <= 10 and record["detect_s"] >= 0 and record["restart_s"] > 0
+        assert 0 <= record["redo_steps"] < 2 * 10 and record["detect_s"] >= 0 and record["restart_s"] > 0
         assert record["lost_s"] == pytest.approx(record["detect_s"] + record["restart_s"] + record["redo_s"], abs=2e-3)
     cost, = [record for record in records if "ratio" in record]
     assert cost["checkpoint_every_steps"] == 10 and cost["step_ms_with"] > 0 and cost["step_ms_without"] > 0

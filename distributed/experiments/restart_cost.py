@@ -92,7 +92,8 @@ def measure_failures(model: str, ranks: int, kills: int, gap: int, every: int,
     """Kill the job ``kills`` times (see the module docstring); one dict per failure."""
     with tempfile.TemporaryDirectory(prefix="mnn-restart-cost-") as folder:
         output = Path(folder) / "run"
-        steps = (kills + 1) * gap + every
+        # Room for each kill to land late (a loaded machine): the job is ended by its steps.
+        steps = 2 * (kills + 1) * gap + every
         job_file = _job_file(model, Path(folder), steps, {"checkpoint_every_steps": every})
         command = [*_LAUNCH, "-n", str(ranks), "--max-restarts", str(kills), "--", *_TRAIN, "--config",
                    str(job_file), "--output", str(output)]

@@ -105,12 +105,14 @@ class OutputLock:
         except OSError:
             pass  # a directory turned read-only: metrics.jsonl's write fails too, and stops the run
 
-    def release(self) -> None:
-        """Remove the lock if it is still this process's (idempotent)."""
+    def release(self, remove: bool = True) -> None:
+        """Remove the lock if it is still this process's (idempotent). ``remove=False`` leaves
+        it in place, as a job that was killed leaves it: with the step it got to, and taken
+        over by the next job."""
         if self.descriptor >= 0:
             os.close(self.descriptor)
             self.descriptor = -1
-        if _read_holder(self.path).get("pid") == os.getpid():
+        if remove and _read_holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
 
 

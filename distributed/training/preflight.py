@@ -75,10 +75,11 @@ class PreparedJob:
     notes: list[str] = dataclasses.field(default_factory=list)
     lock: OutputLock | None = None
 
-    def release(self) -> None:
-        """Let other jobs use the output directory again (rank 0 holds its lock)."""
+    def release(self, remove: bool = True) -> None:
+        """Let other jobs use the output directory again (rank 0 holds its lock); without
+        ``remove``, leave the lock as a killed job leaves it (see OutputLock.release)."""
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(remove)
             self.lock = None
 
 

@@ -101,12 +101,21 @@ def train(config: TrainConfig, comm: Any = None, *, net: SequentialLayers | None
         job = prepare_job(config, comm, net=net, data=data)
         # NaN and overflow are found and reported by the trainer (on_nonfinite), not as
         # NumPy's warnings from deep inside a layer.
+        # The run's own ends release OUTPUT's lock; a crash (an MPI error, a bug) leaves it as a
+        # killed job's is left: it says how far the job got, for a restart, and the next job
+        # takes it over.
+        ended = False
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                return _run(job, comm, stop_requests, watchdog, started)
+                summary = _run(job, comm, stop_requests, watchdog, started)
+            ended = True
+            return summary
+        except (TrainingInterrupted, TrainingFailed):
+            ended = True
+            raise
         finally:
             try:
-                job.release()
+                job.release(remove=ended)
             except OSError:
                 pass  # OUTPUT turned read-only: the next job takes the lock over, as a dead job's
 
