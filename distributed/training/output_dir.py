@@ -5,9 +5,10 @@ Rank 0 alone touches the directory (other hosts may not see it).
 * **Lock.** ``OUTPUT/.mnn.lock`` names the host and process of the job that
   uses the directory; it is created with ``O_EXCL``, so of two jobs started
   with the same ``--output`` the second stops with an error naming the first
-  instead of mixing its files into them. The lock is removed when the job ends;
-  a lock left by a job that was killed (its process no longer exists on this
-  host) is taken over, with a note. A lock from another host cannot be
+  instead of mixing its files into them. The lock is removed when the run ends
+  (done, interrupted, or stopped by an error of its own); a lock left by a job
+  that was killed or crashed (its process no longer exists on this host) is
+  taken over, with a note. A lock from another host cannot be
   checked: the error says how to remove it if that job is gone, unless it
   names the same mnn-launch run (``MNN_LAUNCH_ID``): mnn-launch restarts a job
   only once its last start has ended, so that start's lock is taken over.
