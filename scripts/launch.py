@@ -2,13 +2,19 @@
 
 Usage::
 
-    mnn-launch -n 4 -- mnn-train --dataset digits          # 4 ranks on this machine
-    mnn-launch --hosts node1:2,node2:2 -- mnn-train ...     # 2 ranks on each of two hosts
-    mnn-launch -n 8 --hostfile hosts.txt -- mnn-train ...
-    mnn-launch -n 2 --dry-run -- mnn-train ...              # print the command, run nothing
+    mnn-launch -n 4 mnn-train --dataset digits             # 4 ranks on this machine
+    mnn-launch --hosts node1:2,node2:2 mnn-train ...        # 2 ranks on each of two hosts
+    mnn-launch -n 8 --hostfile hosts.txt mnn-train ...
+    mnn-launch -n 2 --dry-run python train.py -n 3          # print the command, run nothing
     mnn-launch --check                                      # preflight: versions, hosts, hello, threads
     mnn-launch --check --hostfile hosts.txt                 # ... with one hello rank on each host
-    mnn-launch --hostfile hosts.txt --max-restarts 3 -- mnn-train ... --checkpoint-every-steps 50
+    mnn-launch --hostfile hosts.txt --max-restarts 3 mnn-train ... --checkpoint-every-steps 50
+
+mnn-launch reads its own options up to the command, as mpiexec, torchrun and
+horovodrun do: everything from the first word that is not one of its options
+(or after ``--``, which is accepted too) is the command, ``-n 3`` above being
+the script's. mpirun's ``-np N`` and ``-H host:slots,...``, and torchrun's
+``--nproc-per-node N`` (N ranks on each host, or on this machine), are accepted.
 
 Which launcher. Inside a SLURM allocation (``SLURM_JOB_ID`` set) ranks are started
 with ``srun -n N``, N defaulting to ``SLURM_NTASKS``. Elsewhere the ``mpiexec`` of
@@ -154,22 +160,27 @@ _MAX_RANKS = 10**6
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The mnn-launch argument parser; the command follows ``--``."""
+    """The mnn-launch argument parser of its own options (:func:`parse_args` finds where the
+    command begins)."""
+    title, usage_block, rest = _help_parts()
     parser = argparse.ArgumentParser(
         prog="mnn-launch",
-        usage="mnn-launch [-n N] [--hostfile FILE | --hosts H:S,...] [--ssh PROGRAM] [--start-timeout S] "
-              "[--max-restarts N] [--min-ranks M] [--dry-run] [--check] -- COMMAND ...",
-        description="Start COMMAND on N MPI ranks: srun inside SLURM, else the mpiexec that matches mpi4py, "
-                    "with one BLAS/OpenMP thread per core per rank.",
-        # The module docstring, without its title, is the help.
-        epilog=__doc__.split("\n\n", 1)[1].replace("::\n", ":\n"),
+        usage="mnn-launch [-n N | -np N | --nproc-per-node N] [--hostfile FILE | --hosts H:S,... | -H H:S,...] "
+              "[--mpiexec PATH] [--ssh PROGRAM] [--start-timeout S] [--max-restarts N] [--min-ranks M] "
+              "[--dry-run] [--check] [--] COMMAND ...",
+        # The module docstring: its title and examples first, the rest after the options.
+        description=f"{title}\n\n{usage_block}",
+        epilog=rest,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--ranks", type=positive(int, at_most=_MAX_RANKS, unit="ranks"), metavar="N",
-                        help="number of ranks (default: SLURM_NTASKS inside SLURM, else the total slots "
-                             "of --hosts/--hostfile; required otherwise)")
+    ranks = parser.add_mutually_exclusive_group()
+    ranks.add_argument("-n", "-np", "--ranks", type=positive(int, at_most=_MAX_RANKS, unit="ranks"), metavar="N",
+                       help="number of ranks (default: SLURM_NTASKS inside SLURM, else the total slots "
+                            "of --hosts/--hostfile; required otherwise)")
+    ranks.add_argument("--nproc-per-node", type=positive(int, at_most=_MAX_RANKS, unit="ranks"), metavar="N",
+                       help="N ranks on each host of --hosts/--hostfile, or on this machine (torchrun's option)")
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("--hostfile", metavar="FILE", help="hosts, one per line: 'host:slots' or 'host slots=N'")
-    hosts.add_argument("--hosts", metavar="H:S,...", help="comma-separated hosts with slots, e.g. a:2,b:2")
+    hosts.add_argument("--hosts", "-H", metavar="H:S,...", help="comma-separated hosts with slots, e.g. a:2,b:2")
     parser.add_argument("--mpiexec", metavar="PATH",
                         help="use this mpiexec (also inside SLURM) instead of the one found for mpi4py")
     parser.add_argument("--ssh", metavar="PROGRAM",
@@ -194,26 +205,46 @@ def build_parser() -> argparse.ArgumentParser:
                         help="preflight: versions, hosts, a hello (one rank per host of --hosts/--hostfile, "
                              "else 2 ranks here), threads; 'OK ...' or 'FIX: ...' per line, exit status 1 if "
                              "anything needs fixing")
-    parser.add_argument("command", nargs="*", help="the program to run on every rank and its arguments")
     return parser
 
 
+def _help_parts() -> tuple[str, str, str]:
+    """The module docstring as the help: its title, its examples, and the rest."""
+    title, _, examples, rest = __doc__.split("\n\n", 3)
+    return title, f"examples:\n{examples}", rest.replace("::\n", ":\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse mnn-launch's arguments; everything after the first ``--`` is the command.
+    """Parse mnn-launch's arguments: its own options, up to the first word that is none of
+    them (or up to ``--``); from there on, the command (``args.command``), as mpiexec and
+    torchrun read theirs. ``--nproc-per-node`` is turned into ``ranks`` or the hosts' slots.
 
     :func:`launch_settings` makes the job of the result.
     """
-    argv = list(argv)
-    command = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command and command:
-        parser.error(f"unexpected {' '.join(args.command)!r} before '--'")
-    args.command = args.command + command
+    argv = list(argv)
+    split = _command_start(parser, argv)
+    own, command = argv[:split], argv[split:]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    args = parser.parse_args(own)
+    args.command = command
     return args
+
+
+def _command_start(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """The index in ``argv`` of the command's first word (or of ``--``): the first word that
+    is neither one of the parser's options nor the value such an option takes."""
+    takes_value = {option for action in parser._actions if action.nargs != 0
+                   for option in action.option_strings}
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--" or not word.startswith("-") or word == "-":
+            return index
+        name = word.split("=", 1)[0]
+        index += 2 if name in takes_value and "=" not in word else 1
+    return len(argv)
 
 
 def launch_settings(args: argparse.Namespace) -> LaunchSettings:
@@ -223,7 +254,13 @@ def launch_settings(args: argparse.Namespace) -> LaunchSettings:
         hosts = parse_hostfile(args.hostfile)
     else:
         hosts = parse_hosts(args.hosts) if args.hosts is not None else None
-    return LaunchSettings(command=args.command, ranks=args.ranks, hosts=hosts, mpiexec=args.mpiexec, ssh=args.ssh,
+    ranks = args.ranks
+    if args.nproc_per_node is not None:  # torchrun's: so many on each host
+        if hosts is None:
+            ranks = args.nproc_per_node
+        else:
+            hosts = [(host, args.nproc_per_node) for host, _ in hosts]
+    return LaunchSettings(command=args.command, ranks=ranks, hosts=hosts, mpiexec=args.mpiexec, ssh=args.ssh,
                           start_timeout=args.start_timeout)
 
 

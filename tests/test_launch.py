@@ -26,7 +26,7 @@ from mnn.distributed.launch import (
     process_tree,
 )
 from mnn.scripts.launch import launch_settings, main, parse_args
-from processes import MPIEXEC, mpiexec_family, needs_mpiexec
+from processes import MPIEXEC, exit_status, mpiexec_family, needs_mpiexec
 
 MPICH = MpiSetup("4.1", "MPICH Version: 5.0.2", "mpich", "/opt/mpich/bin/mpiexec")
 OPENMPI = MpiSetup("4.1", "Open MPI v5.0.3", "openmpi", "/opt/openmpi/bin/mpiexec")
@@ -376,9 +376,14 @@ def test_help_explains_formats_and_examples(capsys):
         main(["--help"])
     assert caught.value.code == 0
     text = capsys.readouterr().out
-    for expected in ("host slots=N", "host:slots", "mnn-launch -n 4 -- mnn-train", "--dry-run", "--check",
+    for expected in ("host slots=N", "host:slots", "mnn-launch -n 4 mnn-train", "--dry-run", "--check",
                      "SLURM_NTASKS", "OMP_NUM_THREADS", "Ctrl-C" if "Ctrl-C" in text else "SIGINT"):
         assert expected in text
+    # a short usage and the examples first, the explanations after the options
+    usage, examples = text.split("\n\n")[0], text.split("options:")[0]
+    for option in ("-np", "-H", "--nproc-per-node", "--mpiexec", "--ssh", "--max-restarts", "--min-ranks"):
+        assert option in usage
+    assert "examples:" in examples and "Which launcher" not in examples
 
 
 # ------------------------------------------------------------------ the --check hello
@@ -859,7 +864,7 @@ def test_a_rank_count_no_machine_runs_is_one_line(capsys, ranks):
         main(["-n", ranks, "--dry-run", "--", "true"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("mnn-launch: error: argument -n/--ranks: expected at most 1,000,000 ranks, got ")
+    assert err[-1].startswith("mnn-launch: error: argument -n/-np/--ranks: expected at most 1,000,000 ranks, got ")
     assert len(err[-1]) < 200 and "Traceback" not in "\n".join(err)
 
 
@@ -909,3 +914,29 @@ def test_a_stdout_that_cannot_be_written_is_one_line(option):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == "mnn-launch: error: cannot write to stdout: No space left on device"
     assert "Traceback" not in result.stderr
+
+
+# --- where mnn-launch's options end and the command begins -------------------------------------
+
+@pytest.mark.parametrize("argv, ranks, command", [
+    (["-n", "2", "mnn-train", "--config", "job.toml"], 2, ["mnn-train", "--config", "job.toml"]),
+    (["-n", "2", "--dry-run", "python", "script.py", "-n", "3"], 2, ["python", "script.py", "-n", "3"]),
+    (["-np", "3", "--", "mnn-train"], 3, ["mnn-train"]),
+    (["--ranks=4", "--start-timeout", "5", "python", "s.py", "--", "x"], 4, ["python", "s.py", "--", "x"]),
+    (["--nproc-per-node", "3", "mnn-train", "-n", "1"], 3, ["mnn-train", "-n", "1"]),
+])
+def test_the_command_begins_at_the_first_word_that_is_not_an_option_of_mnn_launch(argv, ranks, command):
+    """As mpiexec, torchrun and horovodrun read theirs: the command's own options stay its own."""
+    settings = settings_of(argv)
+    assert (settings.ranks, list(settings.command)) == (ranks, command)
+
+
+def test_mpirun_and_torchrun_host_options_are_accepted():
+    assert settings_of(["-H", "a:2,b:2", "mnn-train"]).hosts == (("a", 2), ("b", 2))
+    per_node = settings_of(["--hosts", "a:2,b:1", "--nproc-per-node", "4", "mnn-train"])
+    assert (per_node.hosts, per_node.ranks) == ((("a", 4), ("b", 4)), None)
+
+
+def test_ranks_given_twice_is_a_usage_error(capsys):
+    assert exit_status(main, ["-n", "2", "--nproc-per-node", "2", "mnn-train"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
     as_root = os.geteuid() == 0 if as_root is None else as_root
     command = list(settings.command)
     if not command:
-        raise ValueError("no command to run: put it after '--', e.g. mnn-launch -n 2 -- mnn-train")
+        raise ValueError("no command to run: give it after mnn-launch's options, e.g. mnn-launch -n 2 mnn-train")
     hosts = settings.hosts
     warnings = list(mpi.warnings)
     job_id = env.get("SLURM_JOB_ID")
