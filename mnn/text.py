@@ -239,15 +239,15 @@ def _read(file: Path) -> str:
 
 
 def generate(net, vocab: CharVocab, prompt: str, tokens: int, context: int, temperature: float = 1.0,
-             rng=None) -> str:
+             rng=None, top_k: int | None = None) -> str:
     """``prompt`` continued by ``tokens`` characters sampled from ``net`` (see :func:`sample_characters`)."""
     tokens = check_int("tokens", tokens, minimum=0)
-    with closing(sample_characters(net, vocab, prompt, context, temperature, rng)) as characters:
+    with closing(sample_characters(net, vocab, prompt, context, temperature, rng, top_k)) as characters:
         return prompt + "".join(islice(characters, tokens))
 
 
 def sample_characters(net, vocab: CharVocab, prompt: str, context: int, temperature: float = 1.0,
-                      rng=None) -> Iterator[str]:
+                      rng=None, top_k: int | None = None) -> Iterator[str]:
     r"""The characters that continue ``prompt``, sampled from ``net`` one at a time, without end
     (take as many as you want: each costs one forward pass, and memory does not grow).
 
@@ -262,10 +262,21 @@ def sample_characters(net, vocab: CharVocab, prompt: str, context: int, temperat
     :math:`\le 0`: however small :math:`\tau`, nothing overflows, and a
     :math:`\tau` so small that every other exponent underflows gives the limit
     :math:`\tau \to 0`, the likeliest character. :math:`\tau = 0` is that
-    limit (greedy decoding). Dropout is off while sampling. ValueError for an
-    empty prompt, a character the vocabulary lacks, a temperature that is
-    negative or not finite, or a net whose output is not one logit per
-    character of ``vocab``.
+    limit (greedy decoding).
+
+    ``top_k`` :math:`= k` draws only among the :math:`k` likeliest characters,
+    the set :math:`K` of the :math:`k` largest logits (of equal logits, the
+    lower id first, as greedy decoding picks), renormalised:
+
+    .. math:: p_i = \frac{\exp\big((z_i - m) / \tau\big)}{\sum_{l \in K} \exp\big((z_l - m) / \tau\big)}
+              \ \text{for } i \in K, \qquad p_i = 0 \ \text{otherwise}, \qquad m = \max_j z_j \tag{2}
+
+    so :math:`k = 1` is greedy decoding at any temperature, and a :math:`k`
+    of the vocabulary's size or more (or None, the default) is no limit.
+    Dropout is off while sampling. ValueError for an empty prompt, a character
+    the vocabulary lacks, a temperature that is negative or not finite, a
+    ``top_k`` below 1, or a net whose output is not one logit per character of
+    ``vocab``.
     """
     if not prompt:
         raise ValueError("generate: the prompt must hold at least one character")
@@ -273,11 +284,14 @@ def sample_characters(net, vocab: CharVocab, prompt: str, context: int, temperat
         raise ValueError(f"generate: expected a finite temperature >= 0 (0: always the likeliest character), "
                          f"got {temperature}")
     context = check_int("context", context, minimum=1)
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, minimum=1)
     window = deque(vocab.encode(prompt)[-context:].tolist(), maxlen=context)
-    return _sampled(net, vocab, window, temperature, as_generator(rng))
+    return _sampled(net, vocab, window, temperature, top_k, as_generator(rng))
 
 
-def _sampled(net, vocab: CharVocab, window: deque, temperature: float, rng: np.random.Generator) -> Iterator[str]:
+def _sampled(net, vocab: CharVocab, window: deque, temperature: float, top_k: int | None,
+             rng: np.random.Generator) -> Iterator[str]:
     with net.evaluating():
         while True:
             logits = np.asarray(net(np.array([window])), dtype=np.float64)[0, -1]
@@ -286,11 +300,22 @@ def _sampled(net, vocab: CharVocab, window: deque, temperature: float, rng: np.r
                                  f"{len(vocab)}: it was trained on another text")
             if not np.isfinite(logits).all():
                 raise ValueError("generate: the model's output holds NaN or infinite values")
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                with np.errstate(over="ignore"):  # to -inf, for a tiny temperature: exp gives 0
-                    probabilities = np.exp((logits - logits.max()) / temperature)  # Eq. (1)
-                token = int(rng.choice(len(vocab), p=probabilities / probabilities.sum()))
+            token = _drawn(logits, temperature, top_k, rng)
             window.append(token)
             yield vocab.chars[token]
+
+
+def _drawn(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """The id of the next character, drawn from ``logits`` as :func:`sample_characters` says."""
+    if temperature == 0:
+        return int(logits.argmax())
+    if top_k is None or top_k >= logits.size:
+        candidates = None  # every character: the same draws as before top_k existed
+    else:
+        # The k largest; a stable sort keeps equal logits in id order, as argmax picks the first.
+        candidates = np.argsort(-logits, kind="stable")[:top_k]  # Eq. (2): K
+        logits = logits[candidates]
+    with np.errstate(over="ignore"):  # to -inf, for a tiny temperature: exp gives 0
+        probabilities = np.exp((logits - logits.max()) / temperature)  # Eq. (1), (2)
+    drawn = int(rng.choice(logits.size, p=probabilities / probabilities.sum()))
+    return drawn if candidates is None else int(candidates[drawn])

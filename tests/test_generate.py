@@ -1,10 +1,12 @@
 """mnn-generate: sampling from a character model that train() wrote, and its errors."""
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -38,6 +40,75 @@ def test_generated_text_continues_the_prompt_in_the_vocabulary(run, capsys):
     assert main(["--checkpoint", str(run / "checkpoint.npz"), "--prompt", "def ", "--tokens", "60", "--seed", "1"]) == 0
     assert capsys.readouterr().out[:-1] == text  # the same seed, the same sample
     assert "return" in generate_from(run, temperature=0.1)  # trained on one function: it learned it
+
+
+def test_a_runs_model_npz_samples_as_its_checkpoint(run, tmp_path, capsys):
+    """model.npz, the finished run's model, reads its job from the config.toml beside it:
+    the same model as the run's last checkpoint, so the same seed gives the same sample."""
+    def sampled(path, *options):
+        assert main(["--checkpoint", str(path), "--tokens", "60", "--seed", "4", *options]) == 0, \
+            capsys.readouterr().err
+        return capsys.readouterr().out
+    for options in ([], ["--top-k", "3", "--temperature", "1.5"]):
+        assert sampled(run / "model.npz", *options) == sampled(run / "checkpoint.npz", *options)
+    # A run directory that kept no checkpoint: its model.npz.
+    kept_no_checkpoint = tmp_path / "no-checkpoint"
+    kept_no_checkpoint.mkdir()
+    for name in ("model.npz", "config.toml"):
+        shutil.copy(run / name, kept_no_checkpoint / name)
+    assert sampled(kept_no_checkpoint) == sampled(run)
+    # Without its config.toml, the arrays are not a model: one line that names what is missing.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run / "model.npz", alone / "model.npz")
+    assert main(["--checkpoint", str(alone / "model.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "expected the run's config.toml beside it" in err and f"{alone / 'config.toml'} does not exist" in err
+    assert main(["--checkpoint", str(alone / "gone" / "model.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_top_k_1_is_greedy_at_any_temperature(run, capsys):
+    outputs = []
+    for options in (["--temperature", "0"], ["--top-k", "1", "--temperature", "5", "--seed", "7"]):
+        assert main(["--checkpoint", str(run), "--tokens", "40", *options]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    # A K beyond the vocabulary is no limit: the draws of no --top-k.
+    assert main(["--checkpoint", str(run), "--tokens", "40", "--top-k", "1000"]) == 0
+    unlimited = capsys.readouterr().out
+    assert main(["--checkpoint", str(run), "--tokens", "40"]) == 0
+    assert capsys.readouterr().out == unlimited
+
+
+class FixedLogits:
+    """A stand-in language model whose next-character logits are always ``logits``."""
+
+    def __init__(self, logits):
+        self.logits = np.asarray(logits, dtype=np.float64)
+
+    def evaluating(self):
+        return nullcontext()
+
+    def __call__(self, tokens):
+        return np.broadcast_to(self.logits, (*tokens.shape, self.logits.size))
+
+
+def test_top_k_draws_among_the_k_likeliest_only():
+    vocab = CharVocab("abcd")
+    drawn = generate(FixedLogits([3.0, 1.0, 2.0, 0.0]), vocab, "a", 300, context=4, temperature=100.0, rng=0,
+                     top_k=2)[1:]
+    assert set(drawn) == {"a", "c"}  # nearly uniform over the two likeliest at this temperature
+    # Equal logits: the lower id, as greedy decoding picks.
+    tied = FixedLogits([0.0, 1.0, 1.0, 1.0])
+    assert generate(tied, vocab, "a", 10, context=4, rng=0, top_k=1) == "a" + "b" * 10
+    assert generate(tied, vocab, "a", 10, context=4, temperature=0) == "a" + "b" * 10
+    assert set(generate(tied, vocab, "a", 100, context=4, rng=0, top_k=2)[1:]) == {"b", "c"}
+    with pytest.raises(ValueError, match="top_k: expected an integer >= 1, got 0"):
+        generate(tied, vocab, "a", 5, context=4, top_k=0)
+    with pytest.raises(TypeError, match="top_k: expected an integer"):
+        generate(tied, vocab, "a", 5, context=4, top_k=1.5)
 
 
 def generate_from(run, temperature):
@@ -90,7 +161,8 @@ def test_characters_come_one_at_a_time_without_end():
 
 
 @pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--tokens", "-5"), ("--tokens", "10**12"),
-                                           ("--temperature", "-0.5"), ("--temperature", "nan")])
+                                           ("--temperature", "-0.5"), ("--temperature", "nan"),
+                                           ("--top-k", "0"), ("--top-k", "-3"), ("--top-k", "1.5")])
 def test_bad_options_are_named(run, capsys, option, value):
     with pytest.raises(SystemExit) as exited:
         main(["--checkpoint", str(run), option, value])
