@@ -385,6 +385,19 @@ def test_the_readme_library_example_runs(tmp_path, monkeypatch):
     assert namespace["logits"].shape == (64, 10) and (tmp_path / "model.npz").is_file()
 
 
+@pytest.mark.parametrize("number", range(len(_blocks(README, "python"))), ids=lambda number: f"block{number + 1}")
+def test_every_python_block_of_the_readme_runs_as_shown(number, tmp_path, monkeypatch):
+    """Each ``python`` block of the README is a whole program: copied into a file, it runs in a
+    process of its own (one, without MPI) from an empty directory, with nothing defined
+    before it, and what it writes (model.npz, runs/custom-net) lands in that directory."""
+    block = _blocks(README, "python")[number]
+    script = tmp_path / f"readme_block{number + 1}.py"
+    script.write_text(block)
+    monkeypatch.chdir(tmp_path)  # the process starts where the test is
+    result = run([str(script)], command=[sys.executable], timeout=120, MNN_NO_MPI="1")
+    assert result.returncode == 0, f"README.md's python block {number + 1} failed:\n{block}\n{result.stderr[-4000:]}"
+
+
 def test_the_dataparallel_loop_of_the_training_page_runs():
     example, = [block for block in _blocks(DOCS / "training.md", "python") if "GlobalBatchSampler" in block]
     namespace = {}
