@@ -71,7 +71,10 @@ or ``SLURM_CPUS_ON_NODE`` decide), so that ranks do not fight over cores with
 BLAS threads. The whole environment reaches the ranks: hydra and srun pass it on
 by themselves, and mnn-launch adds ``-genv`` for the variables it sets; Open MPI
 is given ``-x NAME`` for those and for PATH, LD_LIBRARY_PATH, PYTHONPATH and
-VIRTUAL_ENV. When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=bar
+VIRTUAL_ENV. Every rank also gets torchrun's RANK, WORLD_SIZE, LOCAL_RANK and
+LOCAL_WORLD_SIZE, so that scripts written for torchrun find them: the ranks start
+through a small script of mnn-launch's that sets them from the launcher's own
+names and then becomes the command (``--dry-run`` shows it). When mnn-launch's stderr is a terminal it also sets MNN_PROGRESS=bar
 (unless set), so that rank 0 draws a progress bar although its own stderr is the
 launcher's pipe.
 

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,13 +26,15 @@ from mnn.distributed.launch import (
     parse_hosts,
     process_tree,
 )
+from mnn.distributed.launch.plan import as_rank
 from mnn.scripts.launch import launch_settings, main, parse_args
-from processes import MPIEXEC, exit_status, mpiexec_family, needs_mpiexec
+from processes import LAUNCH, MPIEXEC, exit_status, mpiexec_family, needs_mpiexec
 
 MPICH = MpiSetup("4.1", "MPICH Version: 5.0.2", "mpich", "/opt/mpich/bin/mpiexec")
 OPENMPI = MpiSetup("4.1", "Open MPI v5.0.3", "openmpi", "/opt/openmpi/bin/mpiexec")
 NO_MPI = MpiSetup(None, "mpi4py is not importable (No module named 'mpi4py')", None, None)
 COMMAND = ["mnn-train", "--epochs", "2"]
+RANK = as_rank(COMMAND)  # as every rank starts it: through the script that sets torchrun's variables
 BIN = Path(sys.executable).parent
 HAVE_MPI = MPIEXEC.exists()
 needs_mpi = needs_mpiexec
@@ -125,7 +128,7 @@ def test_local_mpich_command():
     assert plan.launcher == "mpiexec" and plan.ranks == 2 and plan.threads_per_rank == 4
     assert plan.env_updates == {name: "4" for name in THREAD_VARIABLES}
     assert plan.argv == ["/opt/mpich/bin/mpiexec", "-n", "2", "-genv", "OMP_NUM_THREADS", "4",
-                         "-genv", "OPENBLAS_NUM_THREADS", "4", "-genv", "MKL_NUM_THREADS", "4", *COMMAND]
+                         "-genv", "OPENBLAS_NUM_THREADS", "4", "-genv", "MKL_NUM_THREADS", "4", *as_rank(COMMAND)]
     assert plan.warnings == []
 
 
@@ -133,7 +136,7 @@ def test_local_openmpi_command_exports_environment():
     plan = plan_for(["-n", "2", "--", *COMMAND], env={"PATH": "/usr/bin", "VIRTUAL_ENV": "/venv"}, mpi=OPENMPI)
     assert plan.argv == ["/opt/openmpi/bin/mpiexec", "-n", "2", "--bind-to", "none",
                          "-x", "OMP_NUM_THREADS", "-x", "OPENBLAS_NUM_THREADS", "-x", "MKL_NUM_THREADS",
-                         "-x", "PATH", "-x", "VIRTUAL_ENV", *COMMAND]
+                         "-x", "PATH", "-x", "VIRTUAL_ENV", *as_rank(COMMAND)]
 
 
 def test_more_ranks_than_cores_warns():
@@ -173,9 +176,9 @@ def test_slurm_uses_srun_with_allocation_task_count():
     env = {"SLURM_JOB_ID": "123", "SLURM_NTASKS": "6", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "16"}
     plan = plan_for(["--", *COMMAND], env=env)
     assert plan.launcher == "srun"
-    assert plan.argv == ["srun", "-n", "6", *COMMAND]
+    assert plan.argv == ["srun", "-n", "6", *as_rank(COMMAND)]
     assert plan.threads_per_rank == 5 and plan.env_updates["OMP_NUM_THREADS"] == "5"  # 16 cpus // 3 per node
-    assert plan_for(["-n", "2", "--", *COMMAND], env=env).argv == ["srun", "-n", "2", *COMMAND]
+    assert plan_for(["-n", "2", "--", *COMMAND], env=env).argv == ["srun", "-n", "2", *as_rank(COMMAND)]
     cpus_per_task = plan_for(["--", *COMMAND], env={**env, "SLURM_CPUS_PER_TASK": "4"})
     assert cpus_per_task.env_updates["MKL_NUM_THREADS"] == "4"
 
@@ -255,7 +258,7 @@ def test_format_plan_and_dry_run(tmp_path, capsys):
                      if as_root_with_openmpi else [])
     plan = plan_for(["-n", "1", "--", "echo", "a b"], env={name: "1" for name in THREAD_VARIABLES})
     assert format_plan(plan) == ("environment: (nothing: the thread variables are already set)\n"
-                                 "command: /opt/mpich/bin/mpiexec -n 1 echo 'a b'")
+                                 f"command: /opt/mpich/bin/mpiexec -n 1 {shlex.join(as_rank(['echo', 'a b']))}")
 
 
 def test_open_mpi_as_root_is_allowed_and_dry_run_says_so():
@@ -299,11 +302,11 @@ def test_terminal_adds_progress_bar_to_the_plan():
     """On a terminal the plan sets MNN_PROGRESS=bar like the thread variables: shown by --dry-run, passed on."""
     mpich = plan_for(["-n", "2", "--", *COMMAND], terminal=True)
     assert mpich.env_updates[PROGRESS_ENV] == "bar"
-    assert ["-genv", PROGRESS_ENV, "bar"] == mpich.argv[-len(COMMAND) - 3:-len(COMMAND)]
+    assert ["-genv", PROGRESS_ENV, "bar"] == mpich.argv[-len(RANK) - 3:-len(RANK)]
     assert f"{PROGRESS_ENV}=bar" in format_plan(mpich).splitlines()[0]
     openmpi = plan_for(["-n", "2", "--", *COMMAND], env={"PATH": "/usr/bin"}, mpi=OPENMPI, terminal=True)
     assert openmpi.env_updates[PROGRESS_ENV] == "bar"
-    assert openmpi.argv[-len(COMMAND) - 2:-len(COMMAND)] == ["-x", PROGRESS_ENV]
+    assert openmpi.argv[-len(RANK) - 2:-len(RANK)] == ["-x", PROGRESS_ENV]
     slurm = plan_for(["--", *COMMAND], env={"SLURM_JOB_ID": "5", "SLURM_NTASKS": "2"}, terminal=True)
     assert slurm.env_updates[PROGRESS_ENV] == "bar"  # srun passes the whole environment on
 
@@ -314,7 +317,7 @@ def test_user_progress_choice_is_kept_and_no_terminal_adds_nothing():
     assert PROGRESS_ENV not in mpich.env_updates and PROGRESS_ENV not in mpich.argv
     openmpi = plan_for(["-n", "2", "--", *COMMAND], env=chosen, mpi=OPENMPI, terminal=True)
     assert PROGRESS_ENV not in openmpi.env_updates
-    assert openmpi.argv[-len(COMMAND) - 2:-len(COMMAND)] == ["-x", PROGRESS_ENV]  # forwarded with its value
+    assert openmpi.argv[-len(RANK) - 2:-len(RANK)] == ["-x", PROGRESS_ENV]  # forwarded with its value
     for mpi in (MPICH, OPENMPI, NO_MPI):
         plan = plan_for(["-n", "2", "--", *COMMAND], mpi=mpi)
         assert PROGRESS_ENV not in plan.env_updates and PROGRESS_ENV not in plan.argv
@@ -940,3 +943,34 @@ def test_mpirun_and_torchrun_host_options_are_accepted():
 def test_ranks_given_twice_is_a_usage_error(capsys):
     assert exit_status(main, ["-n", "2", "--nproc-per-node", "2", "mnn-train"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# --- torchrun's variables on every rank ------------------------------------------------------
+
+def test_torchrun_variables_come_from_each_launchers_names():
+    from mnn.distributed.launch.rank_variables import torchrun_variables
+    wanted = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert torchrun_variables({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}) \
+        == wanted
+    assert torchrun_variables({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
+                               "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == wanted
+    # srun: 2 tasks on each of the first two nodes, 3 on the third; this is the third
+    assert torchrun_variables({"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1",
+                               "SLURM_NODEID": "2", "SLURM_TASKS_PER_NODE": "2(x2),3"}) == \
+        {"RANK": "5", "WORLD_SIZE": "7", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3"}
+    assert torchrun_variables({}) == {}
+
+
+@needs_mpiexec
+def test_every_rank_finds_torchruns_variables_and_keeps_its_process(tmp_path):
+    code = ("import os, sys; from mnn.distributed.comm import get_communicator; c = get_communicator(); "
+            "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(' '.join(os.environ[name] for name in "
+            "('WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')) + f' {c.rank} ' + "
+            "open(f'/proc/{os.getppid()}/cmdline', 'rb').read().replace(bytes(1), b' ').decode())")
+    result = subprocess.run([*LAUNCH, "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        world, local, local_world, mpi_rank, *parent = (tmp_path / str(rank)).read_text().split()
+        assert (world, local, local_world, mpi_rank) == ("2", str(rank), "2", str(rank))
+        assert parent[:3] != as_rank([])  # the script became the rank: no process of it in between

@@ -17,6 +17,7 @@ import pytest
 
 from mnn.distributed.experiments.collectives import available_allreduces
 from mnn.distributed.experiments.costmodel import NETWORKS
+from mnn.distributed.launch.plan import as_rank
 from mnn.distributed.launch import MpiSetup
 from mnn.distributed.experiments.scaling.settings import Experiment, Point, ScalingSettings, build_workload, summarise
 from mnn.distributed.experiments.scaling.driver import ChildJobs, capacity, turns, worker_command
@@ -166,7 +167,8 @@ def test_each_run_is_the_plan_mnn_launch_would_make_under_slurm():
     mpi = MpiSetup("4.1", "MPICH", "mpich", "/usr/bin/mpiexec")
     plan = ChildJobs(settings.launch_settings(), env, mpi).plan(4, worker_command("point", {"a": 1}))
     assert plan.argv[:3] == ["srun", "-n", "4"]
-    assert plan.argv[3:6] == [sys.executable, "-m", "mnn.distributed.experiments.scaling.worker"]
+    assert plan.argv[3:6] == as_rank([])  # every rank starts through the script of torchrun's variables
+    assert plan.argv[6:9] == [sys.executable, "-m", "mnn.distributed.experiments.scaling.worker"]
     assert capacity(settings, env) == 8
 
 

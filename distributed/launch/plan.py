@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, place_ranks, usable_cores
@@ -19,7 +21,12 @@ from mnn.distributed.environment import (LAUNCH_ID_ENV, MAX_RESTARTS_ENV, PROGRE
                                          RESTART_COUNT_ENV, RESTART_RANKS_ENV, RESTART_SEEN_AT_ENV, START_ADDR_ENV,
                                          THREAD_VARIABLES)
 
-__all__ = ["LaunchPlan", "build_command", "ssh_options", "format_plan"]
+__all__ = ["LaunchPlan", "build_command", "as_rank", "ssh_options", "format_plan"]
+
+# The script that every rank starts through (run by path: it imports nothing of mnn).
+_RANK_VARIABLES = Path(__file__).with_name("rank_variables.py")
+# torchrun's variables of a job of one process, run without a launcher.
+_ONE_PROCESS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
 
 # Open MPI hands remote ranks only the variables named with -x; these make a
 # virtual environment and its libraries visible there, and tell the ranks of a restart.
@@ -87,7 +94,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
             raise ValueError(mpi.error)
         ignored = f"; -n {settings.ranks} is ignored" if settings.ranks and settings.ranks > 1 else ""
         warnings.append(f"no MPI ({mpi.library or 'no mpiexec found'}): running one process without MPI{ignored}")
-        return LaunchPlan(command, _env_updates(env, cores, terminal), "none", 1, cores, warnings)
+        return LaunchPlan(command, {**_env_updates(env, cores, terminal), **_ONE_PROCESS}, "none", 1, cores, warnings)
     if hosts is not None:
         ranks = settings.ranks or sum(slots for _, slots in hosts)
         placement = place_ranks(hosts, ranks)
@@ -139,7 +146,7 @@ def build_command(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetu
                 argv += ["-genv", name, value]
     launcher_env = _remote_shell_env(settings, env, mpi.launcher_family) \
         if any(host not in local_host_names() for host, _ in hosts or []) else {}
-    return LaunchPlan(argv + command, env_updates, "mpiexec", ranks, threads, warnings,
+    return LaunchPlan(argv + as_rank(command), env_updates, "mpiexec", ranks, threads, warnings,
                       mpi.launcher_family, launcher_env, notes, placed, reports_start(command))
 
 
@@ -158,7 +165,15 @@ def _srun_plan(settings: LaunchSettings, env: Mapping[str, str], job_id: str, co
         per_node = -(-ranks // nodes)
         threads = max(1, (_env_int(env, "SLURM_CPUS_ON_NODE") or cores) // per_node)
     env_updates = _env_updates(env, threads, terminal)
-    return LaunchPlan(["srun", "-n", str(ranks), *settings.command], env_updates, "srun", ranks, threads, warnings)
+    return LaunchPlan(["srun", "-n", str(ranks), *as_rank(settings.command)], env_updates, "srun", ranks, threads,
+                      warnings)
+
+
+def as_rank(command: list[str] | tuple[str, ...]) -> list[str]:
+    """``command`` as the launcher starts it on every rank: through
+    :mod:`~mnn.distributed.launch.rank_variables`, which sets torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK and LOCAL_WORLD_SIZE from the launcher's own names, then becomes the command."""
+    return [sys.executable, "-I", str(_RANK_VARIABLES), *command]
 
 
 def ssh_options(timeout: float) -> list[str]:
