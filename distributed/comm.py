@@ -76,11 +76,18 @@ class RankFailure(RuntimeError):
     """Raised on every rank when at least one rank reported a failure.
 
     ``failures`` maps each failing rank to its message, in rank order. Ranks
-    that failed alike are told once: ``ranks 0, 1: <message>``.
+    that failed alike are told once: ``ranks 0, 1: <message>``. ``world_size`` is
+    the number of ranks of the job (None when not known): a job of one process
+    has no other rank to tell apart, so its message is told without ``rank 0:``
+    before it.
     """
 
-    def __init__(self, failures: dict[int, str]):
+    def __init__(self, failures: dict[int, str], world_size: int | None = None):
         self.failures = dict(sorted(failures.items()))
+        self.world_size = world_size
+        if world_size == 1:
+            super().__init__("; ".join(self.failures.values()))
+            return
         ranks_by_message: dict[str, list[int]] = {}
         for rank, message in self.failures.items():
             ranks_by_message.setdefault(message, []).append(rank)
@@ -455,7 +462,7 @@ def check_all(comm: Communicator, ok: bool, message: str = "") -> None:
     verdicts = comm.allgather((bool(ok), "" if ok else str(message)))
     failures = {rank: message for rank, (rank_ok, message) in enumerate(verdicts) if not rank_ok}
     if failures:
-        raise RankFailure(failures)
+        raise RankFailure(failures, comm.size)
 
 
 def run_all(comm: Communicator, fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:

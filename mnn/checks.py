@@ -6,15 +6,25 @@ Each helper returns the value in its canonical form or raises a ``TypeError`` /
     width = check_int("n_in", n_in, minimum=1)
     lr = check_float("lr", lr)
     check_choice("optimizer", name, ("sgd", "adam"))
+
+:func:`did_you_mean` is the one place that suggests a name for a mistyped one
+(a job file's key, a layer type, a command-line option).
 """
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["is_int", "check_int", "check_float", "check_choice", "check_float_dtype", "as_generator"]
+__all__ = ["is_int", "check_int", "check_float", "check_choice", "check_float_dtype", "as_generator",
+           "did_you_mean"]
+
+# How alike a name must be to a valid one to be suggested: difflib's ratio, 2 * matches / total
+# length. 0.6 (difflib's default) takes 'batchsize' for 'batch_size' and 'LinearLayr' for
+# 'LinearLayer' but suggests nothing for a word that only shares a few letters with one.
+_SUGGESTION_CUTOFF = 0.6
 
 
 def is_int(value: Any) -> bool:
@@ -65,3 +75,18 @@ def as_generator(rng: Any) -> np.random.Generator:
     if rng is None or is_int(rng):
         return np.random.default_rng(rng)
     raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def did_you_mean(name: Any, valid: Iterable[str]) -> str:
+    """The phrase ``(did you mean 'batch_size'?)``, after a space, when one of the
+    ``valid`` names is close to ``name`` (the closest), else ``""``: to add after the
+    mistyped name in an error message, which still lists the valid names. A ``name``
+    that is not a string (``type = 3``) has no suggestion.
+
+    Leading dashes are left out of the comparison: every option has them, and they
+    would make ``--bogus`` look like ``--loss``."""
+    if not isinstance(name, str):
+        return ""
+    by_word = {option.lstrip("-"): option for option in valid}
+    close = difflib.get_close_matches(name.lstrip("-"), list(by_word), n=1, cutoff=_SUGGESTION_CUTOFF)
+    return f" (did you mean {by_word[close[0]]!r}?)" if close else ""

@@ -22,8 +22,9 @@ A GPT-style language model has a short form, ``{"gpt": {"vocab": 99, "n_layers":
 "d_model": 128, "n_heads": 4, "context": 64, "dropout": 0.1}}`` (``[model.gpt]``
 in TOML), which :func:`gpt_description` spells out as layers. Every mistake
 is a ``ValueError`` naming the entry (``model.layers[2]``) and saying what was
-expected: an unknown type, an unknown or missing argument, a bad value, a loss
-layer that is not last, Residuals nested more than :data:`MAX_NESTING` deep.
+expected: an unknown type or argument (the closest valid one suggested when one
+is close), a missing argument, a bad value, a loss layer that is not last,
+Residuals nested more than :data:`MAX_NESTING` deep.
 Whether the layers fit together (widths that chain) depends on the input, so
 :func:`check_fits` runs a small batch through the net.
 
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from mnn.checks import as_generator, is_int
+from mnn.checks import as_generator, did_you_mean, is_int
 import mnn.layer
 from mnn.layer import Layer, LossLayer
 from mnn.seq_layers import Residual, SequentialLayers
@@ -150,7 +151,8 @@ def expand_gpt(sizes: Any, where: str = "model.gpt") -> dict[str, Any]:
         raise ValueError(f"{where}: expected a table of sizes ({', '.join(GPT_KEYS)}), got {_shown(sizes)}")
     unknown = sorted(set(sizes) - set(GPT_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(_shown, unknown))}; expected {', '.join(GPT_KEYS)}")
+        named = ", ".join(f"{_shown(key)}{did_you_mean(key, GPT_KEYS)}" for key in unknown)
+        raise ValueError(f"{where}: unknown key(s) {named}; expected {', '.join(GPT_KEYS)}")
     if sizes.get("vocab") is None:
         raise ValueError(f"{where}: missing vocab (the number of characters; the trainer takes it from the text)")
     values = {**GPT_KEYS, **sizes}
@@ -218,7 +220,8 @@ def _resolve(entry: Any, where: str) -> tuple[type, list[Any], dict[str, Any], s
                          f"got {_shown(entry)}")
     name = entry["type"]
     if not isinstance(name, str) or name not in LAYER_TYPES:
-        raise ValueError(f"{where}: unknown layer type {_shown(name)}; expected one of {', '.join(LAYER_TYPES)}")
+        raise ValueError(f"{where}: unknown layer type {_shown(name)}{did_you_mean(name, LAYER_TYPES)}; "
+                         f"expected one of {', '.join(LAYER_TYPES)}")
     cls = LAYER_TYPES[name]
     arguments = {key: value for key, value in entry.items() if key != "type"}
     where = f"{where} ({name})"
@@ -229,7 +232,8 @@ def _resolve(entry: Any, where: str) -> tuple[type, list[Any], dict[str, Any], s
     accepted = ", ".join(parameters) or "no arguments"
     for key in arguments:
         if key not in parameters:
-            raise ValueError(f"{where}: unknown argument {_shown(key)}; {name} takes {accepted}")
+            raise ValueError(f"{where}: unknown argument {_shown(key)}{did_you_mean(key, parameters)}; "
+                             f"{name} takes {accepted}")
     positional: list[Any] = []
     for key, parameter in parameters.items():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL and key in arguments:

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
+from mnn.checks import did_you_mean
 from mnn.distributed.comm import Communicator, get_communicator, launcher_rank, stop_all_on_error
 from mnn.distributed.training.config import add_config_arguments, config_overrides, resolve_config
 from mnn.distributed.training.preflight import JobConfigError
@@ -55,7 +56,34 @@ metrics.jsonl, checkpoint.npz, model.npz and summary.json.
 
 class _OneRankParser(argparse.ArgumentParser):
     """Prints usage errors and --help on rank 0 only: every rank parses the same
-    arguments and exits alike, so one copy of the message is enough."""
+    arguments and exits alike, so one copy of the message is enough.
+
+    A usage error is two lines, a short usage line and the error, not argparse's
+    usage block of every option (``--help`` lists them); an unrecognized option
+    comes with the closest real one when one is close (``--batchsize`` ->
+    ``--batch-size``), as Python 3.12's argparse does only for some mistakes.
+    """
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        # argparse's own parse_args (3.11), with the closest option to a mistyped one.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return parsed
+
+    def _suggestion(self, extras: list[str]) -> str:
+        """The closest option to the first unrecognized one that looks like an option."""
+        options = [option for action in self._actions for option in action.option_strings]
+        for extra in extras:
+            if extra.startswith("--"):
+                suggestion = did_you_mean(extra.partition("=")[0], options)
+                if suggestion:
+                    return suggestion
+        return ""
+
+    def error(self, message: str) -> NoReturn:
+        self._print_message(f"usage: {self.prog} [options]  ({self.prog} --help lists them)\n", sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
     def _print_message(self, message: str, file: Any = None) -> None:
         if launcher_rank() == 0:

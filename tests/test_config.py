@@ -69,6 +69,16 @@ def test_unknown_key_in_file_names_it_and_lists_valid_keys(tmp_path):
     assert "valid keys are:" in message and "lr" in message
 
 
+def test_a_mistyped_key_gets_the_closest_one_and_still_the_list(tmp_path):
+    path = write(tmp_path / "job.toml", "batchsize = 32\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError) as error:
+        resolve_config(path)
+    message = str(error.value)
+    # Each unknown key with its suggestion, where one is close; 'learning_rate' is like no field.
+    assert "unknown key(s) 'batchsize' (did you mean 'batch_size'?), 'learning_rate'; valid keys are: " in message
+    assert "'learning_rate' (did you mean" not in message and "lr" in message.split("valid keys are: ")[1]
+
+
 def test_missing_and_malformed_files_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_toml(tmp_path / "nope.toml")
@@ -198,6 +208,17 @@ def test_mistakes_in_a_job_files_model_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers\[4\] \(CrossEntropyLossLayer\): a loss layer must "
                                          r"come last"):
         resolve_config(write(tmp_path / "late.toml", late_loss))
+
+
+def test_a_mistyped_layer_type_gets_the_closest_one_and_still_the_list(tmp_path):
+    typo = write(tmp_path / "typo.toml", MODEL_TOML.replace('type = "LinearLayer"', 'type = "LinearLayr"'))
+    with pytest.raises(ValueError, match=r"model.layers\[3\]: unknown layer type 'LinearLayr' \(did you mean "
+                                         r"'LinearLayer'\?\); expected one of .*ReluLayer"):
+        resolve_config(typo)
+    unlike = write(tmp_path / "unlike.toml", MODEL_TOML.replace('type = "LinearLayer"', 'type = "Conv2d"'))
+    with pytest.raises(ValueError, match=r"unknown layer type 'Conv2d'; expected one of ") as error:
+        resolve_config(unlike)
+    assert "did you mean" not in str(error.value)
 
 
 # --- job files that cannot be read ------------------------------------------------------------

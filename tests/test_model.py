@@ -64,8 +64,8 @@ def test_every_library_layer_can_be_described():
 
 
 @pytest.mark.parametrize("layers, message", [
-    ([{"type": "Linear", "shape": [2, 3]}], r"model.layers\[0\]: unknown layer type 'Linear'; expected one of "
-                                            r"LinearLayer, "),
+    ([{"type": "Linear", "shape": [2, 3]}], r"model.layers\[0\]: unknown layer type 'Linear' \(did you mean "
+                                            r"'LinearLayer'\?\); expected one of LinearLayer, "),
     ([{"shape": [2, 3]}], r"model.layers\[0\]: expected a table with a 'type' key"),
     ([{"type": "LinearLayer", "shape": [2, 3], "widht": 4}],
      r"model.layers\[0\] \(LinearLayer\): unknown argument 'widht'; LinearLayer takes shape, bias"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnn.distributed.comm import RankFailure
 from mnn.distributed.training.checkpoint import load_checkpoint
 from mnn.distributed.training.config import TrainConfig, resolve_config
 from mnn.io import load_arrays
@@ -381,6 +382,46 @@ def test_usage_and_config_errors_exit_with_2(tmp_path, capsys, monkeypatch):
 
     assert exit_status(main, ["--resume"]) == 2
     assert "output is not set" in capsys.readouterr().err
+
+
+def test_a_usage_error_is_a_short_usage_line_and_the_error_with_a_suggestion(capsys, monkeypatch):
+    monkeypatch.setenv("MNN_NO_MPI", "1")
+    assert exit_status(main, ["--batchsize", "32"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: mnn-train [options]  (mnn-train --help lists them)",
+        "mnn-train: error: unrecognized arguments: --batchsize 32 (did you mean '--batch-size'?)"]
+    # Only a close option is suggested: '--bogus' shares little with any.
+    assert exit_status(main, ["--epochs", "1", "--bogus"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == ["mnn-train: error: unrecognized arguments: --bogus"]
+    assert exit_status(main, ["--lr-scale=linear"]) == 2
+    assert "(did you mean '--lr-scaling'?)" in capsys.readouterr().err
+
+
+def test_one_process_tells_its_errors_without_a_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNN_NO_MPI", "1")
+    missing = tmp_path / "nonexistent"
+    assert exit_status(main, ["--dataset", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"mnn-train: error: dataset {str(missing)!r} does not exist")
+    # Several ranks keep naming theirs (test_bad_jobs runs them: "ranks 0, 1: model: ...").
+    assert str(RankFailure({0: "bad", 1: "bad"}, world_size=2)) == "ranks 0, 1: bad"
+    assert str(RankFailure({0: "bad"}, world_size=1)) == "bad"
+
+
+def test_a_run_without_output_says_that_it_saved_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNN_NO_MPI", "1")
+    monkeypatch.setenv("MNN_PROGRESS", "lines")
+    assert exit_status(main, ["--epochs", "1", "--max-steps", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("done: ") and "nothing saved" not in lines[-2]
+    assert lines[-1] == "nothing saved (no --output): add --output DIR to keep the model and checkpoints"
+
+    assert exit_status(main, ["--epochs", "1", "--max-steps", "2", "--output", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("done: ") and not any("nothing saved" in line for line in lines)
+    # The summary event is the summary, with no word of it.
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "summary" and SUMMARY_KEYS <= events[-1].keys()
+    assert "nothing saved" not in (tmp_path / "metrics.jsonl").read_text()
 
 
 def test_help_lists_options_and_examples(capsys):

@@ -8,7 +8,8 @@ on the command line::
 
 All checking happens in :meth:`TrainConfig.validate`, which ``__post_init__``
 calls, so a ``TrainConfig`` that exists is a valid one. A key in the job file
-that is not a field is an error that names the key and lists the valid ones.
+that is not a field is an error that names the key, suggests the closest field
+when one is close, and lists the valid ones.
 :meth:`TrainConfig.to_toml` writes the resolved job back out, so a run's output
 directory says exactly what was run.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from mnn.checks import check_choice, check_float, check_int, is_int
+from mnn.checks import check_choice, check_float, check_int, did_you_mean, is_int
 from mnn.distributed.data_parallel import ALLREDUCE_ALGORITHMS, DEFAULT_BUCKET_BYTES
 from mnn.distributed.ring import COMPRESSIONS
 from mnn.model import LOSS_HEADS, MAX_LAYERS, build_net, mlp_description, model_size
@@ -384,9 +385,8 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
     valid = TrainConfig.field_names()
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ValueError(
-            f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys are: {', '.join(valid)}")
+        named = ", ".join(f"{key!r}{did_you_mean(key, valid)}" for key in unknown)
+        raise ValueError(f"{source}: unknown key(s) {named}; valid keys are: {', '.join(valid)}")
 
 
 # ---------------------------------------------------------------- job files

@@ -115,7 +115,7 @@ def prepare_job(config: TrainConfig, comm: Communicator, net: SequentialLayers |
     except RankFailure as failure:
         if lock is not None:
             lock.release()
-        raise JobConfigError(failure.failures) from failure
+        raise JobConfigError(failure.failures, failure.world_size) from failure
     position, resumed_from, changed, resume_notes = restored or (Position(), None, {}, [])
     if config.batch_size < comm.size:
         idle = comm.size - config.batch_size

@@ -62,7 +62,10 @@ from mnn.distributed.training.position import Position
 from mnn.distributed.training.restarts import restart_line
 from mnn.io import atomic_write_text
 
-__all__ = ["progress_bar_wanted", "Reporter", "json_text"]
+__all__ = ["progress_bar_wanted", "Reporter", "json_text", "NOTHING_SAVED"]
+
+# The line after `done:` of a run without an output directory, which keeps nothing.
+NOTHING_SAVED = "nothing saved (no --output): add --output DIR to keep the model and checkpoints"
 
 # Events of a step, dropped on resume when they come after the checkpoint.
 _STEP_EVENTS = ("train", "eval", "nonfinite")
@@ -85,11 +88,13 @@ class Reporter:
     On other ranks (``active=False``) every method does nothing. The bar is for
     a person watching a terminal (see :func:`progress_bar_wanted`); in a log
     file plain lines are easier to read. ``output`` is the run's directory, or
-    None for a run that writes no files.
+    None for a run that writes no files: its ``done:`` line is followed by one
+    that says so (:data:`NOTHING_SAVED`), lest a long run end and leave nothing.
     """
 
     def __init__(self, active: bool, output: Path | None, epochs: int, steps_per_epoch: int):
         self.active = active
+        self.saves = output is not None  # whether the run keeps anything (the model, checkpoints)
         self.metrics_path = output / "metrics.jsonl" if output is not None and active else None
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -196,6 +201,9 @@ class Reporter:
                      f"{ranks} rank{'s' if ranks > 1 else ''} | "
                      f"{summary['steps']} steps{f' ({skipped} skipped)' if skipped else ''}, "
                      f"{epochs} epoch{'s' if epochs != 1 else ''} done")
+        if not self.saves:
+            # A line of its own, not an event: the `done:` line keeps one shape for every run.
+            self.message(NOTHING_SAVED)
 
     # -- where lines and events go ---------------------------------------------------------
 

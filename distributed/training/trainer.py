@@ -352,7 +352,7 @@ def _check_timeline(comm: Communicator, config: TrainConfig) -> None:
     try:
         run_on_root(comm, lambda: check_timeline_path(config.timeline, _run_output(config.timeline, config.output)))
     except RankFailure as failure:
-        raise JobConfigError(failure.failures) from failure
+        raise JobConfigError(failure.failures, failure.world_size) from failure
 
 
 def _run_output(path: str, output: str | None) -> str | None:
@@ -373,7 +373,7 @@ def _open_timeline(comm: Communicator, config: TrainConfig) -> Timeline:
     try:
         return Timeline(comm, config.timeline)
     except RankFailure as failure:
-        raise JobConfigError(failure.failures) from failure
+        raise JobConfigError(failure.failures, failure.world_size) from failure
 
 
 def _open_run(job: PreparedJob, comm: Communicator, started: float) -> tuple[_Run, _RunState]:
