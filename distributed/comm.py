@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from mnn.distributed.environment import NO_MPI_ENV, START_ADDR_ENV, START_DIR_ENV
+from mnn.distributed.environment import NO_MPI_ENV, START_ADDR_ENV, START_DIR_ENV, install_hint
 
 __all__ = [
     "Communicator",
@@ -400,7 +400,7 @@ def get_communicator(comm: Any = None) -> Communicator:
             from mpi4py import MPI  # starts MPI
         except ImportError as error:
             reason = f"mpi4py cannot be imported ({error})"
-            fix = "install mpi4py (pip install 'mnn[mpi]'), or run one process"
+            fix = f"install mpi4py ({install_hint('mpi')}), or run one process"
         else:
             if MPI.COMM_WORLD.Get_size() > 1:
                 world = MPICommunicator(MPI.COMM_WORLD)

@@ -1,11 +1,14 @@
 """The environment variables through which mnn-launch speaks to its ranks.
 
 The launcher sets them and the ranks read them, so they belong to neither side:
-both import them from here. This module imports nothing, so that the launcher
+both import them from here. This module imports only the standard library, so that the launcher
 (``mnn.distributed.launch``) can use the names without loading NumPy or the trainer.
+It also holds the project's distribution name, for the hints that tell how to
+install an optional part.
 """
+from pathlib import Path
 
-__all__ = ["NO_MPI_ENV", "START_DIR_ENV", "START_ADDR_ENV", "PROGRESS_ENV", "THREAD_VARIABLES", "RESTART_COUNT_ENV",
+__all__ = ["DISTRIBUTION", "install_hint", "NO_MPI_ENV", "START_DIR_ENV", "START_ADDR_ENV", "PROGRESS_ENV", "THREAD_VARIABLES", "RESTART_COUNT_ENV",
            "MAX_RESTARTS_ENV", "RESTART_CAUSE_ENV", "RESTART_RANKS_ENV", "RESTART_SEEN_AT_ENV", "LAUNCH_ID_ENV"]
 
 #: ``MNN_NO_MPI=1`` runs a single process without importing mpi4py.
@@ -47,3 +50,16 @@ RESTART_SEEN_AT_ENV = "MNN_RESTART_SEEN_AT"
 #: into OUTPUT's lock, so that a restart takes over the lock of the start before it even when
 #: that one's rank 0 ran on a host that is now lost (a lock from another host cannot be checked).
 LAUNCH_ID_ENV = "MNN_LAUNCH_ID"
+
+#: The distribution's name (pyproject.toml): "mnn" on PyPI is another project, Alibaba's MNN.
+DISTRIBUTION = "mnn-mpi"
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds the optional part ``extra`` (``mpi``, ``plot``, ...) to this
+    project: from the checkout it runs from, when it runs from one (an editable install),
+    else by its distribution name; never ``mnn[...]``, which is another project."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return f"pip install -e '{checkout}[{extra}]'"
+    return f"pip install '{DISTRIBUTION}[{extra}]'"

@@ -28,11 +28,12 @@ from pathlib import Path
 from docutils import nodes
 
 import mnn
+from mnn.distributed.environment import DISTRIBUTION
 
 project = "mnn"
 author = "the mnn developers"
 copyright = "2026, the mnn developers"
-release = installed_version("mnn")
+release = installed_version(DISTRIBUTION)
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "myst_parser"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

@@ -359,7 +359,7 @@ def _load_digits() -> Dataset:
     except ImportError as error:
         raise ModuleNotFoundError(
             "the 'digits' dataset comes with scikit-learn, which is not installed: "
-            "pip install 'mnn[data]' (or scikit-learn)") from error
+            "pip install scikit-learn") from error
     bunch = load_digits()
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.int64)

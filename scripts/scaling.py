@@ -17,7 +17,7 @@ largest rank count that fits the cores, alpha and beta are fitted to it, and
 the cost model predicts the measured points and projects them to 1024 ranks on
 the fitted and the preset networks. Writes results.csv, results.jsonl,
 report.md, projection.csv, collectives.csv and, with matplotlib
-(pip install 'mnn[plot]'), speedup.png, efficiency.png, breakdown.png,
+(the extra "plot"), speedup.png, efficiency.png, breakdown.png,
 collectives.png and model.png into --out. See the README, "Scaling experiments".
 
 Exit status: 0 done, 1 a job failed, 2 bad arguments.

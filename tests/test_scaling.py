@@ -17,6 +17,7 @@ import pytest
 
 from mnn.distributed.experiments.collectives import available_allreduces
 from mnn.distributed.experiments.costmodel import NETWORKS
+from mnn.distributed.environment import install_hint
 from mnn.distributed.launch.plan import as_rank
 from mnn.distributed.launch import MpiSetup
 from mnn.distributed.experiments.scaling.settings import Experiment, Point, ScalingSettings, build_workload, summarise
@@ -147,7 +148,7 @@ def test_oversubscribed_points_are_kept_apart_and_plots_skipped_without_matplotl
     lines = []
     experiment = _experiment(tmp_path)
     written = scaling_report.write_outputs(experiment, log=lines.append)
-    assert lines == ["plots skipped: matplotlib is not installed (pip install 'mnn[plot]')"]
+    assert lines == [f"plots skipped: matplotlib is not installed ({install_hint('plot')})"]
     assert not [path for path in written if path.suffix == ".png"]
     report = (tmp_path / "report.md").read_text()
     results, oversubscribed = report.split("### Oversubscribed")

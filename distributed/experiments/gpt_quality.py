@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from mnn import Adam
 from mnn.text import TextDataset, load_text
 from mnn.distributed.comm import SingleProcessCommunicator
+from mnn.distributed.environment import install_hint
 from mnn.distributed.experiments.gpt_bench import GptSizes, build_gpt, torch_gpt
 from mnn.distributed.sampler import DrawnBatchSampler
 from mnn.distributed.experiments.scaling.report import plots_available
@@ -185,7 +186,7 @@ def compare(run: QualityRun, out: str | os.PathLike, log: Any = print) -> dict[s
     if plotted:
         _plot(run, curves, summary, out / "curves.png")
     else:
-        summary["notes"].append("curves.png skipped: matplotlib is not installed (pip install 'mnn[plot]')")
+        summary["notes"].append(f"curves.png skipped: matplotlib is not installed ({install_hint('plot')})")
         log(summary["notes"][-1])
     (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(_report(run, summary, out, plotted))

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from mnn.distributed.launch.hosts import local_host_names, remote_hosts, usable_cores
 from mnn.distributed.launch.mpi import MpiSetup, family_name
-from mnn.distributed.environment import THREAD_VARIABLES
+from mnn.distributed.environment import DISTRIBUTION, THREAD_VARIABLES, install_hint
 from mnn.distributed.launch.plan import LaunchPlan, build_command
 from mnn.distributed.launch.process import run_with_timeout
 from mnn.distributed.launch.remote import check_remote_hosts, find_ssh
@@ -36,7 +36,7 @@ _HELLO_CODE = ("import importlib.metadata, os, socket\n"
                "print(f'started rank={launcher_rank} host={socket.gethostname()};', flush=True)\n"
                "try:\n    import numpy\n    numpy_version = numpy.__version__\nexcept ImportError:\n"
                "    numpy_version = 'none'\n"
-               "try:\n    mnn_version = importlib.metadata.version('mnn')\n"
+               f"try:\n    mnn_version = importlib.metadata.version({DISTRIBUTION!r})\n"
                "except importlib.metadata.PackageNotFoundError:\n    mnn_version = 'none'\n"
                "print(f'versions rank={launcher_rank} numpy={numpy_version} mnn={mnn_version};', flush=True)\n"
                "from mpi4py import MPI\nworld = MPI.COMM_WORLD\n"
@@ -54,7 +54,7 @@ def run_check(settings: LaunchSettings, env: Mapping[str, str], mpi: MpiSetup,
     in_slurm = bool(env.get("SLURM_JOB_ID")) and not settings.mpiexec
     lines = [f"OK Python {platform.python_version()} ({sys.executable})", f"OK NumPy {numpy.__version__}"]
     if mpi.mpi4py_version is None:
-        lines.append(f"FIX: {mpi.library}: pip install 'mnn[mpi]' (mpi4py with MPICH from PyPI), or on a cluster "
+        lines.append(f"FIX: {mpi.library}: {install_hint('mpi')} (mpi4py with MPICH from PyPI), or on a cluster "
                      "pip install mpi4py built against the cluster's MPI")
     else:
         lines.append(f"OK mpi4py {mpi.mpi4py_version}")
@@ -190,7 +190,7 @@ def _version_differences(out: str, host_ranks: dict[str, list[str]]) -> list[str
     machine has (hosts whose ranks did not say are left to the lines about starting)."""
     import numpy
 
-    here = {"numpy": numpy.__version__, "mnn": _installed_version("mnn")}
+    here = {"numpy": numpy.__version__, "mnn": _installed_version(DISTRIBUTION)}
     found = {rank: {"numpy": numpy_version, "mnn": mnn_version}
              for rank, numpy_version, mnn_version in re.findall(r"versions rank=(\d+) numpy=(\S+) mnn=([^\s;]+);", out)}
     lines = []

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from mnn.distributed.environment import install_hint
+
 __all__ = ["MpiSetup", "mpi_family", "family_name", "detect_mpi", "find_mpiexec"]
 
 _FAMILY_NAMES = {"mpich": "MPICH", "openmpi": "Open MPI"}
@@ -165,6 +167,6 @@ def find_mpiexec(env: Mapping[str, str] | None = None) -> str:
     setup = detect_mpi(env)
     if setup.mpiexec is None:
         raise RuntimeError(setup.error or f"no mpiexec found beside {sys.executable} or on PATH "
-                                          f"({setup.library}); pip install 'mnn[mpi]'")
+                                          f"({setup.library}); {install_hint('mpi')}")
     return setup.mpiexec
 

@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from mnn.text import fingerprint_difference
 from mnn.distributed.comm import Communicator
-from mnn.distributed.environment import THREAD_VARIABLES
+from mnn.distributed.environment import DISTRIBUTION, THREAD_VARIABLES
 
 __all__ = ["RankFacts", "gather_facts", "disagreements", "data_disagreements",
            "limit_blas_threads"]
@@ -66,7 +66,7 @@ def gather_facts(comm: Communicator, job: dict[str, Any]) -> list[RankFacts]:
         cpus = tuple(range(os.cpu_count() or 1))
     blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
     try:
-        mnn_version = version("mnn")
+        mnn_version = version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that is not installed
         mnn_version = "not installed"
     mine = RankFacts(host=socket.gethostname(), cpus=cpus, blas_threads=max(blas, default=1),

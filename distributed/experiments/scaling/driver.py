@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from mnn.distributed.environment import THREAD_VARIABLES
+from mnn.distributed.environment import DISTRIBUTION, THREAD_VARIABLES
 from mnn.distributed.experiments.scaling import worker as scaling_worker
 from mnn.distributed.experiments.collectives import ALLREDUCE_NAMES, available_allreduces
 from mnn.distributed.experiments.scaling.settings import (
@@ -166,7 +166,7 @@ def machine_description(mpi: MpiSetup, fitting: int,
     except OSError:
         pass
     try:
-        mnn_version = version("mnn")
+        mnn_version = version(DISTRIBUTION)
     except PackageNotFoundError:
         mnn_version = "not installed"
     blas = ", ".join(f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')})"

@@ -4,7 +4,7 @@
 turns); ``results.jsonl`` has every run, every point, the micro-benchmark, the
 fits, the predictions and the projections, one JSON object per line with a
 ``kind``; ``report.md`` has the tables, the machine and every assumption of the
-cost model. The plots need matplotlib (``pip install 'mnn[plot]'``); without it
+cost model. The plots need matplotlib (the extra ``plot``); without it
 they are skipped and the report says so. Oversubscribed rank counts (more ranks
 than cores) are kept apart everywhere: their own table, hollow red markers and
 hatched bars.
@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mnn.distributed.environment import install_hint
 from mnn.distributed.experiments.costmodel import (
     NETWORKS,
     Workload,
@@ -66,7 +67,7 @@ def write_outputs(experiment: Experiment, log: Callable[[str], None] = print) ->
     if experiment.collectives:
         written.append(_write_rows(experiment.collectives, out / "collectives.csv"))
     if not plots_available():
-        experiment.notes.append("plots skipped: matplotlib is not installed (pip install 'mnn[plot]')")
+        experiment.notes.append(f"plots skipped: matplotlib is not installed ({install_hint('plot')})")
         log(experiment.notes[-1])
         return [_write_report(experiment, predictions, projections, out / "report.md", written)] + written
     from mnn.distributed.experiments.scaling import plots as scaling_plots
