@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["HeldSignals", "train", "launch", "generate", "bench", "scaling"]
+__all__ = ["HeldSignals", "train", "launch", "generate", "bench", "scaling", "cluster", "plot"]
 
 # The shell's status for a process ended by SIGINT (128 + 2), as mnn-train's.
 _EXIT_INTERRUPTED = 130
@@ -99,3 +99,7 @@ def scaling() -> int:
 
 def cluster() -> int:
     return _start("mnn.scripts.cluster", "mnn-cluster")
+
+
+def plot() -> int:
+    return _start("mnn.scripts.plot", "mnn-plot")

@@ -47,7 +47,7 @@ README = ROOT / "README.md"
 # The guide's pages; the reports in docs/scaling/ and docs/gpt/ are written by the
 # experiments (mnn-scaling, mnn-bench) and only their links are checked here.
 PAGES = sorted(DOCS.glob("*.md"))
-PROGRAMS = ("mnn-train", "mnn-launch", "mnn-generate", "mnn-bench", "mnn-scaling", "mnn-cluster")
+PROGRAMS = ("mnn-train", "mnn-launch", "mnn-generate", "mnn-bench", "mnn-scaling", "mnn-cluster", "mnn-plot")
 # Programs whose options belong to their subcommands: their --help is read for each.
 SUBCOMMANDS = {"mnn-cluster": ("run", "up", "down", "list")}
 

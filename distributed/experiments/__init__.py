@@ -16,6 +16,9 @@ quality run. One measurement kit serves them all:
   ``mnn-scaling``'s jobs run; ``scaling`` what an experiment is and what the
   cost model makes of it; ``scaling_report`` and ``scaling_plots`` write it out.
 
+Beside them, ``run_plots`` draws the training curves of finished (or running)
+runs from their metrics.jsonl, for ``mnn-plot``.
+
 They may import every other part of ``mnn.distributed``: the core, the training
 service and the launcher (they start their jobs through its plan); nothing
 imports them but the entry points in ``mnn.scripts``.
