@@ -142,9 +142,9 @@ bench: setup
 
 # Sphinx and myst-parser (for the Markdown pages) are an optional extra ("docs"),
 # installed into the venv on first use. -W: a docstring that does not parse, or a
-# link between pages that leads nowhere, fails the build instead of rendering wrong.
-# MathJax comes from a CDN; to read offline, point MNN_MATHJAX_PATH at a local
-# tex-mml-chtml.js (see docs/conf.py).
+# link between pages that leads nowhere, or a formula that latex2mathml cannot render,
+# fails the build instead of rendering wrong. The math is MathML made at build time
+# (docs/_ext/mathml.py): the pages need no network and no script to show it.
 docs: $(VENV)/.docs-installed
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: docs/_build/html/index.html"

@@ -5,27 +5,23 @@ myst-parser), written to read as they are on GitHub too: their links are
 relative paths to other ``.md`` files, with ``#anchors`` made from headings as
 GitHub makes them. ``index.rst`` lists them.
 
-The API reference shows the docstrings with their math rendered by MathJax. At
-every build this file writes its pages into ``docs/api/`` (not committed):
+The API reference shows the docstrings with their math rendered to MathML at
+build time (``_ext/mathml.py``): the built pages load no script for it and
+read offline, from any folder. At every build this file writes its pages into
+``docs/api/`` (not committed):
 
 * one page per layer: each ``Layer`` subclass in ``mnn.__all__``, so a new
   layer gets its page without an edit here;
 * one page per module in ``MODULE_PAGES`` below, the one list of the modules
   that are not layers. A layer defined in one of them (the containers of
   ``mnn.seq_layers``) is shown on that module's page instead of its own.
-
-MathJax is loaded from a CDN unless ``MNN_MATHJAX_PATH`` names a local copy of
-MathJax 3's ``tex-mml-chtml.js`` (a file path or a URL), for reading offline::
-
-    MNN_MATHJAX_PATH=/path/to/mathjax/es5/tex-mml-chtml.js make docs
 """
 
-import os
 import re
+import sys
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-from docutils import nodes
 
 import mnn
 from mnn.distributed.environment import DISTRIBUTION
@@ -35,7 +31,10 @@ author = "the mnn developers"
 copyright = "2026, the mnn developers"
 release = installed_version(DISTRIBUTION)
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "myst_parser"]
+# The extensions of this project: _ext/mathml.py renders the math.
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+extensions = ["sphinx.ext.autodoc", "mathml", "myst_parser"]
+html_math_renderer = "mathml"
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 # "cli.md#mnn-launch" as on GitHub: every heading down to ### gets the anchor
@@ -50,12 +49,6 @@ html_theme_options = {"sidebar_collapse": False,
                       # The guide's tables (the failures, the options) and commands are wide.
                       "page_width": "1240px"}
 toc_object_entries = False
-
-if os.environ.get("MNN_MATHJAX_PATH"):
-    mathjax_path = os.environ["MNN_MATHJAX_PATH"]
-    if Path(mathjax_path).is_file():
-        # Sphinx reads a bare path as relative to _static; a file URI works from any page.
-        mathjax_path = Path(mathjax_path).resolve().as_uri()
 
 # The modules with a page of their own, module: title, in the order of the
 # reading order in index.rst (after the layers). A new module goes here.
@@ -157,32 +150,17 @@ def write_pages(app):
             path.write_text(text)
 
 
-_TAG = re.compile(r"\\tag\{[^}]*\}")
+# A default that is a class shows as its repr, "dtype=<class 'numpy.float32'>":
+# it shows as the class's name, "dtype=float32".
+_CLASS_REPR = re.compile(r"<class '(?:\w+\.)*(\w+)'>")
 
 
-def tags_outside_split(app, doctree):
-    r"""Write each displayed equation that has a ``\tag`` and a line break ``\\`` as
-    ``\begin{split}...\end{split}\tag{n}``.
-
-    Sphinx wraps an equation with a ``\\`` anywhere in it (even inside ``cases``)
-    in ``\begin{split}``, where MathJax, like LaTeX, refuses ``\tag``: the tag
-    numbers the whole display, so it goes after the ``split``. A block of several
-    equations (blank lines between them) is left to Sphinx; the docs test checks
-    that no tag ends up inside a ``split`` or ``aligned``.
-    """
-    display_open, display_close = app.config.mathjax_display
-    for block in doctree.findall(nodes.math_block):
-        latex = block.astext()
-        tags = _TAG.findall(latex)
-        if len(tags) != 1 or "\\\\" not in latex or "\n\n" in latex.strip():
-            continue
-        if block.get("no-wrap", block.get("nowrap", False)):
-            continue
-        body = _TAG.sub("", latex).strip()
-        block["no-wrap"] = block["nowrap"] = True
-        block[:] = [nodes.Text(display_open + rf"\begin{{split}}{body}\end{{split}}{tags[0]}" + display_close)]
+def class_defaults_by_name(app, what, name, obj, options, signature, return_annotation):
+    if signature:
+        signature = _CLASS_REPR.sub(r"\1", signature)
+    return signature, return_annotation
 
 
 def setup(app):
     app.connect("builder-inited", write_pages)
-    app.connect("doctree-read", tags_outside_split)
+    app.connect("autodoc-process-signature", class_defaults_by_name)

@@ -14,18 +14,23 @@ are exactly those each program's ``--help`` shows; every ``mnn-*`` command
 and ``make`` target written in them exists; the examples run; the layout page
 names every module.
 
-The last test builds the Sphinx docs (``make docs``) when Sphinx is installed
-(the ``docs`` extra) and is skipped otherwise.
+The tests after those build the Sphinx docs once (``make docs``) when Sphinx is
+installed (the ``docs`` extra) and are skipped otherwise: the math is MathML made at
+build time and no page loads anything from elsewhere, so that the docs read offline;
+where Chromium is installed, it shows the math typeset.
 """
 
 import ast
+import html as html_module
 import importlib
 import inspect
 import io
+import json
 import pkgutil
 import re
 import runpy
 import shutil
+import subprocess
 import sys
 import tokenize
 from pathlib import Path
@@ -166,32 +171,37 @@ def test_the_checker_finds_a_missing_citation():
     assert uncited_class_tags(_HalfCited) == [r"_HalfCited.backward: \tag{2} is not cited by '# Eq. (2)'"]
 
 
-@pytest.mark.slow  # a whole Sphinx build: 5 s on an idle 2-core machine, 20 s under load
-def test_docs_build_with_math_on_every_page(tmp_path):
-    """``sphinx-build -W`` succeeds; every layer page shows math and its backward,
-    every module page exists; no ``\\tag`` is left inside ``split``/``aligned``,
-    where MathJax refuses it."""
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory):
+    """The docs built once for the tests that read them, as ``make docs`` builds them
+    (``sphinx-build -W``): (the copy of docs/ they were built from, the HTML)."""
     pytest.importorskip("sphinx")
+    pytest.importorskip("latex2mathml", reason="latex2mathml (the docs extra) renders the math")
+    tmp_path = tmp_path_factory.mktemp("docs")
     source = tmp_path / "docs"
     shutil.copytree(DOCS, source, ignore=shutil.ignore_patterns("_build", "api"))
     html = tmp_path / "html"
     build = run(["-W", "-q", "-b", "html", str(source), str(html)], command=[sys.executable, "-m", "sphinx"],
                 timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr
+    return source, html
 
+
+@pytest.mark.slow  # a whole Sphinx build: 5 s on an idle 2-core machine, 20 s under load
+def test_docs_build_with_math_on_every_page(built_docs):
+    """``sphinx-build -W`` succeeds; every layer page shows math (MathML) and its
+    backward, every module page exists."""
+    source, html = built_docs
     conf = runpy.run_path(str(source / "conf.py"))
     layers = conf["layer_pages"]()
     assert mnn.LinearLayer in layers
     for cls in layers:
         text = (html / "api" / "layers" / f"{cls.__name__}.html").read_text()
-        assert 'class="math' in text and ("\\(" in text or "\\[" in text), f"{cls.__name__}: no math"
+        assert "<math" in text, f"{cls.__name__}: no math"
         if getattr(vars(cls).get("backward"), "__doc__", None):
             assert f'id="mnn.{cls.__name__}.backward"' in text, f"{cls.__name__}: backward's derivation missing"
     for module in conf["MODULE_PAGES"]:
         assert (html / "api" / f"{conf['module_page_name'](module)}.html").is_file(), module
-    for page in html.rglob("*.html"):
-        for environment, body in re.findall(r"\\begin\{(split|aligned)\}(.*?)\\end\{\1\}", page.read_text(), re.DOTALL):
-            assert "\\tag" not in body, f"{page.name}: \\tag inside {environment}"
     # The guide's pages: each one rendered, and every link and image of it found in the HTML.
     unresolved = []
     for name in [page.relative_to(DOCS).with_suffix(".html") for page in PAGES]:
@@ -207,6 +217,114 @@ def test_docs_build_with_math_on_every_page(tmp_path):
             elif anchor and f'id="{anchor}"' not in linked.read_text():
                 unresolved.append(f"{name}: {target}: no id {anchor}")
     assert not unresolved, "\n".join(unresolved)
+
+
+# What a reader sees offline: the math is MathML made at build time, and no page loads
+# anything from elsewhere (MathJax from a CDN showed raw TeX without a network).
+_ANNOTATION = re.compile(r"<annotation\b.*?</annotation>", re.S)
+_CODE = re.compile(r"<(code|pre)\b.*?</\1>", re.S)
+_REMOTE = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
+
+
+def _shown_text(page):
+    """A page's HTML less the math's TeX annotations (not displayed) and the code."""
+    return _CODE.sub("", _ANNOTATION.sub("", page.read_text()))
+
+
+@pytest.mark.slow  # shares the build of the test above
+def test_the_math_is_mathml_and_no_page_loads_anything_from_elsewhere(built_docs):
+    _, html = built_docs
+    linear = html / "api" / "layers" / "LinearLayer.html"
+    text = linear.read_text()
+    assert '<math display="block"' in text or re.search(r'<math [^>]*display="block"', text)
+    # The derivation's \tag{2}, beside its equation, and its TeX kept as the annotation.
+    assert '<span class="eqno">(2)</span>' in text
+    assert '<annotation encoding="application/x-tex">' in text
+    problems = []
+    for page in sorted(html.rglob("*.html")):
+        shown, name = _shown_text(page), page.relative_to(html)
+        problems += [f"{name}: raw TeX {tex}" for tex in ("\\frac", "\\partial", "\\(", "\\[") if tex in shown]
+        problems += [f"{name}: a formula left as TeX" for _ in re.findall(r'class="math-tex"', shown)]
+        problems += [f"{name}: mentions MathJax or a CDN" for _ in re.findall(r"mathjax|\bcdn\b", page.read_text(), re.I)]
+        problems += [f"{name}: loads {tag}" for tag in _REMOTE.findall(page.read_text())]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow  # shares the build of the test above
+def test_signatures_name_classes_and_the_index_does_not_repeat_the_sidebar(built_docs):
+    _, html = built_docs
+    linear = (html / "api" / "layers" / "LinearLayer.html").read_text()
+    signature = re.sub(r"<[^>]+>", "", linear.split('id="mnn.LinearLayer"', 1)[1].split("</dt>", 1)[0])
+    assert "dtype=float32" in signature and "&lt;class" not in signature, signature
+    assert not [page.name for page in html.rglob("*.html") if "&lt;class &#39;" in page.read_text()]
+    # The toctrees make the sidebar; the index's body lists none of them in full.
+    index = (html / "index.html").read_text()
+    body = index.split('<div class="body"', 1)[1].split('<div class="sphinxsidebar"', 1)[0]
+    assert "toctree-l1" not in body
+
+
+def test_the_math_extension_converts_what_the_docstrings_use_and_refuses_the_rest():
+    """docs/_ext/mathml.py: a tag is taken out and shown beside its equation, a line
+    break outside an environment makes a split, the sized delimiters and \\arg that
+    latex2mathml gets wrong are rewritten, and a command it does not know is refused
+    (the build warns, and -W fails it) instead of shown as the text "\\foo"."""
+    pytest.importorskip("latex2mathml")
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        mathml = importlib.import_module("mathml")
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    assert mathml._equation(r"a = b \\ c = d \tag{3}") == (r"\begin{split}a = b \\ c = d\end{split}", ["3"])
+    cases = r"x = \begin{cases} 1 & a \\ 0 & b \end{cases} \tag{4}"
+    assert mathml._equation(cases) == (cases.replace(r" \tag{4}", ""), ["4"])
+    for latex in (r"\big\lfloor j/2 \big\rfloor", r"\arg\min_\theta f", r"\frac{\partial \ell}{\partial W_{jk}}"):
+        converted = mathml.to_mathml(latex, "block")
+        assert converted.startswith("<math") and "<semantics>" in converted, latex
+        assert "\\" not in converted.split("<annotation", 1)[0], converted
+    with pytest.raises(mathml.UnconvertedMath, match=r"\\foo"):
+        mathml.to_mathml(r"\foo{x} + y", "inline")
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
+
+
+# Run in the page (a copy of it) after it is laid out: what the browser made of the math.
+_PROBE = """<script>
+const fraction = document.querySelector("math mfrac");
+const [numerator, denominator] = fraction ? fraction.children : [];
+document.body.setAttribute("data-probe", JSON.stringify({
+  maths: document.querySelectorAll("math").length,
+  display: getComputedStyle(document.querySelector('math[display="block"]')).display,
+  stacked: Boolean(fraction) && numerator.getBoundingClientRect().bottom <= denominator.getBoundingClientRect().top + 1,
+  shownTeX: document.body.innerText.includes("\\\\frac"),
+}));
+</script>
+"""
+
+
+@pytest.mark.slow  # shares the build of the test above
+def test_chromium_typesets_the_math_of_moved_docs(built_docs, tmp_path):
+    """A headless Chromium opens a layer page of the docs moved to another folder, with
+    no network, and lays its fractions out as fractions: MathML, typeset, not TeX."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed: the MathML is checked in the HTML only")
+    moved = tmp_path / "moved"
+    shutil.copytree(built_docs[1], moved)
+    page = moved / "api" / "layers" / "LinearLayer.html"
+    page.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    dump = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1240,1600",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-probe="([^"]*)"', dump.stdout)
+    assert found, f"chromium did not run the page (exit {dump.returncode}): {dump.stderr[-2000:]}"
+    probe = json.loads(html_module.unescape(found.group(1)))
+    assert probe["maths"] > 10 and probe["display"] == "block math", probe
+    assert probe["stacked"] and not probe["shownTeX"], probe
 
 
 # --- The README and the guide's pages ---------------------------------------------------------
