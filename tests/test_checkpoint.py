@@ -8,10 +8,12 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from mnn import LinearLayer, SequentialLayers
 from mnn.distributed.training import checkpoint as checkpoint_module
 from mnn.distributed.training.checkpoint import (BackgroundWriter, Checkpoint, find_checkpoints, load_checkpoint,
                                                 load_newest_checkpoint, save_checkpoint)
@@ -266,11 +268,13 @@ def test_save_stopped_between_keeping_and_writing_lists_the_file_once(tmp_path, 
 
 
 def test_a_background_write_holds_the_state_it_was_started_with_and_its_failure_comes_out_of_wait(tmp_path):
-    writer, checkpoint = BackgroundWriter(), make_checkpoint()
-    expected = make_checkpoint()
-    writer.start(tmp_path / "checkpoint.npz", checkpoint, keep=2)
-    for array in checkpoint.model_state.values():
-        array[...] = np.nan  # the next step changes the parameters in place while the write goes on
+    # as the trainer hands it over: the net's state_dict(), whose arrays are copies
+    net = SequentialLayers([LinearLayer(3, 4, rng=np.random.default_rng(0))])
+    expected = replace(make_checkpoint(), model_state=net.state_dict())
+    writer = BackgroundWriter()
+    writer.start(tmp_path / "checkpoint.npz", replace(expected, model_state=net.state_dict()), keep=2)
+    for _, param, _ in net.named_params():
+        param[...] = np.nan  # the next step changes the parameters in place while the write goes on
     writer.wait()
     assert not writer.busy
     assert_same(load_checkpoint(tmp_path / "checkpoint.npz"), expected)

@@ -38,8 +38,8 @@ from typing import Any, Callable
 
 import tomli_w
 
-from mnn.distributed.launch.tree import local_ranks, process_tree
-from mnn.distributed.training.output_dir import LOCK_NAME
+from mnn.distributed.launch.tree import local_ranks
+from mnn.distributed.training.output_dir import recorded_step
 
 __all__ = ["JOBS", "measure_failures", "measure_checkpoint_cost"]
 
@@ -66,17 +66,7 @@ def _job_file(model: str, folder: Path, steps: int, extra: dict[str, Any]) -> Pa
 
 
 def _step_of(output: Path) -> int:
-    try:
-        return json.loads((output / LOCK_NAME).read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _ranks_of(job: subprocess.Popen) -> dict[int, int]:
-    found: dict[int, int] = {}
-    for child in process_tree(job.pid):
-        found.update(local_ranks(child))
-    return found
+    return recorded_step(output) or 0
 
 
 def _wait(condition: Callable[[], bool], job: subprocess.Popen, what: str, timeout: float = 600) -> None:
@@ -105,7 +95,7 @@ def measure_failures(model: str, ranks: int, kills: int, gap: int, every: int,
             for kill in range(kills):
                 target = began + gap + draws.randrange(every)
                 _wait(lambda: _step_of(output) >= target, job, f"kill {kill + 1}")
-                rank = _ranks_of(job).get(1)
+                rank = local_ranks(job.pid).get(1)  # mnn-launch's launcher's rank on this machine
                 if rank is None:
                     raise RuntimeError("rank 1 of the job was not found")
                 killed_at.append(time.time())

@@ -64,7 +64,8 @@ from typing import Callable, Mapping
 from mnn.distributed.launch.launcher_output import (ABORT_NOTICE, UNFINISHED_NOTICE, start_output_copier,
                                                    tell_interrupted, wait_for_copier)
 from mnn.distributed.launch.plan import LaunchPlan
-from mnn.distributed.launch.rank_deaths import EXPLAINED_NOTICE, RUN_ERROR_NOTICE, LauncherDeath, death_line
+from mnn.distributed.launch.rank_deaths import (EXPLAINED_NOTICE, RUN_ERROR_NOTICE, LauncherDeath, death_cause,
+                                               death_line_for)
 from mnn.distributed.launch.settings import DEFAULT_START_TIMEOUT_S
 from mnn.distributed.launch.startup import StartWatch
 from mnn.distributed.launch.tree import (STOP_GRACE_S, kill_leftovers, process_tree, signal_local_ranks,
@@ -105,7 +106,8 @@ class JobEnd:
     whether a stop signal ended it (``interrupted``: passed on, or held while it started),
     whether a rank's stall report did (``stalled``), whether mnn-train ended it with an
     error of its own (``run_error``: a bad job, a divergence, an output it cannot write),
-    mnn-launch's line about a rank that died (``death``, or None) and when mnn-launch first
+    which rank died and how (``death``, the words of mnn-launch's line about it, or None:
+    :func:`~mnn.distributed.launch.rank_deaths.death_cause`) and when mnn-launch first
     saw the job fail (``failed_at``, Unix time: a death or stall report, else the end)."""
 
     status: int
@@ -136,10 +138,10 @@ def run_plan(plan: LaunchPlan, env: Mapping[str, str], start_timeout: float = DE
             signal.signal(signum, handler)
         job.close()
     ended_at = time.time()
-    death = job.death_line(returncode)
+    death = job.death_cause(returncode)
     if death is not None:  # after everything the launcher said, on a line of its own
-        print("\n" * job.unfinished + death, file=sys.stderr, flush=True)
-    return JobEnd(returncode if returncode >= 0 else 128 - returncode, interrupted=bool(job.held or job.passed_on),
+        print("\n" * job.unfinished + death_line_for(death), file=sys.stderr, flush=True)
+    return JobEnd(returncode if returncode >= 0 else 128 - returncode, interrupted=job.interrupted,
                   stalled=job.aborting_at is not None, run_error=job.run_error, death=death,
                   failed_at=job.failure_seen_at or ended_at)
 
@@ -288,25 +290,30 @@ class _Job:
                 break
             *lines, self.notice_text = (self.notice_text + chunk).split(b"\n")
             for line in lines:
-                if line + b"\n" == ABORT_NOTICE and self.aborting_at is None:
+                notice, death = line + b"\n", LauncherDeath.decode(line)
+                if notice == ABORT_NOTICE and self.aborting_at is None:
                     self.aborting_at = time.monotonic()
-                self.explained = self.explained or line + b"\n" == EXPLAINED_NOTICE
-                self.run_error = self.run_error or line + b"\n" == RUN_ERROR_NOTICE
-                self.unfinished = line + b"\n" == UNFINISHED_NOTICE
-                death = LauncherDeath.decode(line)
+                self.explained = self.explained or notice == EXPLAINED_NOTICE
+                self.run_error = self.run_error or notice == RUN_ERROR_NOTICE
+                self.unfinished = notice == UNFINISHED_NOTICE
                 if death is not None:
                     self.deaths.append(death)
-                if (death is not None or line + b"\n" == ABORT_NOTICE) and self.failure_seen_at is None:
+                if (death is not None or notice == ABORT_NOTICE) and self.failure_seen_at is None:
                     self.failure_seen_at = time.time()
 
-    def death_line(self, returncode: int) -> str | None:
-        """mnn-launch's line about a rank that died (:mod:`~mnn.distributed.launch.rank_deaths`),
-        None when no rank died unexplained: the job succeeded, was interrupted, or a rank's
-        stall report ended it."""
-        if returncode == 0 or self.held or self.passed_on or self.aborting_at is not None:
+    @property
+    def interrupted(self) -> bool:
+        """Whether a stop signal came: passed on, or held while the job started."""
+        return bool(self.held or self.passed_on)
+
+    def death_cause(self, returncode: int) -> str | None:
+        """Which rank died and how (:mod:`~mnn.distributed.launch.rank_deaths`), None when no
+        rank died unexplained: the job succeeded, was interrupted, or a rank's stall report
+        ended it."""
+        if returncode == 0 or self.interrupted or self.aborting_at is not None:
             return None
-        return death_line(self.deaths, self.watch.hosts if self.watch is not None else [], self.begun,
-                          socket.gethostname(), self.explained)
+        return death_cause(self.deaths, self.watch.hosts if self.watch is not None else [], self.begun,
+                           socket.gethostname(), self.explained)
 
 
 def _launcher_setup(family: str | None, own_group: bool) -> Callable[[], None] | None:

@@ -33,12 +33,13 @@ import re
 import signal
 from dataclasses import dataclass
 
-__all__ = ["LauncherDeath", "DeathReader", "EXPLAINED_NOTICE", "RUN_ERROR_NOTICE", "HYDRA_NAMES_ONE", "death_line"]
+__all__ = ["LauncherDeath", "DeathReader", "EXPLAINED_NOTICE", "RUN_ERROR_NOTICE", "death_line", "death_line_for",
+           "death_cause"]
 
 #: The copier's notice that a rank explained its end itself (mnn-train's error, or its abort).
 EXPLAINED_NOTICE = b"explained\n"
-#: What the line about a death adds when hydra named one of a host's several ranks.
-HYDRA_NAMES_ONE = " (hydra ends a host's other ranks the same way and names only one)"
+# What the line about a death adds when hydra named one of a host's several ranks.
+_HYDRA_NAMES_ONE = " (hydra ends a host's other ranks the same way and names only one)"
 #: The copier's notice that mnn-train ended the run with an error of its own (a bad job, a run
 #: that diverged, an output that cannot be written): what a restart would only repeat.
 RUN_ERROR_NOTICE = b"run error\n"
@@ -136,11 +137,26 @@ def _parse(text: str) -> LauncherDeath | None:
 
 def death_line(deaths: list[LauncherDeath], hosts: list[str | None], begun: dict[int, int],
                this_host: str, explained: bool = False) -> str | None:
-    """mnn-launch's line about the rank that died first, from what the launcher said
-    (``deaths``, in order), the host of each rank (None for this machine) and the process
-    id each rank reported (``begun``: {rank: pid}); None if the launcher named no death, or
-    none that mnn-launch can put on a rank. ``explained``: a rank said why it ends, so a
-    closed connection alone (Open MPI's ``Peer host``) is no death of its own."""
+    """mnn-launch's line about the rank that died first (:func:`death_cause`), or None."""
+    cause = death_cause(deaths, hosts, begun, this_host, explained)
+    return None if cause is None else death_line_for(cause)
+
+
+def death_line_for(cause: str) -> str:
+    """mnn-launch's line that says ``cause`` (a :func:`death_cause`), with hydra's doubt
+    where it has one."""
+    doubt = _HYDRA_NAMES_ONE if cause.startswith("one of ranks ") else ""
+    return f"mnn-launch: {cause}{doubt}; the launcher ended the job"
+
+
+def death_cause(deaths: list[LauncherDeath], hosts: list[str | None], begun: dict[int, int],
+                this_host: str, explained: bool = False) -> str | None:
+    """Which rank died first and how (``rank 1 on node2 (process 4242) was killed by signal
+    9 (SIGKILL)``), from what the launcher said (``deaths``, in order), the host of each
+    rank (None for this machine) and the process id each rank reported (``begun``: {rank:
+    pid}); None if the launcher named no death, or none that mnn-launch can put on a rank.
+    ``explained``: a rank said why it ends, so a closed connection alone (Open MPI's ``Peer
+    host``) is no death of its own."""
     signum = next((death.signum for death in deaths if death.signum is not None), None)
     for death in deaths:
         rank = _rank_of(death, hosts, begun)
@@ -154,11 +170,10 @@ def death_line(deaths: list[LauncherDeath], hosts: list[str | None], begun: dict
         if death.rank is None and len(neighbours) > 1:
             # hydra ends a host's other ranks with SIGKILL too, and its box names one process of
             # the host, not always the first to die (seen: the rank it stopped, not the killed one).
-            return (f"mnn-launch: one of ranks {', '.join(map(str, neighbours))} on {host} {how}{HYDRA_NAMES_ONE}; "
-                    "the launcher ended the job")
+            return f"one of ranks {', '.join(map(str, neighbours))} on {host} {how}"
         pid = begun.get(rank, death.pid)
         process = f" (process {pid})" if pid is not None else ""
-        return f"mnn-launch: rank {rank} on {host}{process} {how}; the launcher ended the job"
+        return f"rank {rank} on {host}{process} {how}"
     return None
 
 

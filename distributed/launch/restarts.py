@@ -40,7 +40,6 @@ from mnn.distributed.environment import (LAUNCH_ID_ENV, MAX_RESTARTS_ENV, RESTAR
                                          RESTART_RANKS_ENV, RESTART_SEEN_AT_ENV)
 from mnn.distributed.launch.hosts import remote_hosts
 from mnn.distributed.launch.process import JobEnd
-from mnn.distributed.launch.rank_deaths import HYDRA_NAMES_ONE
 from mnn.distributed.launch.remote import check_remote_hosts, find_ssh
 from mnn.distributed.launch.settings import LaunchSettings
 
@@ -52,8 +51,6 @@ __all__ = ["ASK_AGAIN_S", "RestartPolicy", "restart_cause", "hosts_for_restart",
 ASK_AGAIN_S = 15.0
 # Exit statuses that a restart never follows: success, a bad job, an interrupt.
 _FINAL_STATUSES = (0, 2, 130)
-_DEATH_PREFIX = "mnn-launch: "
-_DEATH_SUFFIX = "; the launcher ended the job"
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def restart_cause(end: JobEnd) -> str | None:
     if end.status in _FINAL_STATUSES or end.interrupted or end.run_error:
         return None
     if end.death is not None:
-        return end.death.removeprefix(_DEATH_PREFIX).removesuffix(_DEATH_SUFFIX).replace(HYDRA_NAMES_ONE, "")
+        return end.death
     if end.stalled:
         return "a rank's stall report (above)"
     return f"the launcher's exit status {end.status}"

@@ -42,8 +42,10 @@ In the background. :class:`BackgroundWriter` writes a copy of a checkpoint in a
 thread of its own while training goes on (the ``--checkpoint-every-steps`` and
 ``--checkpoint-every-seconds`` checkpoints, frequent enough that waiting for each
 would show in the step time); :meth:`BackgroundWriter.wait` returns once it is
-on disk and raises what the write raised. The copy is taken before the next
-step changes a parameter, so the file holds the step it was started at.
+on disk and raises what the write raised. The checkpoint's arrays are the
+writer's until then: the trainer hands it ``state_dict()``s, which are copies
+taken before the next step changes a parameter, so the file holds the step it
+was started at.
 
 Temporary files that a killed writer left behind (``.checkpoint.npz.*.tmp``)
 are removed by :func:`mnn.io.clean_stale_temporaries`, to be called while no
@@ -163,16 +165,14 @@ class BackgroundWriter:
         return self._thread is not None
 
     def start(self, path: str | Path, checkpoint: Checkpoint, keep: int = 1) -> None:
-        """Begin writing a copy of ``checkpoint`` (the arrays are copied now), once the write
-        before it is done; raises that one's error instead, if it failed."""
+        """Begin writing ``checkpoint``, whose arrays nothing may change until :meth:`wait`
+        (a ``state_dict()`` is a copy), once the write before it is done; raises that one's
+        error instead, if it failed."""
         self.wait()
-        copied = Checkpoint({name: np.array(array) for name, array in checkpoint.model_state.items()},
-                            {name: np.array(array) for name, array in checkpoint.optimizer_state.items()},
-                            checkpoint.position, checkpoint.world_size, checkpoint.config)
 
         def write() -> None:
             try:
-                save_checkpoint(path, copied, keep=keep)
+                save_checkpoint(path, checkpoint, keep=keep)
             except BaseException as error:  # handed to wait(), in the trainer's thread
                 self._error = error
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import shutil
 import socket
 import time
@@ -41,7 +40,8 @@ from pathlib import Path
 from mnn.distributed.environment import LAUNCH_ID_ENV
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, checkpoint_files
 
-__all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "set_aside_earlier_run"]
+__all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "recorded_step",
+           "set_aside_earlier_run"]
 
 LOCK_NAME = ".mnn.lock"
 PREVIOUS_RUN = "previous"
@@ -67,6 +67,11 @@ class OutputLock:
     holder: dict
     note: str | None = None
     previous: dict = field(default_factory=dict)
+    # The holder as JSON less its closing brace: what record_step writes before the step, after every step.
+    _holder_text: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._holder_text = json.dumps(self.holder)[:-1]
 
     @classmethod
     def acquire(cls, output: Path) -> OutputLock:
@@ -99,8 +104,8 @@ class OutputLock:
     def record_step(self, global_step: int) -> None:
         """Write the global step done and the time now into the lock, over the last ones
         (one write of the same length, so a reader never sees half of one)."""
-        text = json.dumps(self.holder)[:-1]
-        text += f', "step": {global_step:{_STEP_WIDTH}d}, "step_at": {time.time():{_TIME_WIDTH}.3f}}}'
+        step = f'"step": {global_step:{_STEP_WIDTH}d}, "step_at": {time.time():{_TIME_WIDTH}.3f}'
+        text = f"{self._holder_text}, {step}}}"
         try:
             os.pwrite(self.descriptor, text.encode(), 0)
         except OSError:
@@ -115,6 +120,13 @@ class OutputLock:
             self.descriptor = -1
         if remove and _read_holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+def recorded_step(output: Path) -> int | None:
+    """The global step that the job holding (or last holding) ``output``'s lock recorded;
+    None when there is no lock, or none that says."""
+    step = _read_holder(Path(output) / LOCK_NAME).get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _same_launch(previous: dict, holder: dict) -> bool:
