@@ -143,6 +143,17 @@ def test_learning_rate_warms_up_and_scales_with_the_ranks():
         [0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
 
 
+def test_learning_rate_decays_along_a_cosine_after_warm_up():
+    config = TrainConfig(lr=0.1, epochs=3, warmup_epochs=1.0, lr_decay="cosine")
+    rates = [learning_rate(config, 1, step, steps_per_epoch=2) for step in range(7)]
+    # Warm-up for 2 steps, then half a cosine over the other 4: 1, cos^2(pi/8), 1/2, cos^2(3 pi/8).
+    cosine = [0.1 * np.cos(np.pi * k / 8) ** 2 for k in range(4)]
+    assert rates == pytest.approx([0.05, 0.1, *cosine, 0.0], abs=1e-15)
+    assert TrainConfig(lr=0.1, epochs=3, lr_decay="none").lr_decay == "none"
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear").validate()
+
+
 # --- preflight and train() -------------------------------------------------------------
 
 def own_net():

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_LOSS",
     "OPTIMIZERS",
     "LR_SCALINGS",
+    "LR_DECAYS",
     "DTYPES",
     "ON_NONFINITE",
     "TrainConfig",
@@ -58,6 +59,7 @@ DEFAULT_LAYERS = (64, 128, 10)
 DEFAULT_LOSS = "cross_entropy"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCALINGS = ("none", "linear")
+LR_DECAYS = ("none", "cosine")
 DTYPES = ("float32", "float64")
 ON_NONFINITE = ("stop", "skip")
 # validate() builds a described net to check the arguments only its layers' constructors
@@ -113,6 +115,11 @@ class TrainConfig:
     warmup_epochs: float = field(
         default=0.0,
         **_help("ramp lr up linearly, step by step, over this many epochs"),
+    )
+    lr_decay: str = field(
+        default="none",
+        **_help("none, or cosine: after warm-up, lower lr step by step along half a cosine "
+                "to 0 at the last step of --epochs (Loshchilov and Hutter 2017)"),
     )
     optimizer: str = field(
         default="sgd",
@@ -275,6 +282,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        check_choice("lr_decay", self.lr_decay, LR_DECAYS)
         self.warmup_epochs = check_float("warmup_epochs", self.warmup_epochs)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
@@ -478,7 +486,7 @@ def _parse_resume(text: str) -> bool | str:
         return text  # a checkpoint path
 
 
-_CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "optimizer": OPTIMIZERS, "dtype": DTYPES,
+_CHOICES = {"loss": LOSSES, "lr_scaling": LR_SCALINGS, "lr_decay": LR_DECAYS, "optimizer": OPTIMIZERS, "dtype": DTYPES,
             "on_nonfinite": ON_NONFINITE, "allreduce": ALLREDUCE_ALGORITHMS, "grad_compression": COMPRESSIONS}
 _PARSERS = {"layers": _parse_layers, "loss": str, "drop_last": _parse_bool, "output": str,
             "dataset": str, "max_steps": int, "timeline": str, "steps_per_epoch": int}

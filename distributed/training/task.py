@@ -64,12 +64,30 @@ def learning_rate(config: TrainConfig, world_size: int, step: int, steps_per_epo
     et al. 2017), since the global batch then grows with N in their setting;
     here the global batch is fixed, so scaling is opt-in. During warm-up
     (:math:`W` = warmup_epochs x steps_per_epoch steps) the lr ramps linearly,
-    :math:`\eta_t = \eta \min(1, (t + 1) / W)`.
+
+    .. math::
+        \eta_t = \eta \, (t + 1) / W, \qquad t < W. \tag{1}
+
+    After it, with ``lr_decay = "cosine"`` (Loshchilov and Hutter 2017, without
+    restarts) the lr falls along half a cosine from :math:`\eta` at step :math:`W` towards 0 at step
+    :math:`T` = epochs x steps_per_epoch, the end of the run; otherwise it stays
+    :math:`\eta`:
+
+    .. math::
+        \eta_t = \frac{\eta}{2} \left(1 + \cos \frac{\pi (t - W)}{T - W}\right),
+        \qquad W \le t < T. \tag{2}
+
+    The lr depends on the step alone, so a resumed or restarted run goes on with
+    the lr the uninterrupted run had.
     """
     target = config.lr * (world_size if config.lr_scaling == "linear" else 1)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
-        return target * (step + 1) / warmup_steps
+        return target * (step + 1) / warmup_steps  # Eq. (1)
+    total_steps = config.epochs * steps_per_epoch
+    if config.lr_decay == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return target * 0.5 * (1.0 + math.cos(math.pi * progress))  # Eq. (2)
     return target
 
 
