@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from mnn.distributed.experiments.collectives import available_allreduces
-from mnn.distributed.experiments.costmodel import NETWORKS
+from mnn.distributed.experiments.costmodel import NETWORKS, Network
 from mnn.distributed.environment import install_hint
 from mnn.distributed.launch.plan import as_rank
 from mnn.distributed.launch import MpiSetup
@@ -158,6 +158,41 @@ def test_oversubscribed_points_are_kept_apart_and_plots_skipped_without_matplotl
         assert [row["oversubscribed"] for row in csv.DictReader(file)] == ["False", "False", "True"]
     # Without a micro-benchmark the presets still project, and nothing pretends to predict this machine.
     assert "Projected efficiency" in report and "Predicted against measured" not in report
+
+
+# -------------------------------------------------------------------- what the plots show (no rendering)
+
+def test_message_sizes_read_in_binary_units():
+    plots = pytest.importorskip("mnn.distributed.experiments.scaling.plots")
+    assert [plots.format_bytes(size) for size in (4, 512, 1024, 1536, 256 * 2**10, 64 * 2**20, 2**30)] == \
+        ["4 B", "512 B", "1 KiB", "1.5 KiB", "256 KiB", "64 MiB", "1 GiB"]
+    major, minor = plots.size_ticks([4, 64 * 2**20])  # the micro-benchmark's default sizes
+    assert [plots.format_bytes(size) for size in major] == \
+        ["4 B", "64 B", "1 KiB", "16 KiB", "256 KiB", "4 MiB", "64 MiB"]
+    assert minor == [2**k for k in range(2, 27)]
+    major, _ = plots.size_ticks([4, 16 * 2**20])  # a span no step divides: the largest size keeps its label
+    assert len(major) <= 7 and major[-1] == 16 * 2**20
+    assert plots.size_ticks([2**19, 2**24])[0] == [2**k for k in range(19, 25)]  # few sizes: every one
+
+
+def test_projection_lines_differ_by_colour_per_network_and_style_per_allreduce():
+    plots = pytest.importorskip("mnn.distributed.experiments.scaling.plots")
+    pairs = [("here (mpi fit)", "mpi"), ("here (ring fit)", "ring"), ("here (ring-fp16 fit)", "ring-fp16")]
+    fitted = [Network(name, 5e-6, 1e-9, "fitted here") for name, _ in pairs]
+    networks = fitted + [NETWORKS["10gbe"], NETWORKS["25gbe"]]
+    pairs += [(name, algorithm) for name in ("10gbe", "25gbe") for algorithm in ("ring", "mpi")]
+    projections = [{"network": network, "algorithm": algorithm, "ranks": ranks, "efficiency": 0.5}
+                   for network, algorithm in pairs for ranks in (1, 2)]
+    lines, colors = plots.projection_styles(projections, networks, [network.name for network in fitted])
+    assert list(lines) == pairs and len(set(lines.values())) == len(pairs)  # no two lines look alike
+    assert {lines[(name, "mpi")][1] for name in ("10gbe", "25gbe", "here (mpi fit)")} == {"-"}
+    assert {lines[(name, "ring")][1] for name in ("10gbe", "25gbe", "here (ring fit)")} == {"--"}
+    assert lines[("here (ring-fp16 fit)", "ring-fp16")] == ("black", ":")
+    assert lines[("10gbe", "mpi")][0] == lines[("10gbe", "ring")][0] != lines[("25gbe", "ring")][0]
+    # One legend entry per network, the fitted ones as this machine; the presets with their alpha and bandwidth.
+    assert list(colors) == ["this machine (α, β fitted to each all-reduce)", "10gbe: α 25 µs, 1.17 GB/s",
+                            "25gbe: α 25 µs, 2.9 GB/s"]
+    assert colors["this machine (α, β fitted to each all-reduce)"] == "black"
 
 
 # -------------------------------------------------------------------- the launcher's plan
