@@ -3,7 +3,8 @@
 ``train(config)`` (:mod:`.trainer`) runs one job: its settings (:mod:`.config`), the
 data they name (:mod:`.job_data`), everything checked before the first step
 (:mod:`.preflight`), the net, optimizer and evaluation of a task (:mod:`.task`), the
-run's position (:mod:`.position`), what rank 0 prints and writes (:mod:`.reporting`),
+run's position (:mod:`.position`), what rank 0 prints and writes (:mod:`.reporting`, and
+its TensorBoard event files: :mod:`.event_file`),
 checkpoints (:mod:`.checkpoint`) and the output folder (:mod:`.output_dir`), Ctrl-C and
 SIGTERM (:mod:`.stopping`), and what the ranks check of each other at start-up
 (:mod:`.ranks`).

@@ -216,6 +216,13 @@ class TrainConfig:
                 "as Chrome trace events (open it in https://ui.perfetto.dev or chrome://tracing)",
                 metavar="FILE"),
     )
+    tensorboard: bool | None = field(
+        default=None,
+        **_help("also write the curves that mnn-plot draws (losses, the test metric, samples/s, lr) as "
+                "TensorBoard event files into OUTPUT, for tensorboard --logdir: true, false, or unset: when "
+                "the tensorboard package is installed (the extra tensorboard) and there is an OUTPUT",
+                metavar="BOOL"),
+    )
     text_fingerprint: dict[str, str] | None = field(
         default=None,
         **_help("recorded by the run, not set by hand: the text it trains on, as {chars = its characters "
@@ -337,6 +344,11 @@ class TrainConfig:
             raise ValueError(
                 "resume: true means 'continue from OUTPUT/checkpoint.npz', but output is "
                 "not set; give --output DIR or a checkpoint path")
+        if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
+            raise TypeError(f"tensorboard: expected true or false (or unset), got {self.tensorboard!r}")
+        if self.tensorboard and self.output is None:
+            raise ValueError("tensorboard: true writes the event files into OUTPUT, but output is not set; "
+                             "give --output DIR")
         if self.timeline is not None and (not isinstance(self.timeline, str) or not self.timeline):
             raise ValueError(f"timeline: expected a file path or None, got {self.timeline!r}")
         for name in ("dataset", "output", "resume", "timeline"):
@@ -505,7 +517,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         option = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        help_text = spec.metadata["help"] if name in ("layers", "loss") else \
+        help_text = spec.metadata["help"] if name in ("layers", "loss", "tensorboard") else \
             f"{spec.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if "metavar" in spec.metadata:
@@ -517,6 +529,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "resume":
             # `--resume` alone means true; `--resume PATH` names a checkpoint.
             kwargs.update(nargs="?", const=True, type=_parse_resume, metavar="PATH")
+        elif name == "tensorboard":  # `--tensorboard` alone means true
+            kwargs.update(nargs="?", const=True, type=_parse_bool)
         elif name in _PARSERS:
             kwargs["type"] = _PARSERS[name]
         else:

@@ -18,7 +18,7 @@ Rank 0 alone touches the directory (other hosts may not see it).
   to tell the steps it trains again and the time the failure cost.
 * **An earlier run.** A run that starts afresh (not ``--resume``) in a
   directory holding an earlier run's checkpoints moves that run's files into
-  ``OUTPUT/previous/`` and says so, instead of overwriting them.
+  ``OUTPUT/previous/`` (its TensorBoard event files too) and says so, instead of overwriting them.
 
 Usage (rank 0)::
 
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from mnn.distributed.environment import LAUNCH_ID_ENV
 from mnn.distributed.training.checkpoint import CHECKPOINT_NAME, checkpoint_files
+from mnn.distributed.training.event_file import event_files
 
 __all__ = ["DIVERGED_NAME", "LOCK_NAME", "PREVIOUS_RUN", "RUN_FILES", "OutputLock", "recorded_step",
            "set_aside_earlier_run"]
@@ -192,7 +193,8 @@ def set_aside_earlier_run(output: Path) -> str | None:
     if replaced:
         shutil.rmtree(previous)
     previous.mkdir()
-    moved = [path for path in [*checkpoints, *(output / name for name in RUN_FILES)] if path.exists()]
+    moved = [path for path in [*checkpoints, *(output / name for name in RUN_FILES), *event_files(output)]
+             if path.exists()]
     for path in dict.fromkeys(moved):
         path.rename(previous / path.name)
     return (f"{output} held an earlier run's checkpoints: moved its files into {previous}"

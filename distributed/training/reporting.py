@@ -32,12 +32,14 @@ OUTPUT/metrics.jsonl holds one JSON object per line, with an ``event`` key:
   add up the run's ``restart`` events.
 
 The file is strict JSON: a number that is not finite is written as ``null``.
+With ``event_files`` the ``train`` and ``eval`` events' numbers also go into a
+TensorBoard event file in OUTPUT (see :mod:`~mnn.distributed.training.event_file`).
 A resumed run first drops the ``train``, ``eval`` and ``nonfinite`` events
 after its checkpoint (the steps it trains again), so the file tells each step
 once; a line that is not UTF-8 JSON is dropped too (with a note when it is not
 just a last line cut short).
 
-A write to metrics.jsonl that fails (a full disk, a directory turned read-only)
+A write to metrics.jsonl (or to the event file) that fails (a full disk, a directory turned read-only)
 raises nothing here: the reporter keeps the first failure in
 :attr:`Reporter.write_failure` and writes no more events, and the trainer stops
 every rank at its next collective (see :meth:`Reporter.raise_write_failure`).
@@ -57,7 +59,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mnn.distributed.environment import PROGRESS_ENV
+from mnn.distributed.environment import PROGRESS_ENV, install_hint
+from mnn.distributed.training.event_file import EventFile, event_files, scalars_of, tensorboard_installed
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.restarts import restart_line
 from mnn.io import atomic_write_text
@@ -90,12 +93,16 @@ class Reporter:
     file plain lines are easier to read. ``output`` is the run's directory, or
     None for a run that writes no files: its ``done:`` line is followed by one
     that says so (:data:`NOTHING_SAVED`), lest a long run end and leave nothing.
+    ``event_files``: also write the curves as TensorBoard event files into ``output``.
     """
 
-    def __init__(self, active: bool, output: Path | None, epochs: int, steps_per_epoch: int):
+    def __init__(self, active: bool, output: Path | None, epochs: int, steps_per_epoch: int,
+                 event_files: bool = False):
         self.active = active
         self.saves = output is not None  # whether the run keeps anything (the model, checkpoints)
         self.metrics_path = output / "metrics.jsonl" if output is not None and active else None
+        self.events_dir = output if event_files and self.metrics_path is not None else None
+        self.event_file: EventFile | None = None  # this start's, once begun
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.bar: Any = None
@@ -119,9 +126,27 @@ class Reporter:
                            "not UTF-8 JSON")
             atomic_write_text(self.metrics_path, "".join(json_text(event) + "\n" for event in kept))
             self.restarts = [event for event in kept if event.get("event") == "restart"]
+        if self.events_dir is not None:
+            self._begin_event_file(position.global_step if resumed else None)
         if progress_bar_wanted():
             self.bar = tqdm(total=total_steps, initial=min(position.global_step, total_steps), unit="step",
                             dynamic_ncols=True)
+
+    def _begin_event_file(self, resumed_at: int | None) -> None:
+        """This start's event file. A resumed run's hides the earlier files' steps after its
+        checkpoint (trained again); a new run removes an earlier run's files, as it empties
+        metrics.jsonl."""
+        try:
+            if resumed_at is None:
+                for path in event_files(self.events_dir):
+                    path.unlink()
+            self.event_file = EventFile(self.events_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+        except OSError as error:
+            self.write_failure = f"cannot write a TensorBoard event file in {self.events_dir}: {error}"
+            return
+        if not tensorboard_installed():  # asked for (tensorboard = true) where it is not installed
+            self._show(f"TensorBoard event files go into {self.events_dir}; to view them, install TensorBoard "
+                       f"({install_hint('tensorboard')}) here or where the run is copied to")
 
     def step(self) -> None:
         if self.bar is not None:
@@ -217,6 +242,12 @@ class Reporter:
             except OSError as error:
                 self.write_failure = f"cannot write {self.metrics_path}: {error}"
                 self.metrics_path = None
+        if self.event_file is not None and scalars_of(event):
+            try:
+                self.event_file.add_scalars(event["global_step"], scalars_of(event))
+            except OSError as error:
+                self.write_failure = self.write_failure or f"cannot write {self.event_file.path}: {error}"
+                self.event_file = None
         # With a bar, train events show in it (see train); other lines print above it.
         if self.bar is None or event["event"] != "train":
             self._show(line)

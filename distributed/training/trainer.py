@@ -46,6 +46,7 @@ from mnn.distributed.timeline import Timeline, check_timeline_path
 from mnn.distributed.training.checkpoint import (CHECKPOINT_NAME, BackgroundWriter, Checkpoint, is_checkpoint_name,
                                                 save_checkpoint)
 from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.event_file import event_files_wanted
 from mnn.distributed.training.output_dir import DIVERGED_NAME, LOCK_NAME, PREVIOUS_RUN, RUN_FILES
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.preflight import JobConfigError, PreparedJob, prepare_job
@@ -385,7 +386,8 @@ def _open_run(job: PreparedJob, comm: Communicator, started: float) -> tuple[_Ru
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     output = Path(config.output) if config.output is not None else None
-    reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch)
+    reporter = Reporter(comm.rank == 0, output, config.epochs, steps_per_epoch,
+                        event_files=event_files_wanted(config.tensorboard))
     for note in job.notes:
         reporter.message(note)
     timeline = _open_timeline(comm, config)

@@ -24,9 +24,8 @@ class ReluLayer(Layer):
         .. math::
             Y_{ij} = \max(X_{ij}, 0). \tag{1}
         """
-        outputs = np.maximum(self._batch(inputs), 0)  # Eq. (1)
-        self._outputs = self._kept(outputs)
-        return outputs
+        self._outputs = np.maximum(self._batch(inputs), 0)  # Eq. (1)
+        return self._outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Each output depends only on the input at the same place, so the
@@ -73,7 +72,7 @@ class LogLayer(Layer):
         inputs = self._batch(inputs)
         if inputs.min() < 0:
             raise ValueError(f"{self.name}: expected inputs >= 0, got minimum {inputs.min()}")
-        self._inputs = self._kept(inputs)
+        self._inputs = inputs
         return np.log(inputs)  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):
@@ -141,9 +140,8 @@ class GeluLayer(Layer):
         tanh *= inputs  # Eq. (1): U = x (c + c a x^2)
         np.tanh(tanh, out=tanh)  # Eq. (1)
         half_inputs = inputs * self.dtype.type(0.5)
-        self._saved_forward = self._kept((half_inputs, tanh))
-        # In evaluation T is not kept, so the output takes its place: one array fewer.
-        outputs = np.multiply(half_inputs, tanh, out=None if self.training else tanh)  # Eq. (2)
+        self._saved_forward = half_inputs, tanh
+        outputs = half_inputs * tanh  # Eq. (2)
         outputs += half_inputs  # Eq. (2)
         return outputs
 
