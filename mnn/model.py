@@ -35,6 +35,7 @@ refused before it allocates memory the machine does not have.
 from __future__ import annotations
 
 import inspect
+import math
 import reprlib
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ import numpy as np
 from mnn.checks import as_generator, did_you_mean, is_int
 import mnn.layer
 from mnn.layer import Layer, LossLayer
+from mnn.layer.conv import as_pair, output_length
 from mnn.seq_layers import Residual, SequentialLayers
 
 __all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_GPT_BLOCKS", "MAX_LAYERS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
@@ -334,7 +336,39 @@ def _layer_size(name: str, positional: list[Any], arguments: dict[str, Any],
         return context * d, numbers, numbers
     if name == "LayerNormLayer" and positive(d):
         return 2 * d, 2 * numbers, numbers
+    if name in ("Conv2DLayer", "MaxPool2DLayer", "AvgPool2DLayer"):
+        return _image_layer_size(name, arguments, numbers)
     return 0, numbers, numbers
+
+
+def _image_layer_size(name: str, arguments: dict[str, Any], numbers: int) -> tuple[int, int, int]:
+    r""":func:`_layer_size` of a convolution or pooling layer. The numbers per sample do
+    not say the image's height and width, so the image is taken to be square.
+
+    Conv2DLayer: :math:`O C k_h k_w + O` parameters; of :math:`N` numbers in,
+    :math:`H = W = \sqrt{N / C}`; keeps its im2col columns, :math:`C k_h k_w H_o W_o`,
+    and gives :math:`O H_o W_o`. Pooling (channels unknown): about
+    :math:`N / (s_h s_w)` out; MaxPool2DLayer keeps as many arg-max indices.
+    """
+    try:
+        kernel = as_pair(name, arguments.get("kernel"), 1)
+        stride_default = 1 if name == "Conv2DLayer" else kernel  # pooling windows tile the image by default
+        stride = as_pair(name, stride_default if arguments.get("stride") is None else arguments["stride"], 1)
+        padding = as_pair(name, arguments.get("padding", 0), 0)
+    except ValueError:  # the constructor's to refuse
+        return 0, numbers, numbers
+    if name != "Conv2DLayer":
+        out = max(1, numbers // (stride[0] * stride[1]))
+        return 0, 2 * out if name == "MaxPool2DLayer" else out, out
+    in_channels, out_channels = arguments.get("in_channels"), arguments.get("out_channels")
+    if not all(is_int(value) and value > 0 for value in (in_channels, out_channels)):
+        return 0, numbers, numbers
+    side = math.isqrt(max(1, numbers // in_channels))
+    positions = output_length(side, kernel[0], stride[0], padding[0]) * output_length(side, kernel[1], stride[1],
+                                                                                       padding[1])
+    window = in_channels * kernel[0] * kernel[1]
+    bias = out_channels if arguments.get("bias", True) else 0
+    return out_channels * window + bias, (window + out_channels) * positions, out_channels * positions
 
 
 def check_fits(net: SequentialLayers, inputs: np.ndarray, targets: Any = None) -> Any:

@@ -1,0 +1,150 @@
+r"""Max and average pooling over windows of images ``(B, C, H, W)``, channel by channel.
+
+Both run as :math:`k_h k_w` vectorised operations on whole strided slices of
+the input, one per offset inside the window (the same slices as
+:class:`~mnn.layer.conv.Conv2DLayer`'s col2im), never a loop over samples or
+pixels. Windows may overlap (a stride smaller than the kernel); no padding.
+"""
+
+import numpy as np
+
+from mnn.layer._base import Layer
+from mnn.layer.conv import as_pair, check_images, output_length, window_slices
+
+__all__ = ["MaxPool2DLayer", "AvgPool2DLayer"]
+
+
+class _Pool2DLayer(Layer):
+    """Window geometry, the input check and the offsets' slices shared by both poolings."""
+
+    def __init__(self, kernel, stride=None, dtype=np.float32):
+        super().__init__(dtype)
+        self.kernel = as_pair(f"{self.name}: kernel", kernel, 1)
+        self.stride = self.kernel if stride is None else as_pair(f"{self.name}: stride", stride, 1)
+        self._input_shape = None
+
+    def get_config(self):
+        return {"kernel": list(self.kernel), "stride": list(self.stride)}
+
+    def _images(self, inputs):
+        inputs = check_images(self, inputs, self.kernel)
+        self._input_shape = inputs.shape
+        return inputs
+
+    def _output_shape(self, input_shape):
+        return (*input_shape[:2], *(output_length(input_shape[2 + axis], self.kernel[axis], self.stride[axis])
+                                    for axis in (0, 1)))
+
+    def _offsets(self, output_shape):
+        """``(offset, rows, cols)`` for every offset ``(a, e)`` inside the window, in C
+        order (``offset = a * kw + e``); see :func:`~mnn.layer.conv.window_slices`."""
+        for a, e, rows, cols in window_slices(self.kernel, self.stride, output_shape[2:]):
+            yield a * self.kernel[1] + e, rows, cols
+
+
+class MaxPool2DLayer(_Pool2DLayer):
+    r"""The largest value of every ``kernel`` window, per channel, as PyTorch's ``MaxPool2d``.
+
+    ``MaxPool2DLayer(kernel, stride=None)``: ``kernel`` and ``stride`` are an int
+    or a pair ``(along H, along W)``; ``stride`` defaults to ``kernel``
+    (windows that tile the image). The gradient goes to the arg-max of each
+    window; when several entries tie for the maximum it goes to the first of them
+    in C order, row by row inside the window (the one with the smallest
+    :math:`a k_w + e`). Where overlapping windows share an arg-max, it
+    receives the gradient of each.
+    """
+
+    def __init__(self, kernel, stride=None, dtype=np.float32):
+        super().__init__(kernel, stride, dtype)
+        self._argmax = None
+
+    def forward(self, inputs, feedbacks=None):
+        r"""For sample :math:`i`, channel :math:`c` and output position :math:`(u, v)`,
+        the window's entries are :math:`X_{i,c,\,s_h u + a,\, s_w v + e}` for
+        offsets :math:`0 \le a < k_h`, :math:`0 \le e < k_w`, and
+
+        .. math::
+            Y_{icuv} = \max_{a, e} X_{i,c,\,s_h u + a,\, s_w v + e}, \qquad
+            (a^*, e^*)_{icuv} = \text{the first } (a, e) \text{ in C order that attains it}. \tag{1}
+
+        Both are kept up to date over the offsets in C order; an offset replaces the
+        maximum only where it is strictly larger, so a tie keeps the earlier one.
+        """
+        inputs = self._images(inputs)
+        output_shape = self._output_shape(inputs.shape)
+        outputs = argmax = None
+        for offset, rows, cols in self._offsets(output_shape):
+            entries = inputs[:, :, rows, cols]
+            if outputs is None:
+                outputs, argmax = entries.copy(), np.zeros(output_shape, dtype=np.int32)
+                continue
+            larger = entries > outputs  # Eq. (1): strictly, so ties stay with the first
+            np.copyto(outputs, entries, where=larger)  # Eq. (1)
+            argmax[larger] = offset  # Eq. (1)
+        self._argmax = argmax
+        return outputs
+
+    def backward(self, gradients, input_grad=True):
+        r"""Given :math:`G = \partial \ell / \partial Y`: by Eq. (1), :math:`Y_{icuv}` is
+        the input entry at :math:`(s_h u + a^*, s_w v + e^*)`, so its derivative
+        is 1 with respect to that entry and 0 with respect to the others of the window
+        (a subgradient where entries tie). Summing over the windows that hold an entry,
+
+        .. math::
+            \frac{\partial \ell}{\partial X_{icyx}} = \sum_{u, v:\; (s_h u + a^*, s_w v + e^*) = (y, x)}
+            G_{icuv}. \tag{2}
+
+        For each offset :math:`(a, e)`, the windows whose arg-max is there add their
+        :math:`G` into that offset's strided slice of the gradient.
+        """
+        argmax, input_shape = self._saved(self._argmax), self._saved(self._input_shape)
+        gradients = self._check_gradients(gradients, argmax.shape)
+        if not input_grad:
+            return None
+        input_gradients = np.zeros(input_shape, dtype=self.dtype)
+        for offset, rows, cols in self._offsets(argmax.shape):
+            input_gradients[:, :, rows, cols] += gradients * (argmax == offset)  # Eq. (2)
+        return input_gradients
+
+
+class AvgPool2DLayer(_Pool2DLayer):
+    r"""The mean of every ``kernel`` window, per channel, as PyTorch's ``AvgPool2d`` (no padding).
+
+    ``AvgPool2DLayer(kernel, stride=None)``: ``kernel`` and ``stride`` are an int
+    or a pair ``(along H, along W)``; ``stride`` defaults to ``kernel``.
+    A ``kernel`` the size of the image is global average pooling.
+    """
+
+    def forward(self, inputs, feedbacks=None):
+        r"""For sample :math:`i`, channel :math:`c` and output position :math:`(u, v)`,
+
+        .. math::
+            Y_{icuv} = \frac{1}{k_h k_w} \sum_{a, e} X_{i,c,\,s_h u + a,\, s_w v + e}. \tag{1}
+        """
+        inputs = self._images(inputs)
+        output_shape = self._output_shape(inputs.shape)
+        outputs = np.zeros(output_shape, dtype=self.dtype)
+        for _, rows, cols in self._offsets(output_shape):
+            outputs += inputs[:, :, rows, cols]  # Eq. (1)
+        outputs *= self.dtype.type(1 / (self.kernel[0] * self.kernel[1]))  # Eq. (1)
+        return outputs
+
+    def backward(self, gradients, input_grad=True):
+        r"""Given :math:`G = \partial \ell / \partial Y`: by Eq. (1) every entry of a
+        window has derivative :math:`1 / (k_h k_w)`, and an entry gets it from every
+        window that holds it:
+
+        .. math::
+            \frac{\partial \ell}{\partial X_{icyx}} = \frac{1}{k_h k_w}
+            \sum_{a, e, u, v:\; (s_h u + a, s_w v + e) = (y, x)} G_{icuv}. \tag{2}
+        """
+        input_shape = self._saved(self._input_shape)
+        output_shape = self._output_shape(input_shape)
+        gradients = self._check_gradients(gradients, output_shape)
+        if not input_grad:
+            return None
+        share = gradients * self.dtype.type(1 / (self.kernel[0] * self.kernel[1]))  # Eq. (2)
+        input_gradients = np.zeros(input_shape, dtype=self.dtype)
+        for _, rows, cols in self._offsets(output_shape):
+            input_gradients[:, :, rows, cols] += share  # Eq. (2)
+        return input_gradients
