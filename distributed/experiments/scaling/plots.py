@@ -28,7 +28,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa
 
 from mnn.distributed.experiments.scaling.settings import STEP_PARTS, Experiment, model_networks  # noqa: E402
 
-__all__ = ["draw_all", "format_bytes", "size_ticks", "projection_styles"]
+__all__ = ["ALGORITHM_STYLES", "draw_all", "format_bytes", "size_ticks", "projection_styles"]
 
 _DPI = 100
 _OVER = {"marker": "o", "markerfacecolor": "none", "color": "tab:red", "linestyle": "none"}
@@ -218,8 +218,9 @@ def _measured_panel(measured, predictions: list[dict]) -> None:
 
 
 def _projection_panel(projected, experiment: Experiment, projections: list[dict]) -> None:
-    fitted = [network.name for network in model_networks(experiment)[:len(experiment.fits)]]
-    lines, colors = projection_styles(projections, model_networks(experiment), fitted)
+    networks = model_networks(experiment)  # the fitted ones first, one per all-reduce measured
+    fitted = [network.name for network in networks[:len(experiment.fits)]]
+    lines, colors = projection_styles(projections, networks, fitted)
     for (network, algorithm), (color, linestyle) in lines.items():
         rows = [row for row in projections if row["network"] == network and row["algorithm"] == algorithm]
         projected.plot([row["ranks"] for row in rows], [row["efficiency"] * 100 for row in rows],
