@@ -216,6 +216,13 @@ class Communicator:
         """Terminate every rank of the job at once with exit status ``code``."""
         raise NotImplementedError
 
+    def duplicate(self) -> "Communicator":
+        """A communicator of the same ranks whose collectives never match this one's
+        (``MPI_Comm_dup``), so that calls on the two may interleave differently on
+        different ranks: a layer's blocking all-reduce inside backward while the
+        gradient buckets' non-blocking ones are in flight here. Collective."""
+        raise NotImplementedError
+
     def rank0_alone(self) -> contextlib.AbstractContextManager[None]:
         """Mark the enclosed phase as one in which rank 0 works alone while the other ranks
         wait for it on purpose (:func:`run_on_root`). Nothing here; the stall watchdog's
@@ -259,6 +266,9 @@ class SingleProcessCommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         return [value]
+
+    def duplicate(self) -> "SingleProcessCommunicator":
+        return SingleProcessCommunicator()
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         self._check_root(root)
@@ -321,6 +331,9 @@ class MPICommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         return self.comm.allgather(value)
+
+    def duplicate(self) -> "MPICommunicator":
+        return MPICommunicator(self.comm.Dup())
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         self._check_root(root)

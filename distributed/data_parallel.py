@@ -34,6 +34,21 @@ order of the additions; with float16 on the wire each partial sum is rounded
 to float16 on its way (relative error at most :math:`2^{-11}` per hop; see
 the ring's Eq. 5), so Eq. (1) and (2) then hold to that precision.
 
+Layers whose forward depends on the whole batch (``BatchNormLayer``) get a
+batch reduction from the wrapper (``net.set_batch_reduction``): a blocking
+all-reduce sum of a few float64 numbers per channel, so that their statistics
+are those of the global batch, as one process computes them. It runs on a
+duplicate of the communicator (made at its first use, by every rank at the same
+forward), so it never matches the gradient buckets' non-blocking all-reduces
+still in flight while backward runs, nor the ring's messages; and it is MPI's
+Allreduce whatever ``allreduce`` says: a handful of numbers is a latency, which
+the ring would multiply by 2(N - 1), and statistics must not be sent in float16.
+It is exact for uneven shards because each rank's backward starts from the
+gradient of the global loss (the weight :math:`b_r / B` of Eq. (1)). A rank with
+an empty shard takes its part with zeros (``net.forward_no_samples()``,
+``net.backward_no_samples()``). Evaluation forwards reduce nothing: they use
+the running statistics, which are equal on every rank.
+
 A :class:`~mnn.distributed.timeline.Timeline` (``timeline=``) receives a span
 for each forward, backward, bucket all-reduce, wait and optimizer step.
 
@@ -162,6 +177,22 @@ def _plan_buckets(net: Any, bucket_bytes: int) -> list[GradientBucket]:
     return buckets
 
 
+class _BatchStatisticsSum:
+    """``reduce(array)`` for layers with batch statistics: the sum of ``array`` over the
+    ranks, in place, with a blocking all-reduce on a duplicate of ``comm``. The duplicate
+    is made at the first call, which every rank reaches in the same forward, so a net
+    without such layers never costs a communicator."""
+
+    def __init__(self, comm: Communicator):
+        self._comm = comm
+        self._duplicate: Communicator | None = None
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        if self._duplicate is None:
+            self._duplicate = self._comm.duplicate()
+        return self._duplicate.allreduce(_contiguous(array))
+
+
 def _contiguous(array: np.ndarray) -> np.ndarray:
     """``array`` itself when C-contiguous, else a copy; keeps 0-d arrays 0-d
     (``np.ascontiguousarray`` would make them 1-d)."""
@@ -259,6 +290,8 @@ class DataParallel:
         for bucket in self._overlapped:
             self._buckets_ready_after.setdefault(bucket.ready_after, []).append(bucket)
         self._timeline_tracks = self._name_timeline_tracks()
+        # One process needs no reduction: its batch is the global batch.
+        net.set_batch_reduction(_BatchStatisticsSum(self.comm) if self.comm.size > 1 else None)
 
         self._sync = True
         self._forward_count: int | None = None
@@ -303,14 +336,18 @@ class DataParallel:
         return tracks
 
     def broadcast_state(self) -> None:
-        """Copy rank 0's parameters and optimizer state to every rank (collective).
+        """Copy rank 0's parameters, buffers and optimizer state to every rank (collective).
 
-        Parameters go in sorted-name order. The optimizer state takes rank 0's
-        keys too, so a state that rank 0 alone loaded from a checkpoint is adopted.
+        Parameters, then buffers (BatchNorm's running statistics), go in sorted-name
+        order. The optimizer state takes rank 0's keys too, so a state that rank 0
+        alone loaded from a checkpoint is adopted.
         """
         params = {name: param for name, param, _ in self.net.named_params()}
         for name in sorted(params):
             self._broadcast_in_place(params[name])
+        buffers = {name: layer.buffers[key] for name, layer, key in self.net.buffer_slots()}
+        for name in sorted(buffers):
+            self._broadcast_in_place(buffers[name])
         if self.optimizer is None:
             return
         state = self.optimizer.state_dict()
@@ -340,13 +377,15 @@ class DataParallel:
         """Run the local net on this rank's shard; return its (local mean) loss.
 
         An empty shard returns a loss of 0.0 without running the net (a mean over
-        no samples is undefined; its weight ``b_r / B`` in the global loss is 0).
+        no samples is undefined; its weight ``b_r / B`` in the global loss is 0);
+        its layers with batch statistics add zeros to the other ranks' sums.
         """
         start = time.perf_counter()
         count = len(inputs)
         if targets is not None:
             self._forward_count = count
             if count == 0:
+                self.net.forward_no_samples()
                 return 0.0
         result = self.net(inputs, targets)
         end = time.perf_counter()
@@ -392,6 +431,8 @@ class DataParallel:
         if local_batch_size > 0:
             hook = self._on_layer_done if self._sync and self._buckets_ready_after else None
             self.net.backward(hook=hook, scale=local_batch_size / window)  # Eq. (1), (2)
+        else:
+            self.net.backward_no_samples()
         end = time.perf_counter()
         self.timings["compute_s"] += (end - start) - (self.timings["comm_s"] - comm_before)
         if self._timeline is not None:

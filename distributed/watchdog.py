@@ -450,6 +450,10 @@ class _WatchedCommunicator(Communicator):
         with self._watchdog.waiting("all-gather"):
             return self._comm.allgather(value)
 
+    def duplicate(self) -> Communicator:
+        with self._watchdog.waiting("duplicate"):
+            return _WatchedCommunicator(self._comm.duplicate(), self._watchdog)
+
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         with self._watchdog.waiting("broadcast"):
             return self._comm.broadcast_object(value, root)

@@ -14,8 +14,8 @@ _SOURCES = {
     **dict.fromkeys(["Layer", "LossLayer", "LinearLayer", "ReluLayer", "LogLayer", "SoftmaxLayer",
                      "LogSoftmaxLayer", "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct",
                      "MultiHeadAttention", "ReshapeLayer", "EmbeddingLayer", "PositionalEmbeddingLayer",
-                     "LayerNormLayer", "GeluLayer", "DropoutLayer", "Conv2DLayer", "MaxPool2DLayer",
-                     "AvgPool2DLayer"], "mnn.layer"),
+                     "LayerNormLayer", "GeluLayer", "DropoutLayer", "BatchNormLayer", "Conv2DLayer",
+                     "MaxPool2DLayer", "AvgPool2DLayer"], "mnn.layer"),
     **dict.fromkeys(["SequentialLayers", "Residual"], "mnn.seq_layers"),
     **dict.fromkeys(["Optimizer", "SGD", "Adam"], "mnn.optim"),
 }

@@ -314,7 +314,8 @@ def _layer_size(name: str, positional: list[Any], arguments: dict[str, Any],
     MultiHeadAttention :math:`4d^2 + 4d`, keeps about :math:`6N` (q, k, v, the
     context, its input and output) and :math:`2hP^2` (scores and their softmax);
     EmbeddingLayer :math:`vd`, :math:`Nd` out; PositionalEmbeddingLayer :math:`Td`;
-    LayerNormLayer :math:`2d`, keeps :math:`2N`; every other layer keeps its output.
+    LayerNormLayer :math:`2d`, keeps :math:`2N`; BatchNormLayer :math:`2C` (and :math:`2C`
+    running statistics, buffers not counted), keeps :math:`2N`; every other layer keeps its output.
     """
     def positive(*values: Any) -> bool:  # sizes that are not are the constructor's to refuse
         return all(is_int(value) and value > 0 for value in values)
@@ -336,6 +337,8 @@ def _layer_size(name: str, positional: list[Any], arguments: dict[str, Any],
         return context * d, numbers, numbers
     if name == "LayerNormLayer" and positive(d):
         return 2 * d, 2 * numbers, numbers
+    if name == "BatchNormLayer" and positive(arguments.get("channels")):
+        return 2 * int(arguments["channels"]), 2 * numbers, numbers
     if name in ("Conv2DLayer", "MaxPool2DLayer", "AvgPool2DLayer"):
         return _image_layer_size(name, arguments, numbers)
     return 0, numbers, numbers

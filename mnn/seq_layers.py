@@ -19,6 +19,9 @@ so backward hands each layer the gradient its successor returned. Usage::
 Parameters are named ``index.Class.key`` (``0.LinearLayer.w``), as in the seed
 library's state dicts; a layer inside a container is named below it
 (``3.Residual.0.LinearLayer.w``), so any depth of nesting has unique names.
+Buffers (state without gradients, such as BatchNorm's running statistics) are
+named the same way (``3.BatchNormLayer.running_mean``) and saved beside the
+parameters in ``state_dict()``.
 ``get_config()`` describes the stack as plain data (the model description
 that :func:`mnn.model.build_net` builds and job files hold).
 """
@@ -144,9 +147,31 @@ class SequentialLayers(Layer):
             for name, holder, key in layer.parameter_slots():
                 yield f"{index}.{layer.name}.{name}", holder, key
 
+    def buffer_slots(self):
+        """``(name, layer, key)`` of every buffer, named as :meth:`parameter_slots` names parameters."""
+        for index, layer in enumerate(self.layers):
+            for name, holder, key in layer.buffer_slots():
+                yield f"{index}.{layer.name}.{name}", holder, key
+
     def zero_grads(self):
         for layer in self.layers:
             layer.zero_grads()
+
+    def set_batch_reduction(self, reduce):
+        """Give every layer, at any depth, the batch reduction (see :meth:`Layer.set_batch_reduction`)."""
+        super().set_batch_reduction(reduce)
+        for layer in self.layers:
+            layer.set_batch_reduction(reduce)
+
+    def forward_no_samples(self):
+        """The batch reductions of a forward without samples, layer by layer in forward order."""
+        for layer in self.layers:
+            layer.forward_no_samples()
+
+    def backward_no_samples(self):
+        """The batch reductions of a backward without samples, in backward (reverse) order."""
+        for layer in reversed(self.layers):
+            layer.backward_no_samples()
 
     def set_training(self, mode):
         """Training (``True``) or evaluation (``False``) for every layer, at any depth."""
@@ -171,23 +196,29 @@ class SequentialLayers(Layer):
         return self
 
     def state_dict(self):
-        """Copies of all parameters, keyed by name."""
-        return {name: param.copy() for name, param, _ in self.named_params()}
+        """Copies of all parameters and buffers, keyed by name."""
+        return {name: store[key].copy() for name, (store, key) in self._state_slots().items()}
 
     def load_state_dict(self, state):
-        """Copy ``state`` (name -> array) into the parameters, checking names and shapes."""
-        slots = {name: (layer, key) for name, layer, key in self.parameter_slots()}
+        """Copy ``state`` (name -> array) into the parameters and buffers, checking names and shapes."""
+        slots = self._state_slots()
         missing = sorted(set(slots) - set(state))
         extra = sorted(set(state) - set(slots))
         if missing or extra:
             raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {extra}")
-        for name, (layer, key) in slots.items():
+        for name, (store, key) in slots.items():
             value = np.asarray(state[name])
-            if value.shape != layer.params[key].shape:
-                raise ValueError(
-                    f"load_state_dict: {name} expected shape {layer.params[key].shape}, got {value.shape}")
-        for name, (layer, key) in slots.items():
-            layer.params[key][...] = state[name]
+            if value.shape != store[key].shape:
+                raise ValueError(f"load_state_dict: {name} expected shape {store[key].shape}, got {value.shape}")
+        for name, (store, key) in slots.items():
+            store[key][...] = state[name]
+
+    def _state_slots(self):
+        """``name -> (dict, key)`` of what ``state_dict`` holds: every parameter
+        (``layer.params[key]``), then every buffer (``layer.buffers[key]``)."""
+        slots = {name: (layer.params, key) for name, layer, key in self.parameter_slots()}
+        slots.update((name, (layer.buffers, key)) for name, layer, key in self.buffer_slots())
+        return slots
 
     def load_weights(self, state, config=None, verbose=False):
         """The seed's loader: :meth:`load_state_dict`, after checking ``config``.
@@ -306,6 +337,18 @@ class Residual(Layer):
 
     def parameter_slots(self):
         return self.body.parameter_slots()
+
+    def buffer_slots(self):
+        return self.body.buffer_slots()
+
+    def set_batch_reduction(self, reduce):
+        self.body.set_batch_reduction(reduce)
+
+    def forward_no_samples(self):
+        self.body.forward_no_samples()
+
+    def backward_no_samples(self):
+        self.body.backward_no_samples()
 
     def zero_grads(self):
         self.body.zero_grads()

@@ -326,7 +326,7 @@ def test_every_layer_type_with_parameters_is_counted_without_building():
     arguments = {"LinearLayer": {"shape": [3, 5]}, "EmbeddingLayer": {"vocab": 7, "d": 4},
                  "PositionalEmbeddingLayer": {"context": 6, "d": 4}, "LayerNormLayer": {"d": 4},
                  "MultiHeadAttention": {"d_model": 4, "n_heads": 2}, "DropoutLayer": {"p": 0.5},
-                 "ReshapeLayer": {"shape": [4]},
+                 "ReshapeLayer": {"shape": [4]}, "BatchNormLayer": {"channels": 4},
                  "Conv2DLayer": {"in_channels": 2, "out_channels": 3, "kernel": [3, 2]},
                  "MaxPool2DLayer": {"kernel": 2}, "AvgPool2DLayer": {"kernel": 2}}
     for name, cls in LAYER_TYPES.items():

@@ -8,7 +8,7 @@ from mnn.layer.dropout import DropoutLayer
 from mnn.layer.embedding import EmbeddingLayer, PositionalEmbeddingLayer
 from mnn.layer.linear import LinearLayer
 from mnn.layer.loss import CrossEntropyLossLayer, MSELossLayer, NllLossLayer
-from mnn.layer.normalization import LayerNormLayer
+from mnn.layer.normalization import BatchNormLayer, LayerNormLayer
 from mnn.layer.pooling import AvgPool2DLayer, MaxPool2DLayer
 from mnn.layer.shape import ReshapeLayer
 from mnn.layer.softmax import LogSoftmaxLayer, SoftmaxLayer
@@ -18,4 +18,5 @@ __all__ = [
     "CrossEntropyLossLayer", "MSELossLayer", "NllLossLayer", "MatrixProduct", "MultiHeadAttention", "ReshapeLayer",
     "EmbeddingLayer", "PositionalEmbeddingLayer", "LayerNormLayer", "GeluLayer", "DropoutLayer",
     "Conv2DLayer", "MaxPool2DLayer", "AvgPool2DLayer",
+    "BatchNormLayer",
 ]

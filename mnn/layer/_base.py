@@ -29,6 +29,17 @@ row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
 Gradients are written into the arrays of ``self.grads`` in place and never
 rebound, so code outside the layer (the data-parallel wrapper) may hand the
 layer gradient arrays that live inside one large buffer.
+* ``buffers`` holds a layer's state that is not a parameter (BatchNorm's
+  running statistics): saved and loaded with the parameters
+  (``buffer_slots()`` names them as ``parameter_slots()`` does), but without
+  gradients, so optimizers and gradient reductions never see them.
+* ``set_batch_reduction(reduce)`` gives layers whose forward depends on the
+  whole batch (``BatchNormLayer``) the sum over the processes that each hold a
+  shard of it: ``reduce(array)`` returns the elementwise sum of ``array`` over
+  them (the data-parallel trainer passes an all-reduce). ``None``, the default,
+  is one process. When this process holds no samples of a batch that others
+  do, ``forward_no_samples()`` and ``backward_no_samples()`` take its part in
+  those sums (zeros). All three do nothing here; containers pass them on.
 
 The seed library worked on column vectors of shape ``(B, n, 1)``. Layers accept
 that shape too and answer in the same shape; internally everything is rows.
@@ -50,6 +61,7 @@ class Layer:
         self.dtype = check_float_dtype(dtype)
         self.params = {}
         self.grads = {}
+        self.buffers = {}
         # Keys whose gradient array holds only zeros (just created or cleared):
         # backward may write into those directly instead of adding a temporary.
         self._zero_grad_keys = set()
@@ -112,6 +124,26 @@ class Layer:
         for key in self.params:
             yield key, self, key
 
+    def buffer_slots(self):
+        """``(name, layer, key)`` for every buffer (state without a gradient), as
+        :meth:`parameter_slots` does for parameters: ``layer.buffers[key]``."""
+        for key in self.buffers:
+            yield key, self, key
+
+    def set_batch_reduction(self, reduce):
+        """The sum over the processes that share each batch: ``reduce(array)`` returns
+        the elementwise sum of ``array`` over them, or ``None`` for one process.
+        Only layers with batch statistics use it; containers pass it to every layer."""
+        _check_batch_reduction(self.name, reduce)
+
+    def forward_no_samples(self):
+        """Take part, with no samples, in the sums that a training forward of the
+        other processes makes through the batch reduction (nothing here)."""
+
+    def backward_no_samples(self):
+        """Take part, with no samples, in the sums that backward makes through the
+        batch reduction (nothing here)."""
+
     def named_params(self):
         """``(name, param, grad)`` for every parameter, in the order of :meth:`parameter_slots`."""
         for name, layer, key in self.parameter_slots():
@@ -135,6 +167,8 @@ class Layer:
         for key in self.params:
             self.params[key] = self.params[key].astype(self.dtype, copy=False)
             self.grads[key] = self.grads[key].astype(self.dtype, copy=False)
+        for key in self.buffers:
+            self.buffers[key] = self.buffers[key].astype(self.dtype, copy=False)
         return self
 
     # -- helpers for subclasses -------------------------------------------
@@ -161,6 +195,10 @@ class Layer:
         self.params[key] = np.ascontiguousarray(value, dtype=self.dtype)
         self.grads[key] = np.zeros_like(self.params[key])
         self._zero_grad_keys.add(key)
+
+    def _add_buffer(self, key, value):
+        """Register a buffer: state saved with the model that has no gradient."""
+        self.buffers[key] = np.ascontiguousarray(value, dtype=self.dtype)
 
     def _as_dtype(self, array, what="inputs"):
         """``array`` as an ndarray in the layer's dtype, refusing non-numeric data."""
@@ -248,6 +286,13 @@ def _check_training_mode(layer_name, mode):
         raise TypeError(f"{layer_name}.set_training: expected True (training) or False (evaluation), "
                         f"got {mode!r} ({type(mode).__name__})")
     return bool(mode)
+
+
+def _check_batch_reduction(layer_name, reduce):
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"{layer_name}.set_batch_reduction: expected a function reduce(array) -> the sum of "
+                        f"array over the processes, or None (one process), got {type(reduce).__name__}")
+    return reduce
 
 
 def _check_batch_position(layer_name, step, first_sample):
