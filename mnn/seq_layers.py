@@ -314,7 +314,7 @@ class Residual(Layer):
         if outputs.shape != inputs.shape:
             raise ValueError(f"{self.name}: the layers inside must keep the shape of their input, "
                              f"but {inputs.shape} became {outputs.shape}")
-        self._input_shape = inputs.shape
+        self._input_shape = self._kept(inputs.shape)
         return inputs + outputs  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):
@@ -354,6 +354,7 @@ class Residual(Layer):
         self.body.zero_grads()
 
     def set_training(self, mode):
+        super().set_training(mode)
         self.body.set_training(mode)
 
     def start_batch(self, step, first_sample):

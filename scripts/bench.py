@@ -24,6 +24,7 @@ Usage::
     mnn-bench --model gpt --scaling 1,2 --no-torch --wait-idle   # each run on idle cores
     mnn-bench --model gpt --quality --steps 2000 --out docs/gpt   # train both, compare the curves
     mnn-bench --model gpt --restarts 3          # what a failure costs under mnn-launch --max-restarts
+    mnn-bench --model gpt --inference           # evaluation's forward: training vs evaluation mode vs no_grad
 
 Under mpiexec each step is split into compute, communication and waiting
 (``compute_ms``, ``comm_ms``, ``wait_ms``; waiting is the all-reduce time
@@ -43,6 +44,15 @@ rounds (median over turns, with its min and max) and of each turn's fastest
 rounds (``speedup_fastest_rounds``); mnn-scaling measures the MLP's scaling
 in full (other hosts, strong scaling, the all-reduce and the cost model).
 
+``--inference`` times the forward of an evaluation (the batch's loss) on one
+process instead of a training step, three ways in alternating rounds: mnn in
+training mode (``mnn-training-forward``, keeping what backward needs, as
+evaluation did before it became inference), mnn in evaluation mode (``mnn``,
+keeping nothing) and PyTorch under ``torch.no_grad()`` from the same weights
+(``torch-no-grad``); the ``compare`` lines give each mnn time over PyTorch's
+(``time_ratio``, with the range of the per-round ratios). Its default batch is
+evaluation's: 1024 samples of the MLP, 128 windows of the GPT.
+
 ``--quality`` trains the GPT in mnn and in PyTorch for ``--steps`` steps from
 the same weights on the same batches, and writes both curves (curves.csv,
 curves.png), quality.json and report.md into ``--out``.
@@ -60,14 +70,15 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from mnn.distributed.comm import get_communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.distributed.experiments.restart_cost import measure_checkpoint_cost, measure_failures
-from mnn.distributed.experiments.bench import (measure, mlp_steps, peak_rss_mb, sync_and_allreduce_ms,
-                                               wait_for_idle_cpus)
+from mnn.distributed.experiments.bench import (measure, mlp_evaluation_steps, mlp_steps, peak_rss_mb,
+                                               sync_and_allreduce_ms, wait_for_idle_cpus)
 from mnn.distributed.experiments.collectives import measure_allreduce
-from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_steps
+from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_evaluation_steps, gpt_steps
 from mnn.distributed.experiments.gpt_quality import QualityRun, compare
 from mnn.distributed.experiments.scaling.driver import ChildJobs, turns
 from mnn.distributed.experiments.timing import Spread
 from mnn.distributed.launch import LaunchSettings
+from mnn.distributed.training.task import EVAL_BATCH_SIZE, EVAL_WINDOWS
 from mnn.scripts.arguments import at_least, int_list, positive
 from mnn.text import load_text
 
@@ -75,6 +86,8 @@ __all__ = ["main"]
 
 MODELS = ("mlp", "gpt")
 DEFAULT_BATCHES = {"mlp": [64, 256, 1024], "gpt": [32]}
+# --inference: the batches of an evaluation (mnn-train's EVAL_BATCH_SIZE samples, EVAL_WINDOWS windows).
+EVALUATION_BATCHES = {"mlp": [EVAL_BATCH_SIZE], "gpt": [EVAL_WINDOWS]}
 
 
 def _parser():
@@ -90,6 +103,10 @@ def _parser():
     parser.add_argument("--target-ms", type=positive(float, unit="milliseconds"), default=300.0,
                         help="approximate length of one timed round in ms (default 300)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--inference", action="store_true",
+                        help="time evaluation's forward instead of a training step (one process): mnn in training "
+                             "and in evaluation mode beside PyTorch under torch.no_grad() (default batch: "
+                             "evaluation's, 1024 samples or 128 windows)")
     parser.add_argument("--scaling", type=int_list(1, "rank count"), metavar="N,N,...",
                         help="run this benchmark on each rank count in turns, started as mnn-launch starts jobs, "
                              "and print the weak-scaling efficiency (hosts, strong scaling, the cost model: "
@@ -202,7 +219,11 @@ def _print_speedups(args, throughput):
 
 
 def _steps(args, batch_size, comm, text):
-    """The steps of ``--model`` to time at ``batch_size`` per rank."""
+    """The steps of ``--model`` to time at ``batch_size`` per rank (forwards only with ``--inference``)."""
+    if args.inference:
+        if args.model == "mlp":
+            return mlp_evaluation_steps(batch_size, with_torch=not args.no_torch)
+        return gpt_evaluation_steps(_gpt_sizes(args, batch_size), comm, text, with_torch=not args.no_torch)
     if args.model == "mlp":
         return mlp_steps(batch_size, comm, with_torch=not args.no_torch)
     return gpt_steps(_gpt_sizes(args, batch_size), comm, text, with_torch=not args.no_torch,
@@ -231,7 +252,9 @@ def _print_results(args, results, details):
         if args.model == "gpt":
             result["tokens_per_s"] = round(result["samples_per_s"] * args.context, 1)
         print(json.dumps(result), flush=True)
-    if len(results) == 2:
+    if args.inference:
+        _print_time_ratios(args, results)
+    elif len(results) == 2:
         mnn_result, torch_result = results
         ratios = [theirs / mine for mine, theirs in zip(mnn_result["round_ms"], torch_result["round_ms"])]
         print(json.dumps({"compare": f"mnn / {torch_result['impl']}", "model": args.model, "ranks": results[0]["ranks"],
@@ -239,6 +262,21 @@ def _print_results(args, results, details):
                           "throughput_ratio": round(mnn_result["samples_per_s"] / torch_result["samples_per_s"], 3),
                           "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}),
               flush=True)
+
+
+def _print_time_ratios(args, results):
+    """``--inference``: one ``compare`` line per mnn mode, its time over PyTorch's (no_grad)."""
+    by_impl = {result["impl"]: result for result in results}
+    reference = by_impl.get("torch-no-grad")
+    if reference is None:
+        return
+    for impl in ("mnn-training-forward", "mnn"):
+        mine = by_impl[impl]
+        ratios = [ms / theirs for ms, theirs in zip(mine["round_ms"], reference["round_ms"])]
+        print(json.dumps({"compare": f"{impl} / torch-no-grad", "model": args.model,
+                          "batch_per_rank": mine["batch_per_rank"],
+                          "time_ratio": round(mine["ms_per_step"] / reference["ms_per_step"], 3),
+                          "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}), flush=True)
 
 
 def _run_restarts(args):
@@ -274,7 +312,9 @@ def _run_quality(args):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    args.batch = args.batch or DEFAULT_BATCHES[args.model]
+    args.batch = args.batch or (EVALUATION_BATCHES if args.inference else DEFAULT_BATCHES)[args.model]
+    if args.inference and (args.quality or args.restarts or args.scaling):
+        parser.error("--inference times one process's forward: drop --quality, --restarts and --scaling")
     if args.quality and args.model != "gpt":
         parser.error("--quality trains the GPT: add --model gpt")
     if args.model == "gpt" and args.d_model % args.heads:
@@ -291,6 +331,8 @@ def main(argv=None):
             return 1
         return 0
     comm = get_communicator()
+    if args.inference and comm.size > 1:
+        parser.error(f"--inference times one process, not {comm.size} ranks: run it without mpiexec")
     text = load_text(args.text, context=args.context) if args.model == "gpt" else None
     with threadpool_limits(limits=1):
         if comm.rank == 0:

@@ -37,7 +37,8 @@ from mnn.distributed.data_parallel import DataParallel
 from mnn.distributed.experiments.timing import Spread, agree_on_count, time_calls
 
 __all__ = ["MLP_LAYERS", "Step", "measure", "build_step", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
-           "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb", "wait_for_idle_cpus"]
+           "evaluation_steps", "mlp_evaluation_steps", "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb",
+           "wait_for_idle_cpus", "has_torch"]
 
 #: The widths of the MLP that ``mnn-bench`` times by default.
 MLP_LAYERS = (784, 256, 10)
@@ -195,12 +196,17 @@ def build_step(net: SequentialLayers, optimizer: Optimizer, batches: Sequence[tu
     return parallel_step, data_parallel
 
 
+def _mlp() -> SequentialLayers:
+    """The benchmark's MLP in mnn, its weights drawn from seed 0."""
+    rng = np.random.default_rng(0)
+    return SequentialLayers([LinearLayer(MLP_LAYERS[0], MLP_LAYERS[1], rng=rng), ReluLayer(),
+                             LinearLayer(MLP_LAYERS[1], MLP_LAYERS[2], rng=rng), CrossEntropyLossLayer()])
+
+
 def build_mlp_step(batch_size: int, comm: Communicator, overlap: bool = True) -> Step:
     """One mnn SGD step of the MLP on ``batch_size`` random samples per rank, and the
     DataParallel (or None on one process)."""
-    rng = np.random.default_rng(0)
-    net = SequentialLayers([LinearLayer(MLP_LAYERS[0], MLP_LAYERS[1], rng=rng), ReluLayer(),
-                            LinearLayer(MLP_LAYERS[1], MLP_LAYERS[2], rng=rng), CrossEntropyLossLayer()])
+    net = _mlp()
     return build_step(net, SGD(net, lr=0.01), [_random_batch(batch_size, comm.rank)], comm.size * batch_size,
                       comm, overlap=overlap)
 
@@ -236,6 +242,59 @@ def mlp_steps(batch_size: int, comm: Communicator, with_torch: bool = True) -> d
     if torch_step is not None:
         steps["torch" if comm.size == 1 else "torch-ddp"] = (torch_step, None)
     return steps
+
+
+def evaluation_steps(build: Callable[[], SequentialLayers], inputs: Any, labels: np.ndarray,
+                     torch_loss: Callable[[SequentialLayers], Callable[[], Any]] | None = None) -> dict[str, Step]:
+    """The forward of an evaluation, the batch's mean loss, three ways (one process):
+
+    * "mnn-training-forward": a net of ``build()`` in training mode, whose forward
+      keeps what backward needs (what evaluation cost before it was inference);
+    * "mnn": another in evaluation mode (``set_training(False)``, as
+      ``net.evaluating()`` sets it), whose forward keeps nothing;
+    * "torch-no-grad": ``torch_loss(net)``, a function computing the same loss in
+      PyTorch from ``net``'s weights under ``torch.no_grad()``, when given.
+    """
+    training, inference = build(), build()
+    inference.set_training(False)
+    steps = {"mnn-training-forward": (lambda: training(inputs, labels), None),
+             "mnn": (lambda: inference(inputs, labels), None)}
+    if torch_loss is not None:
+        steps["torch-no-grad"] = (torch_loss(inference), None)
+    return steps
+
+
+def mlp_evaluation_steps(batch_size: int, with_torch: bool = True) -> dict[str, Step]:
+    """:func:`evaluation_steps` of the MLP on ``batch_size`` random samples; PyTorch's
+    ``Sequential`` holds the mnn net's weights."""
+    inputs, labels = _random_batch(batch_size, 0)
+
+    def torch_loss(net: SequentialLayers) -> Callable[[], Any]:
+        import torch
+
+        torch.set_num_threads(1)
+        linears = [torch.nn.Linear(*layer.params["w"].shape[::-1]) for layer in net.layers[::2]]
+        with torch.no_grad():
+            for module, layer in zip(linears, net.layers[::2]):
+                module.weight.copy_(torch.from_numpy(layer.params["w"]))
+                module.bias.copy_(torch.from_numpy(layer.params["b"]))
+        model = torch.nn.Sequential(linears[0], torch.nn.ReLU(), linears[1])
+        torch_inputs, torch_labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return torch.nn.functional.cross_entropy(model(torch_inputs), torch_labels)
+        return forward
+    return evaluation_steps(_mlp, inputs, labels, torch_loss if with_torch and has_torch() else None)
+
+
+def has_torch() -> bool:
+    """Whether PyTorch, the reference, can be imported here."""
+    try:
+        import torch  # noqa: F401 -- only to know whether the reference can run
+    except ImportError:
+        return False
+    return True
 
 
 def sync_and_allreduce_ms(batch_size: int, comm: Communicator, repeats: int = 300) -> dict[str, float]:

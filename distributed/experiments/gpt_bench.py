@@ -34,12 +34,13 @@ from mnn.layer import (CrossEntropyLossLayer, EmbeddingLayer, GeluLayer, LayerNo
 from mnn.model import build_net
 from mnn.seq_layers import Residual
 from mnn.text import TextDataset
-from mnn.distributed.experiments.bench import Step, build_step, torch_process_group
+from mnn.distributed.experiments.bench import Step, build_step, evaluation_steps, has_torch, torch_process_group
 from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.distributed.sampler import DrawnBatchSampler
 
-__all__ = ["GptSizes", "build_gpt", "torch_gpt", "drawn_windows", "gpt_steps", "LEARNING_RATE"]
+__all__ = ["GptSizes", "build_gpt", "torch_gpt", "drawn_windows", "gpt_steps", "gpt_evaluation_steps",
+           "LEARNING_RATE"]
 
 #: Adam's learning rate in the timed steps (any value times the same).
 LEARNING_RATE = 1e-3
@@ -238,3 +239,25 @@ def gpt_steps(sizes: GptSizes, comm: Communicator, text: TextDataset, with_torch
     mnn_step = build_step(net, Adam(net, lr=LEARNING_RATE), [(x, y)], global_batch_size, comm,
                           bucket_bytes=bucket_bytes)
     return {"mnn": mnn_step, **steps}
+
+
+def gpt_evaluation_steps(sizes: GptSizes, comm: Communicator, text: TextDataset, with_torch: bool = True,
+                         seed: int = 0) -> dict[str, Step]:
+    """:func:`~mnn.distributed.experiments.bench.evaluation_steps` of the GPT on the first
+    drawn batch's windows (``sizes.batch`` of them): mnn's forward in training and in
+    evaluation mode, and PyTorch's under ``torch.no_grad()`` from the same weights."""
+    x, y, _ = drawn_windows(text, sizes, comm, seed=seed)
+
+    def torch_loss(net: SequentialLayers) -> Callable[[], Any]:
+        import torch
+
+        torch.set_num_threads(1)
+        model = torch_gpt(net)
+        ids, targets = torch.from_numpy(x), torch.from_numpy(y)
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return model(ids, targets)
+        return forward
+    return evaluation_steps(lambda: build_gpt(sizes, len(text.vocab), seed), x, y,
+                            torch_loss if with_torch and has_torch() else None)

@@ -3,8 +3,8 @@ r"""The contract every layer follows, and the small helpers they share.
 A layer maps a batch of inputs to a batch of outputs. Arrays are batch first:
 row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
 
-* ``forward(inputs, feedbacks=None)`` computes the output and keeps what
-  ``backward`` will need. Loss layers take their targets as ``feedbacks``.
+* ``forward(inputs, feedbacks=None)`` computes the output and, in training,
+  keeps what ``backward`` will need. Loss layers take their targets as ``feedbacks``.
 * ``backward(gradients)`` receives :math:`G = \partial \ell / \partial Y`, the
   gradient of the (scalar) loss with respect to the layer's output, *adds*
   :math:`\partial \ell / \partial \theta` into ``self.grads[k]`` for every
@@ -20,15 +20,15 @@ row :math:`i` of an input ``X`` of shape ``(B, n)`` is sample :math:`x_i`.
   a layer's own keys (``"w"``), or for a layer that holds other layers (a
   ``Residual``) their names below it (``"0.LinearLayer.w"``).
 * ``set_training(mode)`` switches between training (the default) and
-  evaluation, and ``start_batch(step, first_sample)`` says which global step
-  the next forward belongs to and where this batch starts in the global batch.
-  Both do nothing here; containers pass them to their layers, and layers that
-  draw random numbers (``DropoutLayer``) use them so that a sample's noise
-  depends on the sample, never on the rank or shard that holds it.
-
-Gradients are written into the arrays of ``self.grads`` in place and never
-rebound, so code outside the layer (the data-parallel wrapper) may hand the
-layer gradient arrays that live inside one large buffer.
+  evaluation, which is inference: a forward in evaluation keeps nothing for
+  backward (no inputs, activations or masks; it may skip work only backward
+  needs, never changing the output), and a ``backward`` after it raises
+  ValueError saying so. ``with net.evaluating():`` is evaluation for a block.
+  ``start_batch(step, first_sample)`` says which global step the next forward
+  belongs to and where this batch starts in the global batch; it does nothing
+  here. Containers pass both to their layers, and layers that draw random
+  numbers (``DropoutLayer``) use them so that a sample's noise depends on the
+  sample, never on the rank or shard that holds it.
 * ``buffers`` holds a layer's state that is not a parameter (BatchNorm's
   running statistics): saved and loaded with the parameters
   (``buffer_slots()`` names them as ``parameter_slots()`` does), but without
@@ -40,6 +40,10 @@ layer gradient arrays that live inside one large buffer.
   is one process. When this process holds no samples of a batch that others
   do, ``forward_no_samples()`` and ``backward_no_samples()`` take its part in
   those sums (zeros). All three do nothing here; containers pass them on.
+
+Gradients are written into the arrays of ``self.grads`` in place and never
+rebound, so code outside the layer (the data-parallel wrapper) may hand the
+layer gradient arrays that live inside one large buffer.
 
 The seed library worked on column vectors of shape ``(B, n, 1)``. Layers accept
 that shape too and answer in the same shape; internally everything is rows.
@@ -61,6 +65,7 @@ class Layer:
         self.dtype = check_float_dtype(dtype)
         self.params = {}
         self.grads = {}
+        self.training = True  # see set_training
         self.buffers = {}
         # Keys whose gradient array holds only zeros (just created or cleared):
         # backward may write into those directly instead of adding a temporary.
@@ -91,15 +96,18 @@ class Layer:
     def set_training(self, mode):
         """Training (``True``, the default of every layer) or evaluation (``False``).
 
-        Only layers that behave differently in training override it (dropout is
-        the identity in evaluation); containers pass it to every layer inside.
+        In evaluation a forward keeps nothing for backward (:meth:`_kept`), so
+        it holds no activations between calls, and backward raises ValueError
+        until a forward in training; dropout is the identity. Containers pass
+        the mode to every layer inside; ``self.training`` holds it.
         """
-        _check_training_mode(self.name, mode)
+        self.training = _check_training_mode(self.name, mode)
 
     @contextlib.contextmanager
     def evaluating(self):
-        """``with net.evaluating():`` — evaluation inside the block (see
-        :meth:`set_training`), training again after it, whatever happens inside."""
+        """``with net.evaluating():`` — evaluation (inference: forwards keep
+        nothing for backward, dropout is off; see :meth:`set_training`) inside
+        the block, training again after it, whatever happens inside."""
         self.set_training(False)
         try:
             yield self
@@ -245,9 +253,18 @@ class Layer:
     def _as_shape(rows, columns):
         return rows[:, :, None] if columns else rows
 
-    def _saved(self, value, what="forward"):
+    def _kept(self, value):
+        """What a forward keeps for backward: ``value`` in training, ``None`` in evaluation."""
+        return value if self.training else None
+
+    def _saved(self, value):
+        """What the last forward kept, or ValueError when it kept nothing."""
         if value is None:
-            raise ValueError(f"{self.name}: backward called before {what}")
+            if not self.training:
+                raise ValueError(f"{self.name}: backward called after a forward in evaluation mode, which keeps "
+                                 f"nothing for backward; call set_training(True) and run forward again")
+            raise ValueError(f"{self.name}: backward called before forward (a forward in evaluation mode keeps "
+                             f"nothing for backward: call set_training(True) before the forward)")
         return value
 
     def _check_gradients(self, gradients, expected_shape):

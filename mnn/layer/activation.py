@@ -24,8 +24,9 @@ class ReluLayer(Layer):
         .. math::
             Y_{ij} = \max(X_{ij}, 0). \tag{1}
         """
-        self._outputs = np.maximum(self._batch(inputs), 0)  # Eq. (1)
-        return self._outputs
+        outputs = np.maximum(self._batch(inputs), 0)  # Eq. (1)
+        self._outputs = self._kept(outputs)
+        return outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Each output depends only on the input at the same place, so the
@@ -72,7 +73,7 @@ class LogLayer(Layer):
         inputs = self._batch(inputs)
         if inputs.min() < 0:
             raise ValueError(f"{self.name}: expected inputs >= 0, got minimum {inputs.min()}")
-        self._inputs = inputs
+        self._inputs = self._kept(inputs)
         return np.log(inputs)  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):
@@ -140,8 +141,9 @@ class GeluLayer(Layer):
         tanh *= inputs  # Eq. (1): U = x (c + c a x^2)
         np.tanh(tanh, out=tanh)  # Eq. (1)
         half_inputs = inputs * self.dtype.type(0.5)
-        self._saved_forward = half_inputs, tanh
-        outputs = half_inputs * tanh  # Eq. (2)
+        self._saved_forward = self._kept((half_inputs, tanh))
+        # In evaluation T is not kept, so the output takes its place: one array fewer.
+        outputs = np.multiply(half_inputs, tanh, out=None if self.training else tanh)  # Eq. (2)
         outputs += half_inputs  # Eq. (2)
         return outputs
 

@@ -50,7 +50,7 @@ class MatrixProduct(Layer):
             raise ValueError(
                 f"{self.name}: expected Q (..., n, k) and P (..., k, m) with matching k and batch axes that "
                 f"broadcast, got shapes {left.shape} and {right.shape}") from None
-        self._factors = (left, right, outputs.shape)
+        self._factors = self._kept((left, right, outputs.shape))
         return outputs
 
     def backward(self, gradients, input_grad=True):
@@ -145,6 +145,11 @@ class MultiHeadAttention(Layer):
     def get_config(self):
         return {"d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal}
 
+    def set_training(self, mode):
+        super().set_training(mode)
+        self._scores_product.set_training(mode)
+        self._context_product.set_training(mode)
+
     def astype(self, dtype):
         super().astype(dtype)
         self._scores_product.astype(dtype)
@@ -211,16 +216,17 @@ class MultiHeadAttention(Layer):
         queries = rows @ params["w_q"].T + params["b_q"]  # Eq. (1)
         keys = rows @ params["w_k"].T + params["b_k"]  # Eq. (1)
         values = rows @ params["w_v"].T + params["b_v"]  # Eq. (1)
-        scaled_queries = self._split_heads(queries, batch_size, length) * self.dtype.type(1 / np.sqrt(self.d_head))
+        queries *= self.dtype.type(1 / np.sqrt(self.d_head))  # Eq. (2), in place: no copy of the heads
+        scaled_queries = self._split_heads(queries, batch_size, length)
         keys_transposed = self._split_heads(keys, batch_size, length).transpose(0, 1, 3, 2)
         scores = self._scores_product.forward((scaled_queries, keys_transposed))  # Eq. (2)
         if allowed is not None:
-            scores = np.where(allowed, scores, self.dtype.type(-np.inf))  # Eq. (2)
+            np.copyto(scores, self.dtype.type(-np.inf), where=~allowed)  # Eq. (2), in place: the scores are ours
         attention = SoftmaxLayer.stable_softmax(scores, axis=-1)  # Eq. (3)
         context = self._context_product.forward((attention, self._split_heads(values, batch_size, length)))  # Eq. (3)
         concatenated = self._merge_heads(context)  # Eq. (4)
         outputs = concatenated @ params["w_o"].T + params["b_o"]  # Eq. (4)
-        self._saved_forward = rows, attention, concatenated
+        self._saved_forward = self._kept((rows, attention, concatenated))
         return outputs.reshape(batch_size, length, self.d_model)
 
     def backward(self, gradients, input_grad=True):

@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from mnn.checks import as_generator, check_float, check_int
-from mnn.layer._base import Layer, _check_batch_position, _check_training_mode
+from mnn.layer._base import Layer, _check_batch_position
 
 __all__ = ["DropoutLayer"]
 
@@ -120,16 +120,12 @@ class DropoutLayer(Layer):
         # Keep a value when its 32-bit integer u >= ceil(p 2^32): probability 1 - p, up to 2^-32.
         # (A p within 2^-32 of 1 gives 2^32, which no u reaches: nothing is kept.)
         self._threshold = math.ceil(self.p * 2**32)
-        self.training = True
         self._next_position = (0, 0)  # (step, first_sample) of the next training forward
         self._mask = None
         self._shape = None
 
     def get_config(self):
         return {"p": self.p, "seed": self.seed}
-
-    def set_training(self, mode):
-        self.training = _check_training_mode(self.name, mode)
 
     def start_batch(self, step, first_sample):
         self._next_position = _check_batch_position(self.name, step, first_sample)
@@ -164,7 +160,7 @@ class DropoutLayer(Layer):
         shard or the samples beside :math:`i`.
         """
         inputs = self._batch(inputs)
-        self._shape = inputs.shape
+        self._shape = self._kept(inputs.shape)
         if not self.training:
             self._mask = None
             return inputs
@@ -201,9 +197,7 @@ class DropoutLayer(Layer):
         (the mask is a constant of the forward), so
 
         .. math::
-            \nabla_X \ell = G \odot M / (1 - p), \tag{6}
-
-        and :math:`\nabla_X \ell = G` for a forward in evaluation.
+            \nabla_X \ell = G \odot M / (1 - p). \tag{6}
         """
         shape = self._saved(self._shape)
         gradients = self._check_gradients(gradients, shape)

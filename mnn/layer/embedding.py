@@ -64,7 +64,7 @@ class EmbeddingLayer(Layer):
             raise ValueError(f"{self.name}: expected a non-empty batch of token ids of shape (batch, time) or "
                              f"(batch,), got shape {ids.shape}")
         ids = _as_indices(self.name, ids, self.vocab, "token ids", "id")
-        self._ids = ids.reshape(-1)
+        self._ids = self._kept(ids.reshape(-1))
         self._output_shape = ids.shape + (self.d,)
         return np.take(self.params["w"], ids, axis=0)  # Eq. (1)
 
@@ -147,7 +147,7 @@ class PositionalEmbeddingLayer(Layer):
         if inputs.shape[1] > self.context:
             raise ValueError(f"{self.name}: expected at most {self.context} positions (the context it was "
                              f"built for), got {inputs.shape[1]} (input shape {inputs.shape})")
-        self._shape = inputs.shape
+        self._shape = self._kept(inputs.shape)
         return inputs + self.params["w"][:inputs.shape[1]]  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):

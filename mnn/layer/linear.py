@@ -55,7 +55,7 @@ class LinearLayer(Layer):
             rows = self._batch(inputs).reshape(-1, self.n_in)
         else:
             rows, _ = self._rows(inputs, self.n_in)
-        self._inputs, self._input_shape = rows, inputs.shape
+        self._inputs, self._input_shape = self._kept(rows), inputs.shape
         outputs = rows @ self.params["w"].T  # Eq. (1)
         if "b" in self.params:
             outputs += self.params["b"]  # Eq. (1)

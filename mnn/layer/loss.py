@@ -101,6 +101,12 @@ class CrossEntropyLossLayer(LossLayer):
         """
         logits, labels = self._logits_and_labels(inputs, feedbacks)
         count = logits.shape[0]
+        if not self.training:  # only the log-probabilities of the labels: no P for backward
+            self._probabilities = self._labels = None
+            shifted = logits - logits.max(axis=1, keepdims=True)  # Eq. (1)
+            sums = np.exp(shifted).sum(axis=1)  # Eq. (1)
+            log_probabilities = shifted[np.arange(count), labels] - np.log(sums)  # Eq. (1)
+            return self.dtype.type(-log_probabilities.sum() / count)  # Eq. (2)
         log_probabilities, probabilities = LogSoftmaxLayer.stable_log_softmax(logits, axis=1)  # Eq. (1)
         self._probabilities, self._labels = probabilities, labels
         return self.dtype.type(-log_probabilities[np.arange(count), labels].sum() / count)  # Eq. (2)
@@ -158,8 +164,9 @@ class MSELossLayer(LossLayer):
             raise ValueError(
                 f"{self.name}: expected targets of shape {rows.shape} or {rows.shape + (1,)} "
                 f"(the inputs'), got {targets.shape}")
-        self._errors = rows - targets.reshape(rows.shape).astype(self.dtype, copy=False)
-        return self.dtype.type(np.mean(np.square(self._errors)))  # Eq. (1)
+        errors = rows - targets.reshape(rows.shape).astype(self.dtype, copy=False)
+        self._errors = self._kept(errors)
+        return self.dtype.type(np.mean(np.square(errors)))  # Eq. (1)
 
     def backward(self, gradients=None, input_grad=True):
         r"""Each :math:`E_{ij}` appears in one term of Eq. (1), and
@@ -197,7 +204,7 @@ class NllLossLayer(LossLayer):
         log_probabilities, self._columns = self._rows(inputs)
         batch_size, n_classes = log_probabilities.shape
         labels = check_labels(self.name, feedbacks, batch_size, n_classes)
-        self._labels, self._shape = labels, log_probabilities.shape
+        self._labels, self._shape = self._kept(labels), log_probabilities.shape
         return self.dtype.type(-np.mean(log_probabilities[np.arange(batch_size), labels]))  # Eq. (1)
 
     def backward(self, gradients=None, input_grad=True):

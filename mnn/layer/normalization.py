@@ -65,7 +65,7 @@ class LayerNormLayer(Layer):
         variance = np.einsum("nk,nk->n", centered, centered) / self.dtype.type(self.d)  # Eq. (1)
         inverse_std = 1 / np.sqrt(variance + self.dtype.type(self.eps))  # Eq. (2)
         normalized = np.multiply(centered, inverse_std[:, None], out=centered)  # Eq. (2)
-        self._saved_forward = normalized, inverse_std, averaging, inputs.shape
+        self._saved_forward = self._kept((normalized, inverse_std, averaging, inputs.shape))
         outputs = normalized * self.params["g"]  # Eq. (3)
         outputs += self.params["b"]  # Eq. (3)
         return outputs.reshape(inputs.shape)

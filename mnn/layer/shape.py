@@ -38,7 +38,7 @@ class ReshapeLayer(Layer):
         if size != wanted:
             raise ValueError(f"{self.name}: expected {wanted} values per sample to make shape {self.shape}, "
                              f"got {size} (input shape {inputs.shape})")
-        self._input_shape = inputs.shape
+        self._input_shape = self._kept(inputs.shape)
         return inputs.reshape((inputs.shape[0], *self.shape))  # Eq. (1)
 
     def backward(self, gradients, input_grad=True):

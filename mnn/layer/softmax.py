@@ -69,8 +69,9 @@ class SoftmaxLayer(Layer):
     def forward(self, inputs, feedbacks=None):
         r"""Row :math:`i` of the output is the softmax of row :math:`i` of the input, Eq. (1)."""
         rows, self._columns = self._rows(inputs)
-        self._outputs = self.stable_softmax(rows, axis=1)  # Eq. (1)
-        return self._as_shape(self._outputs, self._columns)
+        outputs = self.stable_softmax(rows, axis=1)  # Eq. (1)
+        self._outputs = self._kept(outputs)
+        return self._as_shape(outputs, self._columns)
 
     def backward(self, gradients, input_grad=True):
         r"""For one sample, :math:`y_c = e^{x_c} / s` with :math:`s = \sum_k e^{x_k}`,
@@ -138,7 +139,8 @@ class LogSoftmaxLayer(Layer):
     def forward(self, inputs, feedbacks=None):
         r"""Row :math:`i` of the output is the log-softmax of row :math:`i` of the input, Eq. (1)."""
         rows, self._columns = self._rows(inputs)
-        log_softmax, self._softmax = self.stable_log_softmax(rows, axis=1)  # Eq. (1)
+        log_softmax, softmax = self.stable_log_softmax(rows, axis=1)  # Eq. (1)
+        self._softmax = self._kept(softmax)
         return self._as_shape(log_softmax, self._columns)
 
     def backward(self, gradients, input_grad=True):
