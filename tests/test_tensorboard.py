@@ -98,3 +98,10 @@ def test_null_values_are_left_out(tmp_path):
     events.add_scalars(1, {"test/loss": 0.25, "test/accuracy": None})
     events.add_scalars(2, {"test/accuracy": float("nan")})  # no number at all: no event
     assert curves_read_back(tmp_path) == {"test/loss": [(1, 0.25)]}
+
+
+def test_a_loss_beyond_float32_is_shown_as_infinite(tmp_path):
+    # A diverging run (--on-nonfinite skip) logs losses that float64 holds and float32 does not.
+    EventFile(tmp_path).add_scalars(3, {"train/loss": 2.97e66, "train/lr": -1e300})
+    curves = curves_read_back(tmp_path)
+    assert curves == {"train/loss": [(3, float("inf"))], "train/lr": [(3, float("-inf"))]}

@@ -131,7 +131,12 @@ _message_field = _string_field  # an embedded message is length-delimited too
 
 
 def _float_field(number: int, value: float) -> bytes:
+    if abs(value) > _FLOAT32_MAX:
+        value = math.copysign(math.inf, value)  # a diverging loss beyond float32 is shown as infinite
     return _varint(number << 3 | 5) + struct.pack("<f", value)  # wire type 5: 32 bits
+
+
+_FLOAT32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]  # simple_value is a 32-bit float
 
 
 def _finite(value: Any) -> bool:
