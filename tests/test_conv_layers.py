@@ -285,3 +285,16 @@ def test_small_cnn_matches_torch(torch):
     for name, _, grad in net.named_params():
         assert_close(grad, weights[name].grad, name)
     assert_close(input_gradients, x.grad, "input gradient")
+
+
+def test_outputs_and_gradients_handed_out_are_never_overwritten():
+    # The convolution hands out batch-last views; a later call must not write into them.
+    rng = np.random.default_rng(6)
+    for layer in (Conv2DLayer(3, 4, 3, padding=1, dtype=F64, rng=0), MaxPool2DLayer(2, dtype=F64),
+                  AvgPool2DLayer(2, dtype=F64)):
+        first = layer.forward(rng.standard_normal((2, 3, 6, 6)))
+        first_gradient = layer.backward(np.ones_like(first))
+        kept, kept_gradient = first.copy(), first_gradient.copy()
+        layer.backward(layer.forward(rng.standard_normal((2, 3, 6, 6))))
+        np.testing.assert_array_equal(first, kept)
+        np.testing.assert_array_equal(first_gradient, kept_gradient)

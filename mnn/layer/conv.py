@@ -78,10 +78,17 @@ class Conv2DLayer(Layer):
     the windows out as the columns of a matrix :math:`X_c` of shape
     :math:`(C k_h k_w) \times (B H_o W_o)`, and the convolution, its weight
     gradient and its input gradient are then one large matrix product each, done by
-    BLAS's GEMM, which runs far faster than any loop over windows in NumPy. The
-    columns are laid out ``(C, kh, kw, B, Ho, Wo)``: the copy and the gradient's
-    scatter back (col2im) move runs of ``Ho * Wo`` numbers, and every product is a
-    single GEMM on contiguous or plainly transposed matrices. The price is memory:
+    BLAS's GEMM, which runs far faster than any loop over windows in NumPy. Inside,
+    images are held batch last, ``(C, H, W, B)``, and the columns laid out
+    ``(C, kh, kw, Ho, Wo, B)``: the copy into the columns and the gradient's
+    scatter back (col2im) then move runs of ``Wo * B`` numbers (of ``B`` where
+    the stride along W is not 1) instead of ``Wo``, whose per-run overhead in
+    NumPy made them the slowest part; every product is a single GEMM on contiguous or plainly
+    transposed matrices. The output and the input gradient are ``(B, C, H, W)``
+    views of batch-last arrays (not C-contiguous): the layers that follow keep
+    that layout, so a stack of convolutions, activations and pooling never moves
+    the batch axis back and forth (a transposing copy of the output cost as much
+    as the forward GEMM's inner loops). The price is memory:
     :math:`X_c` holds :math:`k_h k_w / (s_h s_w)` times the input, and is kept for
     backward.
     """
@@ -115,7 +122,7 @@ class Conv2DLayer(Layer):
         .. math::
             Y_{iouv} = b_o + \sum_{c, a, e} W_{ocae}\, \tilde X_{i,c,\,s_h u + a,\, s_w v + e}. \tag{1}
 
-        Name a column by its sample and position, :math:`n = (i, u, v)`, and a row by
+        Name a column by its position and sample, :math:`n = (u, v, i)`, and a row by
         what the sum runs over, :math:`r = (c, a, e)`: the im2col matrix
 
         .. math::
@@ -133,15 +140,16 @@ class Conv2DLayer(Layer):
                              f"(input shape {inputs.shape})")
         (kh, kw), (sh, sw) = self.kernel, self.stride
         padded = self._padded(inputs)
-        # (B, C, H', W', kh, kw) windows of stride 1; every s-th is a window of the convolution.
-        windows = sliding_window_view(padded, self.kernel, axis=(2, 3))[:, :, ::sh, ::sw]
-        batch, _, height, width = windows.shape[:4]
-        columns = np.empty((self.in_channels, kh, kw, batch, height, width), dtype=self.dtype)
-        np.copyto(columns, windows.transpose(1, 4, 5, 0, 2, 3))  # Eq. (2)
+        # (C, H', W', B, kh, kw) windows of stride 1; every s-th is a window of the convolution.
+        windows = sliding_window_view(padded, self.kernel, axis=(1, 2))[:, ::sh, ::sw]
+        height, width, batch = windows.shape[1:4]
+        columns = np.empty((self.in_channels, kh, kw, height, width, batch), dtype=self.dtype)
+        np.copyto(columns, windows.transpose(0, 4, 5, 1, 2, 3))  # Eq. (2)
         columns = columns.reshape(self.in_channels * kh * kw, -1)
         outputs = self.params["w"].reshape(self.out_channels, -1) @ columns  # Eq. (1), (3)
-        outputs = outputs.reshape(self.out_channels, batch, height, width).transpose(1, 0, 2, 3)
-        outputs = np.ascontiguousarray(outputs)
+        # (B, O, Ho, Wo) as a view of the batch-last product: no copy here, and the
+        # layers after it (element-wise, pooling, the next convolution) keep or want that layout.
+        outputs = outputs.reshape(self.out_channels, height, width, batch).transpose(3, 0, 1, 2)
         if "b" in self.params:
             outputs += self.params["b"][:, None, None]  # Eq. (3)
         self._saved_forward = columns, padded.shape, inputs.shape, outputs.shape
@@ -149,7 +157,7 @@ class Conv2DLayer(Layer):
 
     def backward(self, gradients, input_grad=True):
         r"""Given :math:`G = \partial \ell / \partial Y`, arranged as :math:`G_m` the way
-        Eq. (3) arranges :math:`Y` (row :math:`o`, column :math:`n = (i, u, v)`).
+        Eq. (3) arranges :math:`Y` (row :math:`o`, column :math:`n = (u, v, i)`).
         Eq. (3) is the product of the linear layer with the columns as the samples,
         so its gradients are those of the linear layer (summed over every position
         of every sample, as each uses the same weights):
@@ -169,7 +177,7 @@ class Conv2DLayer(Layer):
 
         .. math::
             \frac{\partial \ell}{\partial \tilde X_{icyx}} = \sum_{\substack{a, e, u, v:\;
-            s_h u + a = y,\; s_w v + e = x}} \big(\nabla_{X_c} \ell\big)_{(c, a, e),\,(i, u, v)}. \tag{7}
+            s_h u + a = y,\; s_w v + e = x}} \big(\nabla_{X_c} \ell\big)_{(c, a, e),\,(u, v, i)}. \tag{7}
 
         For a fixed kernel offset :math:`(a, e)` the positions :math:`(s_h u + a, s_w v + e)`
         are a strided slice of :math:`\tilde X`, so Eq. (7) is :math:`k_h k_w` vectorised
@@ -178,8 +186,10 @@ class Conv2DLayer(Layer):
         """
         columns, padded_shape, input_shape, output_shape = self._saved(self._saved_forward)
         gradients = self._check_gradients(gradients, output_shape)
-        # (O, B, Ho, Wo): the order of Eq. (3)'s columns.
-        gradient_matrix = np.ascontiguousarray(gradients.transpose(1, 0, 2, 3)).reshape(self.out_channels, -1)
+        # (O, Ho, Wo, B): the order of Eq. (3)'s columns; no copy when the gradient
+        # comes batch last, as the layers after this one give it.
+        gradient_matrix = np.ascontiguousarray(gradients.transpose(1, 2, 3, 0)).reshape(self.out_channels, -1)
+        batch = output_shape[0]
         # The (O, C k_h k_w) product is small beside the GEMM's inputs; a temporary costs nothing.
         self._add_to_grad("w", (gradient_matrix @ columns.T).reshape(self.params["w"].shape))  # Eq. (4)
         if "b" in self.params:
@@ -187,24 +197,21 @@ class Conv2DLayer(Layer):
         if not input_grad:
             return None
         weights = self.params["w"].reshape(self.out_channels, -1)
-        batch, _, out_height, out_width = output_shape
         column_gradients = (weights.T @ gradient_matrix).reshape(  # Eq. (6)
-            self.in_channels, *self.kernel, batch, out_height, out_width)
-        # Accumulated as (C, B, H', W'), the order of the columns' rows, so every
-        # addition reads and writes runs of Ho * Wo numbers.
-        padded_gradients = np.zeros((self.in_channels, batch, *padded_shape[2:]), dtype=self.dtype)
-        for a, e, rows, cols in window_slices(self.kernel, self.stride, (out_height, out_width)):
-            padded_gradients[:, :, rows, cols] += column_gradients[:, a, e]  # Eq. (7)
+            self.in_channels, *self.kernel, *output_shape[2:], batch)
+        # Accumulated batch last, as the input was padded, so every addition moves runs of Wo * B numbers.
+        padded_gradients = np.zeros(padded_shape, dtype=self.dtype)
+        for a, e, rows, cols in window_slices(self.kernel, self.stride, output_shape[2:]):
+            padded_gradients[:, rows, cols] += column_gradients[:, a, e]  # Eq. (7)
         (ph, pw), (in_height, in_width) = self.padding, input_shape[2:]
-        unpadded = padded_gradients[:, :, ph:ph + in_height, pw:pw + in_width]
-        return np.ascontiguousarray(unpadded.transpose(1, 0, 2, 3))  # Eq. (7)
+        unpadded = padded_gradients[:, ph:ph + in_height, pw:pw + in_width]
+        return unpadded.transpose(3, 0, 1, 2)  # Eq. (7), a batch-last view as the output
 
     def _padded(self, inputs):
-        """``inputs`` with ``padding`` zeros on both sides of H and W (itself without padding)."""
-        ph, pw = self.padding
-        if not ph and not pw:
-            return inputs
-        batch, channels, height, width = inputs.shape
-        padded = np.zeros((batch, channels, height + 2 * ph, width + 2 * pw), dtype=self.dtype)
-        padded[:, :, ph:ph + height, pw:pw + width] = inputs
+        """``inputs`` batch last, ``(C, H', W', B)``, with ``padding`` zeros on both sides of H and W."""
+        (ph, pw), (batch, channels, height, width) = self.padding, inputs.shape
+        padded = np.empty((channels, height + 2 * ph, width + 2 * pw, batch), dtype=self.dtype)
+        if ph or pw:
+            padded[...] = 0
+        padded[:, ph:ph + height, pw:pw + width] = inputs.transpose(1, 2, 3, 0)
         return padded

@@ -4,6 +4,8 @@ Both run as :math:`k_h k_w` vectorised operations on whole strided slices of
 the input, one per offset inside the window (the same slices as
 :class:`~mnn.layer.conv.Conv2DLayer`'s col2im), never a loop over samples or
 pixels. Windows may overlap (a stride smaller than the kernel); no padding.
+Outputs and input gradients keep the memory layout of what came in (batch
+last after a convolution, see :class:`~mnn.layer.conv.Conv2DLayer`).
 """
 
 import numpy as np
@@ -75,8 +77,9 @@ class MaxPool2DLayer(_Pool2DLayer):
         outputs = argmax = None
         for offset, rows, cols in self._offsets(output_shape):
             entries = inputs[:, :, rows, cols]
-            if outputs is None:
-                outputs, argmax = entries.copy(), np.zeros(output_shape, dtype=np.int32)
+            if outputs is None:  # in the input's memory layout (batch last after a convolution)
+                outputs = entries.copy(order="K")
+                argmax = np.zeros_like(outputs, dtype=np.int32)
                 continue
             larger = entries > outputs  # Eq. (1): strictly, so ties stay with the first
             np.copyto(outputs, entries, where=larger)  # Eq. (1)
@@ -101,7 +104,8 @@ class MaxPool2DLayer(_Pool2DLayer):
         gradients = self._check_gradients(gradients, argmax.shape)
         if not input_grad:
             return None
-        input_gradients = np.zeros(input_shape, dtype=self.dtype)
+        # In the gradient's memory layout (batch last before a convolution), as the input was.
+        input_gradients = np.zeros_like(gradients, shape=input_shape)
         for offset, rows, cols in self._offsets(argmax.shape):
             input_gradients[:, :, rows, cols] += gradients * (argmax == offset)  # Eq. (2)
         return input_gradients
@@ -123,9 +127,13 @@ class AvgPool2DLayer(_Pool2DLayer):
         """
         inputs = self._images(inputs)
         output_shape = self._output_shape(inputs.shape)
-        outputs = np.zeros(output_shape, dtype=self.dtype)
+        outputs = None
         for _, rows, cols in self._offsets(output_shape):
-            outputs += inputs[:, :, rows, cols]  # Eq. (1)
+            entries = inputs[:, :, rows, cols]
+            if outputs is None:  # in the input's memory layout (batch last after a convolution)
+                outputs = entries.copy(order="K")  # Eq. (1)
+            else:
+                outputs += entries  # Eq. (1)
         outputs *= self.dtype.type(1 / (self.kernel[0] * self.kernel[1]))  # Eq. (1)
         return outputs
 
@@ -144,7 +152,7 @@ class AvgPool2DLayer(_Pool2DLayer):
         if not input_grad:
             return None
         share = gradients * self.dtype.type(1 / (self.kernel[0] * self.kernel[1]))  # Eq. (2)
-        input_gradients = np.zeros(input_shape, dtype=self.dtype)
+        input_gradients = np.zeros_like(share, shape=input_shape)  # in the gradient's memory layout
         for _, rows, cols in self._offsets(output_shape):
             input_gradients[:, :, rows, cols] += share  # Eq. (2)
         return input_gradients
