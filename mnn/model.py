@@ -48,7 +48,7 @@ from mnn.layer import Layer, LossLayer
 from mnn.layer.conv import as_pair, output_length
 from mnn.seq_layers import Residual, SequentialLayers
 
-__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "MAX_GPT_BLOCKS", "MAX_LAYERS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
+__all__ = ["LAYER_TYPES", "LOSS_HEADS", "GPT_KEYS", "GPT_INIT_STD", "MAX_GPT_BLOCKS", "MAX_LAYERS", "MAX_NESTING", "ModelSize", "build_net", "build_layers",
            "model_size", "mlp_description", "gpt_description", "expand_gpt", "check_fits"]
 
 #: Every layer a description may name, by class name: each concrete layer of the
@@ -101,30 +101,47 @@ GPT_KEYS = {"vocab": None, "n_layers": 2, "d_model": 128, "n_heads": 4, "context
 #: The most blocks a ``gpt`` table may ask for (GPT-3 has 96): its description lists every
 #: block's layers, so n_layers = 10**9 would take all the memory before any size is checked.
 MAX_GPT_BLOCKS = 1000
+#: The standard deviation of GPT-2's initial weights (nanoGPT's too).
+GPT_INIT_STD = 0.02
 
 
 def gpt_description(vocab: int, n_layers: int = 2, d_model: int = 128, n_heads: int = 4, context: int = 64,
                     dropout: float = 0.0) -> dict[str, Any]:
-    """The layers of a GPT-style character model (Radford et al. 2019, as nanoGPT has it):
+    r"""The layers of a GPT-style character model (Radford et al. 2019, as nanoGPT has it):
     token and position embeddings, then ``n_layers`` blocks of [LayerNorm, causal
     self-attention] and [LayerNorm, Linear to 4 d, GELU, Linear to d], each inside a
     residual connection, then a LayerNorm and a Linear to the vocabulary, and the cross
     entropy of the next character at every position. With ``dropout`` > 0, dropout
-    follows the embeddings and the end of each residual branch, as in GPT-2."""
+    follows the embeddings and the end of each residual branch, as in GPT-2.
+
+    The weights start as GPT-2's (Radford et al. 2019, section 2.3; nanoGPT's
+    ``model.py``), and the description says so: every Linear and attention
+    weight from :math:`\mathcal{N}(0, 0.02^2)` (``init_std``), the two that write
+    into the residual stream (attention's ``w_o``, the MLP's second Linear) from
+    :math:`\mathcal{N}(0, 0.02^2 / (2 L))` for :math:`L` = ``n_layers``, since
+    the stream sums :math:`2L` branches; the embeddings from
+    :math:`\mathcal{N}(0, 0.02^2)` (their default); biases zero, LayerNorms
+    :math:`\gamma = 1, \beta = 0`. The logits start near zero, so the untrained
+    loss is near :math:`\log V` (He's initialisation, the Linear default, starts
+    far above it)."""
     def dropped(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return layers + [{"type": "DropoutLayer", "p": dropout}] if dropout else layers
+
+    residual_std = GPT_INIT_STD / math.sqrt(2 * n_layers)
 
     layers = dropped([{"type": "EmbeddingLayer", "vocab": vocab, "d": d_model},
                       {"type": "PositionalEmbeddingLayer", "context": context, "d": d_model}])
     for _ in range(n_layers):
         layers.append({"type": "Residual", "layers": dropped([
             {"type": "LayerNormLayer", "d": d_model},
-            {"type": "MultiHeadAttention", "d_model": d_model, "n_heads": n_heads, "causal": True}])})
+            {"type": "MultiHeadAttention", "d_model": d_model, "n_heads": n_heads, "causal": True,
+             "init_std": GPT_INIT_STD, "out_init_std": residual_std}])})
         layers.append({"type": "Residual", "layers": dropped([
             {"type": "LayerNormLayer", "d": d_model},
-            {"type": "LinearLayer", "shape": [d_model, 4 * d_model]}, {"type": "GeluLayer"},
-            {"type": "LinearLayer", "shape": [4 * d_model, d_model]}])})
-    layers += [{"type": "LayerNormLayer", "d": d_model}, {"type": "LinearLayer", "shape": [d_model, vocab]},
+            {"type": "LinearLayer", "shape": [d_model, 4 * d_model], "init_std": GPT_INIT_STD}, {"type": "GeluLayer"},
+            {"type": "LinearLayer", "shape": [4 * d_model, d_model], "init_std": residual_std}])})
+    layers += [{"type": "LayerNormLayer", "d": d_model},
+               {"type": "LinearLayer", "shape": [d_model, vocab], "init_std": GPT_INIT_STD},
                {"type": "CrossEntropyLossLayer"}]
     return {"layers": layers}
 

@@ -16,6 +16,8 @@ from mnn import (
     EmbeddingLayer,
     GeluLayer,
     LayerNormLayer,
+    LinearLayer,
+    MultiHeadAttention,
     Residual,
     SequentialLayers,
 )
@@ -113,6 +115,98 @@ def test_gpt_loss_is_the_mean_over_positions_and_learns():
         net.step(0.05)
         net.zero_grads()
     assert net(ids, targets) < 0.5 * first
+
+
+# ------------------------------------------------------------------ initialisation
+
+GPT_SIZES = {"vocab": 99, "n_layers": 3, "d_model": 128, "n_heads": 4, "context": 32}
+
+
+def test_the_untrained_gpt_form_predicts_every_character_alike():
+    """GPT-2's initialisation starts the logits near zero, so the loss of the untrained
+    short form is close to log2(vocab) bits per character; He's (the layers' default),
+    the spelled-out description without init_std, starts far above it."""
+    ids = np.random.default_rng(1).integers(0, GPT_SIZES["vocab"], (16, GPT_SIZES["context"]))
+    targets = np.roll(ids, -1, axis=1)
+    uniform = math.log2(GPT_SIZES["vocab"])
+    sizes = {key: GPT_SIZES[key] for key in ("vocab", "d_model", "context")}
+    bits = {}
+    for name, description in (("gpt", {"gpt": GPT_SIZES}),
+                              ("he", gpt_description(n_blocks=3, n_heads=4, **sizes))):
+        net = build_net(description, dtype=F64, rng=0)
+        net.set_training(False)
+        bits[name] = net(ids, targets) / math.log(2)
+    assert abs(bits["gpt"] - uniform) < 0.2, bits
+    assert bits["he"] > uniform + 1, bits
+
+
+def test_the_gpt_form_draws_gpt2s_weights():
+    """std 0.02 for every weight matrix and embedding, 0.02 / sqrt(2 n_layers) for the two
+    projections into the residual stream; biases zero. The sample std of N normal numbers
+    is within 3 % of the true one with a probability far above 1 - 1e-9 for N >= 12 288."""
+    net = build_net({"gpt": GPT_SIZES}, dtype=F64, rng=0)
+    residual = 0.02 / math.sqrt(2 * GPT_SIZES["n_layers"])
+    expected = {}
+    for name, param, _ in net.named_params():
+        if name.endswith((".b", ".b_q", ".b_k", ".b_v", ".b_o")):
+            assert not param.any(), name
+        elif name.endswith(".w_o") or name.endswith("Residual.3.LinearLayer.w"):
+            expected[name] = residual
+        elif "LayerNormLayer" not in name:
+            expected[name] = 0.02
+    assert sum(std == residual for std in expected.values()) == 2 * GPT_SIZES["n_layers"]
+    assert len(expected) == 2 + 6 * GPT_SIZES["n_layers"] + 1  # embeddings, q k v o and the MLP's, the head
+    params = {name: param for name, param, _ in net.named_params()}
+    for name, std in expected.items():
+        assert params[name].std() == pytest.approx(std, rel=0.03), name
+        assert abs(params[name].mean()) < 0.1 * std, name
+
+
+def test_the_gpt_forms_initialisation_is_in_its_description():
+    """get_config() names every init_std the short form chose; the description (through
+    TOML, as config.toml holds it) rebuilds the same net."""
+    import tomllib
+
+    import tomli_w
+
+    net = build_net({"gpt": GPT_SIZES}, dtype=F64, rng=0)
+    config = net.get_config()
+    attention, mlp = config["layers"][2]["layers"][1], config["layers"][3]["layers"]
+    residual = 0.02 / math.sqrt(2 * GPT_SIZES["n_layers"])
+    assert (attention["init_std"], attention["out_init_std"]) == (0.02, residual)
+    assert (mlp[1]["init_std"], mlp[3]["init_std"]) == (0.02, residual)
+    assert config["layers"][-2] == {"type": "LinearLayer", "shape": [128, 99], "bias": True, "init_std": 0.02}
+    again = build_net(tomllib.loads(tomli_w.dumps({"model": config}))["model"], dtype=F64, rng=0)
+    assert again.get_config() == config
+    for (name, param, _), (_, other, _) in zip(net.named_params(), again.named_params()):
+        np.testing.assert_array_equal(param, other, err_msg=name)
+
+
+def test_layers_without_init_std_draw_as_before():
+    """The default is unchanged for every other net: He for Linear, 1/d_model for attention,
+    the same numbers from the same rng, and no init_std in the description."""
+    linear = LinearLayer(5, 3, dtype=F64, rng=0)
+    np.testing.assert_array_equal(linear.params["w"],
+                                  np.random.default_rng(0).standard_normal((3, 5)) * np.sqrt(2 / 5))
+    assert linear.get_config() == {"shape": [5, 3], "bias": True}
+    attention = MultiHeadAttention(8, 2, dtype=F64, rng=0)
+    normal = np.random.default_rng(0).standard_normal((4, 8, 8))
+    for role, weights in zip("qkvo", normal):
+        np.testing.assert_array_equal(attention.params[f"w_{role}"], weights * np.sqrt(1 / 8))
+    assert attention.get_config() == {"d_model": 8, "n_heads": 2, "causal": False}
+    only_inner = MultiHeadAttention(8, 2, init_std=0.5, dtype=F64, rng=0)
+    np.testing.assert_array_equal(only_inner.params["w_o"], normal[3] * 0.5)  # w_o as the other three
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: LinearLayer(2, 3, init_std=0.0), ValueError, r"LinearLayer: init_std: expected a positive "),
+    (lambda: LinearLayer(2, 3, init_std="0.02"), TypeError, r"LinearLayer: init_std: expected a number"),
+    (lambda: MultiHeadAttention(4, 2, out_init_std=-1), ValueError, r"out_init_std: expected a positive"),
+    (lambda: MultiHeadAttention(4, 2, init_std=float("nan")), ValueError, r"init_std: expected a finite"),
+])
+def test_a_bad_init_std_is_named(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
 
 
 # ------------------------------------------------------------------ dropout masks

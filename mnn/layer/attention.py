@@ -10,6 +10,7 @@ import numpy as np
 
 from mnn.checks import as_generator, is_int
 from mnn.layer._base import Layer
+from mnn.layer.linear import checked_init_std
 from mnn.layer.softmax import SoftmaxLayer
 
 __all__ = ["MatrixProduct", "MultiHeadAttention"]
@@ -112,9 +113,16 @@ class MultiHeadAttention(Layer):
     for :math:`h` = ``n_heads``. Parameters (weights in the ``(out, in)``
     orientation of ``LinearLayer``): ``w_q, w_k, w_v, w_o`` of shape
     ``(d_model, d_model)`` and biases ``b_q, b_k, b_v, b_o`` of shape
-    ``(d_model,)``. Weights are drawn from :math:`\mathcal{N}(0, 1/d_{model})`
-    (unit-variance outputs for unit-variance inputs, no ReLU follows), biases
-    are zero.
+    ``(d_model,)``. Biases are zero. Weights are drawn by default from
+    :math:`\mathcal{N}(0, 1/d_{model})` (unit-variance outputs for unit-variance
+    inputs, no ReLU follows); with ``init_std=s`` from :math:`\mathcal{N}(0, s^2)`,
+    and with ``out_init_std=r`` the output projection ``w_o`` from
+    :math:`\mathcal{N}(0, r^2)` (default: as the other three). The ``gpt`` short
+    form of :mod:`mnn.model` draws as GPT-2 does: s = 0.02, and r = 0.02 /
+    :math:`\sqrt{2L}` for :math:`L` blocks, because ``w_o`` writes into the
+    residual stream, to which every block adds two branches (Radford et al.,
+    2019, section 2.3; nanoGPT's ``model.py``). ``get_config()`` holds the two
+    only where they were given.
 
     Masking: ``causal=True`` lets position :math:`t` attend only to positions
     :math:`s \le t`; ``forward(x, mask=m)`` takes a boolean ``m`` of shape
@@ -122,7 +130,8 @@ class MultiHeadAttention(Layer):
     :math:`s`, combined with the causal mask when both are given.
     """
 
-    def __init__(self, d_model, n_heads, causal=False, dtype=np.float32, rng=None):
+    def __init__(self, d_model, n_heads, causal=False, init_std=None, out_init_std=None, dtype=np.float32,
+                 rng=None):
         super().__init__(dtype)
         for what, value in (("d_model", d_model), ("n_heads", n_heads)):
             if not (is_int(value) and value > 0):
@@ -133,17 +142,22 @@ class MultiHeadAttention(Layer):
         self.d_model, self.n_heads = int(d_model), int(n_heads)
         self.d_head = self.d_model // self.n_heads
         self.causal = bool(causal)
+        self.init_std = checked_init_std("MultiHeadAttention: init_std", init_std)
+        self.out_init_std = checked_init_std("MultiHeadAttention: out_init_std", out_init_std)
         rng = as_generator(rng)
-        std = np.sqrt(1.0 / self.d_model)
+        std = np.sqrt(1.0 / self.d_model) if self.init_std is None else self.init_std
+        stds = {"q": std, "k": std, "v": std, "o": std if self.out_init_std is None else self.out_init_std}
         for role in ("q", "k", "v", "o"):
-            self._add_param(f"w_{role}", rng.standard_normal((self.d_model, self.d_model)) * std)
+            self._add_param(f"w_{role}", rng.standard_normal((self.d_model, self.d_model)) * stds[role])
             self._add_param(f"b_{role}", np.zeros(self.d_model))
         self._scores_product = MatrixProduct(dtype)
         self._context_product = MatrixProduct(dtype)
         self._saved_forward = None
 
     def get_config(self):
-        return {"d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal}
+        config = {"d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal}
+        given = {"init_std": self.init_std, "out_init_std": self.out_init_std}
+        return {**config, **{key: std for key, std in given.items() if std is not None}}
 
     def set_training(self, mode):
         super().set_training(mode)

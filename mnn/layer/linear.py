@@ -2,10 +2,21 @@ r"""The affine layer :math:`y = W x + b`."""
 
 import numpy as np
 
-from mnn.checks import as_generator, is_int
+from mnn.checks import as_generator, check_float, is_int
 from mnn.layer._base import Layer
 
 __all__ = ["LinearLayer"]
+
+
+def checked_init_std(name, init_std):
+    """``init_std`` (the standard deviation of a layer's initial weights) as a float,
+    or ``None`` for the layer's default; else an error naming ``name``."""
+    if init_std is None:
+        return None
+    std = check_float(name, init_std)
+    if std <= 0:
+        raise ValueError(f"{name}: expected a positive standard deviation, got {init_std}")
+    return std
 
 
 class LinearLayer(Layer):
@@ -14,25 +25,31 @@ class LinearLayer(Layer):
     ``LinearLayer(n_in, n_out)``: the weight ``w`` has shape ``(n_out, n_in)``
     (the seed's and PyTorch's orientation) and the bias ``b`` shape ``(n_out,)``.
 
-    Initialisation (He et al., 2015, for ReLU networks):
-    :math:`W_{jk} \sim \mathcal{N}(0, 2 / n)` and :math:`b = 0`, drawn from
-    ``rng`` (a ``numpy.random.Generator`` or an int seed), never from global state.
+    Initialisation, drawn from ``rng`` (a ``numpy.random.Generator`` or an int
+    seed), never from global state: by default He et al.'s (2015) for ReLU
+    networks, :math:`W_{jk} \sim \mathcal{N}(0, 2 / n)`; with ``init_std=s``,
+    :math:`W_{jk} \sim \mathcal{N}(0, s^2)` whatever :math:`n`, as GPT-2 draws
+    its weights (s = 0.02; Radford et al., 2019, section 2.3, and nanoGPT's
+    ``model.py``), which the ``gpt`` short form of :mod:`mnn.model` asks for.
+    Either way :math:`b = 0`. ``get_config()`` holds ``init_std`` only where it
+    was given, so a description without it builds a He-initialised layer.
     """
 
-    def __init__(self, *shape, bias=True, dtype=np.float32, rng=None):
+    def __init__(self, *shape, bias=True, init_std=None, dtype=np.float32, rng=None):
         super().__init__(dtype)
         if len(shape) != 2 or not all(is_int(n) and n > 0 for n in shape):
             raise ValueError(f"LinearLayer: expected shape (n_in, n_out) of two positive ints, got {shape}")
         self.n_in, self.n_out = int(shape[0]), int(shape[1])
-        rng = as_generator(rng)
-        std = np.sqrt(2.0 / self.n_in)
-        self._add_param("w", rng.standard_normal((self.n_out, self.n_in)) * std)
+        self.init_std = checked_init_std("LinearLayer: init_std", init_std)
+        std = np.sqrt(2.0 / self.n_in) if init_std is None else self.init_std
+        self._add_param("w", as_generator(rng).standard_normal((self.n_out, self.n_in)) * std)
         if bias:
             self._add_param("b", np.zeros(self.n_out))
         self._inputs = None
 
     def get_config(self):
-        return {"shape": [self.n_in, self.n_out], "bias": "b" in self.params}
+        config = {"shape": [self.n_in, self.n_out], "bias": "b" in self.params}
+        return config if self.init_std is None else {**config, "init_std": self.init_std}
 
     def forward(self, inputs, feedbacks=None):
         r"""Rows :math:`x_i^\top` of :math:`X \in \mathbb{R}^{B \times n}` map to rows
