@@ -298,3 +298,17 @@ def test_outputs_and_gradients_handed_out_are_never_overwritten():
         layer.backward(layer.forward(rng.standard_normal((2, 3, 6, 6))))
         np.testing.assert_array_equal(first, kept)
         np.testing.assert_array_equal(first_gradient, kept_gradient)
+
+
+@pytest.mark.parametrize("make", [lambda: Conv2DLayer(3, 4, 3, padding=1, dtype=F64, rng=0),
+                                  lambda: MaxPool2DLayer(2, dtype=F64), lambda: AvgPool2DLayer(2, dtype=F64)])
+def test_evaluation_gives_the_training_output_and_keeps_nothing(make):
+    inputs = np.random.default_rng(7).standard_normal((2, 3, 6, 6))
+    layer = make()
+    trained = layer.forward(inputs)
+    with layer.evaluating():
+        np.testing.assert_array_equal(layer.forward(inputs), trained)
+        assert not [name for name, value in vars(layer).items() if name not in ("params", "grads")
+                    and any(isinstance(item, np.ndarray) for item in (value if isinstance(value, tuple) else (value,)))]
+        with pytest.raises(ValueError, match="evaluation mode"):
+            layer.backward(np.ones_like(trained))

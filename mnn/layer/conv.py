@@ -152,7 +152,7 @@ class Conv2DLayer(Layer):
         outputs = outputs.reshape(self.out_channels, height, width, batch).transpose(3, 0, 1, 2)
         if "b" in self.params:
             outputs += self.params["b"][:, None, None]  # Eq. (3)
-        self._saved_forward = columns, padded.shape, inputs.shape, outputs.shape
+        self._saved_forward = self._kept((columns, padded.shape, inputs.shape, outputs.shape))
         return outputs
 
     def backward(self, gradients, input_grad=True):

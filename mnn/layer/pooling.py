@@ -30,7 +30,7 @@ class _Pool2DLayer(Layer):
 
     def _images(self, inputs):
         inputs = check_images(self, inputs, self.kernel)
-        self._input_shape = inputs.shape
+        self._input_shape = self._kept(inputs.shape)
         return inputs
 
     def _output_shape(self, input_shape):
@@ -84,7 +84,7 @@ class MaxPool2DLayer(_Pool2DLayer):
             larger = entries > outputs  # Eq. (1): strictly, so ties stay with the first
             np.copyto(outputs, entries, where=larger)  # Eq. (1)
             argmax[larger] = offset  # Eq. (1)
-        self._argmax = argmax
+        self._argmax = self._kept(argmax)
         return outputs
 
     def backward(self, gradients, input_grad=True):
