@@ -1,4 +1,4 @@
-"""mnn-bench: time one training step of mnn beside PyTorch, of an MLP or of a GPT.
+"""mnn-bench: time one training step of mnn beside PyTorch, of an MLP, a GPT or a CNN.
 
 ``--model mlp`` (the default): the MLP 784-256-10, a step being forward +
 backward + SGD update with cross entropy on random data. ``--model gpt``: the
@@ -6,6 +6,12 @@ GPT-style character model of ``[model.gpt]`` (2 blocks, d_model 128, 4 heads,
 context 64, float32, the vocabulary of the Python standard library's sources),
 a step being forward + backward + Adam update on drawn windows of that text,
 in PyTorch from the same initial weights (see mnn.distributed.experiments.gpt_bench).
+``--model cnn``: the Fashion-MNIST CNN of examples/fashion_cnn.toml (two blocks of
+3x3 convolution, BatchNorm, ReLU and 2x2 max-pooling, then Linear 3136-128-10;
+float32), a step being forward + backward + SGD with momentum 0.9 on random
+28x28 images, in PyTorch from the same weights (see
+mnn.distributed.experiments.cnn_bench); ``--profile`` adds where mnn's step goes,
+per layer class.
 One BLAS thread per process. One JSON line is printed per measurement (keys
 ``impl``, ``ranks``, ``batch_per_rank``, ``ms_per_step``, ``ms_min``,
 ``ms_max``, ``samples_per_s``, ...), and one ``compare`` line per batch size
@@ -25,6 +31,7 @@ Usage::
     mnn-bench --model gpt --quality --steps 2000 --out docs/gpt   # train both, compare the curves
     mnn-bench --model gpt --restarts 3          # what a failure costs under mnn-launch --max-restarts
     mnn-bench --model gpt --inference           # evaluation's forward: training vs evaluation mode vs no_grad
+    mnn-bench --model cnn --rounds 7 --profile  # the CNN, batch 64 images, and its per-layer breakdown
 
 Under mpiexec each step is split into compute, communication and waiting
 (``compute_ms``, ``comm_ms``, ``wait_ms``; waiting is the all-reduce time
@@ -73,6 +80,7 @@ from mnn.distributed.experiments.restart_cost import measure_checkpoint_cost, me
 from mnn.distributed.experiments.bench import (measure, mlp_evaluation_steps, mlp_steps, peak_rss_mb,
                                                sync_and_allreduce_ms, wait_for_idle_cpus)
 from mnn.distributed.experiments.collectives import measure_allreduce
+from mnn.distributed.experiments.cnn_bench import cnn_evaluation_steps, cnn_steps, layer_profile
 from mnn.distributed.experiments.gpt_bench import GptSizes, gpt_evaluation_steps, gpt_steps
 from mnn.distributed.experiments.gpt_quality import QualityRun, compare
 from mnn.distributed.experiments.scaling.driver import ChildJobs, turns
@@ -84,10 +92,11 @@ from mnn.text import load_text
 
 __all__ = ["main"]
 
-MODELS = ("mlp", "gpt")
-DEFAULT_BATCHES = {"mlp": [64, 256, 1024], "gpt": [32]}
-# --inference: the batches of an evaluation (mnn-train's EVAL_BATCH_SIZE samples, EVAL_WINDOWS windows).
-EVALUATION_BATCHES = {"mlp": [EVAL_BATCH_SIZE], "gpt": [EVAL_WINDOWS]}
+MODELS = ("mlp", "gpt", "cnn")
+DEFAULT_BATCHES = {"mlp": [64, 256, 1024], "gpt": [32], "cnn": [64]}
+# --inference: the batches of an evaluation (mnn-train's EVAL_BATCH_SIZE samples, EVAL_WINDOWS windows;
+# the CNN's im2col columns of 1024 images would take 0.9 GB, so 256 of them).
+EVALUATION_BATCHES = {"mlp": [EVAL_BATCH_SIZE], "gpt": [EVAL_WINDOWS], "cnn": [256]}
 
 
 def _parser():
@@ -96,13 +105,18 @@ def _parser():
         epilog="Run under 'mpiexec -n N' for the data-parallel figures; see the README for the tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="mlp",
-                        help="mlp: the MLP 784-256-10; gpt: the GPT-style character model (default mlp)")
+                        help="mlp: the MLP 784-256-10; gpt: the GPT-style character model; cnn: the "
+                             "Fashion-MNIST CNN (default mlp)")
     parser.add_argument("--batch", type=int_list(1, "batch size"),
-                        help="per-rank batch sizes, comma-separated (default 64,256,1024; gpt: 32 windows)")
+                        help="per-rank batch sizes, comma-separated (default 64,256,1024; gpt: 32 windows; "
+                             "cnn: 64 images)")
     parser.add_argument("--rounds", type=positive(int), default=5, help="alternating rounds per batch size (default 5)")
     parser.add_argument("--target-ms", type=positive(float, unit="milliseconds"), default=300.0,
                         help="approximate length of one timed round in ms (default 300)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--profile", action="store_true",
+                        help="--model cnn: after the timing, one line per layer class with mnn's forward and "
+                             "backward ms per step on one process (the convolution's GEMMs and im2col/col2im apart)")
     parser.add_argument("--inference", action="store_true",
                         help="time evaluation's forward instead of a training step (one process): mnn in training "
                              "and in evaluation mode beside PyTorch under torch.no_grad() (default batch: "
@@ -124,8 +138,8 @@ def _parser():
     gpt.add_argument("--text", metavar="PATH",
                      help="a text file or a folder of them (default: the Python standard library's sources)")
     gpt.add_argument("--bucket-kb", type=positive(int), default=DEFAULT_BUCKET_BYTES // 1024,
-                     help=f"DataParallel's gradient bucket size in KiB (default {DEFAULT_BUCKET_BYTES // 1024}, "
-                          "mnn-train's)")
+                     help=f"DataParallel's gradient bucket size in KiB, for the GPT and the CNN (default "
+                          f"{DEFAULT_BUCKET_BYTES // 1024}, mnn-train's)")
     quality = parser.add_argument_group("training quality (--model gpt --quality)")
     quality.add_argument("--quality", action="store_true",
                          help="train the GPT in mnn and in PyTorch alike (batch: the first of --batch) and compare "
@@ -223,16 +237,20 @@ def _steps(args, batch_size, comm, text):
     if args.inference:
         if args.model == "mlp":
             return mlp_evaluation_steps(batch_size, with_torch=not args.no_torch)
+        if args.model == "cnn":
+            return cnn_evaluation_steps(batch_size, with_torch=not args.no_torch)
         return gpt_evaluation_steps(_gpt_sizes(args, batch_size), comm, text, with_torch=not args.no_torch)
     if args.model == "mlp":
         return mlp_steps(batch_size, comm, with_torch=not args.no_torch)
+    if args.model == "cnn":
+        return cnn_steps(batch_size, comm, with_torch=not args.no_torch, bucket_bytes=args.bucket_kb * 1024)
     return gpt_steps(_gpt_sizes(args, batch_size), comm, text, with_torch=not args.no_torch,
                      bucket_bytes=args.bucket_kb * 1024)
 
 
 def _mnn_details(args, batch_size, comm, parallel):
     """What mnn's line adds on several ranks (collective): for the MLP, its synchronisation
-    beside a plain Allreduce; for the GPT, its gradient buckets and one blocking Allreduce
+    beside a plain Allreduce; for the GPT and the CNN, its gradient buckets and one blocking Allreduce
     of the whole gradient, what ``wait_ms`` would be if backward hid nothing."""
     if parallel is None:
         return {}
@@ -317,6 +335,8 @@ def main(argv=None):
         parser.error("--inference times one process's forward: drop --quality, --restarts and --scaling")
     if args.quality and args.model != "gpt":
         parser.error("--quality trains the GPT: add --model gpt")
+    if args.profile and args.model != "cnn":
+        parser.error("--profile splits the CNN's step: add --model cnn")
     if args.model == "gpt" and args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     if args.quality:
@@ -352,6 +372,10 @@ def main(argv=None):
                 for result in results:
                     result["peak_rss_mb"] = round(peak, 1)
                 _print_results(args, results, details)
+            if args.profile and comm.rank == 0:
+                for part in layer_profile(batch_size):
+                    print(json.dumps({"profile": "mnn", "model": args.model, "batch_per_rank": batch_size, **part}),
+                          flush=True)
     return 0
 
 

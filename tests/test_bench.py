@@ -235,6 +235,78 @@ def test_waiting_for_idle_cpus_returns_or_gives_up():
     assert wait_for_idle_cpus(min_idle=1.01, timeout_s=0.2, sample_s=0.05) is False
 
 
+# ------------------------------------------------------------------ --model cnn
+TINY_CNN = ["--model", "cnn", "--batch", "4", "--rounds", "1", "--target-ms", "5"]
+
+
+def test_cnn_one_process_prints_well_formed_lines_and_its_profile():
+    records = run_bench([*TINY_CNN, "--no-torch", "--profile"])
+    assert records[0]["model"] == "cnn"
+    [mnn] = measurements(records, "mnn")
+    assert BASE_KEYS | {"ms_min", "ms_max", "round_ms"} <= set(mnn)
+    assert mnn["ranks"] == 1 and mnn["batch_per_rank"] == 4 and len(mnn["round_ms"]) == 1
+    parts = {record["layer"]: record for record in records if record.get("profile") == "mnn"}
+    assert {"Conv2DLayer", "BatchNormLayer", "ReluLayer", "MaxPool2DLayer", "LinearLayer", "CrossEntropyLossLayer",
+            "SGD update", "Conv2DLayer GEMMs", "Conv2DLayer im2col/col2im"} <= set(parts)
+    for part in parts.values():
+        assert part["ms"] == pytest.approx(part["forward_ms"] + part["backward_ms"], abs=2e-3)
+    whole = [part["share"] for name, part in parts.items() if not name.startswith("Conv2DLayer ")]
+    assert sum(whole) == pytest.approx(1, abs=0.01)
+    assert not measurements(records, "torch")
+
+
+def test_cnn_beside_pytorch_when_installed():
+    pytest.importorskip("torch")
+    records = run_bench(TINY_CNN)
+    assert measurements(records, "torch")
+    [compare] = [record for record in records if "compare" in record]
+    assert compare["model"] == "cnn" and compare["throughput_ratio"] > 0
+
+
+def test_profile_needs_the_cnn():
+    result = subprocess.run([sys.executable, "-m", "mnn.scripts.bench", "--profile"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--model cnn" in result.stderr
+
+
+def test_pytorch_copy_of_the_cnn_gives_the_same_losses_and_running_statistics():
+    torch = pytest.importorskip("torch")
+    from mnn import SGD
+    from mnn.distributed.experiments.cnn_bench import build_cnn, random_images, torch_cnn
+
+    net = build_cnn(seed=3)
+    model = torch_cnn(net)
+    mnn_sgd = SGD(net, lr=0.05, momentum=0.9)
+    torch_sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # Equal at step 0, and still after a few momentum steps on other batches.
+    for step in range(3):
+        x, y = random_images(6, rank=step)
+        net.zero_grads()
+        mnn_loss = float(net(x, y))
+        net.backward()
+        mnn_sgd.step()
+        torch_sgd.zero_grad()
+        torch_loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        torch_loss.backward()
+        torch_sgd.step()
+        assert mnn_loss == pytest.approx(torch_loss.item(), rel=1e-4), f"step {step}"
+    norms = [layer for layer in net.layers if layer.name == "BatchNormLayer"]
+    torch_norms = [module for module in model.layers if isinstance(module, torch.nn.BatchNorm2d)]
+    for norm, torch_norm in zip(norms, torch_norms, strict=True):
+        np.testing.assert_allclose(norm.buffers["running_mean"], torch_norm.running_mean.numpy(), rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(norm.buffers["running_var"], torch_norm.running_var.numpy(), rtol=1e-4)
+
+
+def test_the_example_job_trains_the_benchmarked_cnn():
+    from mnn.distributed.training.config import resolve_config
+    from mnn.distributed.experiments.cnn_bench import cnn_description
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fashion_cnn.toml"
+    if not example.exists():
+        pytest.skip("no examples/fashion_cnn.toml")
+    assert resolve_config(example).model == cnn_description()
+
+
 # ------------------------------------------------------------------ the measurement kit
 def test_the_timed_loop_warms_up_probes_and_keeps_the_count_within_bounds():
     from mnn.distributed.comm import SingleProcessCommunicator
