@@ -356,7 +356,8 @@ def github_anchor(heading):
     """The anchor GitHub (and myst-parser's ``myst_heading_anchors``) gives a heading:
     its text lower-cased, punctuation dropped, spaces as hyphens."""
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link counts by its text
-    text = re.sub(r"[`*_]{1,2}(?=\S)|(?<=\S)[`*_]{1,2}", "", text)
+    text = re.sub(r"[`*]{1,2}(?=\S)|(?<=\S)[`*]{1,2}", "", text)
+    text = re.sub(r"(?<!\w)_{1,2}(?=\S)|(?<=\S)_{1,2}(?!\w)", "", text)  # no_grad keeps its _
     return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
 
 
@@ -392,6 +393,7 @@ def test_github_anchors():
     assert github_anchor("What happens when…") == "what-happens-when"
     assert github_anchor("`distributed/`: four parts") == "distributed-four-parts"
     assert github_anchor("Any net, from Python") == "any-net-from-python"
+    assert github_anchor("Beside PyTorch's no_grad, _emphasis_") == "beside-pytorchs-no_grad-emphasis"
 
 
 def test_the_readme_is_short_and_links_every_page():

@@ -287,14 +287,14 @@ class BatchNormLayer(Layer):
 
         .. math::
             \frac{\partial \hat x_i}{\partial x_j}
-            = \frac{1}{s}\Big(\delta_{ij} - \frac{1}{n} - \frac{\hat x_i \hat x_j}{n}\Big), \tag{7}
+            = \frac{1}{s}\Big(\delta_{ij} - \frac{1}{n} - \frac{\hat x_i \hat x_j}{n}\Big),
 
         so, never forming the :math:`n \times n` Jacobian,
 
         .. math::
             \frac{\partial \ell}{\partial x_j} = \frac{\gamma}{s}\Big(g_j - \frac{1}{n} S_1
             - \hat x_j \frac{1}{n} S_2\Big), \qquad
-            S_1 = \sum_r \sum_{i \in r} g_i, \quad S_2 = \sum_r \sum_{i \in r} g_i \hat x_i, \tag{8}
+            S_1 = \sum_r \sum_{i \in r} g_i, \quad S_2 = \sum_r \sum_{i \in r} g_i \hat x_i, \tag{7}
 
         where the two sums, over the whole global batch, are the one reduction
         (the local parts are those of Eq. (6)). They are right only if every
@@ -304,7 +304,7 @@ class BatchNormLayer(Layer):
         :mod:`mnn.distributed.data_parallel`), so the ranks' weighted losses add
         up to the global mean loss and :math:`g_i` is its gradient wherever
         sample :math:`i` is. (Accumulated micro-batches scale :math:`\ell` by a
-        constant, and Eq. (8) is linear in :math:`g`.)
+        constant, and Eq. (7) is linear in :math:`g`.)
 
         The reduction is made even without ``input_grad``, so that every rank
         makes the same reductions.
@@ -314,15 +314,15 @@ class BatchNormLayer(Layer):
         sums = np.stack([gradients.sum(axis=(0, 2)), np.einsum("bcp,bcp->c", gradients, normalized)])
         self._add_to_grad("b", sums[0])  # Eq. (6)
         self._add_to_grad("g", sums[1])  # Eq. (6)
-        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (8)
+        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (7)
         if not input_grad:
             return None
-        result = gradients - means[0][:, None]  # Eq. (8)
-        result -= normalized * means[1][:, None]  # Eq. (8)
-        result *= (self.params["g"] * inverse_std)[:, None]  # Eq. (8)
+        result = gradients - means[0][:, None]  # Eq. (7)
+        result -= normalized * means[1][:, None]  # Eq. (7)
+        result *= (self.params["g"] * inverse_std)[:, None]  # Eq. (7)
         return result.reshape(shape)
 
     def backward_no_samples(self):
-        """Backward's reduction (Eq. (8)), with nothing from this process."""
+        """Backward's reduction (Eq. (7)), with nothing from this process."""
         if self.training and self._reduce is not None:
             self._global_sum(np.zeros((2, self.channels)))
