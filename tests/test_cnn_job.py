@@ -63,3 +63,25 @@ def test_the_fashion_example_trains_on_two_ranks_with_mnn_launch(tmp_path):
     # The running statistics travel with the model, and they moved away from their start.
     assert model["2.BatchNormLayer.running_mean"].shape == (32,)
     assert np.abs(model["6.BatchNormLayer.running_var"] - 1).max() > 1e-3
+
+
+@needs_mpiexec
+@pytest.mark.slow
+def test_a_resumed_cnn_run_ends_with_the_model_and_running_statistics_of_an_uninterrupted_one(tmp_path):
+    data = write_squares(tmp_path / "squares", n_train=192, n_test=64)
+    job = ["--config", str(EXAMPLE), "--dataset", str(data), "--epochs", "2", "--batch-size", "32",
+           "--dtype", "float64"]
+
+    def train(output, *more):
+        result = subprocess.run(LAUNCH + ["-n", "2", "--"] + TRAIN + job + ["--output", str(output), *more],
+                                capture_output=True, text=True, timeout=300, env=ENV)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    train(tmp_path / "whole")
+    train(tmp_path / "halves", "--max-steps", "7")  # stops inside the second epoch, with a checkpoint
+    train(tmp_path / "halves", "--resume")
+    assert json.loads((tmp_path / "halves" / "summary.json").read_text())["resumed_from"].endswith("checkpoint.npz")
+    whole, halves = load_arrays(tmp_path / "whole" / "model.npz"), load_arrays(tmp_path / "halves" / "model.npz")
+    assert sorted(whole) == sorted(halves) and any("running_var" in name for name in whole)
+    for name in whole:
+        np.testing.assert_array_equal(halves[name], whole[name], err_msg=name)
