@@ -218,33 +218,34 @@ class BatchNormLayer(Layer):
         if inputs.shape[1] != self.channels:
             raise ValueError(f"{self.name}: expected {self.channels} channels on axis 1 (inputs (batch, channels, "
                              f"...)), got {inputs.shape[1]} (input shape {inputs.shape})")
-        values = inputs.reshape(inputs.shape[0], self.channels, -1)
+        order = _channels_first_order(inputs)
+        values = _channel_rows(inputs, order)
         if self.training:
             centered, variance, count = self._batch_statistics(values)
         else:
-            centered = values - self.buffers["running_mean"][:, None]  # Eq. (3)
+            centered = values - self.buffers["running_mean"][:, None].astype(self.dtype)  # Eq. (3)
             variance, count = self.buffers["running_var"], None
-        inverse_std = 1 / np.sqrt(variance + self.dtype.type(self.eps))  # Eq. (3)
-        normalized = np.multiply(centered, inverse_std[:, None], out=centered)  # Eq. (3)
+        inverse_std = (1 / np.sqrt(variance + self.eps)).astype(self.dtype)  # Eq. (3)
         # A forward in evaluation is inference: it keeps nothing for backward.
-        self._saved_forward = (normalized, count, inverse_std, inputs.shape) if self.training else None
-        outputs = normalized * self.params["g"][:, None]  # Eq. (4)
+        self._saved_forward = (centered, count, inverse_std, inputs.shape, order) if self.training else None
+        # Eq. (3) and (4) in one scaling, gamma / s per channel; x_hat itself is never stored.
+        outputs = centered * (self.params["g"] * inverse_std)[:, None]  # Eq. (3), (4)
         outputs += self.params["b"][:, None]  # Eq. (4)
-        return outputs.reshape(inputs.shape)
+        return _from_channel_rows(outputs, inputs.shape, order)
 
     def forward_no_samples(self):
         """A training forward's two reductions, with nothing from this process; the
         running statistics follow the global batch as on every other rank."""
         if self.training and self._reduce is not None:
-            self._batch_statistics(np.empty((0, self.channels, 1), dtype=self.dtype))
+            self._batch_statistics(np.empty((self.channels, 0), dtype=self.dtype))
             self._saved_forward = None
 
     def _batch_statistics(self, values):
         """(values - mean, variance, count) of the global batch by Eq. (1) and (2), for
-        ``values`` of shape ``(b, C, positions)``; updates the running statistics."""
+        ``values`` of shape ``(C, n)``, a row per channel; updates the running statistics."""
         first = np.empty(self.channels + 1)
-        first[0] = values.shape[0] * values.shape[2]
-        first[1:] = values.sum(axis=(0, 2))
+        first[0] = values.shape[1]
+        first[1:] = values.sum(axis=1)
         first = self._global_sum(first)  # Eq. (1)
         count = first[0]
         if count < 2:
@@ -252,7 +253,7 @@ class BatchNormLayer(Layer):
                              f"of one value is 0), got {count:.0f} in the whole batch")
         mean = (first[1:] / count).astype(self.dtype)  # Eq. (1)
         centered = values - mean[:, None]  # Eq. (2)
-        squares = self._global_sum(np.einsum("bcp,bcp->c", centered, centered).astype(np.float64))  # Eq. (2)
+        squares = self._global_sum(np.einsum("cn,cn->c", centered, centered).astype(np.float64))  # Eq. (2)
         variance = (squares / count).astype(self.dtype)  # Eq. (2)
         running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
         running_mean *= 1 - self.momentum  # Eq. (5)
@@ -309,20 +310,43 @@ class BatchNormLayer(Layer):
         The reduction is made even without ``input_grad``, so that every rank
         makes the same reductions.
         """
-        normalized, count, inverse_std, shape = self._saved(self._saved_forward)
-        gradients = self._check_gradients(gradients, shape).reshape(normalized.shape)
-        sums = np.stack([gradients.sum(axis=(0, 2)), np.einsum("bcp,bcp->c", gradients, normalized)])
+        centered, count, inverse_std, shape, order = self._saved(self._saved_forward)
+        gradients = _channel_rows(self._check_gradients(gradients, shape), order)
+        # S_2 = sum g x_hat = (sum g (x - mu)) / s: x_hat is never formed.
+        sums = np.stack([gradients.sum(axis=1), np.einsum("cn,cn->c", gradients, centered) * inverse_std])
         self._add_to_grad("b", sums[0])  # Eq. (6)
         self._add_to_grad("g", sums[1])  # Eq. (6)
-        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (7)
+        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (8)
         if not input_grad:
             return None
-        result = gradients - means[0][:, None]  # Eq. (7)
-        result -= normalized * means[1][:, None]  # Eq. (7)
-        result *= (self.params["g"] * inverse_std)[:, None]  # Eq. (7)
-        return result.reshape(shape)
+        scale = self.params["g"] * inverse_std
+        # gamma/s (g - S_1/n - x_hat S_2/n), x_hat = (x - mu)/s, in three passes.
+        result = gradients * scale[:, None]  # Eq. (7), (8)
+        result -= centered * (scale * inverse_std * means[1])[:, None]  # Eq. (8)
+        result -= (scale * means[0])[:, None]  # Eq. (8)
+        return _from_channel_rows(result, shape, order)
 
     def backward_no_samples(self):
         """Backward's reduction (Eq. (7)), with nothing from this process."""
         if self.training and self._reduce is not None:
             self._global_sum(np.zeros((2, self.channels)))
+
+
+def _channels_first_order(inputs):
+    """The axes of ``inputs`` ``(B, C, ...)`` with the channel first and the others in
+    their memory order, largest stride first: for a C-contiguous array
+    ``(1, 0, 2, ...)``, for a convolution's batch-last output ``(1, 2, ..., 0)``."""
+    others = sorted((axis for axis in range(inputs.ndim) if axis != 1), key=lambda axis: -inputs.strides[axis])
+    return (1, *others)
+
+
+def _channel_rows(array, order):
+    """``array`` as ``(C, n)``, a row per channel, its axes taken in ``order``: a view when
+    they are in memory order (batch-last images), a copy otherwise (C-contiguous images)."""
+    return array.transpose(order).reshape(array.shape[1], -1)
+
+
+def _from_channel_rows(rows, shape, order):
+    """The ``(C, n)`` rows back as an array of ``shape``, the inverse of :func:`_channel_rows`
+    (a view in ``rows``' memory layout)."""
+    return rows.reshape([shape[axis] for axis in order]).transpose(np.argsort(order))

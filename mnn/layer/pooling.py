@@ -54,11 +54,17 @@ class MaxPool2DLayer(_Pool2DLayer):
     in C order, row by row inside the window (the one with the smallest
     :math:`a k_w + e`). Where overlapping windows share an arg-max, it
     receives the gradient of each.
+
+    No arg-max is kept: forward is :math:`k_h k_w - 1` element-wise maxima, and
+    backward finds each window's arg-max again by comparing the input with the
+    output (it keeps both, and the input is the previous layer's output, kept
+    there anyway). Recording the arg-max in forward took a masked copy and a
+    masked assignment per offset, several times the maxima's cost.
     """
 
     def __init__(self, kernel, stride=None, dtype=np.float32):
         super().__init__(kernel, stride, dtype)
-        self._argmax = None
+        self._saved_forward = None
 
     def forward(self, inputs, feedbacks=None):
         r"""For sample :math:`i`, channel :math:`c` and output position :math:`(u, v)`,
@@ -66,48 +72,63 @@ class MaxPool2DLayer(_Pool2DLayer):
         offsets :math:`0 \le a < k_h`, :math:`0 \le e < k_w`, and
 
         .. math::
-            Y_{icuv} = \max_{a, e} X_{i,c,\,s_h u + a,\, s_w v + e}, \qquad
-            (a^*, e^*)_{icuv} = \text{the first } (a, e) \text{ in C order that attains it}. \tag{1}
-
-        Both are kept up to date over the offsets in C order; an offset replaces the
-        maximum only where it is strictly larger, so a tie keeps the earlier one.
+            Y_{icuv} = \max_{a, e} X_{i,c,\,s_h u + a,\, s_w v + e}. \tag{1}
         """
         inputs = self._images(inputs)
-        output_shape = self._output_shape(inputs.shape)
-        outputs = argmax = None
-        for offset, rows, cols in self._offsets(output_shape):
+        outputs = None
+        for _, rows, cols in self._offsets(self._output_shape(inputs.shape)):
             entries = inputs[:, :, rows, cols]
             if outputs is None:  # in the input's memory layout (batch last after a convolution)
                 outputs = entries.copy(order="K")
-                argmax = np.zeros_like(outputs, dtype=np.int32)
-                continue
-            larger = entries > outputs  # Eq. (1): strictly, so ties stay with the first
-            np.copyto(outputs, entries, where=larger)  # Eq. (1)
-            argmax[larger] = offset  # Eq. (1)
-        self._argmax = self._kept(argmax)
+            else:
+                np.maximum(outputs, entries, out=outputs)  # Eq. (1)
+        self._saved_forward = self._kept((inputs, outputs))
         return outputs
 
     def backward(self, gradients, input_grad=True):
         r"""Given :math:`G = \partial \ell / \partial Y`: by Eq. (1), :math:`Y_{icuv}` is
-        the input entry at :math:`(s_h u + a^*, s_w v + e^*)`, so its derivative
-        is 1 with respect to that entry and 0 with respect to the others of the window
-        (a subgradient where entries tie). Summing over the windows that hold an entry,
+        the input entry at :math:`(s_h u + a^*, s_w v + e^*)`, the window's arg-max,
+
+        .. math::
+            (a^*, e^*)_{icuv} = \text{the first } (a, e) \text{ in C order with }
+            X_{i,c,\,s_h u + a,\, s_w v + e} = Y_{icuv}, \tag{2}
+
+        so its derivative is 1 with respect to that entry and 0 with respect to the
+        others of the window (a subgradient where entries tie). Summing over the
+        windows that hold an entry,
 
         .. math::
             \frac{\partial \ell}{\partial X_{icyx}} = \sum_{u, v:\; (s_h u + a^*, s_w v + e^*) = (y, x)}
-            G_{icuv}. \tag{2}
+            G_{icuv}. \tag{3}
 
-        For each offset :math:`(a, e)`, the windows whose arg-max is there add their
-        :math:`G` into that offset's strided slice of the gradient.
+        Over the offsets in C order, an offset is the arg-max of the windows whose
+        entry there equals the maximum and that no earlier offset claimed; those
+        windows add their :math:`G` into that offset's strided slice of the
+        gradient (write it, where windows do not overlap and so no entry has two).
         """
-        argmax, input_shape = self._saved(self._argmax), self._saved(self._input_shape)
-        gradients = self._check_gradients(gradients, argmax.shape)
+        inputs, outputs = self._saved(self._saved_forward)
+        gradients = self._check_gradients(gradients, outputs.shape)
         if not input_grad:
             return None
-        # In the gradient's memory layout (batch last before a convolution), as the input was.
-        input_gradients = np.zeros_like(gradients, shape=input_shape)
-        for offset, rows, cols in self._offsets(argmax.shape):
-            input_gradients[:, :, rows, cols] += gradients * (argmax == offset)  # Eq. (2)
+        if gradients.strides != outputs.strides:  # one copy, so every pass below runs in one memory order
+            aligned = np.empty_like(outputs)
+            aligned[...] = gradients
+            gradients = aligned
+        overlapping = any(step < size for step, size in zip(self.stride, self.kernel))
+        # In the input's memory layout (batch last before a convolution), as the input was.
+        input_gradients = np.zeros_like(inputs)
+        unclaimed = None
+        for _, rows, cols in self._offsets(outputs.shape):
+            argmax = inputs[:, :, rows, cols] == outputs  # Eq. (2)
+            if unclaimed is None:
+                unclaimed = ~argmax
+            else:
+                argmax &= unclaimed  # Eq. (2): ties stay with the first offset
+                unclaimed &= ~argmax
+            if overlapping:
+                input_gradients[:, :, rows, cols] += gradients * argmax  # Eq. (3)
+            else:
+                np.multiply(gradients, argmax, out=input_gradients[:, :, rows, cols])  # Eq. (3)
         return input_gradients
 
 
