@@ -368,7 +368,8 @@ def _image_layer_size(name: str, arguments: dict[str, Any], numbers: int) -> tup
     Conv2DLayer: :math:`O C k_h k_w + O` parameters; of :math:`N` numbers in,
     :math:`H = W = \sqrt{N / C}`; keeps its im2col columns, :math:`C k_h k_w H_o W_o`,
     and gives :math:`O H_o W_o`. Pooling (channels unknown): about
-    :math:`N / (s_h s_w)` out; MaxPool2DLayer keeps as many arg-max indices.
+    :math:`N / (s_h s_w)` out, which each keeps (MaxPool2DLayer's backward finds the
+    arg-max by comparing it with the input, which the layer before holds).
     """
     try:
         kernel = as_pair(name, arguments.get("kernel"), 1)
@@ -379,7 +380,7 @@ def _image_layer_size(name: str, arguments: dict[str, Any], numbers: int) -> tup
         return 0, numbers, numbers
     if name != "Conv2DLayer":
         out = max(1, numbers // (stride[0] * stride[1]))
-        return 0, 2 * out if name == "MaxPool2DLayer" else out, out
+        return 0, out, out
     in_channels, out_channels = arguments.get("in_channels"), arguments.get("out_channels")
     if not all(is_int(value) and value > 0 for value in (in_channels, out_channels)):
         return 0, numbers, numbers

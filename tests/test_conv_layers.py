@@ -210,8 +210,9 @@ def test_model_size_counts_conv_parameters_and_positions():
         {"type": "MaxPool2DLayer", "kernel": 2}]}, sample_numbers=28 * 28)
     net = build_net({"layers": [{"type": "Conv2DLayer", "in_channels": 1, "out_channels": 8, "kernel": 3}]})
     assert size.parameters == sum(param.size for _, param, _ in net.named_params()) == 8 * 9 + 8
-    # im2col columns (9 per position) and the output (8 per position) of 28 x 28, then 2 x 14 x 14 x 8.
-    assert size.activations == (9 + 8) * 28 * 28 + 2 * 8 * 14 * 14
+    # im2col columns (9 per position) and the output (8 per position) of 28 x 28, then the
+    # pooled output, 14 x 14 x 8 (max-pooling's backward compares it with its input).
+    assert size.activations == (9 + 8) * 28 * 28 + 8 * 14 * 14
 
 
 # ------------------------------------------------------------------ against PyTorch
