@@ -3,7 +3,8 @@
 The net (:func:`cnn_description`, the ``[model]`` table of
 ``examples/fashion_cnn.toml``) is two blocks of [3x3 convolution with padding
 1, BatchNorm, ReLU, 2x2 max-pooling] on 28x28 greyscale images (32 then 64
-channels), then Linear 3136-128, ReLU, Linear 128-10 and cross entropy.
+channels), then Linear 3136-128, ReLU, Linear 128-10 and cross entropy (the
+example adds dropout before the last Linear, which the benchmark leaves out).
 :func:`torch_cnn` writes the same net in PyTorch as a PyTorch user would (an
 ``nn.Sequential`` of ``Conv2d``, ``BatchNorm2d``, ``MaxPool2d``, ...) and copies
 mnn's parameters and running statistics into it; both BatchNorms weigh a new
@@ -52,10 +53,12 @@ LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 
 
-def cnn_description(channels: tuple[int, int] = (32, 64), hidden: int = 128) -> dict[str, Any]:
+def cnn_description(channels: tuple[int, int] = (32, 64), hidden: int = 128, dropout: float = 0.0) -> dict[str, Any]:
     """The ``[model]`` table of the Fashion-MNIST CNN: for each of ``channels``, a 3x3
     convolution (padding 1), BatchNorm, ReLU and 2x2 max-pooling; then Linear to
-    ``hidden``, ReLU, Linear to the 10 classes and cross entropy."""
+    ``hidden``, ReLU, dropout (where ``dropout`` > 0), Linear to the 10 classes and
+    cross entropy. The example trains with ``dropout=0.25``; the benchmark leaves it
+    out, so that both nets compute the same loss (their dropout masks would differ)."""
     layers: list[dict[str, Any]] = [{"type": "ReshapeLayer", "shape": list(IMAGE_SHAPE)}]
     size, previous = IMAGE_SHAPE[1], IMAGE_SHAPE[0]
     for width in channels:
@@ -66,8 +69,10 @@ def cnn_description(channels: tuple[int, int] = (32, 64), hidden: int = 128) -> 
         size, previous = size // 2, width
     flat = previous * size * size
     layers += [{"type": "ReshapeLayer", "shape": [flat]}, {"type": "LinearLayer", "shape": [flat, hidden]},
-               {"type": "ReluLayer"}, {"type": "LinearLayer", "shape": [hidden, CLASSES]},
-               {"type": "CrossEntropyLossLayer"}]
+               {"type": "ReluLayer"}]
+    if dropout > 0:
+        layers.append({"type": "DropoutLayer", "p": dropout})
+    layers += [{"type": "LinearLayer", "shape": [hidden, CLASSES]}, {"type": "CrossEntropyLossLayer"}]
     return {"layers": layers}
 
 
