@@ -48,7 +48,9 @@ def test_a_host_lost_mid_run_restarts_the_job_on_the_hosts_left_and_ends_with_on
               for event in [json.loads(line)] if event["event"] == "restart"]
     print(json.dumps(event))  # with pytest -s: what losing a host cost (the README quotes it)
     assert (event["ranks_before"], event["ranks_after"]) == (3, 2)
-    assert event["checkpoint_step"] >= 3 * 23 and 0 <= event["redo_steps"] < 2 * 10, event
+    # The line of step 69 came before the link went down, so a checkpoint of step 60 at least
+    # was on disk (the epoch's own, at 69, may still have been on its way when the host went).
+    assert event["checkpoint_step"] >= 3 * 23 - 10 and 0 <= event["redo_steps"] < 2 * 10, event
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["restarts"] == 1 and summary["steps"] == 100 * 23
 
