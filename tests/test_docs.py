@@ -138,6 +138,18 @@ def test_every_tag_is_cited_by_the_code_that_implements_it():
     assert not uncited, "\n".join(uncited)
 
 
+def test_every_citation_names_a_tag_of_its_class_or_module():
+    # Two edits made apart can leave a line citing an equation the docstring renumbered.
+    wrong = []
+    for module in _modules():
+        module_tags = set(map(int, _TAG.findall(module.__doc__ or "")))
+        for cls in _defined_classes(module):
+            tags = {int(number) for _, doc in _docstrings(cls) for number in _TAG.findall(doc)}
+            for number in sorted(cited_equations(inspect.getsource(cls)) - tags - module_tags):
+                wrong.append(f"{cls.__qualname__} ({module.__name__}) cites Eq. ({number}), which no \\tag names")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_citation_forms():
     source = ("a = 1  # Eq. (1)\n"
               "b = 2  # Eq. (3), (5)\n"

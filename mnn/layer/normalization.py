@@ -6,7 +6,7 @@ global batch (the trainer hands the layer a sum over the ranks; :mod:`mnn` itsel
 import numpy as np
 
 from mnn.checks import check_float, check_int
-from mnn.layer._base import Layer, _check_batch_reduction, _check_training_mode
+from mnn.layer._base import Layer, _check_batch_reduction
 
 __all__ = ["LayerNormLayer", "BatchNormLayer"]
 
@@ -161,15 +161,11 @@ class BatchNormLayer(Layer):
         self._add_param("b", np.zeros(self.channels))
         self._add_buffer("running_mean", np.zeros(self.channels))
         self._add_buffer("running_var", np.ones(self.channels))
-        self.training = True
         self._reduce = None
         self._saved_forward = None
 
     def get_config(self):
         return {"channels": self.channels, "eps": self.eps, "momentum": self.momentum}
-
-    def set_training(self, mode):
-        self.training = _check_training_mode(self.name, mode)
 
     def set_batch_reduction(self, reduce):
         self._reduce = _check_batch_reduction(self.name, reduce)
@@ -226,8 +222,7 @@ class BatchNormLayer(Layer):
             centered = values - self.buffers["running_mean"][:, None].astype(self.dtype)  # Eq. (3)
             variance, count = self.buffers["running_var"], None
         inverse_std = (1 / np.sqrt(variance + self.eps)).astype(self.dtype)  # Eq. (3)
-        # A forward in evaluation is inference: it keeps nothing for backward.
-        self._saved_forward = (centered, count, inverse_std, inputs.shape, order) if self.training else None
+        self._saved_forward = self._kept((centered, count, inverse_std, inputs.shape, order))
         # Eq. (3) and (4) in one scaling, gamma / s per channel; x_hat itself is never stored.
         outputs = centered * (self.params["g"] * inverse_std)[:, None]  # Eq. (3), (4)
         outputs += self.params["b"][:, None]  # Eq. (4)
@@ -316,14 +311,14 @@ class BatchNormLayer(Layer):
         sums = np.stack([gradients.sum(axis=1), np.einsum("cn,cn->c", gradients, centered) * inverse_std])
         self._add_to_grad("b", sums[0])  # Eq. (6)
         self._add_to_grad("g", sums[1])  # Eq. (6)
-        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (8)
+        means = (self._global_sum(sums.astype(np.float64)) / count).astype(self.dtype)  # Eq. (7)
         if not input_grad:
             return None
         scale = self.params["g"] * inverse_std
         # gamma/s (g - S_1/n - x_hat S_2/n), x_hat = (x - mu)/s, in three passes.
-        result = gradients * scale[:, None]  # Eq. (7), (8)
-        result -= centered * (scale * inverse_std * means[1])[:, None]  # Eq. (8)
-        result -= (scale * means[0])[:, None]  # Eq. (8)
+        result = gradients * scale[:, None]  # Eq. (7)
+        result -= centered * (scale * inverse_std * means[1])[:, None]  # Eq. (7)
+        result -= (scale * means[0])[:, None]  # Eq. (7)
         return _from_channel_rows(result, shape, order)
 
     def backward_no_samples(self):
