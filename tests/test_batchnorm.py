@@ -78,6 +78,48 @@ def test_outputs_gradients_and_running_statistics_are_pytorchs(torch, shape):
     np.testing.assert_allclose(outputs, twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_a_cnn_with_batchnorm_matches_torch(torch):
+    """Conv (stride 1, padding 1), BatchNorm, ReLU, MaxPool, Conv (stride 2), BatchNorm, flatten,
+    Linear and the cross entropy on odd-sized images: the loss, every parameter's gradient, the
+    input's gradient and the running statistics as torch's, in float64 to 1e-9."""
+    description = {"layers": [
+        {"type": "Conv2DLayer", "in_channels": 2, "out_channels": 3, "kernel": 3, "padding": 1},
+        {"type": "BatchNormLayer", "channels": 3}, {"type": "ReluLayer"}, {"type": "MaxPool2DLayer", "kernel": 2},
+        {"type": "Conv2DLayer", "in_channels": 3, "out_channels": 4, "kernel": [2, 3], "stride": 2},
+        {"type": "BatchNormLayer", "channels": 4}, {"type": "ReshapeLayer", "shape": [4]},
+        {"type": "LinearLayer", "shape": [4, 5]}, {"type": "CrossEntropyLossLayer"}]}
+    net = build_net(description, dtype=F64, rng=0)
+    rng = np.random.default_rng(1)
+    images, labels = batch(rng, (6, 2, 7, 9)), rng.integers(0, 5, 6)
+    for norm in (net.layers[1], net.layers[5]):  # a gain and bias other than ones and zeros
+        norm.params["g"][...] = rng.uniform(0.5, 2.0, norm.channels)
+        norm.params["b"][...] = rng.standard_normal(norm.channels)
+    functional = torch.nn.functional
+    weights = {name: torch.from_numpy(param.copy()).requires_grad_() for name, param, _ in net.named_params()}
+    running = {index: (torch.zeros(channels), torch.ones(channels)) for index, channels in ((1, 3), (5, 4))}
+
+    def normalised(h, index):
+        mean, var = running[index]
+        return functional.batch_norm(h, mean, var, weights[f"{index}.BatchNormLayer.g"],
+                                     weights[f"{index}.BatchNormLayer.b"], training=True, momentum=0.1, eps=1e-5)
+
+    x = torch.from_numpy(images).requires_grad_()
+    h = functional.conv2d(x, weights["0.Conv2DLayer.w"], weights["0.Conv2DLayer.b"], padding=1)
+    h = functional.max_pool2d(functional.relu(normalised(h, 1)), 2)
+    h = functional.conv2d(h, weights["4.Conv2DLayer.w"], weights["4.Conv2DLayer.b"], stride=2)
+    logits = normalised(h, 5).reshape(6, -1) @ weights["7.LinearLayer.w"].T + weights["7.LinearLayer.b"]
+    loss = functional.cross_entropy(logits, torch.from_numpy(labels))
+    loss.backward()
+    assert net(images, labels) == pytest.approx(loss.item(), rel=1e-12)
+    input_grad = net.backward(input_grad=True)[0]
+    np.testing.assert_allclose(input_grad, x.grad.numpy(), rtol=1e-9, atol=1e-12)
+    for name, _, grad in net.named_params():
+        np.testing.assert_allclose(grad, weights[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+    for index, (mean, var) in running.items():
+        np.testing.assert_allclose(net.layers[index].buffers["running_mean"], mean.numpy(), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(net.layers[index].buffers["running_var"], var.numpy(), rtol=1e-9)
+
+
 def test_momentum_one_keeps_the_last_batch_and_zero_keeps_the_start():
     x = batch(np.random.default_rng(2), (6, 3, 2))
     last, frozen = random_layer(3, momentum=1.0), random_layer(3, momentum=0.0)
