@@ -75,7 +75,11 @@ FASHION_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx
 fashion: setup fashion-data
 	$(BIN)/mnn-launch -n $(RANKS) -- $(BIN)/mnn-train --config examples/fashion_cnn.toml $(TRAIN_ARGS)
 
+# The four files already in data/fashion-mnist (raw or .gz, yours or linked): nothing to do.
+FASHION_MISSING = $(strip $(foreach name,$(FASHION_FILES),\
+  $(if $(wildcard data/fashion-mnist/$(name) data/fashion-mnist/$(name).gz),,$(name))))
 fashion-data:
+ifneq ($(FASHION_MISSING),)
 	@if [ ! -f $(FASHION_DEBIAN)/t10k-labels-idx1-ubyte.gz ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "fashion-data: installing Debian's dataset-fashion-mnist (31 MB)"; \
@@ -88,10 +92,8 @@ fashion-data:
 	  fi; \
 	fi
 	@mkdir -p data/fashion-mnist
-	@for name in $(FASHION_FILES); do \
-	  [ -e data/fashion-mnist/$$name ] || [ -e data/fashion-mnist/$$name.gz ] || \
-	    ln -s $(FASHION_DEBIAN)/$$name.gz data/fashion-mnist/$$name.gz; \
-	done
+	@for name in $(FASHION_MISSING); do ln -sfn $(FASHION_DEBIAN)/$$name.gz data/fashion-mnist/$$name.gz; done
+endif
 	@echo "fashion-data: data/fashion-mnist"
 
 # The parts at once: most of their time is spent waiting (for the processes they
@@ -181,5 +183,9 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $@
 
+# Of data/fashion-mnist, only what make fashion-data made (its links) and the trainer's
+# cache go: never data of your own put there.
 clean:
-	rm -rf $(VENV) $(VENV_OPENMPI) runs data build *.egg-info docs/_build docs/api
+	rm -rf $(VENV) $(VENV_OPENMPI) runs build *.egg-info docs/_build docs/api
+	rm -rf data/fashion-mnist/.cache
+	find data/fashion-mnist -maxdepth 1 -type l -delete 2>/dev/null || true
