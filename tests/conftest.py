@@ -1,4 +1,5 @@
-"""Shared fixtures for the serial suite: the float64 finite-difference gradient check.
+"""Shared fixtures for the serial suite: the float64 finite-difference gradient check,
+and PyTorch in float64 for the tests that compare against its autograd.
 
 Every gradient test goes through ``numerical_gradient`` (central differences),
 directly or via ``assert_layer_gradients``, so there is one reference to trust.
@@ -86,3 +87,13 @@ def numerical_gradient_fixture():
 @pytest.fixture(name="assert_layer_gradients")
 def assert_layer_gradients_fixture():
     return assert_layer_gradients
+
+
+@pytest.fixture(name="torch")
+def torch_fixture():
+    """PyTorch, with float64 as its default dtype for the test (and float32 again after
+    it, for the tests that share the process); the test skips where it is not installed."""
+    torch = pytest.importorskip("torch")
+    torch.set_default_dtype(torch.float64)
+    yield torch
+    torch.set_default_dtype(torch.float32)

@@ -33,13 +33,6 @@ def batch(rng, shape):
     return rng.standard_normal(shape) * rng.uniform(0.5, 3.0, channel_shape) + rng.uniform(-5, 5, channel_shape)
 
 
-@pytest.fixture(name="torch")
-def torch_fixture():
-    torch = pytest.importorskip("torch")
-    torch.set_default_dtype(torch.float64)
-    yield torch
-
-
 def torch_twin(torch, layer, ndim):
     """PyTorch's BatchNorm1d (inputs (B, C) or (B, C, L)) or BatchNorm2d with the layer's numbers."""
     cls = torch.nn.BatchNorm2d if ndim == 4 else torch.nn.BatchNorm1d

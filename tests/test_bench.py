@@ -152,6 +152,23 @@ def tiny_gpt(text_file, seed=0):
     return sizes, text, build_gpt(sizes, len(text.vocab), seed)
 
 
+def train_both(mnn_pair, torch_pair, x, y):
+    """One training step of an mnn net and of its PyTorch twin (each with its optimizer) on
+    the batch ``(x, y)``; their losses before the step."""
+    import torch
+
+    (net, optimizer), (model, torch_optimizer) = mnn_pair, torch_pair
+    net.zero_grads()
+    mnn_loss = float(net(x, y))
+    net.backward()
+    optimizer.step()
+    torch_optimizer.zero_grad()
+    torch_loss = model(torch.from_numpy(x), torch.from_numpy(y))
+    torch_loss.backward()
+    torch_optimizer.step()
+    return mnn_loss, torch_loss.item()
+
+
 def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
     torch = pytest.importorskip("torch")
     from mnn import Adam
@@ -164,15 +181,8 @@ def test_pytorch_copy_of_the_weights_gives_the_same_losses(text_file):
     # Equal at step 0, and still after a few Adam steps on the batches mnn-train would draw.
     for step in range(3):
         x, y, _ = drawn_windows(text, sizes, SingleProcessCommunicator(), step=step)
-        net.zero_grads()
-        mnn_loss = float(net(x, y))
-        net.backward()
-        mnn_adam.step()
-        torch_adam.zero_grad()
-        torch_loss = model(torch.from_numpy(x), torch.from_numpy(y))
-        torch_loss.backward()
-        torch_adam.step()
-        assert mnn_loss == pytest.approx(torch_loss.item(), rel=1e-5), f"step {step}"
+        mnn_loss, torch_loss = train_both((net, mnn_adam), (model, torch_adam), x, y)
+        assert mnn_loss == pytest.approx(torch_loss, rel=1e-5), f"step {step}"
 
 
 def test_a_float64_gpt_has_a_float64_twin(text_file):
@@ -280,15 +290,8 @@ def test_pytorch_copy_of_the_cnn_gives_the_same_losses_and_running_statistics():
     # Equal at step 0, and still after a few momentum steps on other batches.
     for step in range(3):
         x, y = random_images(6, rank=step)
-        net.zero_grads()
-        mnn_loss = float(net(x, y))
-        net.backward()
-        mnn_sgd.step()
-        torch_sgd.zero_grad()
-        torch_loss = model(torch.from_numpy(x), torch.from_numpy(y))
-        torch_loss.backward()
-        torch_sgd.step()
-        assert mnn_loss == pytest.approx(torch_loss.item(), rel=1e-4), f"step {step}"
+        mnn_loss, torch_loss = train_both((net, mnn_sgd), (model, torch_sgd), x, y)
+        assert mnn_loss == pytest.approx(torch_loss, rel=1e-4), f"step {step}"
     norms = [layer for layer in net.layers if layer.name == "BatchNormLayer"]
     torch_norms = [module for module in model.layers if isinstance(module, torch.nn.BatchNorm2d)]
     for norm, torch_norm in zip(norms, torch_norms, strict=True):

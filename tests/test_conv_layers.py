@@ -217,14 +217,6 @@ def test_model_size_counts_conv_parameters_and_positions():
 
 # ------------------------------------------------------------------ against PyTorch
 
-@pytest.fixture(name="torch")
-def torch_fixture():
-    torch = pytest.importorskip("torch")
-    torch.set_default_dtype(torch.float64)
-    yield torch
-    torch.set_default_dtype(torch.float32)
-
-
 def assert_close(actual, expected, what):
     np.testing.assert_allclose(actual, expected.detach().numpy(), rtol=1e-9, atol=1e-9, err_msg=what)
 

@@ -382,14 +382,6 @@ def test_a_seed_given_or_drawn_takes_one_number_from_rng():
 
 # ------------------------------------------------------------------ against PyTorch
 
-@pytest.fixture(name="torch")
-def torch_fixture():
-    torch = pytest.importorskip("torch")
-    torch.set_default_dtype(torch.float64)
-    yield torch
-    torch.set_default_dtype(torch.float32)
-
-
 def assert_close(actual, expected, what):
     np.testing.assert_allclose(actual, expected.detach().numpy(), rtol=1e-10, atol=1e-10, err_msg=what)
 

@@ -38,7 +38,8 @@ from mnn.distributed.experiments.timing import Spread, agree_on_count, time_call
 
 __all__ = ["MLP_LAYERS", "Step", "measure", "build_step", "mlp_steps", "build_mlp_step", "build_torch_mlp_step",
            "evaluation_steps", "mlp_evaluation_steps", "sync_and_allreduce_ms", "torch_process_group", "peak_rss_mb",
-           "wait_for_idle_cpus", "has_torch"]
+           "wait_for_idle_cpus", "has_torch", "torch_dtype", "copy_to_torch", "torch_training_step",
+           "torch_no_grad_loss"]
 
 #: The widths of the MLP that ``mnn-bench`` times by default.
 MLP_LAYERS = (784, 256, 10)
@@ -154,6 +155,58 @@ def torch_process_group(comm: Communicator) -> None:
     host = "127.0.0.1" if same_host else host
     torch_dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=comm.rank,
                                   world_size=comm.size)
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """PyTorch's dtype for a net's NumPy ``dtype`` (float32 or float64)."""
+    import torch
+
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+
+
+def copy_to_torch(target: Any, *arrays: np.ndarray) -> None:
+    """Copy ``arrays`` (their concatenation, for several) into the PyTorch tensor ``target``
+    of the same shape, in place; under ``torch.no_grad()`` for a parameter."""
+    import torch
+
+    source = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    assert tuple(target.shape) == source.shape, (target.shape, source.shape)
+    target.copy_(torch.from_numpy(np.ascontiguousarray(source)))
+
+
+def torch_training_step(model: Any, optimizer: Callable[[Any], Any], inputs: np.ndarray, targets: np.ndarray,
+                        comm: Communicator) -> Callable[[], None]:
+    """A PyTorch training step of ``model`` (``model(inputs, targets)`` is the loss) on this
+    rank's batch, one thread: DistributedDataParallel over gloo on several ranks, and the
+    optimizer that ``optimizer(parameters)`` makes."""
+    import torch
+
+    torch.set_num_threads(1)
+    if comm.size > 1:
+        torch_process_group(comm)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    torch_optimizer = optimizer(model.parameters())
+    torch_inputs, torch_targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def step() -> None:
+        torch_optimizer.zero_grad()
+        model(torch_inputs, torch_targets).backward()
+        torch_optimizer.step()
+    return step
+
+
+def torch_no_grad_loss(model: Any, inputs: np.ndarray, targets: np.ndarray) -> Callable[[], Any]:
+    """The loss ``model(inputs, targets)`` under ``torch.no_grad()``, one thread: PyTorch's
+    evaluation forward for :func:`evaluation_steps`."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch_inputs, torch_targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return model(torch_inputs, torch_targets)
+    return forward
 
 
 # ------------------------------------------------------------------ the MLP 784-256-10

@@ -28,6 +28,7 @@ global batch's statistics: three small all-reduces per layer and step more.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -40,7 +41,8 @@ from mnn.layer import (BatchNormLayer, Conv2DLayer, CrossEntropyLossLayer, Linea
 from mnn.model import build_net
 from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
-from mnn.distributed.experiments.bench import Step, build_step, evaluation_steps, has_torch, torch_process_group
+from mnn.distributed.experiments.bench import (Step, build_step, copy_to_torch, evaluation_steps, has_torch,
+                                               torch_dtype, torch_no_grad_loss, torch_training_step)
 
 __all__ = ["IMAGE_SHAPE", "CLASSES", "LEARNING_RATE", "MOMENTUM", "cnn_description", "build_cnn", "random_images",
            "torch_cnn", "cnn_steps", "cnn_evaluation_steps", "layer_profile"]
@@ -94,10 +96,6 @@ def _torch_module(layer: Any, torch: Any) -> Any:
     for a layer the benchmark's nets do not use."""
     nn = torch.nn
 
-    def copy(target: Any, source: np.ndarray) -> None:
-        assert tuple(target.shape) == source.shape, (target.shape, source.shape)
-        target.copy_(torch.from_numpy(np.ascontiguousarray(source)))
-
     if isinstance(layer, ReshapeLayer):
         return nn.Unflatten(1, layer.shape) if len(layer.shape) > 1 else nn.Flatten()
     if isinstance(layer, ReluLayer):
@@ -112,14 +110,14 @@ def _torch_module(layer: Any, torch: Any) -> Any:
     elif isinstance(layer, BatchNormLayer):
         # The same momentum convention: the weight of the new batch; both keep the unbiased variance.
         module = nn.BatchNorm2d(layer.channels, eps=layer.eps, momentum=layer.momentum)
-        copy(module.running_mean, layer.buffers["running_mean"])
-        copy(module.running_var, layer.buffers["running_var"])
+        copy_to_torch(module.running_mean, layer.buffers["running_mean"])
+        copy_to_torch(module.running_var, layer.buffers["running_var"])
     else:
         raise ValueError(f"torch_cnn: expected Reshape, Conv2D, BatchNorm, ReLU, MaxPool2D and Linear layers, "
                          f"got {layer.name}")
     names = {"w": "weight", "b": "bias", "g": "weight"}
     for key, value in layer.params.items():
-        copy(getattr(module, names[key]), value)
+        copy_to_torch(getattr(module, names[key]), value)
     return module
 
 
@@ -133,7 +131,7 @@ def torch_cnn(net: SequentialLayers) -> Any:
     if not isinstance(net.loss_layer, CrossEntropyLossLayer):
         raise ValueError(f"torch_cnn: expected a net ending in CrossEntropyLossLayer, got "
                          f"{[layer.name for layer in net.layers]}")
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(net.dtype)]
+    dtype = torch_dtype(net.dtype)
     with torch.no_grad():
         body = torch.nn.Sequential(*(_torch_module(layer, torch).to(dtype) for layer in net.layers[:-1]))
 
@@ -151,25 +149,6 @@ def torch_cnn(net: SequentialLayers) -> Any:
 
 
 # ------------------------------------------------------------------ the timed steps
-def _torch_step(net: SequentialLayers, x: np.ndarray, y: np.ndarray, comm: Communicator) -> Callable[[], None]:
-    """The same step in PyTorch, from ``net``'s weights (DDP over gloo on several ranks)."""
-    import torch
-
-    torch.set_num_threads(1)
-    model = torch_cnn(net)
-    if comm.size > 1:
-        torch_process_group(comm)
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    images, labels = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        model(images, labels).backward()
-        optimizer.step()
-    return step
-
-
 def cnn_steps(batch: int, comm: Communicator, with_torch: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
               seed: int = 0) -> dict[str, Step]:
     """The CNN's steps on ``batch`` random images per rank: "mnn", and "torch" (one
@@ -178,8 +157,12 @@ def cnn_steps(batch: int, comm: Communicator, with_torch: bool = True, bucket_by
     x, y = random_images(batch, comm.rank)
     steps = {}
     if with_torch and has_torch():
+        import torch
+
         # Built first, from the untouched parameters (mnn's steps change them).
-        steps["torch" if comm.size == 1 else "torch-ddp"] = (_torch_step(build_cnn(seed), x, y, comm), None)
+        sgd = functools.partial(torch.optim.SGD, lr=LEARNING_RATE, momentum=MOMENTUM)
+        steps["torch" if comm.size == 1 else "torch-ddp"] = (
+            torch_training_step(torch_cnn(build_cnn(seed)), sgd, x, y, comm), None)
     net = build_cnn(seed)
     mnn_step = build_step(net, SGD(net, lr=LEARNING_RATE, momentum=MOMENTUM), [(x, y)], comm.size * batch, comm,
                           bucket_bytes=bucket_bytes)
@@ -193,16 +176,7 @@ def cnn_evaluation_steps(batch: int, with_torch: bool = True, seed: int = 0) -> 
     x, y = random_images(batch)
 
     def torch_loss(net: SequentialLayers) -> Callable[[], Any]:
-        import torch
-
-        torch.set_num_threads(1)
-        model = torch_cnn(net).eval()
-        images, labels = torch.from_numpy(x), torch.from_numpy(y)
-
-        def forward() -> Any:
-            with torch.no_grad():
-                return model(images, labels)
-        return forward
+        return torch_no_grad_loss(torch_cnn(net).eval(), x, y)
     return evaluation_steps(lambda: build_cnn(seed), x, y, torch_loss if with_torch and has_torch() else None)
 
 

@@ -23,6 +23,7 @@ gives mnn's step alone.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -34,7 +35,8 @@ from mnn.layer import (CrossEntropyLossLayer, EmbeddingLayer, GeluLayer, LayerNo
 from mnn.model import build_net
 from mnn.seq_layers import Residual
 from mnn.text import TextDataset
-from mnn.distributed.experiments.bench import Step, build_step, evaluation_steps, has_torch, torch_process_group
+from mnn.distributed.experiments.bench import (Step, build_step, copy_to_torch, evaluation_steps, has_torch,
+                                               torch_dtype, torch_no_grad_loss, torch_training_step)
 from mnn.distributed.comm import Communicator
 from mnn.distributed.data_parallel import DEFAULT_BUCKET_BYTES
 from mnn.distributed.sampler import DrawnBatchSampler
@@ -167,30 +169,25 @@ def torch_gpt(net: SequentialLayers) -> Any:
     attention = blocks[0][1]
     _, GPT = _torch_classes()
     model = GPT(embedding.vocab, positions.context, attention.d_model, attention.n_heads, len(blocks))
-    model.to({np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(net.dtype)])
-
-    def copy(target: torch.Tensor, *arrays: np.ndarray) -> None:
-        source = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        assert tuple(target.shape) == source.shape, (target.shape, source.shape)
-        target.copy_(torch.from_numpy(np.ascontiguousarray(source)))
+    model.to(torch_dtype(net.dtype))
 
     def copy_linear(module: Any, layer: Any) -> None:
-        copy(module.weight, layer.params["w"])  # both (out, in)
-        copy(module.bias, layer.params["b"])
+        copy_to_torch(module.weight, layer.params["w"])  # both (out, in)
+        copy_to_torch(module.bias, layer.params["b"])
 
     def copy_norm(module: Any, layer: Any) -> None:
-        copy(module.weight, layer.params["g"])
-        copy(module.bias, layer.params["b"])
+        copy_to_torch(module.weight, layer.params["g"])
+        copy_to_torch(module.bias, layer.params["b"])
 
     with torch.no_grad():
-        copy(model.tokens.weight, embedding.params["w"])
-        copy(model.positions, positions.params["w"])
+        copy_to_torch(model.tokens.weight, embedding.params["w"])
+        copy_to_torch(model.positions, positions.params["w"])
         for block, (norm_1, attention, norm_2, fc, fc_out) in zip(model.blocks, blocks):
             copy_norm(block.ln_1, norm_1)
-            copy(block.qkv.weight, *(attention.params[f"w_{role}"] for role in "qkv"))
-            copy(block.qkv.bias, *(attention.params[f"b_{role}"] for role in "qkv"))
-            copy(block.out.weight, attention.params["w_o"])
-            copy(block.out.bias, attention.params["b_o"])
+            copy_to_torch(block.qkv.weight, *(attention.params[f"w_{role}"] for role in "qkv"))
+            copy_to_torch(block.qkv.bias, *(attention.params[f"b_{role}"] for role in "qkv"))
+            copy_to_torch(block.out.weight, attention.params["w_o"])
+            copy_to_torch(block.out.bias, attention.params["b_o"])
             copy_norm(block.ln_2, norm_2)
             copy_linear(block.fc, fc)
             copy_linear(block.fc_out, fc_out)
@@ -200,25 +197,6 @@ def torch_gpt(net: SequentialLayers) -> Any:
 
 
 # ------------------------------------------------------------------ the timed steps
-def _torch_step(net: SequentialLayers, x: np.ndarray, y: np.ndarray, comm: Communicator) -> Callable[[], None]:
-    """The same step in PyTorch, from ``net``'s weights (DDP over gloo on several ranks)."""
-    import torch
-
-    torch.set_num_threads(1)
-    model = torch_gpt(net)
-    if comm.size > 1:
-        torch_process_group(comm)
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    ids, targets = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        model(ids, targets).backward()
-        optimizer.step()
-    return step
-
-
 def gpt_steps(sizes: GptSizes, comm: Communicator, text: TextDataset, with_torch: bool = True,
               bucket_bytes: int = DEFAULT_BUCKET_BYTES, seed: int = 0) -> dict[str, Step]:
     """The GPT's steps on this rank's windows of the first drawn batch: "mnn", and
@@ -226,15 +204,13 @@ def gpt_steps(sizes: GptSizes, comm: Communicator, text: TextDataset, with_torch
     Both models start from the same parameters, drawn from ``seed``."""
     x, y, global_batch_size = drawn_windows(text, sizes, comm, seed=seed)
     steps = {}
-    if with_torch:
-        try:
-            import torch  # noqa: F401 -- only to know whether the reference can run
-        except ImportError:
-            with_torch = False
-    if with_torch:
+    if with_torch and has_torch():
+        import torch
+
         # Built first, from the untouched parameters (mnn's steps change them).
-        steps["torch" if comm.size == 1 else "torch-ddp"] = (_torch_step(build_gpt(sizes, len(text.vocab), seed),
-                                                                        x, y, comm), None)
+        model = torch_gpt(build_gpt(sizes, len(text.vocab), seed))
+        adam = functools.partial(torch.optim.Adam, lr=LEARNING_RATE)
+        steps["torch" if comm.size == 1 else "torch-ddp"] = (torch_training_step(model, adam, x, y, comm), None)
     net = build_gpt(sizes, len(text.vocab), seed)
     mnn_step = build_step(net, Adam(net, lr=LEARNING_RATE), [(x, y)], global_batch_size, comm,
                           bucket_bytes=bucket_bytes)
@@ -249,15 +225,6 @@ def gpt_evaluation_steps(sizes: GptSizes, comm: Communicator, text: TextDataset,
     x, y, _ = drawn_windows(text, sizes, comm, seed=seed)
 
     def torch_loss(net: SequentialLayers) -> Callable[[], Any]:
-        import torch
-
-        torch.set_num_threads(1)
-        model = torch_gpt(net)
-        ids, targets = torch.from_numpy(x), torch.from_numpy(y)
-
-        def forward() -> Any:
-            with torch.no_grad():
-                return model(ids, targets)
-        return forward
+        return torch_no_grad_loss(torch_gpt(net), x, y)
     return evaluation_steps(lambda: build_gpt(sizes, len(text.vocab), seed), x, y,
                             torch_loss if with_torch and has_torch() else None)

@@ -242,9 +242,10 @@ class Reporter:
             except OSError as error:
                 self.write_failure = f"cannot write {self.metrics_path}: {error}"
                 self.metrics_path = None
-        if self.event_file is not None and scalars_of(event):
+        scalars = scalars_of(event) if self.event_file is not None else None
+        if scalars:
             try:
-                self.event_file.add_scalars(event["global_step"], scalars_of(event))
+                self.event_file.add_scalars(event["global_step"], scalars)
             except OSError as error:
                 self.write_failure = self.write_failure or f"cannot write {self.event_file.path}: {error}"
                 self.event_file = None
