@@ -11,6 +11,7 @@ from mnn import CrossEntropyLossLayer, LinearLayer, MSELossLayer, ReluLayer, Seq
 from mnn.datasets import Dataset, load_dataset
 from mnn.distributed.comm import SingleProcessCommunicator
 from mnn.distributed.training.config import TrainConfig
+from mnn.distributed.training.event_file import event_files, tensorboard_installed
 from mnn.distributed.training.position import Position
 from mnn.distributed.training.preflight import JobConfigError, prepare_job
 from mnn.distributed.environment import PROGRESS_ENV
@@ -195,6 +196,9 @@ def test_train_with_own_net_and_arrays_writes_every_output_and_resumes(tmp_path,
     resumed = train(TrainConfig(**config, resume=True), COMM, net=own_net(), data=digits_arrays())
     assert resumed["steps"] == 8 and resumed["resumed_from"] == str(tmp_path / "checkpoint.npz")
     assert resumed["test_loss"] < first["test_loss"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    # Where TensorBoard is installed, each of the two starts writes an event file too (by default).
+    events = event_files(tmp_path)
+    assert len(events) == (2 if tensorboard_installed() else 0)
+    assert sorted(path.name for path in tmp_path.iterdir() if path not in events) == [
         "checkpoint.npz", "config.toml", "metrics.jsonl", "model.npz", "summary.json"]
     assert "resumed from" in capsys.readouterr().out
